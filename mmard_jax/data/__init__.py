@@ -1,0 +1,41 @@
+"""Data for mmard_jax: whole splits of CIFAR-10/100 (CIFAR's python pickles or a prepared tensorflow-datasets
+copy, neither needing TensorFlow) or scikit-learn's bundled digits, loaded into memory as uint8 NHWC so the
+trainer can put them on the device once; on-device augmentation (random crop after zero padding, horizontal
+flip) as a pure jittable function; and the example order: a deterministic shuffle keyed by (seed, epoch)
+that drops the last partial training batch, and masked evaluation batches that count every example once.
+"""
+
+from mmard_jax.data.augment import augment, to_float
+from mmard_jax.data.cifar import DatasetFormatError
+from mmard_jax.data.datasets import (
+    DATASETS,
+    SPLITS,
+    Dataset,
+    DatasetNotFoundError,
+    default_data_dir,
+    load_dataset,
+)
+from mmard_jax.data.pipeline import (
+    EvalBatches,
+    epoch_permutation,
+    eval_batches,
+    num_train_steps,
+    train_batch_indices,
+)
+
+__all__ = [
+    "DATASETS",
+    "SPLITS",
+    "Dataset",
+    "DatasetFormatError",
+    "DatasetNotFoundError",
+    "EvalBatches",
+    "augment",
+    "default_data_dir",
+    "epoch_permutation",
+    "eval_batches",
+    "load_dataset",
+    "num_train_steps",
+    "to_float",
+    "train_batch_indices",
+]

@@ -1,0 +1,25 @@
+"""Model zoo: Flax (linen, NHWC, inputs in [0, 1]) twins of the PyTorch students and RobustBench teachers.
+
+Every model is `module.apply(variables, x, train=False) -> float32 logits`; `train=True` uses batch
+statistics and needs `mutable=['batch_stats']`. Variable names mirror the PyTorch state_dict keys
+(`naming.py`), so checkpoints convert by name.
+"""
+
+from mmard_jax.models.dm_wide_resnet import DMWideResNet
+from mmard_jax.models.mobilenet_v2 import MobileNetV2
+from mmard_jax.models.registry import MODELS, ModelSpec, accepted_arguments, count_params, create
+from mmard_jax.models.resnet import PreActResNet, ResNet
+from mmard_jax.models.wide_resnet import WideResNet
+
+__all__ = [
+    "MODELS",
+    "DMWideResNet",
+    "MobileNetV2",
+    "ModelSpec",
+    "PreActResNet",
+    "ResNet",
+    "WideResNet",
+    "accepted_arguments",
+    "count_params",
+    "create",
+]

@@ -1,0 +1,84 @@
+"""Layer factories shared by the model zoo: PyTorch-equivalent Conv/BatchNorm/Dense, padding and pooling.
+
+Every architecture here mirrors a PyTorch peer (RobustBench, kuangliu/pytorch-cifar) so that converted
+weights give the same logits; the PyTorch conventions live in this one file:
+BatchNorm momentum 0.1 (Flax 0.9), epsilon 1e-5; explicit symmetric padding (PyTorch `padding=1` pads
+(1, 1) even at stride 2, where Flax 'SAME' pads (0, 1)); PyTorch's default initializers.
+"""
+
+import functools
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+ModuleDef = Any
+Dtype = Any
+
+# PyTorch `padding=1` on a 3x3 kernel: one row/column on both sides at every stride.
+PAD_SAME_TORCH = ((1, 1), (1, 1))
+# DeepMind's WideResNet pads by hand before a padding-0 stride-2 conv: nothing before, one after.
+PAD_DM_STRIDE2 = ((0, 1), (0, 1))
+
+# PyTorch's default Conv2d/Linear weight init, kaiming_uniform(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+TORCH_DEFAULT_KERNEL_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# TRADES/RobustBench WideResNet conv init: N(0, sqrt(2 / (k * k * out_channels))).
+WRN_CONV_KERNEL_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def torch_bias_init(fan_in: int) -> Callable:
+    """PyTorch's default Linear bias init U(-1/sqrt(fan_in), 1/sqrt(fan_in)); Flax's bias init lacks fan_in."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def conv_factory(dtype: Dtype, kernel_init: Callable = TORCH_DEFAULT_KERNEL_INIT) -> ModuleDef:
+    """Bias-free Conv computing in `dtype` with float32 parameters, as every conv of the zoo."""
+    return functools.partial(
+        nn.Conv, use_bias=False, dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init
+    )
+
+
+def batch_norm_factory(train: bool, dtype: Dtype, axis_name: Optional[str]) -> ModuleDef:
+    """BatchNorm2d with PyTorch's defaults; `axis_name` averages batch statistics across devices."""
+    return functools.partial(
+        nn.BatchNorm,
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        axis_name=axis_name,
+    )
+
+
+def classifier(
+    x: jax.Array,
+    num_classes: int,
+    dtype: Dtype,
+    name: str,
+    use_bias: bool = True,
+    bias_init: Optional[Callable] = None,
+) -> jax.Array:
+    """Final Linear layer (PyTorch default init) whose logits are always float32."""
+    dense = nn.Dense(
+        num_classes,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=TORCH_DEFAULT_KERNEL_INIT,
+        bias_init=bias_init if bias_init is not None else torch_bias_init(x.shape[-1]),
+        name=name,
+    )
+    return dense(x).astype(jnp.float32)
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+    """Spatial mean of NHWC features: PyTorch's final `avg_pool2d(out, 4 or 8)` on 32x32 inputs, any size here."""
+    return jnp.mean(x, axis=(1, 2))

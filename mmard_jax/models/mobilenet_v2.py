@@ -1,0 +1,81 @@
+"""CIFAR MobileNetV2 of kuangliu/pytorch-cifar, as RSLAD uses it (zibojia/RSLAD `cifar10_models/mobilenet_v2.py`).
+
+Stride-1 stem and stride 1 in the second stage (CIFAR changes of the ImageNet net), 4x4 final map on
+32x32 inputs. Names follow that PyTorch module's state_dict: `layers.0.conv1.weight` ->
+`layers_0/conv1/kernel`; `tests/torch_refs/mobilenetv2.py` is the peer it is tested against.
+"""
+
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from mmard_jax.models.layers import (
+    PAD_SAME_TORCH,
+    Dtype,
+    ModuleDef,
+    batch_norm_factory,
+    classifier,
+    conv_factory,
+    global_avg_pool,
+)
+
+# (expansion, out_planes, num_blocks, stride) of each stage.
+CFG = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+STEM_CHANNELS = 32
+HEAD_CHANNELS = 1280
+
+
+def block_plan(cfg=CFG) -> Tuple[Tuple[int, int, int], ...]:
+    """(expansion, out channels, stride) of every inverted-residual block, in PyTorch's `layers` order."""
+    return tuple(
+        (expansion, out, stride if i == 0 else 1) for expansion, out, count, stride in cfg for i in range(count)
+    )
+
+
+class InvertedResidual(nn.Module):
+    """Expand 1x1 - depthwise 3x3 - project 1x1; residual only at stride 1 (conv1x1+BN if widths differ)."""
+
+    expansion: int
+    features: int
+    strides: int
+    conv: ModuleDef
+    norm: ModuleDef
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_planes = x.shape[-1]
+        planes = self.expansion * in_planes
+        out = nn.relu(self.norm(name="bn1")(self.conv(planes, (1, 1), 1, padding="VALID", name="conv1")(x)))
+        out = self.conv(
+            planes, (3, 3), self.strides, padding=PAD_SAME_TORCH, feature_group_count=planes, name="conv2"
+        )(out)
+        out = nn.relu(self.norm(name="bn2")(out))
+        out = self.norm(name="bn3")(self.conv(self.features, (1, 1), 1, padding="VALID", name="conv3")(out))
+        if self.strides != 1:
+            return out
+        shortcut = x
+        if in_planes != self.features:
+            shortcut = self.conv(self.features, (1, 1), 1, padding="VALID", name="shortcut_0")(x)
+            shortcut = self.norm(name="shortcut_1")(shortcut)
+        return out + shortcut
+
+
+class MobileNetV2(nn.Module):
+    """kuangliu/RSLAD CIFAR MobileNetV2: conv-BN-ReLU stem, 17 inverted residuals, 1x1 to 1280, mean pool, linear."""
+
+    num_classes: int = 10
+    dtype: Dtype = jnp.float32
+    bn_axis_name: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        conv = conv_factory(self.dtype)
+        norm = batch_norm_factory(train, self.dtype, self.bn_axis_name)
+        x = jnp.asarray(x, self.dtype)
+        x = nn.relu(norm(name="bn1")(conv(STEM_CHANNELS, (3, 3), 1, padding=PAD_SAME_TORCH, name="conv1")(x)))
+        for i, (expansion, features, strides) in enumerate(block_plan()):
+            x = InvertedResidual(expansion, features, strides, conv=conv, norm=norm, name=f"layers_{i}")(x)
+        x = nn.relu(norm(name="bn2")(conv(HEAD_CHANNELS, (1, 1), 1, padding="VALID", name="conv2")(x)))
+        return classifier(global_avg_pool(x), self.num_classes, self.dtype, name="linear")

@@ -1,0 +1,69 @@
+"""Models by name: `create('resnet18', num_classes=100)`, and `count_params`."""
+
+import dataclasses
+import math
+from typing import Any, Dict, Mapping, NamedTuple, Tuple
+
+import jax
+from flax import linen as nn
+
+from mmard_jax.models.dm_wide_resnet import DMWideResNet
+from mmard_jax.models.mobilenet_v2 import MobileNetV2
+from mmard_jax.models.resnet import PreActResNet, ResNet
+from mmard_jax.models.wide_resnet import WideResNet
+
+
+class ModelSpec(NamedTuple):
+    """A registered model: its Flax class, the attributes the name fixes, and its PyTorch container names."""
+
+    cls: type
+    fixed: Mapping[str, Any]
+    torch_containers: frozenset  # for `naming.join_torch_key` (Flax -> PyTorch names)
+
+
+MODELS: Dict[str, ModelSpec] = {
+    "resnet18": ModelSpec(
+        ResNet, {"num_blocks": (2, 2, 2, 2)}, frozenset({"layer1", "layer2", "layer3", "layer4", "shortcut"})
+    ),
+    "preact_resnet18": ModelSpec(
+        PreActResNet, {"num_blocks": (2, 2, 2, 2)}, frozenset({"layer1", "layer2", "layer3", "layer4", "shortcut"})
+    ),
+    "mobilenet_v2": ModelSpec(MobileNetV2, {}, frozenset({"layers", "shortcut"})),
+    "wide_resnet": ModelSpec(WideResNet, {}, frozenset({"layer"})),
+    "dm_wide_resnet": ModelSpec(DMWideResNet, {}, frozenset({"layer", "block"})),
+}
+
+_NOT_ARGUMENTS = frozenset({"parent", "name"})
+
+
+def accepted_arguments(name: str) -> Tuple[str, ...]:
+    """Keyword arguments `create(name, ...)` accepts: the module's attributes, less those the name fixes."""
+    spec = _spec(name)
+    fields = (f.name for f in dataclasses.fields(spec.cls) if f.init)
+    return tuple(f for f in fields if f not in _NOT_ARGUMENTS and f not in spec.fixed)
+
+
+def create(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
+    """Builds the registered model `name`; unknown name -> ValueError, unknown argument -> TypeError."""
+    spec = _spec(name)
+    accepted = accepted_arguments(name)
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise TypeError(f"Model {name!r} got unexpected argument(s) {unknown}; it accepts {list(accepted)}")
+    return spec.cls(num_classes=num_classes, **spec.fixed, **kwargs)
+
+
+def count_params(variables_or_params: Mapping) -> int:
+    """Number of scalars in the `params` collection (given full variables) or in a params tree.
+
+    Works on arrays and on `jax.eval_shape` results alike, so big models need no memory.
+    """
+    params = variables_or_params.get("params", variables_or_params)
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
+
+
+def _spec(name: str) -> ModelSpec:
+    """The registry entry of `name`, or ValueError listing the known names."""
+    if name not in MODELS:
+        raise ValueError(f"Unknown model {name!r}; known models: {sorted(MODELS)}")
+    return MODELS[name]

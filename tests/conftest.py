@@ -1,0 +1,47 @@
+"""Shared test fixtures: peer architecture code from the installed RobustBench package, RNG seeds."""
+
+import importlib.util
+import os
+import pathlib
+import sys
+
+# Tests run on the CPU; two simulated devices let the data-parallel tests compare 1 and 2 devices
+# in one process. Must be set before jax is imported anywhere.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+TESTS_DIR = pathlib.Path(__file__).resolve().parent
+
+
+def _robustbench_arch_dir() -> pathlib.Path:
+    spec = importlib.util.find_spec("robustbench")
+    if spec is None or not spec.submodule_search_locations:
+        # A missing peer must fail the suite, not skip it: the comparisons are the point of these tests.
+        raise RuntimeError("robustbench is not installed: pip install --no-deps -r requirements-nodeps.txt")
+    return pathlib.Path(list(spec.submodule_search_locations)[0]) / "model_zoo" / "architectures"
+
+
+def load_robustbench_arch(module: str):
+    """Loads `robustbench/model_zoo/architectures/<module>.py` without importing `robustbench`.
+
+    `import robustbench` pulls in torchvision, which does not import beside the CPU torch used here,
+    so the file is executed on its own (DESIGN §5).
+    """
+    name = f"_rb_arch_{module}"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = _robustbench_arch_dir() / f"{module}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def rb_arch():
+    """Fixture form of `load_robustbench_arch`."""
+    return load_robustbench_arch

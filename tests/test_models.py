@@ -1,0 +1,462 @@
+"""Model zoo against its PyTorch peers: parameter counts, names and shapes, logits, BatchNorm modes, dtypes.
+
+The peers are RobustBench's own architecture files (loaded by `conftest.load_robustbench_arch`) and
+`torch_refs/mobilenetv2.py`. Big models are only traced (`jax.eval_shape`, torch on the meta device);
+numerical comparisons use small configurations, so the file runs in seconds on a CPU.
+"""
+
+import functools
+import importlib.util
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from conftest import load_robustbench_arch
+from mmard_jax import models
+from mmard_jax.models import naming
+
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
+TORCH_REFS = pathlib.Path(__file__).resolve().parent / "torch_refs"
+
+
+@functools.cache
+def torch_mobilenet_v2():
+    """Our PyTorch MobileNetV2 reference module (tests/torch_refs is not a package)."""
+    spec = importlib.util.spec_from_file_location("_torch_ref_mobilenetv2", TORCH_REFS / "mobilenetv2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rb(module):
+    """RobustBench architecture module."""
+    return load_robustbench_arch(module)
+
+
+def dm_activation(name):
+    """RobustBench's activation class for DMWideResNet's `activation` string."""
+    return {"swish": rb("dm_wide_resnet").Swish, "relu": torch.nn.ReLU}[name]
+
+
+# name -> (Flax model name, Flax kwargs, peer constructor taking num_classes).
+PEERS = {
+    "resnet18": (
+        "resnet18", {},
+        lambda nc: rb("resnet").ResNet(rb("resnet").BasicBlock, [2, 2, 2, 2], num_classes=nc),
+    ),
+    "preact_resnet18": (
+        "preact_resnet18", {},
+        lambda nc: rb("resnet").PreActResNet(rb("resnet").PreActBlock, [2, 2, 2, 2], num_classes=nc),
+    ),
+    "preact_resnet18_bn_out": (
+        "preact_resnet18", {"bn_before_fc": True, "out_shortcut": True},
+        lambda nc: rb("resnet").PreActResNet(
+            rb("resnet").PreActBlock, [2, 2, 2, 2], num_classes=nc, bn_before_fc=True, out_shortcut=True
+        ),
+    ),
+    "mobilenet_v2": ("mobilenet_v2", {}, lambda nc: torch_mobilenet_v2().MobileNetV2(num_classes=nc)),
+    "wrn_34_10": (
+        "wide_resnet", {"depth": 34, "width": 10},
+        lambda nc: rb("wide_resnet").WideResNet(depth=34, widen_factor=10, num_classes=nc),
+    ),
+    "wrn_16_1_nobias": (
+        "wide_resnet", {"depth": 16, "width": 1, "bias_last": False},
+        lambda nc: rb("wide_resnet").WideResNet(depth=16, widen_factor=1, num_classes=nc, bias_last=False),
+    ),
+    "dm_wrn_70_16": (
+        "dm_wide_resnet", {"depth": 70, "width": 16},
+        lambda nc: rb("dm_wide_resnet").DMWideResNet(
+            num_classes=nc, depth=70, width=16, activation_fn=dm_activation("swish")
+        ),
+    ),
+    "dm_wrn_28_10": (
+        "dm_wide_resnet", {},
+        lambda nc: rb("dm_wide_resnet").DMWideResNet(
+            num_classes=nc, depth=28, width=10, activation_fn=dm_activation("swish")
+        ),
+    ),
+    "dm_wrn_10_2_relu": (
+        "dm_wide_resnet", {"depth": 10, "width": 2, "activation": "relu"},
+        lambda nc: rb("dm_wide_resnet").DMWideResNet(num_classes=nc, depth=10, width=2),
+    ),
+}
+
+# Configurations small enough to run on the CPU, compared numerically (same layout as PEERS). ResNet-18
+# and PreAct-ResNet-18 run full size: RobustBench's classes hardcode width 64.
+NUMERIC_PEERS = {
+    "resnet18": PEERS["resnet18"],
+    "preact_resnet18": PEERS["preact_resnet18"],
+    "preact_resnet18_bn_out": PEERS["preact_resnet18_bn_out"],
+    "mobilenet_v2": PEERS["mobilenet_v2"],
+    # depth 16: two blocks per stage, so both branches of TRADES's `equalInOut` run.
+    "wrn_16_1": (
+        "wide_resnet", {"depth": 16, "width": 1},
+        lambda nc: rb("wide_resnet").WideResNet(depth=16, widen_factor=1, num_classes=nc),
+    ),
+    "wrn_10_2_nobias": (
+        "wide_resnet", {"depth": 10, "width": 2, "bias_last": False},
+        lambda nc: rb("wide_resnet").WideResNet(depth=10, widen_factor=2, num_classes=nc, bias_last=False),
+    ),
+    "dm_wrn_16_1_swish": (
+        "dm_wide_resnet", {"depth": 16, "width": 1, "activation": "swish"},
+        lambda nc: rb("dm_wide_resnet").DMWideResNet(nc, 16, 1, activation_fn=dm_activation("swish")),
+    ),
+    "dm_wrn_10_2_relu_c100": (
+        "dm_wide_resnet",
+        {
+            "depth": 10, "width": 2, "activation": "relu",
+            "mean": (0.5071, 0.4865, 0.4409), "std": (0.2673, 0.2564, 0.2762),
+        },
+        lambda nc: rb("dm_wide_resnet").DMWideResNet(
+            nc, 10, 2, activation_fn=torch.nn.ReLU,
+            mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+        ),
+    ),
+    "dm_wrn_10_2_pad2": (
+        "dm_wide_resnet", {"depth": 10, "width": 2, "padding": 2},
+        lambda nc: rb("dm_wide_resnet").DMWideResNet(nc, 10, 2, activation_fn=dm_activation("swish"), padding=2),
+    ),
+}
+
+
+def init_key(seed=0):
+    """PRNG key for `model.init`: XLA:CPU compiles a threefry-keyed ResNet-18 init in 10-20 s, rbg-keyed in 2 s."""
+    return jax.random.key(seed, impl="rbg")
+
+
+def torch_numel(module):
+    """PyTorch's parameter count."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def flax_shapes(model, size=32):
+    """Variables of `model` as shapes only (no memory, no compilation)."""
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+
+
+def on_meta(constructor, num_classes):
+    """A peer module built on the meta device: shapes without memory."""
+    with torch.device("meta"):
+        return constructor(num_classes)
+
+
+def flax_layout_shape(shape):
+    """The Flax shape of a torch tensor of `shape` (see `naming.to_flax_layout`)."""
+    if len(shape) == 4:
+        return (shape[2], shape[3], shape[1], shape[0])
+    if len(shape) == 2:
+        return (shape[1], shape[0])
+    return tuple(shape)
+
+
+def torch_to_flax(torch_model, flax_variables):
+    """Flax variables holding `torch_model`'s weights, copied by the naming rule (the converter in small)."""
+    state = {k: v.detach().cpu().numpy() for k, v in torch_model.state_dict().items()}
+    mapping = naming.match_variables(flax_variables, state)
+    flat_target = naming.flatten_variables(flax_variables)
+    flat = {}
+    for path, key in mapping.items():
+        value = naming.to_flax_layout(state[key])
+        assert value.shape == tuple(flat_target[path].shape), (path, key)
+        flat[path] = jnp.asarray(value)
+    return traverse_util.unflatten_dict(flat)
+
+
+def randomize_batch_norm(torch_model, seed=0):
+    """Non-trivial BN affine parameters and running statistics, so eval-mode BN is really tested."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in torch_model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(0.1 * torch.randn(n, generator=gen))
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+    return torch_model
+
+
+@functools.cache
+def paired(case, num_classes=10):
+    """(Flax model, its variables copied from a random peer, the peer in eval mode) for a NUMERIC_PEERS case."""
+    name, kwargs, constructor = NUMERIC_PEERS[case]
+    torch.manual_seed(0)
+    peer = randomize_batch_norm(constructor(num_classes)).eval()
+    model = models.create(name, num_classes=num_classes, **kwargs)
+    variables = torch_to_flax(peer, flax_shapes(model))
+    return model, variables, peer
+
+
+def random_images(batch, size=32, seed=0):
+    """Uniform [0, 1] NHWC images (numpy, float32)."""
+    return np.random.default_rng(seed).uniform(size=(batch, size, size, 3)).astype(np.float32)
+
+
+def torch_logits(peer, x_nhwc):
+    """Peer logits on NHWC numpy images."""
+    with torch.no_grad():
+        return peer(torch.from_numpy(x_nhwc).permute(0, 3, 1, 2).contiguous()).numpy()
+
+
+# ---------------------------------------------------------------- parameter counts
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, expected",
+    [("resnet18", {}, 11_173_962), ("wide_resnet", {"depth": 34, "width": 10}, 46_160_474)],
+)
+def test_published_parameter_counts(name, kwargs, expected):
+    assert models.count_params(flax_shapes(models.create(name, **kwargs))) == expected
+
+
+@pytest.mark.parametrize("num_classes", [10, 100])
+@pytest.mark.parametrize("case", sorted(PEERS))
+def test_parameter_count_equals_peer(case, num_classes):
+    name, kwargs, constructor = PEERS[case]
+    variables = flax_shapes(models.create(name, num_classes=num_classes, **kwargs))
+    assert models.count_params(variables) == torch_numel(on_meta(constructor, num_classes))
+    # A params tree counts the same as the full variables.
+    assert models.count_params(variables["params"]) == models.count_params(variables)
+
+
+# ---------------------------------------------------------------- names and shapes
+
+
+@pytest.mark.parametrize("case", sorted(PEERS))
+def test_names_and_shapes_correspond_to_peer(case):
+    name, kwargs, constructor = PEERS[case]
+    variables = flax_shapes(models.create(name, **kwargs))
+    state = on_meta(constructor, 10).state_dict()
+    mapping = naming.match_variables(variables, state)  # raises on leftovers either way
+    flat = naming.flatten_variables(variables)
+    kept = {k for k in state if not k.endswith("num_batches_tracked")}
+    assert set(mapping.values()) == kept and len(mapping) == len(flat)
+    containers = models.MODELS[name].torch_containers
+    assert naming.torch_containers(kept) == containers
+    for path, key in mapping.items():
+        assert tuple(flat[path].shape) == flax_layout_shape(state[key].shape), (path, key)
+        assert naming.torch_key_to_flax_path(key, state[key].ndim) == path
+        assert naming.flax_path_to_torch_key(path, containers) == key
+
+
+def test_split_torch_key_examples():
+    assert naming.split_torch_key("layer1.0.conv1.weight") == (("layer1_0", "conv1"), "weight")
+    assert naming.split_torch_key("block1.layer.0.bn1.running_mean") == (("block1", "layer_0", "bn1"), "running_mean")
+    assert naming.split_torch_key("layer.0.block.0.conv_0.weight") == (("layer_0", "block_0", "conv_0"), "weight")
+    assert naming.split_torch_key("layers.0.shortcut.0.weight") == (("layers_0", "shortcut_0"), "weight")
+    assert naming.split_torch_key("fc.bias") == (("fc",), "bias")
+    assert naming.split_torch_key("a.0.1.weight") == (("a_0_1",), "weight")  # nested Sequentials
+    for bad in ["weight", "0.weight", "layer.0", "a..weight"]:
+        with pytest.raises(ValueError):
+            naming.split_torch_key(bad)
+
+
+def test_join_torch_key_is_the_inverse_and_unambiguous():
+    assert naming.join_torch_key(("layer_0", "block_0", "conv_0"), "weight", {"layer", "block"}) == (
+        "layer.0.block.0.conv_0.weight"
+    )
+    assert naming.join_torch_key(("layer1_0", "shortcut_1"), "bias", {"layer1", "shortcut"}) == (
+        "layer1.0.shortcut.1.bias"
+    )
+    assert naming.join_torch_key(("a_0_1",), "weight", {"a"}) == "a.0.1.weight"
+    # DeepMind's PreAct net has containers that themselves end in an index-like suffix.
+    assert naming.join_torch_key(("layer_0_1", "conv_2d_1"), "weight", {"layer_0"}) == "layer_0.1.conv_2d_1.weight"
+    with pytest.raises(ValueError, match="Ambiguous"):
+        naming.join_torch_key(("layer_0_1",), "weight", {"layer", "layer_0"})
+
+
+def test_layouts_round_trip():
+    conv = np.arange(2 * 3 * 5 * 7).reshape(2, 3, 5, 7)
+    assert naming.to_flax_layout(conv).shape == (5, 7, 3, 2)
+    np.testing.assert_array_equal(naming.to_torch_layout(naming.to_flax_layout(conv)), conv)
+    depthwise = np.zeros((8, 1, 3, 3))
+    assert naming.to_flax_layout(depthwise).shape == (3, 3, 1, 8)
+    linear = np.zeros((10, 64))
+    assert naming.to_flax_layout(linear).shape == (64, 10)
+    assert naming.torch_leaf_to_flax("weight", 1) == ("params", "scale")
+    assert naming.torch_leaf_to_flax("weight", 4) == ("params", "kernel")
+    assert naming.torch_leaf_to_flax("running_var", 1) == ("batch_stats", "var")
+
+
+# ---------------------------------------------------------------- output shapes
+
+
+@pytest.mark.parametrize("size", [32, 16])
+@pytest.mark.parametrize("num_classes", [10, 100])
+@pytest.mark.parametrize("case", sorted(NUMERIC_PEERS))
+def test_output_shape_and_dtype(case, num_classes, size):
+    name, kwargs, _ = NUMERIC_PEERS[case]
+    model = models.create(name, num_classes=num_classes, **kwargs)
+    variables = flax_shapes(model, size)
+    x = jax.ShapeDtypeStruct((3, size, size, 3), jnp.float32)
+    logits = jax.eval_shape(functools.partial(model.apply, train=False), variables, x)
+    assert logits.shape == (3, num_classes) and logits.dtype == jnp.float32
+
+
+def test_big_models_output_shape():
+    x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    for case in ["wrn_34_10", "dm_wrn_70_16"]:
+        name, kwargs, _ = PEERS[case]
+        model = models.create(name, num_classes=100, **kwargs)
+        logits = jax.eval_shape(model.apply, flax_shapes(model), x)
+        assert logits.shape == (2, 100) and logits.dtype == jnp.float32
+
+
+def test_small_models_run_on_16x16():
+    model = models.create("resnet18", base_width=8)
+    x = random_images(2, size=16)
+    variables = jax.jit(model.init)(init_key(), x)
+    assert jax.jit(model.apply)(variables, x).shape == (2, 10)
+
+
+# ---------------------------------------------------------------- numerical equality with the peer
+
+
+@pytest.mark.parametrize("case", sorted(NUMERIC_PEERS))
+def test_logits_equal_peer(case):
+    model, variables, peer = paired(case)
+    x = random_images(2)
+    with jax.default_matmul_precision("float32"):
+        ours = np.asarray(jax.jit(model.apply)(variables, x))
+    theirs = torch_logits(peer, x)
+    assert np.abs(theirs).max() > 1e-2  # not a vacuous comparison
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_train_mode_equals_peer():
+    """Batch statistics and the running-average update follow PyTorch (momentum 0.1, eps 1e-5)."""
+    model, variables, peer = paired("wrn_16_1")
+    x = random_images(8, seed=1)
+    with jax.default_matmul_precision("float32"):
+        ours, updates = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(variables, x)
+    peer_train = randomize_batch_norm(rb("wide_resnet").WideResNet(depth=16, widen_factor=1))
+    peer_train.load_state_dict(peer.state_dict())
+    peer_train.train()
+    theirs = peer_train(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()).detach().numpy()
+    np.testing.assert_allclose(np.asarray(ours), theirs, rtol=0, atol=1e-4)
+    state = {k: v for k, v in peer_train.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+    flat = naming.flatten_variables(updates)
+    for path, key in naming.match_variables(updates, state).items():
+        if path[-1] == "mean":
+            np.testing.assert_allclose(np.asarray(flat[path]), state[key].numpy(), rtol=0, atol=1e-5)
+        else:
+            # PyTorch's running_var takes the unbiased batch variance (n / (n - 1)); Flax the biased one.
+            np.testing.assert_allclose(np.asarray(flat[path]), state[key].numpy(), rtol=2e-3)
+
+
+# ---------------------------------------------------------------- BatchNorm modes and data parallelism
+
+
+def test_train_mode_updates_batch_stats():
+    model, variables, _ = paired("dm_wrn_16_1_swish")  # random running statistics: every one of them must move
+    x = random_images(4)
+    eval_logits = jax.jit(model.apply)(variables, x)
+    train_logits, updates = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(
+        variables, x
+    )
+    assert train_logits.dtype == jnp.float32
+    assert not np.allclose(np.asarray(train_logits), np.asarray(eval_logits), atol=1e-3)
+    before = jax.tree_util.tree_leaves(variables["batch_stats"])
+    after = jax.tree_util.tree_leaves(updates["batch_stats"])
+    assert len(before) == len(after)
+    assert all(not np.allclose(a, b) for a, b in zip(before, after))
+
+
+def test_batch_stats_synced_across_devices():
+    """2 devices under `jax.shard_map` with bn_axis_name give one device's result on the whole batch."""
+    assert jax.device_count() >= 2, "conftest sets --xla_force_host_platform_device_count=2"
+    mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+    single = models.create("wide_resnet", depth=10, width=1)
+    synced = models.create("wide_resnet", depth=10, width=1, bn_axis_name="data")
+    x = random_images(8, seed=2)
+    variables = jax.jit(single.init)(init_key(), x)
+
+    def train_forward(model, v, batch):
+        return model.apply(v, batch, train=True, mutable=["batch_stats"])
+
+    with jax.default_matmul_precision("float32"):
+        want_logits, want = jax.jit(functools.partial(train_forward, single))(variables, x)
+        sharded = jax.shard_map(
+            functools.partial(train_forward, synced),
+            mesh=mesh,
+            in_specs=(P(), P("data")),
+            out_specs=(P("data"), P()),
+        )
+        # make_mesh's axes are Explicit: inputs must already carry the shardings the specs name.
+        got_logits, got = jax.jit(sharded)(
+            jax.device_put(variables, NamedSharding(mesh, P())), jax.device_put(x, NamedSharding(mesh, P("data")))
+        )
+    np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), rtol=0, atol=1e-4)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
+        got["batch_stats"], want["batch_stats"],
+    )
+
+
+# ---------------------------------------------------------------- bfloat16 compute
+
+
+def test_bfloat16_compute_float32_state_and_logits():
+    f32 = models.create("dm_wide_resnet", depth=10, width=2)
+    bf16 = models.create("dm_wide_resnet", depth=10, width=2, dtype=jnp.bfloat16)
+    x = random_images(4)
+    variables = jax.jit(bf16.init)(init_key(), x)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(variables))
+    low = jax.jit(bf16.apply)(variables, x)
+    high = jax.jit(f32.apply)(variables, x)
+    assert low.dtype == jnp.float32
+    scale = float(jnp.abs(high).max())
+    assert float(jnp.abs(low - high).max()) < 0.05 * scale
+    _, updates = jax.jit(functools.partial(bf16.apply, train=True, mutable=["batch_stats"]))(variables, x)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(updates))
+
+
+# ---------------------------------------------------------------- initialization matches PyTorch's
+
+
+@pytest.mark.parametrize("case", ["resnet18", "wrn_16_1"])
+def test_initialization_matches_peer_distribution(case):
+    """Fresh Flax weights have the spread of fresh PyTorch weights, layer by layer (training from scratch)."""
+    name, kwargs, constructor = NUMERIC_PEERS[case]
+    model = models.create(name, **kwargs)
+    variables = jax.jit(model.init)(init_key(), jnp.zeros((1, 32, 32, 3)))
+    torch.manual_seed(0)
+    state = constructor(10).state_dict()
+    flat = naming.flatten_variables(variables)
+    for path, key in naming.match_variables(variables, state).items():
+        ours, theirs = np.asarray(flat[path]), state[key].numpy()
+        if theirs.size < 1000 or path[0] != "params":
+            np.testing.assert_allclose(ours.mean(), theirs.mean(), atol=0.2)
+            continue
+        assert math.isclose(ours.std(), theirs.std(), rel_tol=0.1), (path, ours.std(), theirs.std())
+
+
+# ---------------------------------------------------------------- create()
+
+
+def test_create_rejects_unknown_name():
+    with pytest.raises(ValueError, match="resnet18"):
+        models.create("resnet1000")
+
+
+def test_create_rejects_unknown_argument():
+    with pytest.raises(TypeError, match="wide_resnet.*depth"):
+        models.create("wide_resnet", sub_block1=True)
+    with pytest.raises(TypeError, match="num_blocks"):
+        models.create("resnet18", num_blocks=(1, 1, 1, 1))
+
+
+def test_create_rejects_bad_values():
+    with pytest.raises(ValueError, match="activation"):
+        flax_shapes(models.create("dm_wide_resnet", activation="gelu"))
+    with pytest.raises(ValueError, match="depth"):
+        flax_shapes(models.create("wide_resnet", depth=12))
