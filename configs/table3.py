@@ -1,0 +1,22 @@
+"""Tables 3 and 4: every method x {ResNet-18, MobileNetV2} on CIFAR-10 (Table 3) or CIFAR-100 (Table 4).
+
+    --config=configs/table3.py:method=rslad,student=mobilenet_v2,dataset=cifar100
+
+Teachers (Table 2, "Default"): CIFAR-10 WRN-34-10 (Zhang2019Theoretically), CIFAR-100 WRN-70-16
+(Gowal2020Uncovering). MTARD also needs a naturally trained WRN-34-10 (config.teacher2).
+"""
+
+from mmard_jax import config_lib
+
+METHODS = ("nature", "sat", "trades", "ard", "iad", "rslad", "mtard", "mmard")
+STUDENTS = ("resnet18", "mobilenet_v2")
+DATASET = "cifar10"
+
+# For scripts/run_table.py: the runs of this table and how their results are laid out.
+RUNS = tuple(f"method={m},student={s},dataset={DATASET}" for m in METHODS for s in STUDENTS)
+LAYOUT = {"rows": "method", "groups": "student", "columns": ("clean", "fgsm", "pgd_s", "pgd_t", "cw", "aa")}
+
+
+def get_config(arg=None):
+    a = config_lib.parse_arg(arg, method="mmard", student="resnet18", dataset=DATASET)
+    return config_lib.paper_config(a["method"], a["student"], a["dataset"])

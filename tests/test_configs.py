@@ -1,0 +1,125 @@
+"""Every run of the paper as a config: each builds abstractly (jax.eval_shape of init and of one step on
+the real CIFAR shapes and the real teachers), with the paper's settings."""
+
+import functools
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from mmard_jax import config_lib, parallel, robustbench_zoo, train, train_step
+from mmard_jax.models import create
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TABLES = ("table3", "table4", "table5", "table6", "table7", "figure4")
+TRAIN_SIZE = {"cifar10": 50000, "cifar100": 50000}
+
+
+def load_config_file(name):
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def all_runs():
+    for table in TABLES:
+        for arg in load_config_file(table).RUNS:
+            yield table, arg
+
+
+def teacher_module(path: str):
+    """The architecture behind a configured teacher directory (no file needed)."""
+    stem = pathlib.Path(path).name
+    if stem.startswith("natural_wrn34_10_"):  # MTARD's natural teacher, trained with this project
+        return create("wide_resnet", config_lib.NUM_CLASSES[stem.rsplit("_", 1)[1]], depth=34, width=10)
+    name, dataset = stem.rsplit("_", 1)
+    entry = robustbench_zoo.lookup(name, dataset)
+    return create(entry.arch, entry.num_classes, **entry.kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def abstract_teacher(path):
+    module = teacher_module(path)
+    return module, jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+
+
+def test_tables_cover_the_paper():
+    runs = dict.fromkeys(all_runs())
+    assert len([r for r in runs if r[0] == "table3"]) == 16 and len([r for r in runs if r[0] == "table4"]) == 16
+    assert len([r for r in runs if r[0] == "table5"]) == 12
+    assert [a for t, a in runs if t == "table6"] == ["outer=ard", "outer=iad", "outer=rslad"]
+    assert [a for t, a in runs if t == "table7"] == ["alpha=0", "alpha=0.5", "alpha=1", "alpha=2"]
+    assert len([r for r in runs if r[0] == "figure4"]) == 3
+
+
+def test_paper_settings():
+    c = load_config_file("table3").get_config("method=mmard,student=resnet18")
+    assert (c.batch_size, c.num_epochs, c.optim.lr, c.optim.momentum, c.optim.weight_decay) == (128, 300, 0.1, 0.9, 2e-4)
+    assert c.optim.schedule == "cosine" and c.best_metric == "pgd_t"
+    assert (c.attack.eps, c.attack.step_size, c.attack.steps) == (8 / 255, 2 / 255, 10)
+    assert c.method.alpha == 1.0 and c.teacher.checkpoint == "teachers/Zhang2019Theoretically_cifar10"
+    assert "aa" in c.eval.final_attacks
+    nat = load_config_file("table4").get_config("method=nature,student=mobilenet_v2")
+    assert nat.num_epochs == 100 and nat.optim.schedule == "piecewise" and tuple(nat.optim.boundaries) == (75, 90)
+    assert nat.teacher.checkpoint == "" and nat.dataset.name == "cifar100"
+    t6 = load_config_file("table6").get_config("outer=iad")
+    assert (t6.method.name, t6.method.inner) == ("iad", "mmard") and t6.method.warmup_epochs == 60
+    assert load_config_file("table5").get_config("method=ard,teacher=wrn70_16").num_epochs == 50
+    assert load_config_file("table7").get_config("alpha=0.5").method.alpha == 0.5
+    b = load_config_file("figure4").get_config("variant=rslad_inner")
+    assert (b.method.name, b.method.inner) == ("mmard", "rslad")
+    with pytest.raises(ValueError, match="unknown config argument 'studnet'"):
+        load_config_file("table3").get_config("studnet=resnet18")
+
+
+_TRACED = {}
+
+
+def structure_key(config, method, num_classes):
+    """What decides the traced program: runs equal in this differ only in values (alpha 0.5 vs 2, epochs)."""
+    phases = tuple((p, tuple(sorted(method.forwards(p)))) for p in train._phases(method, config.num_epochs))
+    return (config.dataset.name, num_classes, config.student.arch, tuple(sorted(config.student.kwargs.items())),
+            config.teacher.checkpoint if any("t_" in f for _, fw in phases for f in fw) else "",
+            config.teacher2.checkpoint, method.inner.name, method.outer.name, phases, config.batch_size)
+
+
+@pytest.mark.parametrize("table,arg", list(all_runs()))
+def test_every_run_builds_abstractly(table, arg):
+    config = load_config_file(table).get_config(arg)
+    method = train.resolve_method(config.method)
+    num_classes = config_lib.NUM_CLASSES[config.dataset.name]
+    mesh = parallel.data_mesh()
+    steps_per_epoch = TRAIN_SIZE[config.dataset.name] // config.batch_size
+    schedule = train_step.make_lr_schedule(config.optim.lr, steps_per_epoch, config.num_epochs, config.optim.schedule,
+                                           tuple(config.optim.boundaries), config.optim.decay)
+    tx = train_step.make_optimizer(schedule, config.optim.momentum, config.optim.weight_decay)
+    student = create(config.student.arch, num_classes, bn_axis_name=parallel.AXIS, **config.student.kwargs)
+    state = jax.eval_shape(lambda: train_step.init_state(student, method, tx, jax.random.key(0), (32, 32, 3)))
+
+    teacher = teacher2 = None
+    t_vars = t2_vars = {}
+    if train._needs_any(method, config.num_epochs, train.TEACHER_FORWARDS):
+        teacher, t_vars = abstract_teacher(config.teacher.checkpoint)
+        assert teacher.num_classes == num_classes
+    else:
+        assert not config.teacher.checkpoint
+    if train._needs_any(method, config.num_epochs, {"t2_nat"}):
+        teacher2, t2_vars = abstract_teacher(config.teacher2.checkpoint)
+
+    key = structure_key(config, method, num_classes)
+    if key in _TRACED:  # the same program was traced for another run of this session
+        assert jax.tree.structure(_TRACED[key]) == jax.tree.structure(state)
+        return
+    settings = train_step.StepSettings(steps=config.attack.steps, unroll=1)
+    images = jax.ShapeDtypeStruct((TRAIN_SIZE[config.dataset.name], 32, 32, 3), jnp.uint8)
+    labels = jax.ShapeDtypeStruct((TRAIN_SIZE[config.dataset.name],), jnp.int32)
+    idx = jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)
+    for phase in train._phases(method, config.num_epochs):
+        fn = train_step.make_train_step(student, teacher, teacher2, method, phase, tx, schedule, settings, mesh, 0)
+        new_state, metrics = jax.eval_shape(fn, state, t_vars, t2_vars, images, labels, idx, jnp.asarray(0))
+        assert jax.tree.structure(new_state) == jax.tree.structure(state)
+        assert metrics["loss"].shape == () and "lr" in metrics
+    _TRACED[key] = state

@@ -1,0 +1,174 @@
+"""The trainer end to end: CLI outputs, kill-and-resume giving bitwise the same parameters, a NaN stop
+that keeps the last good checkpoint, and clear errors for a missing teacher."""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mmard_jax import checkpoints, config_lib, models, train
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+CONFIG_FILE = '''
+from mmard_jax import config_lib
+
+
+def get_config(arg=None):
+    c = config_lib.base_config("mmard", "wide_resnet", "digits")
+    c.student.kwargs = {"depth": 10, "width": 1}
+    c.teacher.checkpoint = TEACHER
+    c.dataset.n_train = 256
+    c.dataset.flip = False
+    c.batch_size = 32
+    c.num_epochs = 2
+    c.attack.steps = 2
+    c.eval.n_examples = 64
+    c.eval.batch_size = 32
+    c.eval.attacks = ("clean", "pgd_t")
+    c.eval.final_attacks = ("clean", "fgsm", "pgd_t")
+    c.checkpoint_every_steps = 3
+    c.log_every_steps = 2
+    return c
+'''
+
+
+def save_random_teacher(directory, seed=0):
+    spec = checkpoints.model_spec("wide_resnet", 10, {"depth": 10, "width": 1})
+    module = checkpoints.build_module(spec)
+    variables = jax.jit(lambda k: module.init(k, jnp.zeros((1, 16, 16, 3)), train=False))(jax.random.key(seed, impl="rbg"))
+    return checkpoints.save_model(directory, spec, variables)
+
+
+def tiny_config(teacher):
+    namespace = {}
+    exec(CONFIG_FILE.replace("TEACHER", repr(str(teacher))), namespace)
+    return namespace["get_config"]()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    teacher = save_random_teacher(root / "teacher")
+    config = root / "tiny_config.py"
+    config.write_text(CONFIG_FILE.replace("TEACHER", repr(str(teacher))))
+    return root, teacher, config
+
+
+def cli(config, workdir, cache, *extra):
+    env = dict(os.environ, MMARD_XLA_CACHE=str(cache), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "mmard_jax.train", f"--config={config}", f"--workdir={workdir}", *extra]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def latest_state(workdir):
+    mngr = checkpoints.checkpoint_manager(pathlib.Path(workdir) / checkpoints.LATEST)
+    step = mngr.latest_step()
+    with ocp.StandardCheckpointer() as checkpointer:
+        return step, checkpointer.restore(pathlib.Path(workdir) / checkpoints.LATEST / str(step) / "state")
+
+
+def test_cli_outputs_and_kill_resume_is_bitwise(setup):
+    root, _, config = setup
+    cache = root / "xla_cache"
+    whole, broken = root / "uninterrupted", root / "interrupted"
+
+    proc = cli(config, whole, cache)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+
+    # Kill the second run (SIGKILL, no chance to clean up) as soon as its first checkpoint exists.
+    proc = cli(config, broken, cache)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        steps = [p for p in (broken / checkpoints.LATEST).glob("*") if p.name.isdigit()]
+        if steps:
+            proc.kill()
+            break
+        time.sleep(0.02)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0, "the run finished before it could be interrupted"
+    assert not (broken / "summary.md").exists()
+    killed_at, _ = latest_state(broken)
+    assert 3 <= killed_at < 16
+
+    proc = cli(config, broken, cache)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert f"resumed from step {killed_at}" in out
+
+    step_a, state_a = latest_state(whole)
+    step_b, state_b = latest_state(broken)
+    assert step_a == step_b == 16
+    # The teacher is an input of the step, never part of the saved state.
+    assert set(state_a) == {"step", "params", "batch_stats", "opt_state", "method_state", "bad_step"}
+    leaves_a, leaves_b = jax.tree.leaves(state_a), jax.tree.leaves(state_b)
+    assert len(leaves_a) == len(leaves_b)
+    for a, b in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(a, b)
+
+    records_a = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    records_b = [json.loads(x) for x in (broken / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records_b] == [1, 2]
+    for ra, rb in zip(records_a, records_b):
+        assert {k: v for k, v in ra.items() if k.startswith("test_")} == {k: v for k, v in rb.items() if k.startswith("test_")}
+
+    # Files a person reads.
+    for name in ("summary.md", "summary.json", "accuracy.png", "model.json", "config.json"):
+        assert (whole / name).is_file(), name
+    assert list((whole / "tb").glob("events.out.tfevents.*"))
+    summary = json.loads((whole / "summary.json").read_text())
+    assert set(summary["final"]) == {"clean", "fgsm", "pgd_t"}
+    assert "| best checkpoint, final attacks |" in (whole / "summary.md").read_text()
+    # The best checkpoint is a loadable student.
+    module, variables = checkpoints.load_model(whole, input_shape=(16, 16, 3))
+    assert models.count_params(variables) == models.count_params(
+        jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
+    )
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path):
+    _, teacher, _ = setup
+    config = tiny_config(teacher)
+    config.eval.final_attacks = ()
+    # From epoch 1 on the learning rate is 1e29: the first update of epoch 1 overflows.
+    config.optim.schedule = "piecewise"
+    config.optim.boundaries = (1,)
+    config.optim.decay = 1e30
+    with pytest.raises(train.NonFiniteLossError, match=r"NaN/inf at step \d+.*last good checkpoint \(step \d+\)") as err:
+        train.train_and_evaluate(config, tmp_path, progress=False)
+    bad, kept = map(int, re.search(r"at step (\d+).*\(step (\d+)\)", str(err.value)).groups())
+    assert 8 <= bad < 16 and 8 <= kept <= bad  # broke in epoch 1; the checkpoint precedes the bad update
+    step, state = latest_state(tmp_path)
+    assert step == kept and int(state["bad_step"]) == -1
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+    assert not (tmp_path / "summary.md").exists()
+
+
+def test_missing_teacher_is_a_clear_error(setup, tmp_path):
+    _, teacher, _ = setup
+    config = tiny_config(teacher)
+    config.teacher.checkpoint = ""
+    with pytest.raises(ValueError, match="needs a teacher: set --config.teacher.checkpoint"):
+        train.train_and_evaluate(config, tmp_path / "a", progress=False)
+    config.teacher.checkpoint = str(tmp_path / "nowhere")
+    with pytest.raises(checkpoints.CheckpointError, match="nowhere.*model.json is missing"):
+        train.train_and_evaluate(config, tmp_path / "b", progress=False)
+
+
+def test_batch_that_does_not_divide_fails_before_training(setup, tmp_path):
+    _, teacher, _ = setup
+    config = tiny_config(teacher)
+    config.batch_size = 33
+    with pytest.raises(ValueError, match="batch_size 33 does not divide by the 2 devices"):
+        train.train_and_evaluate(config, tmp_path, progress=False)
+    assert not (tmp_path / "checkpoints").exists()

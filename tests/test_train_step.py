@@ -1,0 +1,203 @@
+"""The fused train step: one device equals two, only declared forwards are computed, the optimizer and
+schedules equal PyTorch's, non-finite updates are refused."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmard_jax import config_lib, models, parallel, train, train_step
+
+IMG = (8, 8, 3)
+
+
+def tiny(bn_axis_name=None, width=1):
+    return models.create("wide_resnet", 10, depth=10, width=width, bn_axis_name=bn_axis_name)
+
+
+def init_vars(module, seed):
+    return jax.jit(lambda k: module.init(k, jnp.zeros((1,) + IMG), train=False))(jax.random.key(seed, impl="rbg"))
+
+
+@pytest.fixture(scope="module")
+def split():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (48,) + IMG, dtype=np.uint8), rng.integers(0, 10, 48).astype(np.int32)
+
+
+class CountingApply:
+    """Stands in for a module in the train step and counts the forwards traced through it."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, []
+
+    def apply(self, *args, **kwargs):
+        self.calls.append(kwargs.get("train", False))
+        return self.module.apply(*args, **kwargs)
+
+    def init(self, *args, **kwargs):
+        return self.module.init(*args, **kwargs)
+
+
+def build(method_name, mesh, student=None, teacher=None, teacher2=None, steps=3, **hp):
+    method = train.resolve_method(config_lib.method_block(method_name, **hp))
+    schedule = train_step.make_lr_schedule(0.1, 4, 2)
+    tx = train_step.make_optimizer(schedule)
+    settings = train_step.StepSettings(steps=steps, crop_padding=2, unroll=1)
+    student = student or tiny(parallel.AXIS)
+    phase = method.phase(10**6)
+    fn = train_step.make_train_step(student, teacher, teacher2, method, phase, tx, schedule, settings, mesh, seed=0)
+    state = train_step.init_state(student, method, tx, jax.random.key(1, impl="rbg"), IMG)
+    return fn, state
+
+
+def run_steps(method_name, n_devices, split, n_steps=3):
+    mesh = parallel.data_mesh(jax.devices()[:n_devices])
+    teacher, teacher2 = tiny(width=2), tiny()
+    t_vars, t2_vars = init_vars(teacher, 7), init_vars(teacher2, 8)
+    fn, state = build(method_name, mesh, teacher=teacher, teacher2=teacher2)
+    rep = parallel.replicated(mesh)
+    state = jax.device_put(state, rep)
+    images, labels = (jax.device_put(jnp.asarray(a), rep) for a in split)
+    idx = jax.device_put(jnp.arange(48, dtype=jnp.int32).reshape(3, 16), parallel.batch_sharded(mesh, axis=1))
+    metrics = []
+    for i in range(n_steps):
+        state, m = fn(state, t_vars, t2_vars, images, labels, idx[i], jnp.asarray(0, jnp.int32))
+        metrics.append(jax.device_get(m))
+    return jax.device_get(state), metrics
+
+
+@pytest.mark.parametrize("method_name", ["mmard", "mtard"])
+def test_one_device_equals_two(method_name, split):
+    """Same parameters, BN statistics and metrics on 1 and 2 devices for the same global batch."""
+    assert len(jax.devices()) >= 2, "conftest sets --xla_force_host_platform_device_count=2"
+    one, m1 = run_steps(method_name, 1, split)
+    two, m2 = run_steps(method_name, 2, split)
+    for a, b in zip(jax.tree.leaves((one.params, one.batch_stats, one.method_state)),
+                    jax.tree.leaves((two.params, two.batch_stats, two.method_state))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(m1, m2):
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert int(one.step) == 3 and int(one.bad_step) == -1
+    # The run did train: parameters moved away from their initial values.
+    _, init = build(method_name, parallel.data_mesh(jax.devices()[:1]), teacher=tiny(width=2), teacher2=tiny())
+    moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(init.params))]
+    assert max(moved) > 1e-3
+
+
+EXPECTED_FORWARDS = {
+    # method: (teacher forwards traced, second-teacher forwards, student train-mode forwards)
+    "nature": (0, 0, 1),
+    "sat": (0, 0, 1),
+    "trades": (0, 0, 2),
+    "ard": (1, 0, 1),  # alpha = 1: no natural student forward
+    "rslad": (1, 0, 2),  # T(x) computed once, shared by inner and outer
+    "mtard": (1, 0 + 1, 2),
+    "mmard": (3, 0, 2),  # T(x), T(x') inside the PGD loop (traced once), T(x') for the outer loss
+}
+
+
+@pytest.mark.parametrize("method_name", sorted(EXPECTED_FORWARDS))
+def test_only_declared_forwards_are_computed(method_name, split):
+    mesh = parallel.data_mesh(jax.devices()[:1])
+    teacher, teacher2, student = CountingApply(tiny()), CountingApply(tiny()), CountingApply(tiny(parallel.AXIS))
+    fn, state = build(method_name, mesh, student=student, teacher=teacher, teacher2=teacher2)
+    t_vars = init_vars(tiny(), 3)
+    jax.eval_shape(fn, state, t_vars, t_vars, *(jnp.asarray(a) for a in split), jnp.arange(16), jnp.asarray(0))
+    want_t, want_t2, want_s_train = EXPECTED_FORWARDS[method_name]
+    assert len(teacher.calls) == want_t
+    assert len(teacher2.calls) == want_t2
+    assert sum(student.calls) == want_s_train
+    assert not any(teacher.calls) and not any(teacher2.calls), "teachers always run in inference mode"
+
+
+def test_iad_warmup_skips_the_teacher_at_x_adv(split):
+    mesh = parallel.data_mesh(jax.devices()[:1])
+    method = train.resolve_method(config_lib.method_block("iad"))
+    calls = {}
+    for phase in ("warmup", "main"):
+        teacher = CountingApply(tiny())
+        schedule = train_step.make_lr_schedule(0.1, 4, 2)
+        tx = train_step.make_optimizer(schedule)
+        fn = train_step.make_train_step(tiny(parallel.AXIS), teacher, None, method, phase, tx, schedule,
+                                        train_step.StepSettings(steps=2), mesh, seed=0)
+        state = train_step.init_state(tiny(parallel.AXIS), method, tx, jax.random.key(0, impl="rbg"), IMG)
+        jax.eval_shape(fn, state, init_vars(tiny(), 3), {}, *(jnp.asarray(a) for a in split), jnp.arange(16), jnp.asarray(0))
+        calls[phase] = len(teacher.calls)
+    assert calls == {"warmup": 1, "main": 2}
+
+
+def test_nonfinite_update_is_refused(split):
+    """A NaN loss leaves parameters, statistics and optimizer state untouched and records the step."""
+    mesh = parallel.data_mesh(jax.devices()[:1])
+    fn, state = build("sat", mesh)
+    images, labels = (jnp.asarray(a) for a in split)
+    state, _ = fn(state, {}, {}, images, labels, jnp.arange(16), jnp.asarray(0))
+    before = jax.device_get(state)
+    poisoned = jax.tree.map(lambda p: p * jnp.nan, state.params)
+    bad = dataclasses.replace(state, params=poisoned)
+    after, m = fn(bad, {}, {}, images, labels, jnp.arange(16, 32), jnp.asarray(0))
+    assert not np.isfinite(m["loss"])
+    assert int(after.bad_step) == 1 and int(after.step) == 2
+    for a, b in zip(jax.tree.leaves((after.batch_stats, after.opt_state)), jax.tree.leaves((before.batch_stats, before.opt_state))):
+        np.testing.assert_array_equal(a, b)
+    # Once a step went bad, later steps do not update either (the run stops at the next check).
+    again, _ = fn(after, {}, {}, images, labels, jnp.arange(32, 48), jnp.asarray(0))
+    assert int(again.bad_step) == 1
+
+
+def test_optimizer_matches_torch_sgd():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    w0, target = rng.normal(size=(5, 3)).astype(np.float32), rng.normal(size=(5, 3)).astype(np.float32)
+    schedule = train_step.make_lr_schedule(0.1, 3, 2)  # cosine over 2 epochs of 3 steps
+    tx = train_step.make_optimizer(schedule, momentum=0.9, weight_decay=2e-4)
+    params, opt_state = jnp.asarray(w0), None
+    opt_state = tx.init(params)
+    w = torch.tensor(w0, requires_grad=True)
+    sgd = torch.optim.SGD([w], lr=0.1, momentum=0.9, weight_decay=2e-4)
+    for step in range(6):
+        g = jax.grad(lambda p: jnp.sum((p - target) ** 2 * jnp.arange(1, 4)))(params)
+        updates, opt_state = tx.update(g, opt_state, params)
+        params = params + updates
+        for group in sgd.param_groups:
+            group["lr"] = float(schedule(step))
+        sgd.zero_grad()
+        torch.sum((w - torch.tensor(target)) ** 2 * torch.arange(1, 4)).backward()
+        sgd.step()
+    np.testing.assert_allclose(params, w.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_schedules_match_torch():
+    torch = pytest.importorskip("torch")
+    spe, epochs = 4, 10
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    cos = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    ours = train_step.make_lr_schedule(0.1, spe, epochs, "cosine", per_epoch=True)
+    for epoch in range(epochs):
+        for s in range(spe):
+            np.testing.assert_allclose(float(ours(epoch * spe + s)), opt.param_groups[0]["lr"], rtol=1e-5, atol=1e-9)
+        opt.step()
+        cos.step()
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    multi = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[75, 90], gamma=0.1)
+    piece = train_step.make_lr_schedule(0.1, spe, 100, "piecewise", boundaries_epochs=(75, 90))
+    for epoch in range(100):
+        np.testing.assert_allclose(float(piece(epoch * spe + 1)), opt.param_groups[0]["lr"], rtol=1e-5)
+        opt.step()
+        multi.step()
+    smooth = train_step.make_lr_schedule(0.1, spe, epochs, "cosine")
+    assert float(smooth(0)) == pytest.approx(0.1) and float(smooth(spe * epochs)) == pytest.approx(0.0, abs=1e-9)
+    assert float(smooth(1)) < 0.1  # anneals within the first epoch
+    with pytest.raises(ValueError, match="unknown lr schedule"):
+        train_step.make_lr_schedule(0.1, spe, epochs, "linear")
+
+
+def test_batch_must_divide_by_devices():
+    mesh = parallel.data_mesh(jax.devices()[:2])
+    with pytest.raises(ValueError, match="batch_size 63 does not divide by the 2 devices"):
+        parallel.check_divisible(63, mesh, "batch_size")
+    assert parallel.check_divisible(64, mesh) == 32
