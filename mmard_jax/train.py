@@ -87,6 +87,19 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
+def check_config(config) -> None:
+    """Errors that would otherwise surface only after hours of training."""
+    for field in ("attacks", "final_attacks"):
+        unknown = [a for a in config.eval[field] if a not in suite.ATTACKS]
+        if unknown:
+            raise ValueError(f"config.eval.{field}: unknown attack(s) {unknown}; known: {', '.join(suite.ATTACKS)}")
+    if config.best_metric not in config.eval.attacks:
+        raise ValueError(
+            f"config.best_metric={config.best_metric!r} is not evaluated during training "
+            f"(config.eval.attacks={tuple(config.eval.attacks)}): the best checkpoint could never be chosen"
+        )
+
+
 def _mean_metrics(history) -> Dict[str, float]:
     """Averages of per-step device metrics fetched in one transfer."""
     if not history:
@@ -101,6 +114,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, progress: 
     Returns the summary (also written to summary.md / summary.json).
     """
     workdir = pathlib.Path(workdir).absolute()
+    check_config(config)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = parallel.data_mesh()
     parallel.check_divisible(config.batch_size, mesh, "batch_size")

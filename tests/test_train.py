@@ -36,6 +36,7 @@ def get_config(arg=None):
     c.eval.batch_size = 32
     c.eval.attacks = ("clean", "pgd_t")
     c.eval.final_attacks = ("clean", "fgsm", "pgd_t")
+    c.attack.unroll = c.eval.unroll = "1"  # tests are compile-bound: rolled loops compile fastest
     c.checkpoint_every_steps = 3
     c.log_every_steps = 2
     return c
@@ -172,3 +173,16 @@ def test_batch_that_does_not_divide_fails_before_training(setup, tmp_path):
     with pytest.raises(ValueError, match="batch_size 33 does not divide by the 2 devices"):
         train.train_and_evaluate(config, tmp_path, progress=False)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_config_errors_come_before_training(setup, tmp_path):
+    _, teacher, _ = setup
+    config = tiny_config(teacher)
+    config.eval.attacks = ("clean", "pgd_s")
+    with pytest.raises(ValueError, match="best_metric='pgd_t' is not evaluated during training"):
+        train.train_and_evaluate(config, tmp_path, progress=False)
+    config.eval.attacks = ("clean", "pgd_t")
+    config.eval.final_attacks = ("clean", "pgd20")
+    with pytest.raises(ValueError, match=r"final_attacks: unknown attack\(s\) \['pgd20'\]"):
+        train.train_and_evaluate(config, tmp_path, progress=False)
+    assert not list(tmp_path.iterdir())

@@ -11,6 +11,18 @@ from mmard_jax.models.registry import MODELS, ModelSpec, accepted_arguments, cou
 from mmard_jax.models.resnet import PreActResNet, ResNet
 from mmard_jax.models.wide_resnet import WideResNet
 
+
+def load_pretrained(directory, dtype: str = "float32"):
+    """(module, variables) of a converted teacher (model directory) or a training workdir's best student.
+
+    A thin wrapper over `mmard_jax.checkpoints.load_model`, imported here lazily because checkpoints imports
+    this package. `module.apply(variables, x, train=False)` on NHWC x in [0, 1] gives the logits.
+    """
+    from mmard_jax import checkpoints  # noqa: PLC0415 - circular at import time
+
+    return checkpoints.load_model(directory, dtype=dtype)
+
+
 __all__ = [
     "MODELS",
     "DMWideResNet",
@@ -22,4 +34,5 @@ __all__ = [
     "accepted_arguments",
     "count_params",
     "create",
+    "load_pretrained",
 ]

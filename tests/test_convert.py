@@ -1,0 +1,519 @@
+"""Converter against its peers: RobustBench's model table (parsed, not imported) and RobustBench's own modules.
+
+Every exactness test builds the peer with RobustBench's architecture code (or tests/torch_refs), randomizes its
+weights and BatchNorm statistics, writes the state_dict in one of the shapes published checkpoints come in,
+converts the file through the public API (one test through the CLI) and compares logits in float32.
+"""
+
+import ast
+import functools
+import importlib.util
+import inspect
+import json
+import os
+import pathlib
+import pickle
+import shlex
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import load_robustbench_arch
+from mmard_jax import config_lib, convert, models, robustbench_zoo
+from mmard_jax.models import naming
+
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
+TESTS = pathlib.Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+
+# ---------------------------------------------------------------- helpers shared with test_export.py
+
+
+def rb(module):
+    """RobustBench architecture module, loaded by path."""
+    return load_robustbench_arch(module)
+
+
+@functools.cache
+def torch_mobilenet_v2():
+    """The kuangliu-layout MobileNetV2 of tests/torch_refs (not a package)."""
+    spec = importlib.util.spec_from_file_location("_torch_ref_mobilenetv2_convert", TESTS / "torch_refs/mobilenetv2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def randomize(peer, seed=0):
+    """Random weights (PyTorch init, seeded) and random BN affine parameters and running statistics; eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in peer.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(0.1 * torch.randn(n, generator=gen))
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.num_batches_tracked.fill_(123)
+            elif isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias.copy_(0.1 * torch.randn(m.out_features, generator=gen))
+    return peer.eval()
+
+
+def round_to(peer, dtype):
+    """Rounds every float tensor of `peer` to `dtype` (kept float32), so a `dtype` checkpoint is exact."""
+    with torch.no_grad():
+        for t in peer.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.to(dtype).float())
+    return peer
+
+
+def images(batch=2, seed=0):
+    """Uniform [0, 1] NHWC float32 images."""
+    return np.random.default_rng(seed).uniform(size=(batch, 32, 32, 3)).astype(np.float32)
+
+
+def torch_logits(peer, x):
+    """Peer logits on NHWC images."""
+    with torch.no_grad():
+        return peer(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()).numpy()
+
+
+@functools.cache
+def _jitted_apply(module):
+    """One compiled forward per architecture (modules are hashable), shared by the convert and export tests."""
+    return jax.jit(functools.partial(module.apply, train=False))
+
+
+def flax_logits(module, variables, x):
+    """Our logits in float32 matmul precision."""
+    with jax.default_matmul_precision("float32"):
+        return np.asarray(_jitted_apply(module)(variables, x))
+
+
+def assert_same_logits(module, variables, peer, seed=0):
+    """Logits of both sides on random images agree to 1e-4, and are not trivially small."""
+    x = images(seed=seed)
+    theirs = torch_logits(peer, x)
+    ours = flax_logits(module, variables, x)
+    assert np.abs(theirs).max() > 1e-1
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+
+
+def state_of(peer):
+    """The peer's state_dict as a plain dict (cloned: later edits must not reach the peer)."""
+    return {k: v.clone() for k, v in peer.state_dict().items()}
+
+
+# ---------------------------------------------------------------- the table against RobustBench's files
+
+
+def _rb_zoo_dir():
+    """The installed `robustbench/model_zoo` directory (read as text, never imported)."""
+    spec = importlib.util.find_spec("robustbench")
+    return pathlib.Path(list(spec.submodule_search_locations)[0]) / "model_zoo"
+
+
+class _LocalClass:
+    """A model class defined in cifar10.py/cifar100.py itself: a subclass adding normalization or ensembling."""
+
+    def __init__(self, name):
+        self.name = name
+
+
+def _symbols(tree):
+    """({imported name: its `architectures` module}, {names the zoo file defines itself})."""
+    imports = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module and ".architectures." in node.module:
+            for alias in node.names:
+                imports[alias.asname or alias.name] = node.module.rsplit(".", 1)[1]
+    local = {n.name for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
+    return imports, local
+
+
+def _value(node, imports, local):
+    """Evaluates an argument expression of a model constructor: literals, imported names, `nn.X`."""
+    if isinstance(node, ast.Name):
+        if node.id in local:
+            return _LocalClass(node.id)
+        return getattr(rb(imports[node.id]), node.id)
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "nn":
+        return getattr(torch.nn, node.attr)
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_value(e, imports, local) for e in node.elts]
+    return ast.literal_eval(node)
+
+
+def _constructor(model_node):
+    """(callable name, args nodes, keyword nodes) of a table's `'model'` value: `lambda: F(...)` or `F`."""
+    if isinstance(model_node, ast.Lambda):
+        call = model_node.body
+        assert isinstance(call, ast.Call) and isinstance(call.func, ast.Name), ast.dump(call)
+        return call.func.id, call.args, {k.arg: k.value for k in call.keywords}
+    assert isinstance(model_node, ast.Name), ast.dump(model_node)
+    return model_node.id, [], {}
+
+
+def _threat_dicts(tree, variable):
+    """{threat model: variable name} from `cifar_10_models = OrderedDict([(ThreatModel.Linf, linf), ...])`."""
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and node.targets[0].id == variable:
+            pairs = node.value.args[0].elts
+            return {p.elts[0].attr: p.elts[1].id for p in pairs}
+    raise AssertionError(f"{variable} not found")
+
+
+def robustbench_entries(filename, variable):
+    """{(threat model, name): (constructor, arg nodes, keyword nodes, imports, local names)} of a zoo file."""
+    tree = ast.parse((_rb_zoo_dir() / filename).read_text())
+    imports, local = _symbols(tree)
+    dicts = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            dicts[node.targets[0].id] = node.value
+    out = {}
+    for threat, var in _threat_dicts(tree, variable).items():
+        assert threat in robustbench_zoo.THREAT_MODELS, threat
+        for entry in dicts[var].args[0].elts:
+            name = ast.literal_eval(entry.elts[0])
+            table = entry.elts[1]
+            model = table.values[[ast.literal_eval(k) for k in table.keys].index("model")]
+            ctor, args, kwargs = _constructor(model)
+            out[(threat, name)] = (ctor, args, kwargs, imports, local)
+    return out
+
+
+def as_ours(ctor, args, kwargs, imports, local):
+    """(arch, num_classes, kwargs) when the RobustBench constructor call is exactly one of our architectures."""
+    if ctor in local:
+        return None  # a subclass in the zoo file (input normalization, ensembles)
+    if ctor not in imports or imports[ctor] not in ("wide_resnet", "dm_wide_resnet", "resnet"):
+        return None
+    cls = getattr(rb(imports[ctor]), ctor)
+    bound = inspect.signature(cls).bind(*[_value(a, imports, local) for a in args],
+                                        **{k: _value(v, imports, local) for k, v in kwargs.items()})
+    bound.apply_defaults()
+    a = bound.arguments
+    resnet = rb("resnet")
+    if ctor == "WideResNet":
+        assert a["dropRate"] == 0.0
+        kw = {"depth": a["depth"], "width": a["widen_factor"], "bias_last": a["bias_last"]}
+        return "wide_resnet", a["num_classes"], kw
+    if ctor == "DMWideResNet":
+        activation = {rb("dm_wide_resnet").Swish: "swish", torch.nn.ReLU: "relu"}[a["activation_fn"]]
+        assert a["num_input_channels"] == 3
+        kw = {"depth": a["depth"], "width": a["width"], "activation": activation,
+              "mean": tuple(a["mean"]), "std": tuple(a["std"]), "padding": a["padding"]}
+        return "dm_wide_resnet", a["num_classes"], kw
+    if ctor == "ResNet18":
+        return "resnet18", 10, {}
+    if ctor == "ResNet" and a["block"] is resnet.BasicBlock and list(a["num_blocks"]) == [2, 2, 2, 2]:
+        return "resnet18", a["num_classes"], {}
+    if ctor == "PreActResNet" and list(a["num_blocks"]) == [2, 2, 2, 2]:
+        # PreActBlockV2 is PreActBlock whose shortcut always reads relu(bn1(x)): out_shortcut=True.
+        v2 = a["block"] is resnet.PreActBlockV2
+        if a["block"] is resnet.PreActBlock or v2:
+            kw = {"bn_before_fc": a["bn_before_fc"], "out_shortcut": a["out_shortcut"] or v2}
+            return "preact_resnet18", a["num_classes"], kw
+    return None
+
+
+def module_fields(arch, num_classes, kwargs):
+    """The attributes of the Flax module an (arch, classes, kwargs) triple builds: equal fields, equal model."""
+    module = models.create(arch, num_classes=num_classes, **kwargs)
+    return arch, {f: getattr(module, f) for f in ("num_classes", *models.accepted_arguments(arch))}
+
+
+def test_zoo_table_matches_robustbench_model_zoo_files():
+    derived = {}
+    for dataset, filename, variable in [("cifar10", "cifar10.py", "cifar_10_models"),
+                                        ("cifar100", "cifar100.py", "cifar_100_models")]:
+        for (threat, name), call in robustbench_entries(filename, variable).items():
+            ours = as_ours(*call)
+            if ours is not None:
+                derived[(dataset, threat, name)] = ours
+    # Every supported RobustBench entry is in the table, and nothing else.
+    assert sorted(robustbench_zoo.ZOO) == sorted(derived)
+    for key, entry in robustbench_zoo.ZOO.items():
+        assert module_fields(entry.arch, entry.num_classes, entry.kwargs) == module_fields(*derived[key]), key
+    # The paper's teachers (DESIGN §3) and the config's teacher names are all rows.
+    for name, dataset, arch in [("Zhang2019Theoretically", "cifar10", "wide_resnet"),
+                                ("Gowal2020Uncovering", "cifar100", "dm_wide_resnet"),
+                                ("Addepalli2021Towards_RN18", "cifar10", "resnet18"),
+                                ("Cui2020Learnable_34_20", "cifar10", "wide_resnet"),
+                                ("Jia2022LAS-AT_70_16", "cifar10", "wide_resnet")]:
+        assert robustbench_zoo.lookup(name, dataset).arch == arch
+    for (dataset, _), name in config_lib.PAPER_TEACHERS.items():
+        robustbench_zoo.lookup(name, dataset)
+
+
+def test_zoo_lookup_errors_say_why():
+    with pytest.raises(ValueError, match="listed under cifar10/L2"):
+        robustbench_zoo.lookup("Gowal2020Uncovering", "cifar10")
+    with pytest.raises(ValueError, match="Close names: Zhang2019Theoretically"):
+        robustbench_zoo.lookup("Zhang2019Theoreticaly", "cifar10")
+    with pytest.raises(ValueError, match="architecture is not one we implement"):
+        robustbench_zoo.lookup("Wong2020Fast", "cifar10")  # PreAct-ResNet-18 inside input normalization
+
+
+# ---------------------------------------------------------------- exactness against RobustBench's modules
+
+
+def test_wrn_34_10_trades_checkpoint_is_exact(tmp_path):
+    """Full-size WRN-34-10 as TRADES publishes it (raw state_dict with the unused sub_block1)."""
+    torch.manual_seed(0)
+    peer = randomize(rb("wide_resnet").WideResNet(depth=34, widen_factor=10, sub_block1=True))
+    src = tmp_path / "Zhang2019Theoretically.pt"
+    torch.save(peer.state_dict(), src)
+    dst = convert.convert_file(src, tmp_path / "teacher", robustbench="Zhang2019Theoretically", dataset="cifar10")
+    module, variables = models.load_pretrained(dst)
+    assert models.count_params(variables) == 46_160_474
+    assert_same_logits(module, variables, peer)
+    spec = json.loads((dst / "model.json").read_text())
+    assert spec["arch"] == "wide_resnet" and spec["kwargs"] == {"depth": 34, "width": 10}
+    rb_source = {"name": "Zhang2019Theoretically", "dataset": "cifar10", "threat_model": "Linf"}
+    assert spec["source"]["robustbench"] == rb_source
+    assert spec["source"]["sha256"] == convert.sha256(src) and spec["source"]["file"] == str(src)
+
+
+def _resnet18(nc):
+    return rb("resnet").ResNet18() if nc == 10 else rb("resnet").ResNet(rb("resnet").BasicBlock, [2, 2, 2, 2], nc)
+
+
+def _dm(*args, **kwargs):
+    return rb("dm_wide_resnet").DMWideResNet(*args, **kwargs)
+
+
+C100_MEAN = load_robustbench_arch("dm_wide_resnet").CIFAR100_MEAN
+C100_STD = load_robustbench_arch("dm_wide_resnet").CIFAR100_STD
+
+# case -> (peer constructor, conversion arguments, how the file is written, precision of the stored weights)
+CASES = {
+    # RobustBench: {'state_dict': {'module.*'}} in a .pth.tar, as many training scripts save it.
+    "resnet18": (lambda: _resnet18(10), {"robustbench": "Addepalli2021Towards_RN18", "dataset": "cifar10"},
+                 "state_dict_module.pth.tar", None),
+    # GradAlign's file: {'last': ..., 'best': ...}, with aliases `model_preact_hl1.*` RobustBench ignores.
+    "preact_resnet18": (lambda: rb("resnet").PreActResNet(rb("resnet").PreActBlock, [2, 2, 2, 2]),
+                        {"robustbench": "Andriushchenko2020Understanding", "dataset": "cifar10"}, "last_best.pt", None),
+    # PreActBlockV2 (CIFAR-100, BN before fc) in a safetensors file.
+    "preact_resnet18_v2": (
+        lambda: rb("resnet").PreActResNet(rb("resnet").PreActBlockV2, [2, 2, 2, 2], 100, bn_before_fc=True),
+        {"robustbench": "Addepalli2021Towards_PARN18", "dataset": "cifar100"}, "plain.safetensors", None),
+    # DeepMind layout, Swish, CIFAR-100 statistics: {'model': {'model.*'}, 'epoch', 'best_acc': numpy scalar}.
+    "dm_swish_c100": (
+        lambda: _dm(100, 16, 2, activation_fn=rb("dm_wide_resnet").Swish, mean=C100_MEAN, std=C100_STD),
+        {"arch": "dm_wide_resnet", "num_classes": 100,
+         "kwargs": {"depth": 16, "width": 2, "activation": "swish", "mean": list(C100_MEAN), "std": list(C100_STD)}},
+        "model_model_meta.pth", None),
+    # DeepMind layout, ReLU, input padding, bfloat16 weights.
+    "dm_relu_pad_bf16": (
+        lambda: _dm(10, 10, 2, padding=2),
+        {"arch": "dm_wide_resnet", "num_classes": 10,
+         "kwargs": {"depth": 10, "width": 2, "activation": "relu", "padding": 2}},
+        "bfloat16.pt", torch.bfloat16),
+    # Our students' PyTorch layout (RSLAD/kuangliu MobileNetV2), half precision.
+    "mobilenet_v2_fp16": (lambda: torch_mobilenet_v2().MobileNetV2(10), {"arch": "mobilenet_v2", "num_classes": 10},
+                          "float16.pt", torch.float16),
+}
+
+
+def write_checkpoint(state, directory, style):
+    """Writes a state_dict the way `style` names (wrappers, prefixes, extra entries, dtype, format)."""
+    path = directory / f"ckpt_{style}"
+    if style == "state_dict_module.pth.tar":
+        torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 99}, path)
+    elif style == "last_best.pt":
+        alias = {f"model_preact_hl1.1.{k[6:]}": v for k, v in state.items() if k.startswith("conv1.")}
+        alias.update({f"model_preact_hl1.2.{k[len('layer1.0.bn1.'):]}": v for k, v in state.items()
+                      if k.startswith("layer1.0.bn1.")})
+        torch.save({"last": {**state, **alias}, "best": {k: torch.zeros_like(v) for k, v in state.items()}}, path)
+    elif style == "plain.safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+    elif style == "model_model_meta.pth":
+        wrapped = {f"model.{k}": v for k, v in state.items()}
+        torch.save({"model": wrapped, "epoch": 3, "best_acc": np.float64(0.6)}, path)
+    elif style == "bfloat16.pt":
+        torch.save({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}, path)
+    elif style == "float16.pt":
+        torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, path)
+    else:
+        raise AssertionError(style)
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_checkpoint_is_exact(case, tmp_path):
+    constructor, arguments, style, precision = CASES[case]
+    torch.manual_seed(1)
+    peer = randomize(constructor())
+    if precision is not None:
+        peer = round_to(peer, precision)  # the stored low-precision weights are then exactly the peer's
+    src = write_checkpoint(state_of(peer), tmp_path, style)
+    dst = convert.convert_file(src, tmp_path / "model", **arguments)
+    module, variables = models.load_pretrained(dst)
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(variables))
+    assert_same_logits(module, variables, peer)
+
+
+def test_cli_converts_and_reports_mismatch(tmp_path):
+    """The CLI end to end: a good checkpoint gives a loadable directory; a wrong one exits 1 and writes nothing."""
+    torch.manual_seed(2)
+    peer = randomize(rb("wide_resnet").WideResNet(depth=10, widen_factor=1))
+    src = tmp_path / "wrn.pth"
+    torch.save(state_of(peer), src)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "MMARD_XLA_CACHE": "off"}
+    common = [sys.executable, "-m", "mmard_jax.convert", f"--src={src}", "--arch=wide_resnet", "--num_classes=10"]
+    good = common + ['--arch_kwargs={"depth": 10, "width": 1}', f"--dst={tmp_path / 'good'}"]
+    bad = common + ['--arch_kwargs={"depth": 10, "width": 2}', f"--dst={tmp_path / 'bad'}"]
+    # Both runs at once (they are mostly Python start-up); the failing one must exit with status 1.
+    script = f"{shlex.join(good)} & {shlex.join(bad)}; echo status=$?; wait $!"
+    done = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "done in" in done.stdout, done.stdout + done.stderr  # the good run
+    assert "status=1" in done.stdout, done.stdout + done.stderr
+    assert "shape mismatches" in done.stderr and "block1.layer.0.conv1.weight" in done.stderr
+    assert not (tmp_path / "bad").exists()
+    module, variables = models.load_pretrained(tmp_path / "good")
+    assert_same_logits(module, variables, peer)
+
+
+# ---------------------------------------------------------------- input handling
+
+
+def _small_wrn_state(seed=3):
+    torch.manual_seed(seed)
+    return state_of(randomize(rb("wide_resnet").WideResNet(depth=10, widen_factor=1)))
+
+
+def _assert_nothing_written(tmp_path, dst):
+    """Neither DST nor a staging directory beside it exists."""
+    assert not dst.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{dst.name}")]
+
+
+class _WritesMarker:
+    """Unpickling this runs `touch MARKER`: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+@pytest.mark.parametrize("container", ["torch_zip", "raw_pickle"])
+def test_code_running_pickle_is_refused_unrun(container, tmp_path):
+    marker = tmp_path / "marker"
+    src = tmp_path / "evil.pth"
+    payload = {**_small_wrn_state(), "optimizer": _WritesMarker(marker)}
+    if container == "torch_zip":
+        torch.save(payload, src)
+    else:
+        src.write_bytes(pickle.dumps(payload, protocol=2))
+    dst = tmp_path / "out"
+    with pytest.raises(convert.ConversionError, match=r"evil\.pth: refused to unpickle.*Nothing from the file was run"):
+        convert.convert_file(src, dst, arch="wide_resnet", num_classes=10, kwargs={"depth": 10, "width": 1})
+    assert not marker.exists()
+    _assert_nothing_written(tmp_path, dst)
+
+
+def test_mismatch_lists_missing_unexpected_and_shapes(tmp_path):
+    state = _small_wrn_state()
+    del state["block2.layer.0.bn1.running_var"]
+    state["extra.layer.weight"] = torch.zeros(3)
+    state["fc.weight"] = torch.zeros(7, 64)
+    src = tmp_path / "wrong.pt"
+    torch.save(state, src)
+    dst = tmp_path / "out"
+    with pytest.raises(convert.ConversionError) as info:
+        convert.convert_file(src, dst, arch="wide_resnet", num_classes=10, kwargs={"depth": 10, "width": 1})
+    message = str(info.value)
+    assert str(src) in message and "wide_resnet(num_classes=10, depth=10, width=1)" in message
+    assert "missing keys (1): [block2.layer.0.bn1.running_var]" in message
+    assert "unexpected keys (1): [extra.layer.weight]" in message
+    assert "shape mismatches (1): [fc.weight: file (7, 64) vs expected (10, 64)]" in message
+    _assert_nothing_written(tmp_path, dst)
+
+
+def test_wrong_architecture_fails_before_writing(tmp_path):
+    src = tmp_path / "wrn10.pt"
+    torch.save(_small_wrn_state(), src)
+    dst = tmp_path / "out"
+    with pytest.raises(convert.ConversionError, match=r"(?s)missing keys .*unexpected keys .*shape mismatches") as info:
+        convert.convert_file(src, dst, robustbench="Addepalli2021Towards_RN18", dataset="cifar10")
+    # The message says what the file does fit, read off its names and shapes.
+    assert "The file fits wide_resnet(num_classes=10, depth=10, width=1)" in str(info.value)
+    assert """--arch=wide_resnet --arch_kwargs='{"depth": 10, "width": 1}' --num_classes=10""" in str(info.value)
+    _assert_nothing_written(tmp_path, dst)
+
+
+@pytest.mark.parametrize("constructor, expected", [
+    (lambda: rb("wide_resnet").WideResNet(depth=34, widen_factor=20, num_classes=100, sub_block1=True),
+     ("wide_resnet", 100, {"depth": 34, "width": 20})),
+    (lambda: rb("wide_resnet").WideResNet(depth=16, widen_factor=1, bias_last=False),
+     ("wide_resnet", 10, {"depth": 16, "width": 1, "bias_last": False})),
+    (lambda: _dm(100, 70, 16), ("dm_wide_resnet", 100, {"depth": 70, "width": 16})),
+    (lambda: _resnet18(10), ("resnet18", 10, {})),
+    (lambda: rb("resnet").PreActResNet(rb("resnet").PreActBlockV2, [2, 2, 2, 2], 100, bn_before_fc=True),
+     ("preact_resnet18", 100, {"bn_before_fc": True})),
+    (lambda: torch_mobilenet_v2().MobileNetV2(100), ("mobilenet_v2", 100, {})),
+])
+def test_infer_architecture_reads_peer_state_dicts(constructor, expected):
+    """Shapes only (meta device): the names and shapes of RobustBench's modules give back their settings."""
+    with torch.device("meta"):
+        state = convert.drop_unused(constructor().state_dict())
+    assert convert.infer_architecture(state) == expected
+
+
+def test_existing_destination_needs_overwrite(tmp_path):
+    src = tmp_path / "wrn.pt"
+    torch.save(_small_wrn_state(), src)
+    arguments = {"arch": "wide_resnet", "num_classes": 10, "kwargs": {"depth": 10, "width": 1}}
+    dst = convert.convert_file(src, tmp_path / "out", **arguments)
+    first = (dst / "model.json").read_text()
+    with pytest.raises(convert.ConversionError, match="already exists"):
+        convert.convert_file(src, dst, **arguments)
+    torch.save(_small_wrn_state(seed=4), src)
+    convert.convert_file(src, dst, overwrite=True, **arguments)
+    assert (dst / "model.json").read_text() != first  # new sha256
+
+
+def test_convert_state_dict_api_matches_naming_rule():
+    """The in-memory API: layouts follow `naming`, integers and dropped leaves are gone."""
+    state = _small_wrn_state()
+    variables = convert.convert_state_dict({"state_dict": state}, "wide_resnet", 10, {"depth": 10, "width": 1})
+    flat = naming.flatten_variables(variables)
+    conv1 = state["conv1.weight"].numpy().transpose(2, 3, 1, 0)
+    np.testing.assert_array_equal(flat[("params", "conv1", "kernel")], conv1)
+    np.testing.assert_array_equal(flat[("params", "fc", "kernel")], state["fc.weight"].numpy().T)
+    np.testing.assert_array_equal(flat[("batch_stats", "bn1", "var")], state["bn1.running_var"].numpy())
+    assert len(flat) == sum(not k.endswith("num_batches_tracked") for k in state)
+
+
+def test_bad_requests_are_clear(tmp_path):
+    src = tmp_path / "wrn.pt"
+    torch.save(_small_wrn_state(), src)
+    with pytest.raises(convert.ConversionError, match="no such checkpoint file"):
+        convert.convert_file(tmp_path / "missing.pt", tmp_path / "o", arch="resnet18", num_classes=10)
+    other = tmp_path / "weights.npz"
+    other.write_bytes(b"")
+    with pytest.raises(convert.ConversionError, match="unknown checkpoint type"):
+        convert.read_checkpoint(other)
+    with pytest.raises(convert.ConversionError, match="--dataset"):
+        convert.convert_file(src, tmp_path / "o", robustbench="Zhang2019Theoretically")
+    with pytest.raises(convert.ConversionError, match="either a RobustBench name or --arch"):
+        convert.convert_file(src, tmp_path / "o", robustbench="Zhang2019Theoretically", dataset="cifar10",
+                             arch="resnet18")
+    with pytest.raises(convert.ConversionError, match="Unknown model"):
+        convert.convert_file(src, tmp_path / "o", arch="resnet1000", num_classes=10)
+    with pytest.raises(convert.ConversionError, match="found no state_dict"):
+        convert.unwrap_state_dict({"epoch": 3, "optimizer": {"lr": 0.1}}, "x.pt")

@@ -1,0 +1,132 @@
+"""Exporter against its peers: exported files load into RobustBench's modules with strict=True, same logits."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import torch
+from flax import traverse_util
+from safetensors.torch import load_file
+
+from mmard_jax import checkpoints, convert, export, models
+from mmard_jax.models import naming
+from test_convert import REPO, assert_same_logits, randomize, rb, state_of, torch_mobilenet_v2
+
+C100_MEAN, C100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+# case -> (arch, num_classes, kwargs, peer constructor, export with sub_block1)
+CASES = {
+    "resnet18": ("resnet18", 10, {}, lambda: rb("resnet").ResNet18(), False),
+    "preact_resnet18_bn_out": (
+        "preact_resnet18", 100, {"bn_before_fc": True, "out_shortcut": True},
+        lambda: rb("resnet").PreActResNet(rb("resnet").PreActBlock, [2, 2, 2, 2], 100,
+                                          bn_before_fc=True, out_shortcut=True),
+        False,
+    ),
+    "wide_resnet_sub_block1": (
+        "wide_resnet", 10, {"depth": 16, "width": 2},
+        lambda: rb("wide_resnet").WideResNet(depth=16, widen_factor=2, sub_block1=True), True,
+    ),
+    "dm_wide_resnet_swish_c100": (
+        "dm_wide_resnet", 100, {"depth": 16, "width": 2, "activation": "swish", "mean": C100_MEAN, "std": C100_STD},
+        lambda: rb("dm_wide_resnet").DMWideResNet(100, 16, 2, activation_fn=rb("dm_wide_resnet").Swish,
+                                                  mean=C100_MEAN, std=C100_STD),
+        False,
+    ),
+    "mobilenet_v2": ("mobilenet_v2", 10, {}, lambda: torch_mobilenet_v2().MobileNetV2(10), False),
+}
+
+
+def random_variables(arch, num_classes, kwargs, seed=0):
+    """Random Flax variables of the right shapes (PyTorch's default weight spread, random BN statistics), no init."""
+    rng = np.random.default_rng(seed)
+    abstract = checkpoints.abstract_variables(models.create(arch, num_classes=num_classes, **kwargs))
+    flat = {}
+    for path, leaf in naming.flatten_variables(abstract).items():
+        shape, leaf_name = leaf.shape, path[-1]
+        if leaf_name == "kernel":
+            value = rng.normal(0, np.sqrt(1 / (3 * np.prod(shape[:-1]))), shape)
+        elif leaf_name in ("scale", "var"):
+            value = rng.uniform(0.5, 1.5, shape)
+        else:  # bias, mean
+            value = 0.1 * rng.normal(size=shape)
+        flat[path] = value.astype(np.float32)
+    return traverse_util.unflatten_dict(flat)
+
+
+def load_strict(constructor, path):
+    """A fresh peer holding the exported file's tensors, loaded with strict=True, in eval mode."""
+    peer = constructor()
+    state = load_file(path) if str(path).endswith(".safetensors") else torch.load(path, weights_only=True)
+    peer.load_state_dict(state, strict=True)
+    return peer.eval(), state
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_export_loads_strictly_with_same_logits(case, tmp_path):
+    arch, num_classes, kwargs, constructor, sub_block1 = CASES[case]
+    variables = random_variables(arch, num_classes, kwargs)
+    directory = checkpoints.save_model(tmp_path / "model", checkpoints.model_spec(arch, num_classes, kwargs), variables)
+    suffix = ".safetensors" if case == "mobilenet_v2" else ".pt"
+    out = export.export_model(directory, tmp_path / f"{case}{suffix}", sub_block1=sub_block1)
+    peer, state = load_strict(constructor, out)
+    tracked = [k for k in state if k.endswith("num_batches_tracked")]
+    assert tracked and all(state[k].dtype == torch.int64 and int(state[k]) == 0 for k in tracked)
+    assert all(v.dtype == torch.float32 for k, v in state.items() if k not in tracked)
+    assert_same_logits(models.create(arch, num_classes=num_classes, **kwargs), variables, peer)
+
+
+def test_training_workdir_exports_best_checkpoint_via_cli(tmp_path):
+    """A workdir as the trainer writes it (model.json + checkpoints/best), exported by the CLI."""
+    arch, kwargs = "wide_resnet", {"depth": 10, "width": 1}
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    checkpoints.write_json_atomic(workdir / checkpoints.SPEC_FILE, checkpoints.model_spec(arch, 10, kwargs))
+    manager = checkpoints.checkpoint_manager(workdir / checkpoints.BEST, best_metric="pgd_t")
+    for step, (seed, metric) in enumerate([(1, 0.3), (2, 0.5)], start=1):
+        variables = random_variables(arch, 10, kwargs, seed=seed)
+        args = ocp.args.Composite(variables=ocp.args.StandardSave(variables))
+        manager.save(step, args=args, metrics={"pgd_t": metric})
+    manager.close()
+    dst = tmp_path / "student.pt"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "MMARD_XLA_CACHE": "off"}
+    done = subprocess.run([sys.executable, "-m", "mmard_jax.export", f"--src={workdir}", f"--dst={dst}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "WideResNet(depth=10, widen_factor=1, num_classes=10)" in done.stdout
+    peer, _ = load_strict(lambda: rb("wide_resnet").WideResNet(depth=10, widen_factor=1), dst)
+    module, best = models.load_pretrained(workdir)
+    kernel = naming.flatten_variables(best)[("params", "conv1", "kernel")]
+    np.testing.assert_array_equal(kernel, random_variables(arch, 10, kwargs, seed=2)["params"]["conv1"]["kernel"])
+    assert_same_logits(module, best, peer)
+
+
+def test_convert_then_export_gives_back_the_same_state_dict(tmp_path):
+    """PyTorch -> Flax -> PyTorch is the identity on every tensor a RobustBench WideResNet holds (sub_block1 too)."""
+    torch.manual_seed(5)
+    peer = randomize(rb("wide_resnet").WideResNet(depth=10, widen_factor=2, sub_block1=True))
+    original = state_of(peer)
+    src = tmp_path / "wrn.pt"
+    torch.save(original, src)
+    directory = convert.convert_file(src, tmp_path / "model", arch="wide_resnet", num_classes=10,
+                                     kwargs={"depth": 10, "width": 2})
+    back = export.to_torch_state_dict(models.load_pretrained(directory)[1], "wide_resnet", sub_block1=True)
+    assert sorted(back) == sorted(original)
+    for key, value in original.items():
+        if key.endswith("num_batches_tracked"):
+            continue  # not kept by Flax; exported as 0
+        if key.startswith("sub_block1."):  # never used: exported as a copy of block1, only its shape matters
+            assert back[key].shape == value.shape, key
+            continue
+        torch.testing.assert_close(back[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_export_errors_are_clear(tmp_path):
+    with pytest.raises(checkpoints.CheckpointError, match="neither a model directory nor a training workdir"):
+        export.export_model(tmp_path, tmp_path / "x.pt")
+    with pytest.raises(export.ExportError, match="only in the TRADES WideResNet"):
+        export.to_torch_state_dict(random_variables("mobilenet_v2", 10, {}), "mobilenet_v2", sub_block1=True)
+    assert not (tmp_path / "x.pt").exists()
