@@ -1,6 +1,6 @@
 """The demo: the whole ARD pipeline on the embedded digits set, in a few minutes on a laptop CPU.
 
-    python -m mmard_jax.demo [--workdir=DIR]
+    python -m mmard_jax.demo [--workdir=DIR] [--dtype=bfloat16]
 
 1. trains a robust teacher with TRADES (WRN-10-1),
 2. distills a student from it with MMARD (ResNet-18 at base width 8),
@@ -25,8 +25,8 @@ FLAGS = flags.FLAGS
 DEMO_EPS = 32 / 255
 
 
-def demo_config(role: str, teacher: str = ""):
-    """configs/demo.py's config for one role, at the demo's radius."""
+def demo_config(role: str, teacher: str = "", dtype: str = "float32"):
+    """configs/demo.py's config for one role, at the demo's radius and compute dtype (params stay float32)."""
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "configs"))
     try:
         import demo as demo_configs  # configs/demo.py
@@ -36,10 +36,12 @@ def demo_config(role: str, teacher: str = ""):
     config.attack.eps = DEMO_EPS
     config.attack.step_size = DEMO_EPS / 4
     config.eval.eps = DEMO_EPS
+    config.student.dtype = dtype
+    config.teacher.dtype = dtype
     return config
 
 
-def run_demo(workdir: pathlib.Path, progress: bool = True):
+def run_demo(workdir: pathlib.Path, progress: bool = True, dtype: str = "float32"):
     """Runs the three trainings and returns {row name: accuracies} and the wall time."""
     start = time.perf_counter()
     runs = [
@@ -50,7 +52,7 @@ def run_demo(workdir: pathlib.Path, progress: bool = True):
     rows = {}
     for title, role, teacher in runs:
         print(f"\n== {title}", flush=True)
-        summary = train.train_and_evaluate(demo_config(role, teacher), workdir / role, progress=progress)
+        summary = train.train_and_evaluate(demo_config(role, teacher, dtype), workdir / role, progress=progress)
         rows[title] = summary["final"]
     return rows, time.perf_counter() - start
 
@@ -60,9 +62,9 @@ def main(argv):
     runtime.quiet_logging()
     runtime.enable_compilation_cache()
     workdir = pathlib.Path(FLAGS.workdir or tempfile.mkdtemp(prefix="mmard_demo_"))
-    rows, seconds = run_demo(workdir)
+    rows, seconds = run_demo(workdir, dtype=FLAGS.dtype)
     table = reporting.accuracy_table(rows)
-    text = (f"Digits test split (355 images), eps = 32/255, accuracy in %:\n\n{table}\n\n"
+    text = (f"Digits test split (355 images), eps = 32/255, compute dtype {FLAGS.dtype}, accuracy in %:\n\n{table}\n\n"
             f"Total time: {seconds:.0f} s (training, evaluation and compilation).\n")
     checkpoints.write_text_atomic(workdir / "demo.md", text)
     print("\n" + text + f"Runs, plots and summaries: {workdir}")
@@ -78,6 +80,8 @@ def main(argv):
 def run():
     flags.DEFINE_string("workdir", None, "Where the three runs go (default: a fresh temporary directory).")
     flags.DEFINE_float("margin", 0.10, "Required PGD_S advantage of the MMARD student over the natural one.")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                      "Compute dtype of teacher and students (parameters and BatchNorm statistics stay float32).")
     app.run(main)
 
 

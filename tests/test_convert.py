@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from conftest import load_robustbench_arch
 from mmard_jax import config_lib, convert, models, robustbench_zoo
 from mmard_jax.models import naming
+from mmard_jax.testing import randomize_batch_norm
 
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -52,20 +53,8 @@ def torch_mobilenet_v2():
 
 
 def randomize(peer, seed=0):
-    """Random weights (PyTorch init, seeded) and random BN affine parameters and running statistics; eval mode."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in peer.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.bias.copy_(0.1 * torch.randn(n, generator=gen))
-                m.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
-                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.num_batches_tracked.fill_(123)
-            elif isinstance(m, torch.nn.Linear) and m.bias is not None:
-                m.bias.copy_(0.1 * torch.randn(m.out_features, generator=gen))
-    return peer.eval()
+    """Random BN affine parameters and running statistics and Linear biases (PyTorch init for the rest); eval mode."""
+    return randomize_batch_norm(peer, seed, linear_bias=True)
 
 
 def round_to(peer, dtype):

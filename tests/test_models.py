@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from conftest import load_robustbench_arch
 from mmard_jax import models
 from mmard_jax.models import naming
+from mmard_jax.testing import randomize_batch_norm
 
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -169,20 +170,6 @@ def torch_to_flax(torch_model, flax_variables):
         assert value.shape == tuple(flat_target[path].shape), (path, key)
         flat[path] = jnp.asarray(value)
     return traverse_util.unflatten_dict(flat)
-
-
-def randomize_batch_norm(torch_model, seed=0):
-    """Non-trivial BN affine parameters and running statistics, so eval-mode BN is really tested."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in torch_model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.bias.copy_(0.1 * torch.randn(n, generator=gen))
-                m.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
-                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-    return torch_model
 
 
 @functools.cache
@@ -460,3 +447,34 @@ def test_create_rejects_bad_values():
         flax_shapes(models.create("dm_wide_resnet", activation="gelu"))
     with pytest.raises(ValueError, match="depth"):
         flax_shapes(models.create("wide_resnet", depth=12))
+
+
+@pytest.mark.parametrize("strides", [1, 2])
+def test_depthwise_taps_equal_grouped_conv(strides):
+    """The tap-sum depthwise conv (CPU path) computes lax.conv's values and input/kernel gradients."""
+    from mmard_jax.models.layers import DepthwiseConv
+
+    x = jnp.asarray(random_images(4, size=9, seed=3)[..., :3].repeat(4, axis=-1))  # 12 channels, odd size
+    outs, grads = {}, {}
+    for impl in ("taps", "conv"):
+        layer = DepthwiseConv((3, 3), strides, impl=impl)
+        variables = layer.init(jax.random.key(0), x)
+        outs[impl] = layer.apply(variables, x)
+        grads[impl] = jax.grad(lambda v, z: jnp.sum(jnp.sin(layer.apply(v, z))), argnums=(0, 1))(variables, x)
+    assert outs["taps"].shape == (4, 5 if strides == 2 else 9, 5 if strides == 2 else 9, 12)
+    np.testing.assert_allclose(outs["taps"], outs["conv"], rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads["taps"]), jax.tree.leaves(grads["conv"])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_mobilenet_depthwise_impls_share_parameters_and_logits():
+    x = jnp.asarray(random_images(2, size=8, seed=4))
+    taps = models.create("mobilenet_v2", num_classes=10, depthwise="taps")
+    conv = models.create("mobilenet_v2", num_classes=10, depthwise="conv")
+    v_taps = jax.jit(lambda k: taps.init(k, x, train=False))(jax.random.key(1))
+    v_conv = jax.eval_shape(lambda k: conv.init(k, x, train=False), jax.random.key(1))
+    assert jax.tree.structure(v_taps) == jax.tree.structure(v_conv)
+    assert jax.tree.map(lambda a: a.shape, v_taps) == jax.tree.map(lambda a: a.shape, v_conv)
+    apply = lambda m: jax.jit(lambda v: m.apply(v, x, train=False))(v_taps)  # noqa: E731
+    with jax.default_matmul_precision("float32"):
+        np.testing.assert_allclose(apply(taps), apply(conv), rtol=1e-4, atol=1e-5)

@@ -9,7 +9,7 @@ that AutoAttack's authors list (gradient masking: zero/NaN gradients, a weaker a
 """
 
 import dataclasses
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, List, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -181,3 +181,104 @@ def evaluate_split(
             if name == "clean":
                 clean = results[name]
     return results
+
+
+def make_gradient_evaluator(module, mesh):
+    """Jitted, data-parallel `f(variables, images_u8, labels, idx) -> (zero [B], nonfinite [B])`: the
+    cross-entropy input gradient at x is exactly zero / has a NaN or inf entry."""
+
+    def per_device(variables, images, labels, idx):
+        x = to_float(images[idx])
+        y = labels[idx]
+        g = jax.grad(lambda z: jnp.sum(losses.cross_entropy(module.apply(variables, z, train=False), y)))(x)
+        g = g.reshape(g.shape[0], -1)
+        finite = jnp.all(jnp.isfinite(g), axis=1)
+        return finite & jnp.all(g == 0, axis=1), ~finite
+
+    mapped = jax.shard_map(
+        per_device, mesh=mesh, in_specs=(P(), P(), P(), P(parallel.AXIS)),
+        out_specs=(P(parallel.AXIS), P(parallel.AXIS)),
+    )
+    return jax.jit(mapped)
+
+
+def gradient_health(module, variables, images: np.ndarray, labels: np.ndarray, *, batch_size: int = 500,
+                    mesh=None, evaluators: Optional[Dict] = None) -> Dict[str, np.ndarray]:
+    """Per example (bool [N]): is the cross-entropy gradient w.r.t. the input all zero ('zero') or not finite
+    ('nonfinite') at x? Many such examples mean gradient-based attacks cannot work (gradient masking)."""
+    mesh = mesh or parallel.data_mesh()
+    parallel.check_divisible(batch_size, mesh, "evaluation batch size")
+    batches = eval_batches(len(labels), batch_size)
+    rep = parallel.replicated(mesh)
+    images_dev = jax.device_put(jnp.asarray(images), rep)
+    labels_dev = jax.device_put(jnp.asarray(labels, jnp.int32), rep)
+    variables = jax.device_put(variables, rep)
+    evaluators = {} if evaluators is None else evaluators
+    if "gradients" not in evaluators:
+        evaluators["gradients"] = make_gradient_evaluator(module, mesh)
+    sharded = parallel.batch_sharded(mesh)
+    outs = [evaluators["gradients"](variables, images_dev, labels_dev, jax.device_put(b, sharded))
+            for b in batches.indices]
+    keep = batches.mask.reshape(-1)
+    zero = np.concatenate([np.asarray(z) for z, _ in outs])[keep]
+    nonfinite = np.concatenate([np.asarray(n) for _, n in outs])[keep]
+    return {"zero": zero, "nonfinite": nonfinite}
+
+
+# Pairs (weaker, stronger): the stronger attack's accuracy should not be above the weaker one's.
+STRENGTH_ORDER = (
+    ("fgsm", "pgd_s"), ("fgsm", "pgd_t"), ("fgsm", "cw"),
+    ("fgsm", "aa"), ("pgd_s", "aa"), ("pgd_t", "aa"), ("cw", "aa"),
+) + tuple((c, "aa") for c in AA_COMPONENTS)
+# Gradient-based attacks that must lower the accuracy of any model that is not perfectly robust.
+NO_PROGRESS_CHECKED = ("fgsm", "pgd_s", "pgd_t", "cw", "apgd_ce")
+GRADIENT_FRACTION = 0.01  # flag when more than 1% of the examples have zero or non-finite input gradients
+SQUARE_GAIN = 0.002  # AutoAttack's check_square_sr: Square fooling > 0.2% after the white-box components
+
+
+def trust_flags(
+    accuracy: Mapping[str, float],
+    *,
+    gradients: Optional[Mapping[str, np.ndarray]] = None,
+    aa_after: Optional[Mapping[str, float]] = None,
+    gradient_fraction: float = GRADIENT_FRACTION,
+    square_gain: float = SQUARE_GAIN,
+) -> List[Dict[str, str]]:
+    """Signs of an unreliable evaluation (gradient masking), as AutoAttack's authors list them; [] if none.
+
+    `accuracy`: attack -> accuracy; `gradients`: `gradient_health`'s masks; `aa_after`: AutoAttack's
+    cumulative accuracy after each component (`AutoAttackResult.accuracies()`). Each flag is
+    {'check': id, 'message': text}.
+    """
+    flags = []
+
+    def flag(check: str, message: str) -> None:
+        flags.append({"check": check, "message": message})
+
+    if aa_after and "apgd_ce" in aa_after:  # the first cascade step is APGD-CE alone on the clean-correct points
+        accuracy = {"apgd_ce": aa_after["apgd_ce"], **accuracy}
+    clean = accuracy.get("clean")
+    if clean is not None:
+        for name, acc in accuracy.items():
+            if name != "clean" and acc > clean:
+                flag("above_clean", f"{name} accuracy {acc:.2%} exceeds clean accuracy {clean:.2%}")
+        for name in NO_PROGRESS_CHECKED:
+            if name in accuracy and clean > 0 and accuracy[name] >= clean:
+                flag("not_below_clean", f"{name} accuracy {accuracy[name]:.2%} is not below clean accuracy "
+                                        f"{clean:.2%}: the attack makes no progress")
+    for weak, strong in STRENGTH_ORDER:
+        if weak in accuracy and strong in accuracy and accuracy[strong] > accuracy[weak]:
+            flag("stronger_above_weaker",
+                 f"{strong} accuracy {accuracy[strong]:.2%} exceeds the weaker {weak}'s {accuracy[weak]:.2%}")
+    if gradients is not None:
+        for kind, what in (("zero", "all-zero"), ("nonfinite", "NaN/inf")):
+            frac = float(np.mean(gradients[kind])) if len(gradients[kind]) else 0.0
+            if frac > gradient_fraction:
+                flag(f"{kind}_gradients", f"{frac:.2%} of the examples have {what} input gradients: "
+                                          f"gradient-based attacks are unreliable here")
+    if aa_after and "square" in aa_after:
+        before = [v for k, v in aa_after.items() if k not in ("square", "aa")]
+        if before and aa_after["square"] < min(before) - square_gain:
+            flag("square_gain", f"Square (black-box) lowered the accuracy by {min(before) - aa_after['square']:.2%} "
+                                f"after the gradient-based attacks: a sign of gradient masking")
+    return flags

@@ -13,6 +13,7 @@ from flax import linen as nn
 
 from mmard_jax.models.layers import (
     PAD_SAME_TORCH,
+    DepthwiseConv,
     Dtype,
     ModuleDef,
     batch_norm_factory,
@@ -42,15 +43,15 @@ class InvertedResidual(nn.Module):
     strides: int
     conv: ModuleDef
     norm: ModuleDef
+    depthwise: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         in_planes = x.shape[-1]
         planes = self.expansion * in_planes
         out = nn.relu(self.norm(name="bn1")(self.conv(planes, (1, 1), 1, padding="VALID", name="conv1")(x)))
-        out = self.conv(
-            planes, (3, 3), self.strides, padding=PAD_SAME_TORCH, feature_group_count=planes, name="conv2"
-        )(out)
+        out = DepthwiseConv((3, 3), self.strides, PAD_SAME_TORCH, dtype=self.conv.keywords["dtype"],
+                            impl=self.depthwise, name="conv2")(out)
         out = nn.relu(self.norm(name="bn2")(out))
         out = self.norm(name="bn3")(self.conv(self.features, (1, 1), 1, padding="VALID", name="conv3")(out))
         if self.strides != 1:
@@ -68,6 +69,7 @@ class MobileNetV2(nn.Module):
     num_classes: int = 10
     dtype: Dtype = jnp.float32
     bn_axis_name: Optional[str] = None
+    depthwise: str = "auto"  # how the depthwise convs compute: 'auto' | 'taps' | 'conv' (layers.DepthwiseConv)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -76,6 +78,7 @@ class MobileNetV2(nn.Module):
         x = jnp.asarray(x, self.dtype)
         x = nn.relu(norm(name="bn1")(conv(STEM_CHANNELS, (3, 3), 1, padding=PAD_SAME_TORCH, name="conv1")(x)))
         for i, (expansion, features, strides) in enumerate(block_plan()):
-            x = InvertedResidual(expansion, features, strides, conv=conv, norm=norm, name=f"layers_{i}")(x)
+            x = InvertedResidual(expansion, features, strides, conv=conv, norm=norm, depthwise=self.depthwise,
+                                 name=f"layers_{i}")(x)
         x = nn.relu(norm(name="bn2")(conv(HEAD_CHANNELS, (1, 1), 1, padding="VALID", name="conv2")(x)))
         return classifier(global_avg_pool(x), self.num_classes, self.dtype, name="linear")

@@ -1,0 +1,505 @@
+"""Times mmard_jax's fused train step against a PyTorch implementation of the same step, on the same device.
+
+    python scripts/benchmark.py --cases=cpu_mmard_wrn16_2_wrn10_1_16px --append=BENCHMARKS.md
+    python scripts/benchmark.py --cases=mmard_rn18_wrn34_10,mmard_mnv2_wrn34_10,rslad_rn18_wrn34_10 \
+        --torch_forms=eager,cl+compile+bf16 --append=BENCHMARKS.md          # on a GPU
+    python scripts/benchmark.py --list                                      # the cases
+
+For each case (method, student, teacher, batch, image size, compute dtype) it measures the whole step in
+steady state: images/s, compile time, peak memory (the device's peak where `memory_stats()` has one, the
+process's peak RSS on the CPU), FLOPs per step from XLA's cost analysis, achieved TFLOP/s and the fraction
+of the device's dense peak. Every (case, implementation) runs in its own process, so peak memory and
+thread pools are its own; the PyTorch rows reuse the JAX row's FLOP count (the same computation).
+
+FLOPs: XLA's cost analysis counts a `while` body once, so the step is lowered with 0 and 1 PGD
+iterations and the count is f(0) + steps * (f(1) - f(0)), independent of how the loop is unrolled.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# Dense peak TFLOP/s by device kind substring (first match wins) and compute dtype. float32 rows run on
+# the tensor cores as TF32 (XLA's default precision on GPUs; PyTorch's default for cuDNN convolutions),
+# so their peak is the TF32 one. Sources: NVIDIA H100 datasheet (SXM / PCIe), H200 datasheet (same chip),
+# A100 datasheet, GA102 whitepaper (RTX 3090: bf16 tensor with fp32 accumulate 71, fp32 35.6).
+PEAK_TFLOPS = (
+    ("H100 PCIe", {"bfloat16": 756.0, "float32": 378.0}),
+    ("H100", {"bfloat16": 989.0, "float32": 494.5}),
+    ("H200", {"bfloat16": 989.0, "float32": 494.5}),
+    ("GH200", {"bfloat16": 989.0, "float32": 494.5}),
+    ("A100", {"bfloat16": 312.0, "float32": 156.0}),
+    ("RTX 3090", {"bfloat16": 71.0, "float32": 35.6}),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One benchmarked step: method, student and teacher (arch, kwargs), batch, image size, compute dtype."""
+
+    method: str
+    student: str
+    student_kwargs: Dict[str, Any]
+    teacher: str
+    teacher_kwargs: Dict[str, Any]
+    batch: int = 128
+    size: int = 32
+    dtype: str = "float32"
+    pgd_steps: int = 10
+    note: str = ""
+
+
+WRN34_10 = ("wide_resnet", {"depth": 34, "width": 10})
+WRN16_2 = ("wide_resnet", {"depth": 16, "width": 2})
+WRN10_1 = ("wide_resnet", {"depth": 10, "width": 1})
+RN18 = ("resnet18", {})
+MNV2 = ("mobilenet_v2", {})
+
+
+def _case(method, student, teacher, **kw) -> Case:
+    return Case(method, student[0], student[1], teacher[0], teacher[1], **kw)
+
+
+CASES = {
+    # The paper's setting (GPU targets); the float32 twins are what the paper's RTX 3090 ran.
+    "mmard_rn18_wrn34_10": _case("mmard", RN18, WRN34_10, dtype="bfloat16"),
+    "mmard_mnv2_wrn34_10": _case("mmard", MNV2, WRN34_10, dtype="bfloat16"),
+    "rslad_rn18_wrn34_10": _case("rslad", RN18, WRN34_10, dtype="bfloat16"),
+    "mmard_rn18_wrn34_10_f32": _case("mmard", RN18, WRN34_10),
+    "mmard_mnv2_wrn34_10_f32": _case("mmard", MNV2, WRN34_10),
+    "rslad_rn18_wrn34_10_f32": _case("rslad", RN18, WRN34_10),
+    # CPU-sized cases: a WRN-16-2 teacher, small students, 16x16 or 32x32 images.
+    "cpu_mmard_wrn16_2_wrn10_1_16px": _case("mmard", WRN10_1, WRN16_2, size=16, note="DESIGN §6 case"),
+    "cpu_mmard_wrn16_2_wrn10_1_16px_bf16": _case("mmard", WRN10_1, WRN16_2, size=16, dtype="bfloat16"),
+    "cpu_mmard_wrn16_2_wrn10_1_32px": _case("mmard", WRN10_1, WRN16_2),
+    "cpu_rslad_wrn16_2_wrn10_1_16px": _case("rslad", WRN10_1, WRN16_2, size=16),
+    "cpu_mmard_wrn16_2_mnv2_16px": _case("mmard", MNV2, WRN16_2, size=16),
+    "cpu_mmard_wrn16_2_rn18_16px": _case("mmard", RN18, WRN16_2, size=16),
+    # For tests: seconds, not minutes.
+    "tiny": _case("mmard", WRN10_1, WRN10_1, batch=8, size=8, pgd_steps=2),
+}
+
+
+# Named groups for --cases.
+GROUPS = {
+    "paper": "mmard_rn18_wrn34_10,mmard_mnv2_wrn34_10,rslad_rn18_wrn34_10",
+    "paper_f32": "mmard_rn18_wrn34_10_f32,mmard_mnv2_wrn34_10_f32,rslad_rn18_wrn34_10_f32",
+    "cpu": "cpu_mmard_wrn16_2_wrn10_1_16px,cpu_mmard_wrn16_2_mnv2_16px,cpu_rslad_wrn16_2_wrn10_1_16px",
+}
+
+
+def peak_tflops(device_kind: str, dtype: str) -> Optional[float]:
+    """The device's dense peak for `dtype` from PEAK_TFLOPS, None for CPUs and unknown kinds."""
+    for key, peaks in PEAK_TFLOPS:
+        if key.lower() in device_kind.lower():
+            return peaks.get(dtype)
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def summarize(times: List[float], batch: int, total_s: float, n: int) -> Dict[str, Any]:
+    """Median step time, throughput over the timed run, the spread, and the machine's load average."""
+    return {
+        "load_avg_1min": os.getloadavg()[0],
+        "cpus": len(os.sched_getaffinity(0)),
+        "step_s": statistics.median(times),
+        "step_s_min": min(times),
+        "step_s_max": max(times),
+        "images_per_s": batch * n / total_s,
+        "timed_steps": n,
+    }
+
+
+# ----------------------------------------------------------------------------- JAX worker
+
+
+def _jax_step_builder(case: Case, seed: int = 0):
+    """(build(pgd_steps, unroll) -> jitted step, student, teacher, method, tx, mesh) for `case`."""
+    import jax.numpy as jnp
+
+    from mmard_jax import methods, models, parallel, runtime, train_step
+
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[case.dtype]
+    mesh = parallel.data_mesh()
+    parallel.check_divisible(case.batch, mesh)
+    student = models.create(case.student, 10, dtype=dtype, bn_axis_name=parallel.AXIS, **case.student_kwargs)
+    teacher = models.create(case.teacher, 10, dtype=dtype, **case.teacher_kwargs)
+    method = methods.get_method(case.method)
+    schedule = train_step.make_lr_schedule(0.1, 390, 300)
+    tx = train_step.make_optimizer(schedule)
+
+    def build(pgd_steps: int, unroll: str):
+        settings = train_step.StepSettings(steps=pgd_steps, unroll=runtime.resolve_unroll(unroll))
+        return train_step.make_train_step(student, teacher, None, method, method.phase(10**6), tx, schedule,
+                                          settings, mesh, seed)
+
+    return build, student, teacher, method, tx, mesh
+
+
+def _abstract_args(case: Case, student, teacher, method, tx, n_images: int):
+    """Shapes and dtypes of the step's arguments (no memory, no compilation)."""
+    import jax
+    import jax.numpy as jnp
+
+    from mmard_jax import train_step
+
+    shape = (case.size, case.size, 3)
+    t_vars = jax.eval_shape(lambda: teacher.init(jax.random.key(0), jnp.zeros((1,) + shape), train=False))
+    state = jax.eval_shape(lambda: train_step.init_state(student, method, tx, jax.random.key(0), shape))
+    return (state, t_vars, {}, jax.ShapeDtypeStruct((n_images,) + shape, jnp.uint8),
+            jax.ShapeDtypeStruct((n_images,), jnp.int32), jax.ShapeDtypeStruct((case.batch,), jnp.int32),
+            jax.ShapeDtypeStruct((), jnp.int32))
+
+
+def step_flops(case: Case) -> float:
+    """FLOPs of one train step from XLA's cost analysis of the lowered program: f(0) + steps * (f(1) - f(0)).
+
+    A `while` body is counted once however many times it runs, so the PGD iterations are counted by
+    difference; the result does not depend on the loop's unrolling.
+    """
+    build, student, teacher, method, tx, _ = _jax_step_builder(case)
+    args = _abstract_args(case, student, teacher, method, tx, n_images=max(4 * case.batch, 512))
+    f0, f1 = (build(k, "1").lower(*args).cost_analysis()["flops"] for k in (0, 1))
+    return f0 + case.pgd_steps * (f1 - f0)
+
+
+def jax_worker(case: Case, warmup: int, steps: int, unroll: str, seed: int = 0) -> Dict[str, Any]:
+    """Compiles and times mmard_jax's train step for `case` (random weights and data, resident on the device)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mmard_jax import parallel, train_step
+
+    build, student, teacher, method, tx, mesh = _jax_step_builder(case, seed)
+    shape = (case.size, case.size, 3)
+    rep = parallel.replicated(mesh)
+    t_vars = jax.jit(lambda k: teacher.init(k, jnp.zeros((1,) + shape), train=False))(jax.random.key(seed + 1, impl="rbg"))
+    t_vars = jax.device_put(t_vars, rep)
+    state = jax.device_put(train_step.init_state(student, method, tx, jax.random.key(seed, impl="rbg"), shape), rep)
+    rng = np.random.default_rng(seed)
+    n_images = max(4 * case.batch, 512)
+    images = jax.device_put(jnp.asarray(rng.integers(0, 256, (n_images,) + shape, dtype=np.uint8)), rep)
+    labels = jax.device_put(jnp.asarray(rng.integers(0, 10, n_images).astype(np.int32)), rep)
+    total = warmup + steps
+    idx = np.stack([rng.permutation(n_images)[: case.batch] for _ in range(total)]).astype(np.int32)
+    idx = jax.device_put(jnp.asarray(idx), parallel.batch_sharded(mesh, axis=1))
+    epoch = jnp.asarray(0, jnp.int32)
+    args = lambda i: (state, t_vars, {}, images, labels, idx[i], epoch)  # noqa: E731
+
+    flops_per_step = step_flops(case)
+    t0 = time.perf_counter()
+    compiled = build(case.pgd_steps, unroll).lower(*args(0)).compile()
+    compile_s = time.perf_counter() - t0
+    for i in range(warmup):
+        state, _ = compiled(*args(i))
+    jax.block_until_ready(state)
+    times = []
+    start = time.perf_counter()
+    for i in range(warmup, total):
+        t = time.perf_counter()
+        state, metrics = compiled(*args(i))
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t)
+    jax.block_until_ready(state)
+    total_s = time.perf_counter() - start
+
+    device = jax.devices()[0]
+    mem = (device.memory_stats() or {}).get("peak_bytes_in_use")
+    flags = os.environ.get("XLA_FLAGS", "")
+    out = {
+        "impl": "jax", "backend": jax.default_backend(),
+        "form": f"{case.dtype}, unroll={unroll}" + (f", XLA_FLAGS={flags}" if flags else ""),
+        "device_kind": device.device_kind, "n_devices": mesh.devices.size,
+        "versions": f"jax {jax.__version__}, jaxlib {jax.lib.__version__}",
+        "compile_s": compile_s, "flops_per_step": flops_per_step, "loss": float(metrics["loss"]),
+        "peak_mem_bytes": mem if mem is not None else peak_rss_bytes(),
+        "mem_kind": "device peak" if mem is not None else "process peak RSS",
+        "xla_flags": flags,
+    }
+    out.update(summarize(times, case.batch, total_s, steps))
+    return out
+
+
+# ----------------------------------------------------------------------------- PyTorch worker
+
+
+def torch_worker(case: Case, warmup: int, steps: int, form_text: str, seed: int = 0) -> Dict[str, Any]:
+    """Times scripts/torch_reference.py's step for `case` in the given form (random weights and data, on the device)."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import torch_reference as tr
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    form = tr.parse_form(form_text)
+    if device.type == "cuda" and form.name != "eager":
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(seed)
+    student = tr.build_model(case.student, 10, case.student_kwargs).to(device)
+    teacher = tr.build_model(case.teacher, 10, case.teacher_kwargs).to(device)
+    settings = tr.Settings(method=case.method, steps=case.pgd_steps)
+    step = tr.TorchTrainStep(student, teacher, settings, form, seed=seed)
+    rng = np.random.default_rng(seed)
+    n_images = max(4 * case.batch, 512)
+    images = torch.from_numpy(rng.integers(0, 256, (n_images, 3, case.size, case.size), dtype=np.uint8)).to(device)
+    labels = torch.from_numpy(rng.integers(0, 10, n_images)).long().to(device)
+    total = warmup + steps
+    idx = torch.from_numpy(np.stack([rng.permutation(n_images)[: case.batch] for _ in range(total)])).long().to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    t0 = time.perf_counter()
+    metrics = step(images, labels, idx[0])
+    float(metrics["loss"])
+    first_s = time.perf_counter() - t0
+    for i in range(1, warmup):
+        metrics = step(images, labels, idx[i])
+    sync()
+    times = []
+    start = time.perf_counter()
+    for i in range(warmup, total):
+        t = time.perf_counter()
+        metrics = step(images, labels, idx[i])
+        sync()
+        times.append(time.perf_counter() - t)
+    total_s = time.perf_counter() - start
+    out = {
+        "impl": "torch", "form": form.name, "backend": device.type,
+        "device_kind": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "n_devices": 1, "versions": tr.torch_versions(), "threads": torch.get_num_threads(),
+        # torch.compile compiles lazily: the first step's excess over a steady step is its compile time.
+        "compile_s": first_s - statistics.median(times), "loss": float(metrics["loss"]),
+        "peak_mem_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes(),
+        "mem_kind": "device peak" if device.type == "cuda" else "process peak RSS",
+    }
+    out.update(summarize(times, case.batch, total_s, steps))
+    return out
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run_worker(kind: str, case_name: str, option: str, warmup: int, steps: int, timeout: int,
+               env: Optional[Dict[str, str]] = None, cpus: Optional[List[int]] = None) -> Dict[str, Any]:
+    """Runs one measurement in a fresh process (pinned to `cpus` if given); its JSON, or {'error': ...}."""
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", kind, "--cases", case_name,
+           "--option", option, "--warmup", str(warmup), "--steps", str(steps)]
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+                              preexec_fn=pin)
+    except subprocess.TimeoutExpired:
+        return {"impl": kind, "form": option, "error": f"timed out after {timeout} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"impl": kind, "form": option, "error": f"exit {proc.returncode}: {tail[:300]}"}
+    return json.loads(lines[-1])
+
+
+def merge_rounds(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """One row from repeated measurements: the round with the median step time, and the spread over rounds."""
+    ok = sorted((r for r in rows if "error" not in r), key=lambda r: r.get("step_s", 0.0))
+    if not ok or "step_s" not in ok[0]:
+        return ok[0] if ok else rows[-1]
+    row = dict(ok[(len(ok) - 1) // 2])
+    row["rounds"] = len(ok)
+    row["step_s_rounds"] = [r["step_s"] for r in ok]
+    return row
+
+
+def complete(row: Dict[str, Any], flops: Optional[float], dtype: str) -> Dict[str, Any]:
+    """Adds achieved TFLOP/s and the fraction of the device's dense peak to a measured row."""
+    if "error" in row or not flops:
+        return row
+    row = dict(row, flops_per_step=row.get("flops_per_step", flops))
+    row["tflops"] = row["flops_per_step"] / row["step_s"] / 1e12
+    # A PyTorch row's compute dtype is its form's: bf16 autocast or float32.
+    row_dtype = dtype if row["impl"] == "jax" else ("bfloat16" if "bf16" in row["form"] else "float32")
+    peak = peak_tflops(row.get("device_kind", ""), row_dtype)
+    row["peak_tflops"] = peak
+    row["mfu"] = row["tflops"] / peak if peak else None
+    return row
+
+
+def _fmt_bytes(n: Optional[float]) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def table(results: List[Dict[str, Any]]) -> str:
+    """Markdown table of all rows, with our speed (the case's first JAX row) over each PyTorch form of the case."""
+    head = ("| case | impl | form | step (s, median) | images/s | compile (s) | peak memory | GFLOP/step "
+            "| TFLOP/s | % of peak | JAX speed / this | load avg |")
+    lines = [head, "|" + "|".join(["---"] * 12) + "|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['impl']} | {r['form']} | failed: {r['error']} | | | | | | | | |")
+            continue
+        jax_rate = next((x["images_per_s"] for x in results if x["case"] == r["case"] and x["impl"] == "jax"
+                         and "error" not in x), None)
+        ratio = f"{jax_rate / r['images_per_s']:.2f}x" if jax_rate and r["impl"] == "torch" else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "- (no peak)"
+        spread = r.get("step_s_rounds", [])
+        step = f"{r['step_s']:.3f}" + (f" ({min(spread):.2f}-{max(spread):.2f} over {len(spread)} rounds)" if len(spread) > 1 else "")
+        lines.append(
+            f"| {r['case']} | {r['impl']} | {r['form']} | {step} | {r['images_per_s']:.1f} "
+            f"| {r['compile_s']:.1f} | {_fmt_bytes(r['peak_mem_bytes'])} ({r['mem_kind']}) "
+            f"| {r.get('flops_per_step', 0) / 1e9:.4g} | {r.get('tflops', 0):.3f} | {mfu} | {ratio} | {r['load_avg_1min']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def section(results: List[Dict[str, Any]], args) -> str:
+    """One BENCHMARKS.md section: date, device, versions, settings and the table."""
+    ok = [r for r in results if "error" not in r]
+    versions = sorted({r["versions"] for r in ok})
+    devices = sorted({f"{r['backend']}: {r['device_kind']}" for r in ok})
+    cases = "\n".join(f"- `{name}`: {describe(CASES[name])}" for name in dict.fromkeys(r["case"] for r in results))
+    flags = sorted({r.get("xla_flags", "") for r in ok if r["impl"] == "jax"})
+    return (
+        f"\n## {datetime.date.today().isoformat()} - {args.title or ', '.join(devices)}\n\n"
+        f"Device: {'; '.join(devices)} ({os.cpu_count()} CPU cores, workers pinned to "
+        f"{args.cpus or 'all'}). Versions: {'; '.join(versions)}.\n"
+        f"Command: `python scripts/benchmark.py {' '.join(sys.argv[1:])}`; {args.warmup} warm-up + {args.steps} timed "
+        f"steps per row, each row in its own process. XLA_FLAGS: {', '.join(repr(f) for f in flags) or '(none)'}.\n"
+        f"FLOPs: XLA cost analysis, f(0 PGD steps) + steps x (f(1) - f(0)) (a rolled loop body counts once); "
+        f"PyTorch rows reuse the JAX count.\n\n{cases}\n\n{table(results)}\n"
+    )
+
+
+def describe(case: Case) -> str:
+    """'MMARD, student resnet18 {...} <- teacher wide_resnet {...}, batch 128, 32x32, bfloat16, PGD-10'."""
+    kw = lambda d: (" " + ",".join(f"{k}={v}" for k, v in d.items())) if d else ""  # noqa: E731
+    return (f"{case.method.upper()}, student {case.student}{kw(case.student_kwargs)} <- teacher {case.teacher}"
+            f"{kw(case.teacher_kwargs)}, batch {case.batch}, {case.size}x{case.size}, {case.dtype}, PGD-{case.pgd_steps}"
+            + (f" ({case.note})" if case.note else ""))
+
+
+def default_torch_forms() -> str:
+    """Eager float32 and the fastest form: on CUDA bf16 autocast + channels_last + compile; on the CPU
+    channels_last + compile in float32 (this CPU has no bf16 arithmetic: BENCHMARKS.md measures the others)."""
+    try:
+        import torch
+        cuda = torch.cuda.is_available()
+    except ImportError:
+        return ""
+    return "eager,cl+compile+bf16" if cuda else "eager,cl+compile"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default="cpu_mmard_wrn16_2_wrn10_1_16px",
+                   help=f"comma-separated names from --list, or groups: {', '.join(GROUPS)}")
+    p.add_argument("--list", action="store_true", help="print the cases and exit")
+    p.add_argument("--unroll", default="auto", help="comma-separated PGD unroll settings for the JAX rows")
+    p.add_argument("--torch_forms", default=None, help="comma-separated: eager, or options joined by + from "
+                   "cl, bf16, compile ('' for none; default: eager and the fastest form for the device)")
+    p.add_argument("--xla_flags", action="append", default=None,
+                   help="exact XLA_FLAGS for a JAX row, without mmard_jax's CPU defaults (repeat for several "
+                        "rows; '' = none); default: $XLA_FLAGS plus the defaults of mmard_jax/xla_env.py")
+    p.add_argument("--cpus", default="", help="pin every worker to these CPUs, e.g. '1' (both frameworks then use "
+                   "that many threads; on a shared machine a one-core comparison is the reproducible one)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=1, help="rounds over all rows, interleaved; the median round is kept")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per row")
+    p.add_argument("--append", default=None, help="append a section with the table to this Markdown file")
+    p.add_argument("--json", default=None, help="write all rows as JSON here")
+    p.add_argument("--title", default="", help="section title (default: the device)")
+    p.add_argument("--impls", default="jax,torch", help="which implementations to time (the FLOP count is always made)")
+    p.add_argument("--worker", choices=("jax", "torch", "flops"), help=argparse.SUPPRESS)
+    p.add_argument("--option", default="", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> List[Dict[str, Any]]:
+    args = parse_args(argv)
+    if args.list:
+        for name, case in CASES.items():
+            print(f"{name}: {describe(case)}")
+        for name, members in GROUPS.items():
+            print(f"group {name}: {members}")
+        return []
+    names = [n for g in args.cases.split(",") if g for n in GROUPS.get(g, g).split(",")]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise SystemExit(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
+    if args.worker:
+        case = CASES[names[0]]
+        if args.worker == "flops":
+            print(json.dumps({"impl": "flops", "form": "", "flops_per_step": step_flops(case)}), flush=True)
+            return []
+        fn = jax_worker if args.worker == "jax" else torch_worker
+        print(json.dumps(fn(case, args.warmup, args.steps, args.option)), flush=True)
+        return []
+
+    forms = args.torch_forms if args.torch_forms is not None else default_torch_forms()
+    base_flags = os.environ.get("XLA_FLAGS", "")
+    flag_sets = args.xla_flags if args.xla_flags is not None else [base_flags]
+    # Explicit --xla_flags rows run with exactly those flags (mmard_jax's own CPU defaults switched off).
+    exact = {"MMARD_JAX_XLA_DEFAULTS": "0"} if args.xla_flags is not None else {}
+    impls = set(args.impls.split(","))
+    plan = []  # (case, kind, option, env) in the order they run
+    for name in names:
+        if "jax" in impls:
+            plan += [(name, "jax", u, {"XLA_FLAGS": f, **exact}) for u in args.unroll.split(",") for f in flag_sets]
+        else:
+            plan += [(name, "flops", "", None)]
+        if "torch" in impls:
+            plan += [(name, "torch", f, None) for f in forms.split(",") if f]
+    rounds = [[] for _ in plan]
+    cpus = [int(c) for c in args.cpus.split(",") if c] or None
+    for r in range(args.repeat):  # interleaved: a load change on a shared machine hits every row alike
+        for i, (name, kind, option, env) in enumerate(plan):
+            row = dict(run_worker(kind, name, option, args.warmup, args.steps, args.timeout, env, cpus), case=name)
+            rounds[i].append(row)
+            print(f"[round {r + 1}/{args.repeat}] " + _progress(row), flush=True)
+    results, flops = [], {}
+    for (name, kind, _, _), rows in zip(plan, rounds):
+        row = merge_rounds(rows)
+        if kind in ("jax", "flops") and "error" not in row:
+            flops.setdefault(name, row["flops_per_step"])
+        if kind != "flops":
+            results.append(complete(row, flops.get(name), CASES[name].dtype))
+    print("\n" + table(results))
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
+    if args.append:
+        path = pathlib.Path(args.append)
+        if not path.exists():
+            path.write_text("# Benchmarks\n\nWritten by `scripts/benchmark.py`; one section per run.\n")
+        with path.open("a") as f:
+            f.write(section(results, args))
+    return results
+
+
+def _progress(row: Dict[str, Any]) -> str:
+    if "error" in row:
+        return f"{row['case']} {row['impl']} {row['form']}: FAILED {row['error']}"
+    if row["impl"] == "flops":
+        return f"{row['case']}: {row['flops_per_step'] / 1e9:.4g} GFLOP per step"
+    return (f"{row['case']} {row['impl']} {row['form']}: {row['step_s']:.3f} s/step, {row['images_per_s']:.1f} img/s, "
+            f"compile {row['compile_s']:.1f} s, loss {row['loss']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

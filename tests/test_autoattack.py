@@ -1,0 +1,127 @@
+"""The JAX AutoAttack's invariants: feasibility of every component's output, the worst case over components,
+independence from the device count, batch size and cascade order, the FAB projection against a linear
+program, and the trust checks (gradient masking flags) on a masked and on a normal model.
+
+Agreement with a peer implementation on the same weights is in test_attacks_peer.py; its trained model and
+its standard-settings evaluation are reused here (cached per process).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.optimize import linprog
+
+from mmard_jax import evaluate, parallel
+from mmard_jax.attacks import autoattack, fab, suite
+from test_attacks_peer import EPS, digits_test_split, our_report, robust_mlp
+
+# Few iterations: these tests check mechanics; the standard settings run in test_attacks_peer.py.
+SMALL = dataclasses.replace(autoattack.STANDARD, n_iter=10, n_target_classes=3, square_queries=300)
+
+
+def lp_projection(t, w, b):
+    """min ||d||_inf s.t. <w, t + d> = b, 0 <= t + d <= 1, by scipy's HiGHS; None when infeasible."""
+    n = len(t)
+    c = np.r_[np.zeros(n), 1.0]  # variables (d, s): minimize s
+    eye = np.eye(n)
+    a_ub = np.block([[eye, -np.ones((n, 1))], [-eye, -np.ones((n, 1))]])  # d - s <= 0, -d - s <= 0
+    res = linprog(c, A_ub=a_ub, b_ub=np.zeros(2 * n), A_eq=np.r_[w, 0.0][None], b_eq=[b - w @ t],
+                  bounds=[(-ti, 1 - ti) for ti in t] + [(0, None)], method="highs")
+    return res.x[:n] if res.status == 0 else None
+
+
+def test_fab_projection_matches_linear_program():
+    rng = np.random.default_rng(0)
+    n, dim = 64, 12
+    t = rng.uniform(0, 1, (n, dim)).astype(np.float32)
+    t[:, :3] = np.round(t[:, :3])  # pixels on the box faces
+    w = rng.normal(size=(n, dim)).astype(np.float32)
+    w[:, 3] = 0.0  # a coordinate the hyperplane ignores
+    b = (np.sum(w * t, 1) + rng.normal(scale=2.0, size=n)).astype(np.float32)  # some hyperplanes out of reach
+    d = np.asarray(fab.project_linf_box(jnp.asarray(t), jnp.asarray(w), jnp.asarray(b)))
+    infeasible = 0
+    for i in range(n):
+        ref = lp_projection(t[i].astype(np.float64), w[i].astype(np.float64), float(b[i]))
+        if ref is None:  # out of reach: every coordinate the hyperplane sees moves to its box side
+            infeasible += 1
+            side = np.sign(w[i] @ t[i] - b[i])
+            want = np.where(w[i] == 0, 0.0, np.where(-side * np.sign(w[i]) > 0, 1 - t[i], -t[i]))
+            np.testing.assert_allclose(d[i], want, atol=1e-6)
+            continue
+        np.testing.assert_allclose(np.abs(d[i]).max(), np.abs(ref).max(), rtol=1e-4, atol=1e-6)
+        assert abs(w[i] @ (t[i] + d[i]) - b[i]) < 1e-4
+        assert np.all(t[i] + d[i] >= -1e-6) and np.all(t[i] + d[i] <= 1 + 1e-6)
+        assert d[i][3] == 0.0
+    assert 0 < infeasible < n  # both cases were exercised
+
+
+@pytest.fixture(scope="module")
+def batch():
+    module, variables = robust_mlp()
+    images, labels, x, _, _ = digits_test_split()
+    n = 64
+    return module, variables, jnp.asarray(x[:n]), jnp.asarray(labels[:n])
+
+
+@pytest.mark.parametrize("name", autoattack.COMPONENTS)
+def test_component_outputs_are_feasible_and_fool(batch, name):
+    module, variables, x, y = batch
+    apply_fn = lambda z: module.apply(variables, z)  # noqa: E731
+    keys = parallel.example_keys(jax.random.key(0), jnp.arange(len(y)))
+    run = jax.jit(lambda x, y, keys, r: autoattack.run_component(name, apply_fn, x, y, keys, r, eps=EPS, config=SMALL))
+    x_adv, fooled = run(x, y, keys, jnp.int32(0))
+    x_adv, fooled = np.asarray(x_adv), np.asarray(fooled)
+    assert np.abs(x_adv - np.asarray(x)).max() <= EPS + 1e-6
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+    wrong = np.asarray(jnp.argmax(apply_fn(jnp.asarray(x_adv)), -1)) != np.asarray(y)
+    clean_wrong = np.asarray(jnp.argmax(apply_fn(x), -1)) != np.asarray(y)
+    assert np.all(wrong[fooled])  # every reported success is a real, verified one
+    assert np.all(x_adv[~fooled] == np.asarray(x)[~fooled])  # unfooled examples come back untouched
+    assert fooled[~clean_wrong].sum() > 0  # and the attack does fool some correctly classified points
+    x_again, fooled_again = run(x, y, keys, jnp.int32(0))
+    np.testing.assert_array_equal(x_again, x_adv)  # reproducible from the keys
+    np.testing.assert_array_equal(fooled_again, fooled)
+
+
+def test_aa_is_the_worst_case_and_independent_of_devices_and_batching():
+    """2 devices, one batch of 356 vs 1 device, batches of 120: the same per-example outcome for the cascade
+    and for each component run alone; AA = clean AND every component, so it is below each of them.
+    (APGD-CE is left out to save compilation time: it is APGD-T's code with another loss.)"""
+    module, variables = robust_mlp()
+    images, labels, *_ = digits_test_split()
+    components = ("apgd_t", "fab_t", "square")
+    attacks = ("clean", "aa") + components
+    devices = jax.local_devices()
+    assert len(devices) >= 2, "conftest forces 2 CPU devices"
+    config = dataclasses.replace(SMALL, components=components)
+    two = suite.evaluate_split(module, variables, images, labels, attacks, eps=EPS, batch_size=356, seed=3,
+                               mesh=parallel.data_mesh(devices[:2]), progress=False, aa_config=config)
+    one = suite.evaluate_split(module, variables, images, labels, attacks, eps=EPS, batch_size=120, seed=3,
+                               mesh=parallel.data_mesh(devices[:1]), progress=False, aa_config=config)
+    for name in attacks:
+        assert two[name].shape == (len(labels),)
+        np.testing.assert_array_equal(one[name], two[name], err_msg=name)
+    worst = two["clean"].copy()
+    for name in components:
+        worst &= two[name]
+        assert two["aa"].mean() <= two[name].mean()
+    np.testing.assert_array_equal(two["aa"], worst)
+    assert two["aa"].mean() < two["clean"].mean()
+
+
+def test_trust_checks_flag_masked_gradients_and_pass_a_normal_model():
+    module, variables = robust_mlp()
+    images, labels, *_ = digits_test_split()
+    assert our_report()["flags"] == []  # the adversarially trained model, standard settings, every attack
+    masked = dataclasses.replace(module, mask_gradients=True)
+    config = dataclasses.replace(SMALL, components=("apgd_ce", "square"))
+    report = evaluate.evaluate_model(masked, variables, images, labels, ("clean", "fgsm", "aa"), eps=EPS,
+                                     batch_size=356, aa_config=config, progress=False)
+    checks = {f["check"] for f in report["flags"]}
+    assert {"zero_gradients", "not_below_clean", "square_gain"} <= checks, report["flags"]
+    assert report["gradients"]["zero"] == 1.0
+    assert report["accuracy"]["fgsm"] == report["accuracy"]["clean"]  # sign(0) = 0: FGSM cannot move
+    assert report["autoattack"]["accuracy_after"]["square"] < report["autoattack"]["accuracy_after"]["apgd_ce"]

@@ -1,0 +1,91 @@
+"""The evaluation CLI and its report: a model directory and a training workdir (best checkpoint) load through
+`checkpoints.load_model`; the whole split is evaluated, the last partial batch counted exactly; the JSON,
+Markdown and mask files hold the same numbers; AutoAttack's breakdown and the trust flags reach the report."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mmard_jax import checkpoints, data, evaluate, reporting
+from test_attacks_peer import EPS, our_report
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SPEC = checkpoints.model_spec("wide_resnet", 10, {"depth": 10, "width": 1})
+
+
+@pytest.fixture(scope="module")
+def wrn():
+    """A WRN-10-1 with random weights (robustness does not matter here) and its clean predictions on digits."""
+    module = checkpoints.build_module(SPEC)
+    shapes = checkpoints.abstract_variables(module, (16, 16, 3))  # no init program to compile
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape).astype(np.float32)), shapes)
+    variables["batch_stats"] = jax.tree.map(lambda v: jnp.abs(v) + 0.5, variables["batch_stats"])
+    test = data.load_dataset("digits", "test")
+    logits = jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, data.to_float(test.images))
+    return variables, np.asarray(jnp.argmax(logits, -1)) == test.labels
+
+
+def read_outputs(directory: pathlib.Path):
+    report = json.loads((directory / "report.json").read_text())
+    masks = dict(np.load(directory / "masks.npz"))
+    return report, masks, (directory / "report.md").read_text()
+
+
+def test_cli_on_a_model_directory_covers_the_whole_split(tmp_path, wrn):
+    variables, clean = wrn
+    model_dir = checkpoints.save_model(tmp_path / "wrn", SPEC, variables)
+    out = tmp_path / "report"
+    env = dict(os.environ, MMARD_XLA_CACHE="off")
+    cmd = [sys.executable, "-m", "mmard_jax.evaluate", f"--checkpoint={model_dir}", "--dataset=digits",
+           "--attacks=clean,fgsm", "--batch_size=100", "--eps=32/255", f"--output={out}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report, masks, markdown = read_outputs(out)
+    assert masks["clean"].shape == masks["fgsm"].shape == (data.digits.TEST_SIZE,)  # 4 batches, last one of 55
+    np.testing.assert_array_equal(masks["clean"], clean)
+    for name in ("clean", "fgsm"):
+        assert report["accuracy"][name] == pytest.approx(masks[name].mean())
+        assert report["counts"][name] == int(masks[name].sum())
+    assert report["accuracy"]["fgsm"] <= report["accuracy"]["clean"]
+    assert "| model | Clean | FGSM |" in markdown and "| model | Clean | FGSM |" in proc.stdout
+    assert report["setup"]["eps"].startswith(f"{32 / 255:.6g}")
+
+
+def test_run_evaluation_on_a_training_workdir_uses_the_best_checkpoint(tmp_path, wrn):
+    variables, clean = wrn
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    checkpoints.write_json_atomic(workdir / checkpoints.SPEC_FILE, SPEC)
+    best = checkpoints.checkpoint_manager(workdir / checkpoints.BEST, max_to_keep=1, best_metric="pgd_t")
+    best.save(7, args=ocp.args.Composite(variables=ocp.args.StandardSave(variables)), metrics={"pgd_t": 0.5})
+    best.close()
+    report = evaluate.run_evaluation(workdir, "digits", ["clean"], n_examples=50, batch_size=20, eps=EPS,
+                                     progress=False)
+    masks = dict(np.load(workdir / "robustness_digits" / "masks.npz"))
+    np.testing.assert_array_equal(masks["clean"], clean[:50])  # 3 batches of 20, the last with 10 examples
+    assert report["accuracy"]["clean"] == pytest.approx(clean[:50].mean())
+
+
+def test_report_files_hold_autoattack_breakdown_and_flags(tmp_path):
+    report = our_report()  # the robust MLP of test_attacks_peer.py, standard AutoAttack
+    setup = {"model": "robust-mlp", "eps": "32/255"}
+    evaluate.write_report(tmp_path, "robust MLP", setup, report)
+    saved, masks, markdown = read_outputs(tmp_path)
+    for name, acc in report["accuracy"].items():
+        assert saved["accuracy"][name] == pytest.approx(acc) == pytest.approx(masks[name].mean())
+    assert saved["autoattack"]["version"] == "standard"
+    assert saved["autoattack"]["accuracy_after"]["aa"] == pytest.approx(report["accuracy"]["aa"])
+    assert sum(saved["autoattack"]["fooled_by"].values()) == int(masks["clean"].sum() - masks["aa"].sum())
+    assert (masks["aa_fooled_by"] >= 0).sum() == masks["clean"].sum() - masks["aa"].sum()
+    paper = [reporting.COLUMN_TITLES[c] for c in reporting.PAPER_COLUMNS if c in report["accuracy"]]
+    assert "| model | " + " | ".join(paper) + " | " in markdown  # paper column order first
+    assert "no flag raised" in markdown and saved["flags"] == []
