@@ -478,3 +478,28 @@ def test_mobilenet_depthwise_impls_share_parameters_and_logits():
     apply = lambda m: jax.jit(lambda v: m.apply(v, x, train=False))(v_taps)  # noqa: E731
     with jax.default_matmul_precision("float32"):
         np.testing.assert_allclose(apply(taps), apply(conv), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [8, 9])
+@pytest.mark.parametrize("kernel,strides,padding", [
+    (3, 1, ((1, 1), (1, 1))), (3, 2, ((1, 1), (1, 1))), (3, 2, ((0, 1), (0, 1))), (1, 2, "VALID"), (1, 1, "VALID"),
+])
+def test_conv_with_fast_input_gradient_equals_lax(size, kernel, strides, padding):
+    """layers.conv_general_dilated (what every nn.Conv of the zoo calls): lax's values, input and kernel
+    gradients, for the kernel/stride/padding combinations of our models, odd and even sizes."""
+    from mmard_jax.models import layers
+
+    rng = np.random.default_rng(size + kernel + strides)
+    x = jnp.asarray(rng.normal(size=(2, size, size, 5)).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, 5, 7)).astype(np.float32))
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def run(fn):
+        loss = lambda a, b: jnp.sum(jnp.sin(fn(a, b, (strides, strides), padding, dimension_numbers=dn)))  # noqa: E731
+        return fn(x, w, (strides, strides), padding, dimension_numbers=dn), jax.grad(loss, argnums=(0, 1))(x, w)
+
+    with jax.default_matmul_precision("float32"):
+        (ours, (dx, dw)), (ref, (rdx, rdw)) = run(layers.conv_general_dilated), run(jax.lax.conv_general_dilated)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, rdx, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dw, rdw, rtol=1e-4, atol=1e-4)
