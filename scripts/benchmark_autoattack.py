@@ -21,7 +21,6 @@ timed twice: the first run includes XLA compilation, the second is steady state.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -33,34 +32,16 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def parse_eps(text: str) -> float:
-    if "/" in text:
-        num, den = text.split("/", 1)
-        return float(num) / float(den)
-    return float(text)
-
-
-def robustbench_resnet():
-    """RobustBench's resnet.py, executed on its own (no `import robustbench`, which needs torchvision)."""
-    spec = importlib.util.find_spec("robustbench")
-    if spec is None:
-        raise SystemExit("robustbench is not installed: pip install --no-deps robustbench")
-    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "model_zoo" / "architectures" / "resnet.py"
-    module_spec = importlib.util.spec_from_file_location("_rb_resnet", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
-
 def paired_resnet18(seed: int, num_classes: int, checkpoint=None):
     """(Flax module, variables, torch model in eval mode) holding the same weights."""
     import torch
 
     from mmard_jax import checkpoints, convert, models, testing
 
-    rb = robustbench_resnet()
+    import torch_reference  # scripts/torch_reference.py: RobustBench's ResNet-18, loaded by path
+
     torch.manual_seed(seed)
-    net = rb.ResNet(rb.BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
+    net = torch_reference.build_model("resnet18", num_classes)
     if checkpoint:
         module, variables = checkpoints.load_model(checkpoint)
         return module, variables, testing.copy_into_torch(variables, net)
@@ -88,12 +69,11 @@ def main():
     import dataclasses
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import torch
     import torchattacks
 
-    from mmard_jax import data, parallel
+    from mmard_jax import data, evaluate, parallel
     from mmard_jax.attacks import autoattack, suite
 
     if args.torch_threads:
@@ -101,7 +81,7 @@ def main():
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    eps = parse_eps(args.eps)
+    eps = evaluate.parse_eps(args.eps)
     module, variables, net = paired_resnet18(args.seed, 10, args.checkpoint)
     net = net.to(device)
 

@@ -1,5 +1,6 @@
 """Shared test fixtures: peer architecture code from the installed RobustBench package, RNG seeds."""
 
+import functools
 import importlib.util
 import os
 import pathlib
@@ -39,6 +40,15 @@ def load_robustbench_arch(module: str):
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+@functools.cache
+def torch_mobilenet_v2():
+    """The kuangliu-layout PyTorch MobileNetV2 of tests/torch_refs (not a package), loaded once."""
+    spec = importlib.util.spec_from_file_location("_torch_ref_mobilenetv2", TESTS_DIR / "torch_refs" / "mobilenetv2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import load_robustbench_arch
+from conftest import load_robustbench_arch, torch_mobilenet_v2
 from mmard_jax import config_lib, convert, models, robustbench_zoo
 from mmard_jax.models import naming
 from mmard_jax.testing import randomize_batch_norm
@@ -41,15 +41,6 @@ REPO = TESTS.parent
 def rb(module):
     """RobustBench architecture module, loaded by path."""
     return load_robustbench_arch(module)
-
-
-@functools.cache
-def torch_mobilenet_v2():
-    """The kuangliu-layout MobileNetV2 of tests/torch_refs (not a package)."""
-    spec = importlib.util.spec_from_file_location("_torch_ref_mobilenetv2_convert", TESTS / "torch_refs/mobilenetv2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def randomize(peer, seed=0):

@@ -6,9 +6,7 @@ numerical comparisons use small configurations, so the file runs in seconds on a
 """
 
 import functools
-import importlib.util
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -18,24 +16,13 @@ import torch
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import load_robustbench_arch
+from conftest import load_robustbench_arch, torch_mobilenet_v2
 from mmard_jax import models
 from mmard_jax.models import naming
 from mmard_jax.testing import randomize_batch_norm
 
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
-
-TORCH_REFS = pathlib.Path(__file__).resolve().parent / "torch_refs"
-
-
-@functools.cache
-def torch_mobilenet_v2():
-    """Our PyTorch MobileNetV2 reference module (tests/torch_refs is not a package)."""
-    spec = importlib.util.spec_from_file_location("_torch_ref_mobilenetv2", TORCH_REFS / "mobilenetv2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def rb(module):
