@@ -1,126 +1,32 @@
-"""On-disk formats: model directories (a model spec + its variables) and training checkpoints.
+"""Training checkpoints of a workdir: the latest train states, for resuming, and the best student.
 
-A *model directory* is what the converter writes and what a training config names as its teacher:
+    WORKDIR/checkpoints/latest/<step>/{state,meta}   the whole train state + {best_value, best_epoch}
+    WORKDIR/checkpoints/best/<step>/variables        the student's variables at the best evaluation
 
-    DIR/model.json   {"format": "mmard_jax.model/1", "arch": ..., "num_classes": ..., "kwargs": {...}}
-    DIR/variables/   an orbax checkpoint of {"params": ..., "batch_stats": ...}
-
-A *training workdir* holds `model.json` (the student's spec) and orbax `CheckpointManager`s under
-`checkpoints/latest` (the whole train state, for resuming) and `checkpoints/best` (the student's
-variables at the best evaluation). `load_model` accepts either. Every write is atomic: orbax
-writes to a temporary directory and renames it; `save_model` stages the whole directory first.
+Both are orbax `CheckpointManager`s, written synchronously (the train state's buffers are donated to the
+next step, so a save must finish first) and atomically (orbax writes a temporary directory and renames
+it). Two latest states are kept so that a damaged newest one falls back to the one before; a workdir
+whose checkpoints are all unreadable is refused, never restarted from scratch. Every process of a
+multi-process run calls every method here (orbax's protocol: the primary process writes metadata).
 """
 
-import json
-import os
 import pathlib
-import shutil
-import tempfile
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
-import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from mmard_jax import models
+from mmard_jax.models.store import BEST, CheckpointError
 
-FORMAT = "mmard_jax.model/1"
-SPEC_FILE = "model.json"
-VARIABLES_DIR = "variables"
-LATEST, BEST = "checkpoints/latest", "checkpoints/best"
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+LATEST = "checkpoints/latest"
+KEEP_LATEST = 2
 
 
-class CheckpointError(ValueError):
-    """A directory that is not a usable model directory or training workdir."""
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (read-only or full disk); the previous one is intact."""
 
 
-def compute_dtype(name: str):
-    """'float32' | 'bfloat16' -> the jnp dtype (configs name dtypes as strings)."""
-    if name not in _DTYPES:
-        raise ValueError(f"unknown compute dtype {name!r}; known: {', '.join(_DTYPES)}")
-    return _DTYPES[name]
-
-
-def model_spec(arch: str, num_classes: int, kwargs: Optional[Mapping[str, Any]] = None, **extra) -> Dict[str, Any]:
-    """The JSON spec of a model: enough to rebuild the module with `models.create`."""
-    spec = {"format": FORMAT, "arch": arch, "num_classes": int(num_classes), "kwargs": dict(kwargs or {})}
-    spec.update(extra)
-    return spec
-
-
-def build_module(spec: Mapping[str, Any], dtype: str = "float32", **overrides):
-    """The Flax module a spec describes, computing in `dtype`."""
-    kwargs = dict(spec.get("kwargs", {}))
-    kwargs.update(overrides)
-    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()}  # JSON lists -> tuples
-    return models.create(spec["arch"], num_classes=spec["num_classes"], dtype=compute_dtype(dtype), **kwargs)
-
-
-def abstract_variables(module, input_shape=(32, 32, 3)):
-    """Shapes/dtypes of a module's variables, without allocating them."""
-    return jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1,) + tuple(input_shape)), train=False))
-
-
-def write_text_atomic(path: pathlib.Path, text: str) -> None:
-    """Writes a file via a temporary file and a rename, so a crash never leaves half a file."""
-    path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
-    """JSON through `write_text_atomic`."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def save_model(directory, spec: Mapping[str, Any], variables: Mapping[str, Any]) -> pathlib.Path:
-    """Writes a model directory atomically: staged beside `directory`, renamed into place at the end.
-
-    An existing directory is replaced only once the new one is complete.
-    """
-    directory = pathlib.Path(directory).absolute()
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    stage = pathlib.Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.staging-"))
-    try:
-        variables = {k: variables[k] for k in ("params", "batch_stats") if k in variables}
-        with ocp.StandardCheckpointer() as checkpointer:  # saves asynchronously: wait before renaming
-            checkpointer.save(stage / VARIABLES_DIR, variables)
-            checkpointer.wait_until_finished()
-        write_json_atomic(stage / SPEC_FILE, dict(spec))
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(stage, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(stage, directory)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return directory
-
-
-def read_spec(directory) -> Dict[str, Any]:
-    """The model.json of a model directory or training workdir, checked."""
-    path = pathlib.Path(directory) / SPEC_FILE
-    if not path.is_file():
-        raise CheckpointError(
-            f"{directory} is neither a model directory nor a training workdir: {path} is missing "
-            f"(make one with `python -m mmard_jax.convert` or `python -m mmard_jax.train`)"
-        )
-    spec = json.loads(path.read_text())
-    for key in ("arch", "num_classes"):
-        if key not in spec:
-            raise CheckpointError(f"{path}: missing key {key!r} (expected a model spec with arch, num_classes, kwargs)")
-    return spec
-
-
-def checkpoint_manager(directory, max_to_keep: int = 1, best_metric: Optional[str] = None) -> ocp.CheckpointManager:
-    """A synchronous orbax CheckpointManager (train-state buffers are donated, so saves must finish first)."""
+def _manager(directory: pathlib.Path, max_to_keep: int, best_metric: Optional[str] = None) -> ocp.CheckpointManager:
+    """A synchronous orbax CheckpointManager keeping `max_to_keep` steps (by `best_metric` if given)."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         best_fn=(lambda m: m[best_metric]) if best_metric else None,
@@ -128,40 +34,85 @@ def checkpoint_manager(directory, max_to_keep: int = 1, best_metric: Optional[st
         enable_async_checkpointing=False,
         cleanup_tmp_directories=True,
     )
-    return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
+    return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
-def _restore_variables(path_or_manager, step, module, input_shape):
-    target = abstract_variables(module, input_shape)
-    target = {k: target[k] for k in ("params", "batch_stats") if k in target}
-    if step is None:
-        with ocp.StandardCheckpointer() as checkpointer:
-            return checkpointer.restore(path_or_manager, target)
-    restored = path_or_manager.restore(step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(target)))
-    return restored["variables"]
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200] if text else ''}"
 
 
-def load_model(directory, dtype: str = "float32", input_shape=(32, 32, 3)) -> Tuple[Any, Dict[str, Any]]:
-    """(module, variables) from a model directory, or from a training workdir's best checkpoint.
+class TrainCheckpoints:
+    """The latest train states (two kept) and the best student of one workdir; the trainer's only orbax user."""
 
-    `module.apply(variables, x, train=False)` on x in [0, 1] NHWC gives the logits.
-    """
-    directory = pathlib.Path(directory).absolute()
-    spec = read_spec(directory)
-    module = build_module(spec, dtype)
-    try:
-        if (directory / VARIABLES_DIR).is_dir():
-            variables = _restore_variables(directory / VARIABLES_DIR, None, module, input_shape)
-        elif (directory / BEST).is_dir():
-            manager = checkpoint_manager(directory / BEST)
-            step = manager.best_step() if manager.best_step() is not None else manager.latest_step()
-            if step is None:
-                raise CheckpointError(f"{directory / BEST} holds no checkpoint yet (no evaluation has finished)")
-            variables = _restore_variables(manager, step, module, input_shape)
-        else:
-            raise CheckpointError(f"{directory}: found {SPEC_FILE} but neither {VARIABLES_DIR}/ nor {BEST}/")
-    except (ValueError, KeyError) as err:
-        if isinstance(err, CheckpointError):
-            raise
-        raise CheckpointError(f"{directory}: the stored variables do not fit the model in {SPEC_FILE} ({spec['arch']}): {err}") from err
-    return module, variables
+    def __init__(self, workdir, best_metric: str, say: Callable[[str], None] = print):
+        self.directory = pathlib.Path(workdir).absolute()
+        self._latest = _manager(self.directory / LATEST, KEEP_LATEST)
+        self._best = _manager(self.directory / BEST, 1, best_metric)
+        self._best_metric = best_metric
+        self._say = say
+
+    def has_run(self) -> bool:
+        """Whether the workdir holds any latest checkpoint (readable or not)."""
+        return bool(self._latest.all_steps())
+
+    def last_good_step(self) -> Optional[int]:
+        """The step of the newest latest-checkpoint (None if none was written)."""
+        return self._latest.latest_step()
+
+    def restore(self, abstract_state) -> Optional[Tuple[Any, Dict[str, Any]]]:
+        """(state, meta) from the newest readable latest checkpoint, None in a fresh workdir.
+
+        A checkpoint that cannot be read is reported and the one before it tried; if none can be read the
+        workdir is refused (CheckpointError), so a damaged run is never silently restarted from scratch.
+        """
+        steps = sorted(self._latest.all_steps(), reverse=True)
+        failures = []
+        for step in steps:
+            try:
+                restored = self._latest.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+            except Exception as err:  # orbax/tensorstore raise many types for truncated or missing files
+                failures.append(f"step {step} ({_first_line(err)})")
+                self._say(f"checkpoint {self.directory / LATEST / str(step)} is unreadable: {_first_line(err)}")
+                continue
+            if failures:
+                self._say(f"resuming from the previous good checkpoint, step {step}")
+            return restored["state"], dict(restored["meta"])
+        if failures:
+            raise CheckpointError(
+                f"{self.directory / LATEST}: no checkpoint can be read ({'; '.join(failures)}); refusing to start "
+                f"from scratch over a run: move the workdir away to start anew")
+        return None
+
+    def save_latest(self, state, meta: Dict[str, Any]) -> None:
+        """Saves the train state at its step (no-op if that step is saved already)."""
+        step = int(state.step)
+        if step in self._latest.all_steps():
+            return
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        self._guarded_save(self._latest, step, args, None, LATEST)
+
+    def save_best(self, step: int, variables, value: float) -> None:
+        """Saves the student's variables as the best checkpoint (evaluated `value` of the best metric)."""
+        if step in self._best.all_steps():
+            return
+        args = ocp.args.Composite(variables=ocp.args.StandardSave(variables))
+        self._guarded_save(self._best, step, args, {self._best_metric: value}, BEST)
+
+    def _guarded_save(self, manager, step, args, metrics, where: str) -> None:
+        """One save; an I/O failure becomes CheckpointWriteError naming the step kept intact."""
+        try:
+            manager.save(step, args=args, metrics=metrics, force=True)
+            manager.wait_until_finished()
+        except OSError as err:
+            kept = manager.latest_step()
+            raise CheckpointWriteError(
+                f"could not write checkpoint step {step} to {self.directory / where} ({_first_line(err)}); "
+                f"the previous checkpoint ({'step ' + str(kept) if kept is not None else 'none'}) is intact: "
+                f"free disk space or fix permissions, then rerun the same command") from err
+
+    def close(self) -> None:
+        """Waits for and releases both managers."""
+        self._latest.close()
+        self._best.close()

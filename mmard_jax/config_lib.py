@@ -1,4 +1,4 @@
-"""Building blocks of the experiment configs in configs/: the paper's settings (DESIGN §3) as data.
+"""Building blocks of the experiment configs in configs/: the paper's settings (docs/design.md, "Training") as data.
 
 Config files call `base_config(...)` and change fields; `parse_arg("method=rslad,student=mobilenet_v2")`
 reads the `get_config(arg)` argument of parameterised files.
@@ -44,16 +44,35 @@ def parse_arg(arg: Optional[str], **defaults) -> Dict[str, str]:
     return out
 
 
-def method_block(name: str, inner: str = "", outer: str = "", **overrides) -> ml_collections.ConfigDict:
-    """`config.method`: name, inner/outer ('' = the method's own) and the outer's hyper-parameters."""
-    resolved = methods.get_method(name, inner=inner or None, outer=outer or None, **overrides)
-    block = {"name": name, "inner": inner, "outer": outer}
+def method_block(name: str, inner: str = "", outer: str = "", plugins=(), dataset: str = "",
+                 **overrides) -> ml_collections.ConfigDict:
+    """`config.method`: name, inner/outer ('' = the method's own), plug-ins, and every hyper-parameter (the
+    published defaults for `dataset`, then `overrides`)."""
+    hparams = {**methods.dataset_hparams(name, dataset), **overrides} if outer in ("", None) else dict(overrides)
+    resolved = methods.get_method(name, inner=inner or None, outer=outer or None, plugins=tuple(plugins), **hparams)
+    block = {"name": name, "inner": inner, "outer": outer, "plugins": tuple(plugins)}
     block.update(resolved.hparams)
     return ml_collections.ConfigDict(block)
 
 
+def resolve_method(method_cfg) -> methods.Method:
+    """The config's `method` block -> a resolved Method (its other fields are hyper-parameters)."""
+    cfg = dict(method_cfg)
+    name, inner, outer = cfg.pop("name"), cfg.pop("inner", "") or None, cfg.pop("outer", "") or None
+    plugins = tuple(cfg.pop("plugins", ()) or ())
+    return methods.get_method(name, inner=inner, outer=outer, plugins=plugins, **cfg)
+
+
+def optim_block(**overrides) -> ml_collections.ConfigDict:
+    """An optimizer block: the paper's SGD (section 4.1: lr 0.1, momentum 0.9, wd 2e-4, cosine) with overrides."""
+    block = {"lr": 0.1, "momentum": 0.9, "weight_decay": 2e-4, "nesterov": False,
+             "schedule": "cosine", "boundaries": (), "decay": 0.1, "per_epoch": False}
+    block.update(overrides)
+    return ml_collections.ConfigDict(block)
+
+
 def base_config(method: str = "mmard", student: str = "resnet18", dataset: str = "cifar10",
-                teacher: Optional[str] = None) -> ml_collections.ConfigDict:
+                teacher: Optional[str] = None, inner: str = "", plugins=()) -> ml_collections.ConfigDict:
     """The paper's training recipe (section 4.1) for one (method, student, dataset)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -62,24 +81,27 @@ def base_config(method: str = "mmard", student: str = "resnet18", dataset: str =
          "n_train": -1}  # n_train > 0: train on the first n_train examples only (smoke runs)
     )
     c.student = ml_collections.ConfigDict({"arch": student, "kwargs": ml_collections.ConfigDict(), "dtype": "float32"})
-    needs_teacher = dataset in DEFAULT_TEACHER and method not in ("nature", "sat", "trades")
+    c.method = method_block(method, inner=inner, plugins=plugins, dataset=dataset)
+    networks = resolve_method(c.method).networks()
+    needs_teacher = "teacher" in networks and dataset in DEFAULT_TEACHER
     c.teacher = ml_collections.ConfigDict(
         {"checkpoint": teacher_dir(dataset, teacher) if needs_teacher else "", "dtype": "float32"}
     )
     # MTARD's second (naturally trained) teacher; the paper reports MTARD's published numbers because
     # the clean teachers are unpublished. Train one with configs/default.py:method=nature,student=wide_resnet.
     c.teacher2 = ml_collections.ConfigDict(
-        {"checkpoint": f"teachers/natural_wrn34_10_{dataset}" if method == "mtard" else "", "dtype": "float32"}
+        {"checkpoint": f"teachers/natural_wrn34_10_{dataset}" if "teacher2" in networks else "", "dtype": "float32"}
     )
-    c.method = method_block(method)
-    # Inner maximization: PGD-10, eps 8/255, step 2/255, 0.001 Gaussian start where the method uses one.
+    # PeerAiD's peer: the student's architecture unless set (PeerAiD README.md:31), its own optimizer.
+    c.peer = ml_collections.ConfigDict({"arch": "", "kwargs": ml_collections.ConfigDict(), "dtype": "float32",
+                                        "optim": optim_block()})
+    # Inner maximization: PGD-10, eps 8/255, step 2/255; the start and the student's BatchNorm mode follow
+    # the method's published code (methods.ROWS), the Gaussian start has scale 0.001.
     c.attack = ml_collections.ConfigDict(
-        {"eps": 8 / 255, "step_size": 2 / 255, "steps": 10, "gaussian_scale": 1e-3, "unroll": "auto"}
+        {"eps": 8 / 255, "step_size": 2 / 255, "steps": 10, "gaussian_scale": 1e-3, "unroll": "auto",
+         **methods.attack_defaults(method, inner or None)}
     )
-    c.optim = ml_collections.ConfigDict({
-        "lr": 0.1, "momentum": 0.9, "weight_decay": 2e-4, "nesterov": False,
-        "schedule": "cosine", "boundaries": (), "decay": 0.1, "per_epoch": False,
-    })
+    c.optim = optim_block()
     c.batch_size = 128
     c.num_epochs = 300
     if method == "nature":  # 100 epochs, lr / 10 at epochs 75 and 90
@@ -94,6 +116,7 @@ def base_config(method: str = "mmard", student: str = "resnet18", dataset: str =
         "batch_size": 500,
         "n_examples": -1,
         "unroll": "auto",  # 'auto' | 'full' | 'N': see runtime.resolve_unroll
+        "matmul_precision": "highest",  # float32 models at full float32 precision (no TF32 on GPUs)
     })
     c.best_metric = "pgd_t"  # paper section 4.2: best checkpoint by PGD_T robust accuracy
     c.checkpoint_every_steps = 1000
@@ -108,9 +131,7 @@ def paper_config(method: str, student: str, dataset: str, teacher: Optional[str]
     The final evaluation adds AutoAttack (the tables' AA column); the method's name stays the outer
     objective's, so Table 6's "ARD" with MMARD's inner process is `paper_config("ard", ..., inner="mmard")`.
     """
-    c = base_config(method, student, dataset, teacher)
-    if inner:
-        c.teacher.checkpoint = c.teacher.checkpoint or teacher_dir(dataset, teacher)
-    c.method = method_block(method, inner=inner, **hparams)
+    c = base_config(method, student, dataset, teacher, inner=inner)
+    c.method = method_block(method, inner=inner, dataset=dataset, **hparams)
     c.eval.final_attacks = ("clean", "fgsm", "pgd_s", "pgd_t", "cw", "aa")
     return c

@@ -23,8 +23,8 @@ import numpy as np
 from absl import app, flags
 from flax import traverse_util
 
-from mmard_jax import checkpoints, models, robustbench_zoo, runtime
-from mmard_jax.models import naming
+from mmard_jax import models, robustbench_zoo, runtime
+from mmard_jax.models import naming, store
 
 Progress = Optional[Callable[[str], None]]
 
@@ -253,7 +253,7 @@ def fit_hint(state: Mapping[str, Any], chosen: Tuple[str, int, Dict[str, Any]]) 
         return ""
     arch, num_classes, kwargs = guess
     try:
-        fits = not any(fit_report(state, expected_torch_shapes(arch, checkpoints.abstract_variables(
+        fits = not any(fit_report(state, expected_torch_shapes(arch, store.abstract_variables(
             models.create(arch, num_classes=num_classes, **kwargs)))))
     except (TypeError, ValueError):
         return ""
@@ -304,7 +304,7 @@ def _convert_owned(state, arch, num_classes, kwargs, source, progress) -> Dict[s
     kwargs = dict(kwargs or {})
     module = _build(arch, num_classes, kwargs)
     try:
-        abstract = checkpoints.abstract_variables(module)
+        abstract = store.abstract_variables(module)
     except ValueError as err:  # e.g. a depth that is not 6n + 4
         raise ConversionError(f"{describe(arch, num_classes, kwargs)}: {err}") from None
     state = drop_unused(state)
@@ -386,9 +386,9 @@ def convert_file(
     source = {"file": str(src.absolute()), "sha256": sha256(src), "converted_by": "mmard_jax.convert"}
     if robustbench:
         source["robustbench"] = {"name": robustbench, "dataset": dataset, "threat_model": threat_model}
-    spec = checkpoints.model_spec(arch, num_classes, kwargs, source=source)
+    spec = store.model_spec(arch, num_classes, kwargs, source=source)
     _log(progress, f"writing {dst} ({models.count_params(variables) / 1e6:.1f}M parameters)")
-    out = checkpoints.save_model(dst, spec, variables)
+    out = store.save_model(dst, spec, variables)
     _log(progress, f"done in {time.perf_counter() - start:.1f} s: {out}")
     return out
 

@@ -18,7 +18,7 @@ import time
 
 from absl import app, flags
 
-from mmard_jax import checkpoints, reporting, runtime, train
+from mmard_jax import files, reporting, runtime, train
 
 FLAGS = flags.FLAGS
 
@@ -66,7 +66,7 @@ def main(argv):
     table = reporting.accuracy_table(rows)
     text = (f"Digits test split (355 images), eps = 32/255, compute dtype {FLAGS.dtype}, accuracy in %:\n\n{table}\n\n"
             f"Total time: {seconds:.0f} s (training, evaluation and compilation).\n")
-    checkpoints.write_text_atomic(workdir / "demo.md", text)
+    files.write_text_atomic(workdir / "demo.md", text)
     print("\n" + text + f"Runs, plots and summaries: {workdir}")
     mmard, natural = rows["student: ResNet-18/8, MMARD"], rows["student: ResNet-18/8, natural"]
     if mmard["pgd_s"] < natural["pgd_s"] + FLAGS.margin:

@@ -22,8 +22,9 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from mmard_jax import checkpoints, data, parallel, reporting, runtime
+from mmard_jax import data, evaluator, files, parallel, reporting, runtime
 from mmard_jax.attacks import autoattack, suite
+from mmard_jax.models import store
 
 FLAGS = flags.FLAGS
 DEFAULT_ATTACKS = ("clean", "fgsm", "pgd_s", "pgd_t", "cw", "aa")
@@ -58,27 +59,24 @@ def evaluate_model(
     mesh=None,
     unroll=1,
     aa_config: autoattack.AutoAttackConfig = autoattack.STANDARD,
+    matmul_precision: Optional[str] = "highest",
+    compute_dtype: str = "float32",
     progress: bool = True,
 ) -> Dict[str, Any]:
     """Runs the attacks over the split and the trust checks: {'masks', 'accuracy', 'counts', 'seconds',
     'autoattack' (when 'aa' ran), 'gradients', 'flags'}. Library form of the CLI (no files written)."""
-    mesh = mesh or parallel.data_mesh()
-    evaluators: Dict = {}
-    masks, seconds = {}, {}
-    aa_detail: Dict[str, autoattack.AutoAttackResult] = {}
-    for name in attacks:
-        start = time.perf_counter()
-        out = suite.evaluate_split(
-            module, variables, images, labels, [name], eps=eps, batch_size=batch_size, seed=seed, mesh=mesh,
-            unroll=unroll, progress=progress, evaluators=evaluators, aa_config=aa_config, aa_result=aa_detail,
-        )
-        masks[name] = out[name]
-        seconds[name] = time.perf_counter() - start
+    ev = evaluator.Evaluator(module, images, labels, mesh=mesh, batch_size=batch_size, eps=eps, unroll=unroll,
+                             aa_config=aa_config, matmul_precision=matmul_precision, progress=progress)
+    variables = parallel.put_replicated(variables, ev.mesh)
+    masks, seconds, aa_result = {}, {}, None
+    for name in attacks:  # one at a time, to print each result as it comes
+        result = ev.run(variables, [name], seed=seed)
+        masks[name], seconds[name] = result.masks[name], result.seconds[name]
+        aa_result = result.autoattack or aa_result
         if progress:
             print(f"{name}: {masks[name].mean():.2%} ({seconds[name]:.1f} s)", flush=True)
     start = time.perf_counter()
-    gradients = suite.gradient_health(module, variables, images, labels, batch_size=batch_size, mesh=mesh,
-                                      evaluators=evaluators)
+    gradients = ev.gradient_health(variables)
     seconds["gradient_check"] = time.perf_counter() - start
     accuracy = reporting.mean_accuracies(masks)
     report: Dict[str, Any] = {
@@ -89,17 +87,16 @@ def evaluate_model(
         "gradients": {k: float(v.mean()) for k, v in gradients.items()},
     }
     aa_after = None
-    if "aa" in aa_detail:
-        result = aa_detail["aa"]
-        aa_after = result.accuracies()
+    if aa_result is not None:
+        aa_after = aa_result.accuracies()
         report["autoattack"] = {
-            "version": autoattack.describe(aa_config),
+            "version": autoattack.describe(aa_config, compute_dtype=compute_dtype, matmul_precision=matmul_precision),
             "settings": dataclasses.asdict(aa_config),
             "accuracy_after": aa_after,
-            "fooled_by": {c: int(np.sum(result.fooled_by == i)) for i, c in enumerate(autoattack.COMPONENTS)
+            "fooled_by": {c: int(np.sum(aa_result.fooled_by == i)) for i, c in enumerate(autoattack.COMPONENTS)
                           if c in aa_config.components},
         }
-        masks["aa_fooled_by"] = result.fooled_by
+        masks["aa_fooled_by"] = aa_result.fooled_by
     report["flags"] = suite.trust_flags(accuracy, gradients=gradients, aa_after=aa_after)
     return report
 
@@ -135,8 +132,8 @@ def write_report(output: pathlib.Path, title: str, setup: Dict[str, Any], report
     output.mkdir(parents=True, exist_ok=True)
     body = {k: v for k, v in report.items() if k != "masks"}
     body.update({"title": title, "setup": setup})
-    checkpoints.write_json_atomic(output / "report.json", body)
-    checkpoints.write_text_atomic(output / "report.md", markdown_report(title, setup, report))
+    files.write_json_atomic(output / "report.json", body)
+    files.write_text_atomic(output / "report.md", markdown_report(title, setup, report))
     np.savez_compressed(output / "masks.npz", **report["masks"])
     return output
 
@@ -160,6 +157,8 @@ def define_flags():
     flags.DEFINE_integer("aa_targets", 9, "AutoAttack: target classes of APGD-T and FAB-T (standard: 9).")
     flags.DEFINE_integer("aa_queries", 5000, "AutoAttack: Square queries (standard: 5000).")
     flags.DEFINE_integer("aa_restarts", 1, "AutoAttack: APGD-CE restarts (standard: 1).")
+    flags.DEFINE_bool("tf32", False, "Allow TF32 matmuls/convolutions for float32 models on GPUs (faster; the report "
+                      "then says 'custom', not 'standard'). Default: full float32 precision.")
     flags.mark_flags_as_required(["checkpoint"])
 
 
@@ -174,7 +173,7 @@ def main(argv):
     run_evaluation(
         FLAGS.checkpoint, FLAGS.dataset, FLAGS.attacks, n_examples=FLAGS.n_examples, batch_size=FLAGS.batch_size,
         eps=parse_eps(FLAGS.eps), seed=FLAGS.seed, output=FLAGS.output, data_dir=FLAGS.data_dir, source=FLAGS.source,
-        dtype=FLAGS.dtype, unroll=FLAGS.unroll,
+        dtype=FLAGS.dtype, unroll=FLAGS.unroll, matmul_precision=None if FLAGS.tf32 else "highest",
         aa_config=aa_config_from(FLAGS.aa_iters, FLAGS.aa_targets, FLAGS.aa_queries, FLAGS.aa_restarts),
     )
 
@@ -194,6 +193,7 @@ def run_evaluation(
     dtype: str = "float32",
     unroll="auto",
     aa_config: autoattack.AutoAttackConfig = autoattack.STANDARD,
+    matmul_precision: Optional[str] = "highest",
     progress: bool = True,
 ) -> Dict[str, Any]:
     """The CLI's work: load the checkpoint and the test split, evaluate, write and print the report."""
@@ -202,16 +202,17 @@ def run_evaluation(
     images, labels = test.images, test.labels
     if n_examples > 0:
         images, labels = images[:n_examples], labels[:n_examples]
-    module, variables = checkpoints.load_model(checkpoint, dtype=dtype, input_shape=images.shape[1:])
+    module, variables = store.load_model(checkpoint, dtype=dtype, input_shape=images.shape[1:])
     if module.num_classes != test.num_classes:
         raise ValueError(f"{checkpoint} has {module.num_classes} classes, {dataset} has {test.num_classes}")
     mesh = parallel.data_mesh()
     parallel.check_divisible(batch_size, mesh, "--batch_size")
     start = time.perf_counter()
     report = evaluate_model(module, variables, images, labels, attacks, eps=eps, batch_size=batch_size, seed=seed,
-                            mesh=mesh, unroll=runtime.resolve_unroll(unroll), aa_config=aa_config, progress=progress)
+                            mesh=mesh, unroll=runtime.resolve_unroll(unroll), aa_config=aa_config,
+                            matmul_precision=matmul_precision, compute_dtype=dtype, progress=progress)
     report["seconds"]["total"] = time.perf_counter() - start
-    spec = checkpoints.read_spec(checkpoint)
+    spec = store.read_spec(checkpoint)
     setup = {
         "model": checkpoint.name,
         "checkpoint": str(checkpoint),
@@ -222,12 +223,14 @@ def run_evaluation(
         "batch size": batch_size,
         "devices": f"{mesh.devices.size} x {jax.devices()[0].platform}",
         "dtype": dtype,
+        "matmul precision": matmul_precision or "default (TF32 on GPUs)",
     }
     output = pathlib.Path(output) if output else checkpoint / f"robustness_{dataset}"
     title = f"Robustness of {checkpoint.name} on {dataset}"
-    write_report(output, title, setup, report)
-    print(markdown_report(title, setup, report))
-    print(f"wrote {output / 'report.json'}, report.md, masks.npz", flush=True)
+    if parallel.is_primary():
+        write_report(output, title, setup, report)
+        print(markdown_report(title, setup, report))
+        print(f"wrote {output / 'report.json'}, report.md, masks.npz", flush=True)
     return report
 
 

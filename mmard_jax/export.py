@@ -17,8 +17,8 @@ from typing import Any, Dict, Mapping
 import numpy as np
 from absl import app, flags
 
-from mmard_jax import checkpoints, models, runtime
-from mmard_jax.models import naming
+from mmard_jax import models, runtime
+from mmard_jax.models import naming, store
 
 SUB_BLOCK1 = "sub_block1."
 
@@ -102,10 +102,10 @@ def save_state_dict(state: Mapping[str, Any], dst) -> pathlib.Path:
 
 def export_model(src, dst, sub_block1: bool = False, progress=None) -> pathlib.Path:
     """Model directory or training workdir (best checkpoint) -> PyTorch state_dict file at `dst`."""
-    spec = checkpoints.read_spec(src)
+    spec = store.read_spec(src)
     if progress:
         progress(f"loading {src} ({spec['arch']}, {spec['num_classes']} classes)")
-    _, variables = checkpoints.load_model(src)
+    _, variables = store.load_model(src)
     state = to_torch_state_dict(variables, spec["arch"], sub_block1=sub_block1)
     out = save_state_dict(state, dst)
     if progress:
@@ -132,7 +132,7 @@ def main(argv) -> None:
     f = flags.FLAGS
     try:
         export_model(f.src, f.dst, sub_block1=f.sub_block1, progress=lambda m: print(m, flush=True))
-    except (ExportError, checkpoints.CheckpointError) as err:
+    except (ExportError, store.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
 

@@ -1,31 +1,36 @@
-"""Data parallelism over all local devices: one 'data' mesh axis, per-device code mapped with shard_map.
+"""Data parallelism over every device of every process: one 'data' mesh axis, per-device code mapped with shard_map.
 
-`jax.pmap` is in maintenance mode and itself implemented on `jax.shard_map`; we write the per-device
-step once and map it with `jax.shard_map` inside `jit`, which gives pmap's semantics on the current API.
+`jax.pmap` is in maintenance mode and itself implemented on `jax.shard_map`; we write per-device code once and
+map it with `jax.shard_map` inside `jit`, which gives pmap's semantics on the current API. In a multi-process
+run (`mmard_jax.distributed`) the mesh spans all processes' devices, ordered by process, so each process
+holds one contiguous block of every batch: `put_batch` feeds only that block and `to_host` gathers results
+back onto every host. With one process these reduce to `device_put` and `np.asarray`.
 """
 
 from typing import Optional, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "data"
 
 
 def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """A 1-D mesh named 'data' over the given (default: all local) devices."""
-    devices = list(devices) if devices is not None else jax.local_devices()
-    return Mesh(np.array(devices), (AXIS,))
+    """A 1-D mesh named 'data' over the given devices (default: every device of every process, by process)."""
+    if devices is None:
+        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(list(devices)), (AXIS,))
 
 
 def check_divisible(global_batch: int, mesh: Mesh, what: str = "batch size") -> int:
     """Per-device batch size; a clear error at start if the global batch does not divide."""
     n = mesh.devices.size
-    if global_batch % n:
+    if global_batch <= 0 or global_batch % n:
         raise ValueError(
             f"{what} {global_batch} does not divide by the {n} devices of the mesh; "
-            f"choose a multiple of {n} (or run on fewer devices)"
+            f"choose a positive multiple of {n} (or run on fewer devices)"
         )
     return global_batch // n
 
@@ -37,6 +42,52 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharded(mesh: Mesh, axis: int = 0) -> NamedSharding:
     """Sharding that splits dimension `axis` over the 'data' axis."""
     return NamedSharding(mesh, P(*([None] * axis + [AXIS])))
+
+
+def put_replicated(tree, mesh: Mesh):
+    """A pytree of host values (the same on every process) as arrays replicated over the whole mesh."""
+    sharding = replicated(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    host = jax.device_get(tree)
+    return jax.tree.map(lambda a: jax.make_array_from_callback(np.shape(a), sharding, lambda i: np.asarray(a)[i]), host)
+
+
+def local_rows(mesh: Mesh, n: int, axis: int = 0) -> slice:
+    """The rows (along `axis`, of a global extent n) that this process's devices hold under `batch_sharded`."""
+    shape = [1] * (axis + 1)
+    shape[axis] = n
+    indices = batch_sharded(mesh, axis).addressable_devices_indices_map(tuple(shape)).values()
+    starts = [i[axis].start or 0 for i in indices]
+    stops = [n if i[axis].stop is None else i[axis].stop for i in indices]
+    return slice(min(starts), max(stops))
+
+
+def put_batch(global_array: np.ndarray, mesh: Mesh, axis: int = 0) -> jax.Array:
+    """A host array that every process knows in full, sharded over 'data' along `axis`; each process
+    transfers only the block its own devices hold."""
+    global_array = np.asarray(global_array)
+    if jax.process_count() == 1:
+        return jax.device_put(global_array, batch_sharded(mesh, axis))
+    rows = local_rows(mesh, global_array.shape[axis], axis)
+    local = global_array[(slice(None),) * axis + (rows,)]
+    return jax.make_array_from_process_local_data(batch_sharded(mesh, axis), local, global_array.shape)
+
+
+def to_host(tree):
+    """A pytree of global arrays as NumPy arrays on every process (gathered across processes when needed)."""
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(x)
+        if x.sharding.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.tree.map(one, tree)
+
+
+def is_primary() -> bool:
+    """Whether this process writes the files a person reads (process 0)."""
+    return jax.process_index() == 0
 
 
 def example_keys(key: jax.Array, positions: jax.Array) -> jax.Array:

@@ -1,12 +1,15 @@
-"""Results as files a person can read: TensorBoard scalars, the accuracy plot and the Markdown summary."""
+"""Results as files a person can read: the metric fan-out of a run (metrics.jsonl, TensorBoard, progress bar),
+the accuracy plot and the Markdown summary. In a multi-process run only process 0 writes or prints."""
 
-import json
 import pathlib
-from typing import Any, Dict, Mapping, Sequence
+import time
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
+import jax
 import numpy as np
+from tqdm.auto import tqdm
 
-from mmard_jax import checkpoints
+from mmard_jax import files
 
 # Column order of the paper's tables.
 PAPER_COLUMNS = ("clean", "fgsm", "pgd_s", "pgd_t", "cw", "aa")
@@ -28,6 +31,82 @@ class SummaryWriter:
 
     def close(self) -> None:
         self._writer.close()
+
+
+def weighted_means(chunks: Sequence[Tuple[int, Mapping[str, float]]]) -> Dict[str, float]:
+    """Epoch means from per-log-interval means, weighted by the steps in each interval."""
+    total = sum(n for n, _ in chunks)
+    if not total:
+        return {}
+    return {k: sum(n * m[k] for n, m in chunks) / total for k in chunks[-1][1]}
+
+
+class MetricSinks:
+    """One fan-out for everything a run reports: metrics.jsonl (one record per epoch; records past a restored
+    step are dropped on resume), TensorBoard scalars, the per-epoch progress bar and printed lines."""
+
+    def __init__(self, workdir: pathlib.Path, progress: bool = True):
+        self.workdir, self.primary = pathlib.Path(workdir), jax.process_index() == 0
+        self.progress = progress and self.primary
+        self.records: List[Dict[str, Any]] = []
+        self._writer = self._bar = None
+        self._t0, self._seen = time.perf_counter(), 0
+
+    def open(self, restored_step: int) -> None:
+        """Keeps the metrics of the steps the restored state has done; opens the TensorBoard writer."""
+        path = self.workdir / "metrics.jsonl"
+        self.records = [r for r in files.read_jsonl(path) if r["step"] <= restored_step]
+        if self.primary:
+            files.write_jsonl_atomic(path, self.records)
+            self._writer = SummaryWriter(self.workdir / "tb")
+
+    def say(self, text: str) -> None:
+        if self.primary:
+            tqdm.write(text) if self._bar is not None else print(text, flush=True)
+
+    def start_epoch(self, epoch: int, num_epochs: int, total: int, initial: int) -> None:
+        self._bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{num_epochs}",
+                         disable=not self.progress, dynamic_ncols=True)
+        self._t0, self._seen = time.perf_counter(), 0
+
+    def advance(self) -> None:
+        self._bar.update(1)
+
+    def train_metrics(self, step: int, history, batch_size: int) -> Tuple[int, Dict[str, float]]:
+        """Means of the steps since the last call (one device-to-host transfer), to the bar and TensorBoard."""
+        fetched = [{k: float(np.asarray(v.addressable_data(0))) for k, v in h.items()} for h in history]
+        means = {k: float(np.mean([h[k] for h in fetched])) for k in fetched[0]}
+        rate = len(history) * batch_size / max(time.perf_counter() - self._t0, 1e-9)
+        self._t0 = time.perf_counter()
+        accs = {k: f"{v:.3f}" for k, v in means.items() if k.startswith("acc_")}
+        self._bar.set_postfix(loss=f"{means['loss']:.4f}", **accs, img_s=f"{rate:.0f}")
+        self._scalars(step, {f"train/{k}": v for k, v in means.items()} | {"train/images_per_s": rate})
+        return len(history), means
+
+    def end_epoch(self) -> None:
+        self._bar.close()
+        self._bar = None
+
+    def epoch(self, record: Dict[str, Any]) -> None:
+        """One epoch's record: appended to metrics.jsonl, to TensorBoard, and its test accuracies printed."""
+        self.records.append(record)
+        if not self.primary:
+            return
+        files.append_jsonl(self.workdir / "metrics.jsonl", record)
+        self._scalars(record["step"], {k.replace("_", "/", 1): v for k, v in record.items()
+                                       if k.startswith(("test_", "train_"))})
+        tests = {k[5:]: v for k, v in record.items() if k.startswith("test_")}
+        if tests:
+            self.say(f"epoch {record['epoch']}: " + ", ".join(f"{k} {v:.2%}" for k, v in tests.items()))
+
+    def _scalars(self, step: int, values: Mapping[str, float]) -> None:
+        if self._writer is not None:
+            self._writer.scalars(step, values)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def accuracy_table(rows: Mapping[str, Mapping[str, float]], columns: Sequence[str] = PAPER_COLUMNS) -> str:
@@ -114,9 +193,10 @@ def finish_run(workdir: pathlib.Path, config, records, meta, final: Mapping[str,
         "epochs_done": records[-1]["epoch"] if records else 0,
         "train_hours": sum(r.get("seconds", 0.0) for r in records) / 3600,
     }
-    plot_accuracy(records, workdir / "accuracy.png", title)
-    checkpoints.write_text_atomic(workdir / "summary.md", summary_markdown(summary) + "\n")
-    checkpoints.write_json_atomic(workdir / "summary.json", summary)
+    if jax.process_index() == 0:
+        plot_accuracy(records, workdir / "accuracy.png", title)
+        files.write_text_atomic(workdir / "summary.md", summary_markdown(summary) + "\n")
+        files.write_json_atomic(workdir / "summary.json", summary)
     return summary
 
 

@@ -2,89 +2,41 @@
 
     python -m mmard_jax.train --config=configs/default.py --workdir=DIR [--config.method.alpha=0.5]
 
-Re-running the same command resumes from the latest checkpoint; an interrupted and resumed run ends
-with bitwise the same parameters as an uninterrupted one (data order, augmentation and attack
-randomness are functions of (seed, epoch, step), and the whole train state is checkpointed).
-Outputs in DIR: metrics.jsonl (one JSON record per epoch), TensorBoard events (tb/), checkpoints/,
-model.json (the student's spec), config.json, accuracy.png and summary.md at the end.
+Re-running the same command resumes from the latest checkpoint; an interrupted and resumed run ends with
+bitwise the same parameters as an uninterrupted one (data order, augmentation and attack randomness are
+functions of (seed, epoch, step), and the whole train state is checkpointed). Outputs in DIR: metrics.jsonl
+(one JSON record per epoch), TensorBoard events (tb/), checkpoints/, model.json (the student's spec),
+config.json, history.jsonl (every start and resume), accuracy.png and summary.md/json at the end.
 """
 
 import dataclasses
 import json
 import math
 import pathlib
+import sys
 import time
 from typing import Any, Dict, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from mmard_jax import checkpoints, data, methods, parallel, reporting, runtime, train_step
+from mmard_jax import checkpoints, cli, config_guard, config_lib, data, distributed, evaluator, files, methods, parallel
+from mmard_jax import preemption, reporting, run_lock, runtime, train_step, xla_env
 from mmard_jax.attacks import suite
-
-TEACHER_FORWARDS = frozenset({"t_nat", "t_adv", "inner:t_nat", "inner:t_iter"})
+from mmard_jax.models import store
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss or a gradient became NaN/inf; the run stopped and kept its last good checkpoint."""
 
 
-def resolve_method(method_cfg) -> methods.Method:
-    """The config's `method` block -> a resolved Method (its other fields are outer hyper-parameters)."""
-    cfg = dict(method_cfg)
-    name = cfg.pop("name")
-    inner = cfg.pop("inner", "") or None
-    outer = cfg.pop("outer", "") or None
-    return methods.get_method(name, inner=inner, outer=outer, **cfg)
-
-
-def _phases(method: methods.Method, num_epochs: int):
-    return sorted({method.phase(e) for e in range(num_epochs)})
-
-
-def _needs_any(method: methods.Method, num_epochs: int, names) -> bool:
-    return any(method.forwards(p) & names for p in _phases(method, num_epochs))
-
-
-def load_teacher(cfg, role: str, num_classes: int, input_shape):
-    """(module, variables) of a teacher named in the config; clear errors for a missing or mismatched one."""
-    if not cfg.checkpoint:
-        raise ValueError(
-            f"this method needs a {role}: set --config.{role}.checkpoint to a model directory "
-            f"(from `python -m mmard_jax.convert`) or a training workdir of this project"
-        )
-    module, variables = checkpoints.load_model(cfg.checkpoint, dtype=cfg.dtype, input_shape=input_shape)
-    if module.num_classes != num_classes:
-        raise ValueError(f"{role} {cfg.checkpoint} has {module.num_classes} classes, the data set {num_classes}")
-    return module, variables
-
-
-class MetricsLog:
-    """metrics.jsonl: one record per epoch; on resume, records past the restored step are dropped."""
-
-    def __init__(self, path: pathlib.Path, restored_step: int):
-        self.path = path
-        self.records = []
-        if path.exists():
-            for line in path.read_text().splitlines():
-                rec = json.loads(line)
-                if rec["step"] <= restored_step:
-                    self.records.append(rec)
-        self._rewrite()
-
-    def _rewrite(self):
-        checkpoints.write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
-
-    def append(self, record: Dict[str, Any]):
-        self.records.append(record)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+def due(step: int, every: int, last: bool = False) -> bool:
+    """Whether a periodic action (log, checkpoint, evaluation) falls on `step`: every `every` steps, or at the end."""
+    return last or (every > 0 and step % every == 0)
 
 
 def check_config(config) -> None:
@@ -92,209 +44,266 @@ def check_config(config) -> None:
     for field in ("attacks", "final_attacks"):
         unknown = [a for a in config.eval[field] if a not in suite.ATTACKS]
         if unknown:
-            raise ValueError(f"config.eval.{field}: unknown attack(s) {unknown}; known: {', '.join(suite.ATTACKS)}")
+            raise cli.UserError(f"config.eval.{field}: unknown attack(s) {unknown}; known: {', '.join(suite.ATTACKS)}")
     if config.best_metric not in config.eval.attacks:
-        raise ValueError(
-            f"config.best_metric={config.best_metric!r} is not evaluated during training "
-            f"(config.eval.attacks={tuple(config.eval.attacks)}): the best checkpoint could never be chosen"
-        )
+        raise cli.UserError(f"config.best_metric={config.best_metric!r} is not evaluated during training "
+                            f"(config.eval.attacks={tuple(config.eval.attacks)}): the best checkpoint could never be chosen")
+    for name in ("batch_size", "num_epochs"):
+        if config[name] <= 0:
+            raise cli.UserError(f"config.{name}={config[name]} must be positive")
 
 
-def _mean_metrics(history) -> Dict[str, float]:
-    """Averages of per-step device metrics fetched in one transfer."""
-    if not history:
-        return {}
-    fetched = jax.device_get(history)
-    return {k: float(np.mean([h[k] for h in fetched])) for k in fetched[0]}
+@dataclasses.dataclass
+class Run:
+    """Everything a training run holds besides its state: data, networks, optimizers, outputs."""
+
+    config: Any
+    workdir: pathlib.Path
+    mesh: Any
+    method: methods.Method
+    nets: train_step.Networks
+    frozen: Dict[str, Any]
+    txs: Dict[str, Any]
+    schedule: Any
+    settings: train_step.StepSettings
+    images: Any
+    labels: Any
+    n_train: int
+    input_shape: tuple
+    steps_per_epoch: int
+    evaluator: evaluator.Evaluator
+    ckpt: checkpoints.TrainCheckpoints
+    sinks: reporting.MetricSinks
+    guard: preemption.PreemptionGuard
+    meta: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"best_value": -math.inf, "best_epoch": -1})
+    step_fns: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def step_fn(self, phase: str):
+        """The compiled step of a phase (built on first use)."""
+        if phase not in self.step_fns:
+            self.step_fns[phase] = train_step.make_train_step(self.nets, self.method, phase, self.txs, self.schedule,
+                                                              self.settings, self.mesh, self.config.seed)
+        return self.step_fns[phase]
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, progress: bool = True) -> Dict[str, Any]:
+def load_data(config):
+    """The training and test splits of the config's data set (optionally their first examples only)."""
+    ds = config.dataset
+    kw = dict(data_dir=ds.data_dir or None, source=ds.source, download=ds.download)
+    train, test = data.load_dataset(ds.name, "train", **kw), data.load_dataset(ds.name, "test", **kw)
+    if ds.n_train > 0:
+        train = dataclasses.replace(train, images=train.images[: ds.n_train], labels=train.labels[: ds.n_train])
+    if config.eval.n_examples > 0:
+        n = config.eval.n_examples
+        test = dataclasses.replace(test, images=test.images[:n], labels=test.labels[:n])
+    return train, test
+
+
+def load_frozen(cfg, role: str, num_classes: int, input_shape):
+    """(module, variables) of a teacher named in the config; clear errors for a missing or mismatched one."""
+    if not cfg.checkpoint:
+        raise cli.UserError(f"this method needs a {role}: set --config.{role}.checkpoint to a model directory "
+                            f"(from `python -m mmard_jax.convert`) or a training workdir of this project")
+    module, variables = store.load_model(cfg.checkpoint, dtype=cfg.dtype, input_shape=input_shape)
+    if module.num_classes != num_classes:
+        raise cli.UserError(f"{role} {cfg.checkpoint} has {module.num_classes} classes, the data set {num_classes}")
+    return module, variables
+
+
+def build_networks(config, method: methods.Method, num_classes: int, input_shape):
+    """The step's modules (trained ones with cross-device BatchNorm), the teachers' variables, the student's spec."""
+    spec = store.model_spec(config.student.arch, num_classes, dict(config.student.kwargs))
+    nets, frozen = {"student": store.build_module(spec, config.student.dtype, bn_axis_name=parallel.AXIS)}, {}
+    used = method.networks()
+    if "peer" in used:
+        peer_spec = store.model_spec(config.peer.arch or config.student.arch, num_classes,
+                                     dict(config.peer.kwargs) if config.peer.arch else dict(config.student.kwargs))
+        nets["peer"] = store.build_module(peer_spec, config.peer.dtype, bn_axis_name=parallel.AXIS)
+    for role in ("teacher", "teacher2"):
+        if role in used:
+            nets[role], frozen[role] = load_frozen(config[role], role, num_classes, input_shape)
+    return train_step.Networks(**nets), frozen, spec
+
+
+def build_optimizers(config, nets: train_step.Networks, steps_per_epoch: int):
+    """One optimizer per trained network (the peer has its own block), and the student's schedule."""
+    txs, schedules = {}, {}
+    for name in nets.trained():
+        opt = config.optim if name == "student" else config.peer.optim
+        schedules[name] = train_step.make_lr_schedule(opt.lr, steps_per_epoch, config.num_epochs, opt.schedule,
+                                                      tuple(opt.boundaries), opt.decay, opt.per_epoch)
+        txs[name] = train_step.make_optimizer(schedules[name], opt.momentum, opt.weight_decay, opt.nesterov)
+    return txs, schedules["student"]
+
+
+def step_settings(config) -> train_step.StepSettings:
+    a = config.attack
+    return train_step.StepSettings(
+        eps=a.eps, step_size=a.step_size, steps=a.steps, gaussian_scale=a.gaussian_scale, init=a.init,
+        student_bn=a.student_bn, unroll=runtime.resolve_unroll(a.unroll), crop_padding=config.dataset.crop_padding,
+        flip=config.dataset.flip, base_lr=config.optim.lr)
+
+
+def setup(config, workdir: pathlib.Path, progress: bool, guard) -> Run:
+    """Data, networks, optimizers, evaluator, checkpoints and metric sinks of a run (no state yet)."""
+    mesh = parallel.data_mesh()
+    parallel.check_divisible(config.batch_size, mesh, "batch_size")
+    parallel.check_divisible(config.eval.batch_size, mesh, "eval.batch_size")
+    train, test = load_data(config)
+    method = config_lib.resolve_method(config.method)
+    nets, frozen, spec = build_networks(config, method, train.num_classes, train.images.shape[1:])
+    steps_per_epoch = data.num_train_steps(len(train), config.batch_size)
+    txs, schedule = build_optimizers(config, nets, steps_per_epoch)
+    eval_student = store.build_module(spec, config.student.dtype)
+    ev = evaluator.Evaluator(eval_student, test.images, test.labels, mesh=mesh, batch_size=config.eval.batch_size,
+                             eps=config.eval.eps, unroll=runtime.resolve_unroll(config.eval.unroll),
+                             matmul_precision=config.eval.get("matmul_precision", "highest"), progress=progress)
+    images, labels = parallel.put_replicated((train.images, train.labels), mesh)
+    if parallel.is_primary():
+        files.write_json_atomic(workdir / store.SPEC_FILE, spec)
+    return Run(config, workdir, mesh, method, nets, parallel.put_replicated(frozen, mesh), txs, schedule,
+               step_settings(config), images, labels, len(train), train.images.shape[1:], steps_per_epoch, ev,
+               checkpoints.TrainCheckpoints(workdir, config.best_metric), reporting.MetricSinks(workdir, progress),
+               guard)
+
+
+def restore_or_init(run: Run):
+    """The train state and best-checkpoint bookkeeping: restored from the latest checkpoint, or fresh."""
+    key = jax.random.key(run.config.seed, impl="rbg")  # RBG init keys: threefry init programs compile slowly on CPU
+    state = parallel.put_replicated(train_step.init_state(run.nets, run.method, run.txs, key, run.input_shape),
+                                    run.mesh)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+    restored = run.ckpt.restore(abstract)
+    if restored is None:
+        return state
+    state, run.meta = restored
+    run.sinks.say(f"resumed from step {int(state.step)} ({run.workdir})")
+    return state
+
+
+def train_epoch(run: Run, state, epoch: int):
+    """One epoch of steps from wherever the state is; returns the state and the epoch's mean training metrics."""
+    cfg, spe = run.config, run.steps_per_epoch
+    step_fn = run.step_fn(run.method.phase(epoch))
+    batches = parallel.put_batch(data.train_batch_indices(cfg.seed, epoch, run.n_train, cfg.batch_size), run.mesh, axis=1)
+    epoch_t = np.asarray(epoch, np.int32)
+    first = int(state.step) - epoch * spe
+    run.sinks.start_epoch(epoch, cfg.num_epochs, spe, first)
+    history, chunks = [], []
+    for i in range(first, spe):
+        state, metrics = step_fn(state, run.frozen, run.images, run.labels, batches[i], epoch_t)
+        history.append(metrics)
+        step = epoch * spe + i + 1
+        if due(step, cfg.log_every_steps, last=i == spe - 1):
+            chunks.append(run.sinks.train_metrics(step, history, cfg.batch_size))
+            history = []
+        if run.guard.should_stop(step, agree=distributed.any_process):
+            save_latest(run, state)
+            raise run.guard.error(step)
+        if due(step, cfg.checkpoint_every_steps) and i < spe - 1:
+            save_latest(run, state)
+        run.sinks.advance()
+    run.sinks.end_epoch()
+    _raise_if_nonfinite(state, run.ckpt)
+    return state, reporting.weighted_means(chunks)
+
+
+def evaluate_epoch(run: Run, state, epoch: int) -> Dict[str, float]:
+    """Test accuracies of the student after `epoch` (1-based) under the training-time attacks."""
+    variables = {"params": state.student.params, "batch_stats": state.student.batch_stats}
+    result = run.evaluator.run(variables, run.config.eval.attacks, seed=eval_seed(run.config, epoch))
+    return {f"test_{k}": v for k, v in result.accuracies().items()}
+
+
+def update_best(run: Run, state, meta, record) -> Dict[str, Any]:
+    """Saves the best checkpoint when this epoch's best-metric accuracy is the highest so far."""
+    value = record.get(f"test_{run.config.best_metric}")
+    if value is None or value <= meta["best_value"]:
+        return meta
+    variables = {"params": state.student.params, "batch_stats": state.student.batch_stats}
+    run.ckpt.save_best(int(state.step), variables, value)
+    return {"best_value": value, "best_epoch": record["epoch"]}
+
+
+def final_evaluation(run: Run, meta, records) -> Dict[str, float]:
+    """The best checkpoint under every final attack, with the best epoch's evaluation seed: the attacks that
+    evaluation already ran give the same numbers, so they are taken from its record."""
+    attacks = tuple(run.config.eval.final_attacks)
+    best_record = next((r for r in records if r["epoch"] == meta["best_epoch"]), {})
+    final = {a: best_record[f"test_{a}"] for a in attacks if f"test_{a}" in best_record}
+    missing = [a for a in attacks if a not in final]
+    if missing:
+        _, variables = store.load_model(run.workdir, dtype=run.config.student.dtype,
+                                        input_shape=run.input_shape)
+        result = run.evaluator.run(variables, missing, seed=eval_seed(run.config, meta["best_epoch"]))
+        final.update(result.accuracies())
+    return {a: final[a] for a in attacks}
+
+
+def save_latest(run: Run, state) -> None:
+    _raise_if_nonfinite(state, run.ckpt)
+    run.ckpt.save_latest(state, run.meta)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, progress: bool = True,
+                       extend_epochs: bool = False) -> Dict[str, Any]:
     """Trains the student of `config` in `workdir` (resuming if a checkpoint is there) and evaluates it.
 
-    Returns the summary (also written to summary.md / summary.json).
+    Returns the summary (also written to summary.md / summary.json). One writer per workdir (a lock), a
+    resume must use the same settings (`config_guard`), SIGTERM/SIGINT save the state and stop cleanly.
     """
     workdir = pathlib.Path(workdir).absolute()
     check_config(config)
     workdir.mkdir(parents=True, exist_ok=True)
-    mesh = parallel.data_mesh()
-    parallel.check_divisible(config.batch_size, mesh, "batch_size")
-    parallel.check_divisible(config.eval.batch_size, mesh, "eval.batch_size")
-
-    ds = config.dataset
-    train_ds = data.load_dataset(ds.name, "train", data_dir=ds.data_dir or None, source=ds.source, download=ds.download)
-    test_ds = data.load_dataset(ds.name, "test", data_dir=ds.data_dir or None, source=ds.source, download=ds.download)
-    if ds.n_train > 0:
-        train_ds = dataclasses.replace(train_ds, images=train_ds.images[: ds.n_train], labels=train_ds.labels[: ds.n_train])
-    if config.eval.n_examples > 0:
-        n = config.eval.n_examples
-        test_ds = dataclasses.replace(test_ds, images=test_ds.images[:n], labels=test_ds.labels[:n])
-    input_shape = train_ds.images.shape[1:]
-    num_classes = train_ds.num_classes
-
-    method = resolve_method(config.method)
-    spec = checkpoints.model_spec(config.student.arch, num_classes, dict(config.student.kwargs))
-    student = checkpoints.build_module(spec, config.student.dtype, bn_axis_name=parallel.AXIS)
-    eval_student = checkpoints.build_module(spec, config.student.dtype)
-
-    teacher = teacher2 = None
-    t_vars = t2_vars = {}
-    if _needs_any(method, config.num_epochs, TEACHER_FORWARDS):
-        teacher, t_vars = load_teacher(config.teacher, "teacher", num_classes, input_shape)
-    if _needs_any(method, config.num_epochs, {"t2_nat"}):
-        teacher2, t2_vars = load_teacher(config.teacher2, "teacher2", num_classes, input_shape)
-
-    steps_per_epoch = data.num_train_steps(len(train_ds), config.batch_size)
-    opt = config.optim
-    schedule = train_step.make_lr_schedule(
-        opt.lr, steps_per_epoch, config.num_epochs, opt.schedule, tuple(opt.boundaries), opt.decay, opt.per_epoch
-    )
-    tx = train_step.make_optimizer(schedule, opt.momentum, opt.weight_decay, opt.nesterov)
-    settings = train_step.StepSettings(
-        eps=config.attack.eps, step_size=config.attack.step_size, steps=config.attack.steps,
-        gaussian_scale=config.attack.gaussian_scale, unroll=runtime.resolve_unroll(config.attack.unroll),
-        crop_padding=ds.crop_padding, flip=ds.flip, base_lr=opt.lr,
-    )
-
-    rep = parallel.replicated(mesh)
-    # RBG keys for the initial parameters: threefry init programs take many seconds to compile on CPU.
-    init_key = jax.random.key(config.seed, impl="rbg")
-    state = train_step.init_state(student, method, tx, init_key, input_shape)
-    latest = checkpoints.checkpoint_manager(workdir / checkpoints.LATEST, max_to_keep=1)
-    best = checkpoints.checkpoint_manager(workdir / checkpoints.BEST, max_to_keep=1, best_metric=config.best_metric)
-    meta = {"best_value": -math.inf, "best_epoch": -1}
-    if latest.latest_step() is not None:
-        restored = latest.restore(
-            latest.latest_step(),
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(jax.eval_shape(lambda: state)), meta=ocp.args.JsonRestore()),
-        )
-        state, meta = restored["state"], dict(restored["meta"])
-        logging.info("resumed from step %d in %s", int(state.step), workdir)
-        print(f"resumed from step {int(state.step)} ({workdir})", flush=True)
-    state = jax.device_put(state, rep)
-    t_vars, t2_vars = jax.device_put((t_vars, t2_vars), rep)
-    images = jax.device_put(jnp.asarray(train_ds.images), rep)
-    labels = jax.device_put(jnp.asarray(train_ds.labels, jnp.int32), rep)
-
-    checkpoints.write_json_atomic(workdir / checkpoints.SPEC_FILE, spec)
-    checkpoints.write_json_atomic(workdir / "config.json", json.loads(config.to_json_best_effort()))
-    start_step = int(state.step)
-    log = MetricsLog(workdir / "metrics.jsonl", start_step)
-    writer = reporting.SummaryWriter(workdir / "tb")
-    step_fns, evaluators = {}, {}
-
-    def save_latest():
-        _raise_if_nonfinite(state, latest)
-        if int(state.step) not in latest.all_steps():
-            latest.save(int(state.step), args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-
-    eval_unroll = runtime.resolve_unroll(config.eval.unroll)
-    n_devices = mesh.devices.size
-    print(f"{config.method.name}: {config.student.arch} on {ds.name} ({len(train_ds)} train / {len(test_ds)} test), "
-          f"{steps_per_epoch} steps/epoch x {config.num_epochs} epochs, batch {config.batch_size} on {n_devices} device(s)",
-          flush=True)
-    for epoch in range(start_step // steps_per_epoch, config.num_epochs):
-        phase = method.phase(epoch)
-        if phase not in step_fns:
-            step_fns[phase] = train_step.make_train_step(
-                student, teacher, teacher2, method, phase, tx, schedule, settings, mesh, config.seed
-            )
-        batches = jax.device_put(
-            jnp.asarray(data.train_batch_indices(config.seed, epoch, len(train_ds), config.batch_size)),
-            parallel.batch_sharded(mesh, axis=1),
-        )
-        first = int(state.step) - epoch * steps_per_epoch
-        epoch_start = time.perf_counter()
-        history, t0, seen = [], time.perf_counter(), 0
-        bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{config.num_epochs}",
-                   disable=not progress, dynamic_ncols=True)
-        epoch_history = []
-        for i in range(first, steps_per_epoch):
-            state, m = step_fns[phase](state, t_vars, t2_vars, images, labels, batches[i], jnp.asarray(epoch, jnp.int32))
-            history.append(m)
-            seen += config.batch_size
-            step = int(epoch * steps_per_epoch + i + 1)
-            if step % config.log_every_steps == 0 or i == steps_per_epoch - 1:
-                means = _mean_metrics(history)
-                epoch_history.append((len(history), means))
-                rate = seen / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{means['loss']:.4f}", **_acc_postfix(means), img_s=f"{rate:.0f}")
-                writer.scalars(step, {f"train/{k}": v for k, v in means.items()} | {"train/images_per_s": rate})
-                history, t0, seen = [], time.perf_counter(), 0
-            if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and i < steps_per_epoch - 1:
-                save_latest()
-            bar.update(1)
-        bar.close()
-        _raise_if_nonfinite(state, latest)
-
-        record = {"epoch": epoch + 1, "step": int(state.step)}
-        record.update({f"train_{k}": v for k, v in _weighted(epoch_history).items()})
-        if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
-            variables = {"params": state.params, "batch_stats": state.batch_stats}
-            correct = suite.evaluate_split(
-                eval_student, variables, test_ds.images, test_ds.labels, config.eval.attacks,
-                eps=config.eval.eps, batch_size=config.eval.batch_size, seed=_eval_seed(config, epoch + 1),
-                mesh=mesh, unroll=eval_unroll, progress=progress, evaluators=evaluators,
-            )
-            record.update({f"test_{k}": float(v.mean()) for k, v in correct.items()})
-            value = record.get(f"test_{config.best_metric}")
-            if value is not None and value > meta["best_value"]:
-                meta = {"best_value": value, "best_epoch": epoch + 1}
-                if int(state.step) not in best.all_steps():
-                    best.save(int(state.step), args=ocp.args.Composite(variables=ocp.args.StandardSave(variables)),
-                              metrics={config.best_metric: value})
-            print(f"epoch {epoch + 1}: " + ", ".join(f"{k[5:]} {v:.2%}" for k, v in record.items() if k.startswith("test_")),
-                  flush=True)
-        record["seconds"] = time.perf_counter() - epoch_start
-        log.append(record)
-        writer.scalars(int(state.step), {k.replace("_", "/", 1): v for k, v in record.items() if k.startswith(("test_", "train_"))})
-        save_latest()
-    writer.close()
-
-    final = {}
-    if config.eval.final_attacks:
-        # The best checkpoint under every final attack, with the best epoch's evaluation seed: the
-        # attacks that evaluation already ran give the same numbers, so they are taken from its record.
-        best_record = next((r for r in log.records if r["epoch"] == meta["best_epoch"]), {})
-        final = {a: best_record[f"test_{a}"] for a in config.eval.final_attacks if f"test_{a}" in best_record}
-        missing = [a for a in config.eval.final_attacks if a not in final]
-        if missing:
-            _, variables = checkpoints.load_model(workdir, dtype=config.student.dtype, input_shape=input_shape)
-            correct = suite.evaluate_split(
-                eval_student, variables, test_ds.images, test_ds.labels, missing, eps=config.eval.eps,
-                batch_size=config.eval.batch_size, seed=_eval_seed(config, meta["best_epoch"]), mesh=mesh,
-                unroll=eval_unroll, progress=progress, evaluators=evaluators,
-            )
-            final.update(reporting.mean_accuracies(correct))
-        final = {a: final[a] for a in config.eval.final_attacks}
-    return reporting.finish_run(workdir, config, log.records, meta, final)
+    with distributed.workdir_lock(workdir), preemption.PreemptionGuard() as guard:
+        record_start(workdir, config, extend_epochs)
+        run = setup(config, workdir, progress, guard)
+        state = restore_or_init(run)
+        run.sinks.open(int(state.step))
+        run.sinks.say(f"{config.method.name}: {config.student.arch} on {config.dataset.name} ({run.n_train} train / "
+                      f"{run.evaluator.n} test), {run.steps_per_epoch} steps/epoch x {config.num_epochs} epochs, "
+                      f"batch {config.batch_size} on {run.mesh.devices.size} device(s), {jax.process_count()} process(es)")
+        for epoch in range(int(state.step) // run.steps_per_epoch, config.num_epochs):
+            start = time.perf_counter()
+            state, train_means = train_epoch(run, state, epoch)
+            record = {"epoch": epoch + 1, "step": int(state.step), **{f"train_{k}": v for k, v in train_means.items()}}
+            if due(epoch + 1, config.eval.every_epochs, last=epoch + 1 == config.num_epochs):
+                record.update(evaluate_epoch(run, state, epoch + 1))
+                run.meta = update_best(run, state, run.meta, record)
+            record["seconds"] = time.perf_counter() - start
+            run.sinks.epoch(record)
+            save_latest(run, state)
+        final = final_evaluation(run, run.meta, run.sinks.records) if config.eval.final_attacks else {}
+        run.sinks.close()
+        run.ckpt.close()
+        return reporting.finish_run(workdir, config, run.sinks.records, run.meta, final)
 
 
-def _acc_postfix(means: Dict[str, float]) -> Dict[str, str]:
-    return {k: f"{v:.3f}" for k, v in means.items() if k.startswith("acc_")}
+def record_start(workdir: pathlib.Path, config, extend_epochs: bool) -> None:
+    """Refuses a resume whose settings change what is trained (config_guard); records every start in history.jsonl."""
+    new = json.loads(config.to_json_best_effort())
+    old = config_guard.load_saved_config(workdir)
+    changes = config_guard.check_resume(old, new, allow_extend=extend_epochs, workdir=workdir) if old else []
+    if parallel.is_primary():
+        kind = "start" if old is None else ("extend" if any(c.key == "num_epochs" for c in changes) else "resume")
+        config_guard.append_history(workdir, config_guard.history_record(changes, kind))
+        files.write_json_atomic(workdir / "config.json", new)  # after an allowed resume: cadence/locations/epochs
 
 
-def _weighted(chunks) -> Dict[str, float]:
-    """Epoch means from the per-log-interval means, weighted by the steps in each interval."""
-    total = sum(n for n, _ in chunks)
-    if not total:
-        return {}
-    return {k: sum(n * m[k] for n, m in chunks) / total for k in chunks[-1][1]}
-
-
-def _eval_seed(config, epoch: int) -> int:
+def eval_seed(config, epoch: int) -> int:
     """The attack seed of the evaluation after `epoch` (1-based): fresh randomness every epoch."""
     return config.seed + 1000 * epoch
 
 
-def _raise_if_nonfinite(state: train_step.TrainState, latest) -> None:
+def _raise_if_nonfinite(state: train_step.TrainState, ckpt: checkpoints.TrainCheckpoints) -> None:
     bad = int(state.bad_step)
     if bad >= 0:
-        kept = latest.latest_step()
-        where = f"the last good checkpoint (step {kept}) is kept in {latest.directory}" if kept is not None else "no checkpoint was written yet"
+        kept = ckpt.last_good_step()
+        where = (f"the last good checkpoint (step {kept}) is kept in {ckpt.directory / checkpoints.LATEST}"
+                 if kept is not None else "no checkpoint was written yet")
         raise NonFiniteLossError(
             f"the loss or a gradient became NaN/inf at step {bad}; training stopped and {where}. "
-            f"Lower --config.optim.lr, check the teacher checkpoint, or try float32 (--config.student.dtype=float32)."
-        )
+            f"Lower --config.optim.lr, check the teacher checkpoint, or try float32 (--config.student.dtype=float32).")
 
 
 FLAGS = flags.FLAGS
@@ -304,22 +313,28 @@ def define_flags():
     """The CLI's flags, defined only when run as a program (the module is also a library)."""
     config_flags.DEFINE_config_file("config", None, "Training configuration file (ml_collections).", lock_config=True)
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports (resumes if it holds a run).")
+    flags.DEFINE_bool("extend_epochs", False, "Allow a resume with a larger --config.num_epochs (recorded in "
+                      "history.jsonl; the learning-rate schedule is then that of the longer run).")
+    distributed.define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    distributed.initialize_from_flags()
     runtime.quiet_logging()
     runtime.enable_compilation_cache()
-    summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    print(reporting.summary_markdown(summary))
+    summary = train_and_evaluate(FLAGS.config, FLAGS.workdir, extend_epochs=FLAGS.extend_epochs)
+    if parallel.is_primary():
+        print(reporting.summary_markdown(summary))
 
 
 def run():
     """Console-script entry point (`mmard-train`)."""
+    xla_env.apply_cpu_defaults()
     define_flags()
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

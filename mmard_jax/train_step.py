@@ -1,15 +1,16 @@
-"""The fused train step: augmentation, inner maximization, outer loss, SGD update and BN statistics in one
+"""The fused train step: augmentation, inner maximization, outer loss, SGD update and BatchNorm statistics in one
 jitted program, written per device and mapped over the 'data' mesh axis with `jax.shard_map`.
 
-Semantics do not depend on the device count: the loss is the mean over the global batch (a pmean of
-per-device means), BatchNorm averages its batch statistics over the axis, and every random draw is
-keyed by the example's position in the global batch. With N devices the step computes what one
-device computes on the same global batch.
+Semantics do not depend on the device or process count: the loss is the mean over the global batch (a pmean
+of per-device means), BatchNorm averages its batch statistics over the axis, and every random draw is keyed
+by the example's position in the global batch. With N devices the step computes what one device computes on
+the same global batch. The networks a method trains (the student, and PeerAiD's peer) each have their own
+optimizer and are updated from one gradient of the summed loss; teachers are frozen inputs, never saved.
 """
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import flax
 import jax
@@ -25,25 +26,53 @@ Array = jax.Array
 
 
 @flax.struct.dataclass
-class TrainState:
-    """Everything that changes during training (the teacher is not here: it is an input, never saved)."""
+class NetState:
+    """A trained network's variables and optimizer state."""
 
-    step: Array
     params: Any
     batch_stats: Any
     opt_state: Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (teachers are inputs of the step, never part of it)."""
+
+    step: Array
+    nets: Dict[str, NetState]  # 'student', and 'peer' where the method trains one
     method_state: Any
     bad_step: Array  # first step whose loss or gradient was not finite (-1 if none); updates stop there
+
+    @property
+    def student(self) -> NetState:
+        return self.nets["student"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Networks:
+    """The modules of a step: the trained ones (student; peer) and the frozen teachers (None where unused).
+
+    Trained modules must be built with `bn_axis_name='data'` (BatchNorm statistics of the global batch)."""
+
+    student: Any
+    teacher: Any = None
+    teacher2: Any = None
+    peer: Any = None
+
+    def trained(self) -> tuple:
+        return tuple(n for n in methods.core.TRAINED if getattr(self, n) is not None)
 
 
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
-    """The static knobs of the step (from the config)."""
+    """The static knobs of the step (config `attack`, `dataset` and `optim.lr`)."""
 
     eps: float = 8 / 255
     step_size: float = 2 / 255
     steps: int = 10
     gaussian_scale: float = 1e-3
+    init: str = "gaussian"  # start of x' (engine.INITS)
+    student_bn: str = "eval"  # the student's BatchNorm mode during the attack: 'eval' | 'train'
     unroll: Any = 1
     crop_padding: int = 4
     flip: bool = True
@@ -64,44 +93,129 @@ def make_optimizer(lr_schedule: Callable, momentum: float = 0.9, weight_decay: f
 
 def make_lr_schedule(base_lr: float, steps_per_epoch: int, num_epochs: int, name: str = "cosine",
                      boundaries_epochs=(), decay: float = 0.1, per_epoch: bool = False) -> Callable:
-    """Learning rate as a function of the step: cosine annealing to 0 over the run, or piecewise-constant.
-
-    `per_epoch=True` holds the rate constant within an epoch (PyTorch's CosineAnnealingLR stepped
-    once per epoch); the default anneals smoothly per step.
-    """
-    def epoch_of(step):
-        return jnp.floor_divide(step, steps_per_epoch) if per_epoch else step / steps_per_epoch
-
+    """Learning rate as a function of the step, from optax: cosine annealing to 0 over the run, or
+    piecewise-constant (x `decay` at each boundary epoch). `per_epoch=True` holds the cosine constant within an
+    epoch (PyTorch's CosineAnnealingLR stepped once per epoch); piecewise rates change at epoch starts anyway."""
     if name == "cosine":
-        def schedule(step):
-            t = epoch_of(step) / num_epochs
-            return base_lr * 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.clip(t, 0.0, 1.0)))
-    elif name == "piecewise":
-        bounds = jnp.asarray(sorted(boundaries_epochs), jnp.float32)
-
-        def schedule(step):
-            e = jnp.floor_divide(step, steps_per_epoch)
-            return base_lr * decay ** jnp.sum(e >= bounds)
-    else:
-        raise ValueError(f"unknown lr schedule {name!r}; known: cosine, piecewise")
-    return schedule
+        if per_epoch:
+            cosine = optax.cosine_decay_schedule(base_lr, num_epochs)
+            return lambda step: cosine(jnp.floor_divide(step, steps_per_epoch))
+        return optax.cosine_decay_schedule(base_lr, steps_per_epoch * num_epochs)
+    if name == "piecewise":
+        bounds = {}
+        for b in sorted(boundaries_epochs):
+            bounds[int(b) * steps_per_epoch] = bounds.get(int(b) * steps_per_epoch, 1.0) * decay
+        return optax.piecewise_constant_schedule(base_lr, bounds)
+    raise ValueError(f"unknown lr schedule {name!r}; known: cosine, piecewise")
 
 
-def init_state(student, method: methods.Method, tx, rng, input_shape) -> TrainState:
-    """Initial student variables, optimizer and method state.
+def init_state(nets: Networks, method: methods.Method, txs: Mapping[str, Any], rng, input_shape) -> TrainState:
+    """Initial variables and optimizer states of the trained networks, and the method's state.
 
     Jitted: eager Flax init compiles one small program per parameter (13 s for a ResNet-18 on CPU).
     """
-    variables = jax.jit(functools.partial(student.init, train=False))(rng, jnp.zeros((1,) + tuple(input_shape), jnp.float32))
-    params = variables["params"]
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=tx.init(params),
-        method_state=method.init_state(),
-        bad_step=jnp.full((), -1, jnp.int32),
-    )
+    x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
+    states = {}
+    for i, name in enumerate(nets.trained()):
+        key = rng if name == "student" else jax.random.fold_in(rng, i)
+        variables = jax.jit(functools.partial(getattr(nets, name).init, train=False))(key, x)
+        states[name] = NetState(variables["params"], variables.get("batch_stats", {}), txs[name].init(variables["params"]))
+    return TrainState(step=jnp.zeros((), jnp.int32), nets=states, method_state=method.init_state(),
+                      bad_step=jnp.full((), -1, jnp.int32))
+
+
+# ----------------------------------------------------------------------------- per-device pieces
+
+
+def augment_batch(images, labels, idx, key, settings: StepSettings):
+    """This device's share of the global batch, cropped and flipped (the global batch's draws, kept by position)."""
+    global_b = idx.shape[0] * jax.lax.axis_size(parallel.AXIS)
+    pos = parallel.global_positions(idx.shape[0])
+    offsets, flips = crop_flip_params(key, global_b, padding=settings.crop_padding, flip=settings.flip)
+    x = to_float(crop_and_flip(images[idx], offsets[pos], flips[pos], padding=settings.crop_padding))
+    return x, labels[idx]
+
+
+def _variables(net: NetState, batch_stats=None) -> Dict[str, Any]:
+    return {"params": net.params, "batch_stats": net.batch_stats if batch_stats is None else batch_stats}
+
+
+def inner_constants(nets: Networks, needs, state: TrainState, frozen, x) -> Dict[str, Array]:
+    """The forwards at x that the attack holds constant, in inference mode (T(x) is shared with the outer loss)."""
+    out = {}
+    if "inner:s_nat" in needs:
+        out["s_nat"] = nets.student.apply(_variables(state.student), x, train=False)
+    if "inner:p_nat" in needs:
+        out["p_nat"] = nets.peer.apply(_variables(state.nets["peer"]), x, train=False)
+    if {"inner:t_nat", "t_nat"} & needs:
+        out["t_nat"] = nets.teacher.apply(frozen["teacher"], x, train=False)
+    return out
+
+
+def adversarial_input(nets: Networks, method: methods.Method, settings: StepSettings, state: TrainState, frozen,
+                      x, y, consts, keys):
+    """x' from the method's inner objective, and the student's BatchNorm statistics after the attack (moved by
+    every iterate when the student attacks in train mode, as SAT, ARD and IAD do)."""
+    if method.inner.loss is None:
+        return x, state.student.batch_stats
+    use_teacher = "t_iter" in method.inner.needs
+
+    def objective(z, batch_stats):
+        if settings.student_bn == "train":
+            s_adv, upd = nets.student.apply(_variables(state.student, batch_stats), z, train=True, mutable=["batch_stats"])
+            batch_stats = upd["batch_stats"]
+        else:
+            s_adv = nets.student.apply(_variables(state.student), z, train=False)
+        t_adv = nets.teacher.apply(frozen["teacher"], z, train=False) if use_teacher else None
+        inp = methods.InnerInputs(s_adv, y, t_adv=t_adv, s_nat=consts.get("s_nat"), t_nat=consts.get("t_nat"),
+                                  p_nat=consts.get("p_nat"))
+        return jnp.sum(method.inner.loss(inp)), batch_stats
+
+    return engine.pgd(objective, x, eps=settings.eps, step_size=settings.step_size, steps=settings.steps,
+                      init=settings.init, rng=keys, gaussian_scale=settings.gaussian_scale, unroll=settings.unroll,
+                      carry=state.student.batch_stats)
+
+
+def points(x, x_adv, needed) -> Dict[str, Array]:
+    """The inputs of the outer forwards: x, x' and (IGDM) the mirrored point x - (x' - x), not clipped."""
+    out = {"nat": x, "adv": x_adv}
+    if any(methods.OUTER_FORWARDS[n][1] == "mir" for n in needed):
+        out["mir"] = 2.0 * x - x_adv
+    return out
+
+
+def trained_forwards(nets: Networks, order, params, batch_stats, at) -> tuple:
+    """The trained networks' train-mode forwards in the method's order: ({name: logits of its first run},
+    {network: BatchNorm statistics after the sequence})."""
+    logits, batch_stats = {}, dict(batch_stats)
+    for name in order:
+        net, point = methods.OUTER_FORWARDS[name]
+        out, upd = getattr(nets, net).apply({"params": params[net], "batch_stats": batch_stats[net]}, at[point],
+                                            train=True, mutable=["batch_stats"])
+        batch_stats[net] = upd["batch_stats"]
+        logits.setdefault(name, out)
+    return logits, batch_stats
+
+
+def frozen_forwards(nets: Networks, needed, frozen, at, consts) -> Dict[str, Array]:
+    """The teachers' outer forwards, in inference mode (T(x) reused from the attack's constants)."""
+    out = {}
+    for name in needed:
+        net, point = methods.OUTER_FORWARDS[name]
+        if net in methods.core.TRAINED:
+            continue
+        out[name] = consts["t_nat"] if name == "t_nat" else getattr(nets, net).apply(frozen[net], at[point], train=False)
+    return out
+
+
+def guarded_update(state: TrainState, nets: Dict[str, NetState], method_state, ok) -> TrainState:
+    """The next state where the step was finite; otherwise the old one, and `bad_step` records where it broke.
+
+    Hand-written rather than optax's `apply_if_finite`: that one guards parameters only, and a non-finite step
+    must not reach the BatchNorm statistics or the method's state either."""
+    kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), (nets, method_state), (state.nets, state.method_state))
+    bad = jnp.where((state.bad_step < 0) & ~ok, state.step, state.bad_step)
+    return TrainState(step=state.step + 1, nets=kept[0], method_state=kept[1], bad_step=bad)
 
 
 def _all_finite(tree) -> Array:
@@ -109,110 +223,56 @@ def _all_finite(tree) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
 
 
-def make_train_step(
-    student,
-    teacher,
-    teacher2,
-    method: methods.Method,
-    phase: str,
-    tx,
-    lr_schedule: Callable,
-    settings: StepSettings,
-    mesh,
-    seed: int,
-):
-    """Builds the jitted step `(state, teacher_vars, teacher2_vars, images, labels, idx, epoch) -> (state, metrics)`.
+def _accuracies(logits: Mapping[str, Array], y) -> Dict[str, Array]:
+    names = {"s_adv": "acc_adv", "s_nat": "acc_clean"}
+    return {names[k]: jnp.mean(losses.accuracy(v, y)) for k, v in logits.items() if k in names}
 
-    `images`/`labels` are the whole training split on every device (uint8, replicated); `idx` the
-    global batch of split indices (sharded over 'data'). `student` must be built with
-    `bn_axis_name='data'`. Only the forwards `method.forwards(phase)` names are computed.
+
+# ----------------------------------------------------------------------------- the step
+
+
+def make_train_step(nets: Networks, method: methods.Method, phase: str, txs: Mapping[str, Any],
+                    lr_schedule: Callable, settings: StepSettings, mesh, seed: int):
+    """The jitted step `(state, frozen, images, labels, idx, epoch) -> (state, metrics)` of one phase.
+
+    `frozen` holds the teachers' variables by name; `images`/`labels` are the whole training split
+    (replicated), `idx` the global batch of split indices (sharded over 'data'). Only the forwards
+    `method.forwards(phase)` names are computed.
     """
-    needs = method.forwards(phase)
-    inner, outer, hp = method.inner, method.outer, method.hparams
+    needed, order, forwards = method.outer_needs(phase), method.train_order(phase), method.forwards(phase)
     base_key = jax.random.key(seed)
 
-    def per_device(state: TrainState, t_vars, t2_vars, images, labels, idx, epoch):
-        local_b = idx.shape[0]
-        global_b = local_b * jax.lax.axis_size(parallel.AXIS)
-        pos = parallel.global_positions(local_b)
+    def per_device(state: TrainState, frozen, images, labels, idx, epoch):
         k_aug, k_init = jax.random.split(jax.random.fold_in(base_key, state.step))
-
-        # Augmentation: draw the global batch's crops/flips everywhere (tiny), keep this device's.
-        offsets, flips = crop_flip_params(k_aug, global_b, padding=settings.crop_padding, flip=settings.flip)
-        x = to_float(crop_and_flip(images[idx], offsets[pos], flips[pos], padding=settings.crop_padding))
-        y = labels[idx]
-
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
-        s_eval = lambda z: student.apply(variables, z, train=False)  # noqa: E731
-        t_eval = lambda z: teacher.apply(t_vars, z, train=False)  # noqa: E731
-
-        # The teacher at x is computed once and shared by the inner and the outer objective.
-        t_nat = t_eval(x) if ({"t_nat", "inner:t_nat"} & needs) else None
-
-        if inner.loss is None:
-            x_adv = x
-        else:
-            s_nat_eval = s_eval(x) if "inner:s_nat" in needs else None
-
-            def objective(z):
-                t_iter = t_eval(z) if "inner:t_iter" in needs else None
-                inp = methods.InnerInputs(s_eval(z), y, t_adv=t_iter, s_nat=s_nat_eval, t_nat=t_nat)
-                return jnp.sum(inner.loss(inp))
-
-            x_adv = engine.pgd(
-                objective, x, eps=settings.eps, step_size=settings.step_size, steps=settings.steps,
-                init=inner.init, rng=parallel.example_keys(k_init, pos),
-                gaussian_scale=settings.gaussian_scale, unroll=settings.unroll,
-            )
-
-        t_adv = t_eval(x_adv) if "t_adv" in needs else None
-        t2_nat = teacher2.apply(t2_vars, x, train=False) if "t2_nat" in needs else None
+        x, y = augment_batch(images, labels, idx, k_aug, settings)
+        consts = inner_constants(nets, forwards, state, frozen, x)
+        keys = parallel.example_keys(k_init, parallel.global_positions(idx.shape[0]))
+        x_adv, s_stats = adversarial_input(nets, method, settings, state, frozen, x, y, consts, keys)
+        at = points(x, x_adv, needed | set(order))
+        teachers = frozen_forwards(nets, needed, frozen, at, consts)
         lr = lr_schedule(state.step)
-        info = methods.StepInfo(epoch=epoch, lr_scale=lr / settings.base_lr, axis_name=parallel.AXIS)
+        info = methods.StepInfo(epoch=epoch, lr_scale=lr / settings.base_lr, phase=phase, axis_name=parallel.AXIS)
+        stats = {n: (s_stats if n == "student" else state.nets[n].batch_stats) for n in state.nets}
 
         def loss_fn(params):
-            batch_stats = state.batch_stats
-            s_adv = s_nat = None
-            if "s_adv" in needs:
-                s_adv, upd = student.apply({"params": params, "batch_stats": batch_stats}, x_adv, train=True, mutable=["batch_stats"])
-                batch_stats = upd["batch_stats"]
-            if "s_nat" in needs:
-                s_nat, upd = student.apply({"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
-                batch_stats = upd["batch_stats"]
-            logits = methods.Logits(s_adv=s_adv, s_nat=s_nat, t_nat=t_nat, t_adv=t_adv, t2_nat=t2_nat)
-            local, metrics, new_mstate = outer.loss(logits, y, state.method_state, hp, info)
+            trained, new_stats = trained_forwards(nets, order, params, stats, at)
+            logits = methods.Logits(**{k: v for k, v in {**trained, **teachers}.items() if k in needed})
+            local, metrics, new_mstate = method.loss(logits, y, state.method_state, info)
             # The global loss: mean over devices of per-device batch means (equal local batch sizes).
-            loss = jax.lax.pmean(local, parallel.AXIS)
-            return loss, (metrics, new_mstate, batch_stats, s_adv, s_nat)
+            return jax.lax.pmean(local, parallel.AXIS), (metrics | _accuracies(trained, y), new_mstate, new_stats)
 
-        (loss, (metrics, new_mstate, new_bs, s_adv, s_nat)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        # grads are already the gradient of the global loss: shard_map sums the per-device
-        # contributions to a replicated input (no extra pmean, DESIGN §6).
-        updates, new_opt = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-
+        params = {n: s.params for n, s in state.nets.items()}
+        (loss, (metrics, new_mstate, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        # grads are already the gradient of the global loss: shard_map sums the per-device contributions to a
+        # replicated input (no extra pmean; docs/design.md, "Data parallelism").
+        new_nets = {}
+        for n, s in state.nets.items():
+            updates, opt_state = txs[n].update(grads[n], s.opt_state, s.params)
+            new_nets[n] = NetState(optax.apply_updates(s.params, updates), new_stats[n], opt_state)
         ok = jnp.isfinite(loss) & _all_finite(grads) & (state.bad_step < 0)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
-        new_state = TrainState(
-            step=state.step + 1,
-            params=keep(new_params, state.params),
-            batch_stats=keep(new_bs, state.batch_stats),
-            opt_state=keep(new_opt, state.opt_state),
-            method_state=keep(new_mstate, state.method_state),
-            bad_step=jnp.where((state.bad_step < 0) & ~ok, state.step, state.bad_step),
-        )
+        out = {"loss": loss, "lr": lr, **jax.lax.pmean(metrics, parallel.AXIS)}
+        return guarded_update(state, new_nets, new_mstate, ok), out
 
-        out = {"loss": loss, "lr": lr}
-        out.update({k: jax.lax.pmean(v, parallel.AXIS) for k, v in metrics.items()})
-        if s_adv is not None:
-            out["acc_adv"] = jax.lax.pmean(jnp.mean(losses.accuracy(s_adv, y)), parallel.AXIS)
-        if s_nat is not None:
-            out["acc_clean"] = jax.lax.pmean(jnp.mean(losses.accuracy(s_nat, y)), parallel.AXIS)
-        return new_state, out
-
-    mapped = jax.shard_map(
-        per_device, mesh=mesh,
-        in_specs=(P(), P(), P(), P(), P(), P(parallel.AXIS), P()),
-        out_specs=(P(), P()),
-    )
+    mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(), P(parallel.AXIS), P()),
+                           out_specs=(P(), P()))
     return jax.jit(mapped, donate_argnums=(0,))

@@ -43,7 +43,7 @@ def paired_resnet18(seed: int, num_classes: int, checkpoint=None):
     torch.manual_seed(seed)
     net = torch_reference.build_model("resnet18", num_classes)
     if checkpoint:
-        module, variables = checkpoints.load_model(checkpoint)
+        module, variables = store.load_model(checkpoint)
         return module, variables, testing.copy_into_torch(variables, net)
     net = testing.randomize_batch_norm(net, seed)
     variables = convert.convert_state_dict(net.state_dict(), "resnet18", num_classes)

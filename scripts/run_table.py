@@ -21,7 +21,7 @@ from absl import app, flags
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mmard_jax import checkpoints, reporting, runtime, train  # noqa: E402
+from mmard_jax import files, reporting, runtime, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -111,7 +111,7 @@ def run_table(table_path, workroot, only: Sequence[str] = (), overrides: Sequenc
             results[arg] = json.loads(summary_file.read_text())["final"]
     text = (f"# {pathlib.Path(table_path).stem}: best checkpoints (by PGD_T), test accuracy (%)\n\n"
             + table_markdown(results, runs, table.LAYOUT) + "\n")
-    checkpoints.write_text_atomic(workroot / "table.md", text)
+    files.write_text_atomic(workroot / "table.md", text)
     return text
 
 

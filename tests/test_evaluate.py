@@ -1,5 +1,5 @@
 """The evaluation CLI and its report: a model directory and a training workdir (best checkpoint) load through
-`checkpoints.load_model`; the whole split is evaluated, the last partial batch counted exactly; the JSON,
+`store.load_model`; the whole split is evaluated, the last partial batch counted exactly; the JSON,
 Markdown and mask files hold the same numbers; AutoAttack's breakdown and the trust flags reach the report."""
 
 import json
@@ -11,21 +11,21 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from mmard_jax import checkpoints, data, evaluate, reporting
+from mmard_jax import checkpoints, data, evaluate, files, reporting
+from mmard_jax.models import store
 from test_attacks_peer import EPS, our_report
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SPEC = checkpoints.model_spec("wide_resnet", 10, {"depth": 10, "width": 1})
+SPEC = store.model_spec("wide_resnet", 10, {"depth": 10, "width": 1})
 
 
 @pytest.fixture(scope="module")
 def wrn():
     """A WRN-10-1 with random weights (robustness does not matter here) and its clean predictions on digits."""
-    module = checkpoints.build_module(SPEC)
-    shapes = checkpoints.abstract_variables(module, (16, 16, 3))  # no init program to compile
+    module = store.build_module(SPEC)
+    shapes = store.abstract_variables(module, (16, 16, 3))  # no init program to compile
     rng = np.random.default_rng(0)
     variables = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape).astype(np.float32)), shapes)
     variables["batch_stats"] = jax.tree.map(lambda v: jnp.abs(v) + 0.5, variables["batch_stats"])
@@ -42,7 +42,7 @@ def read_outputs(directory: pathlib.Path):
 
 def test_cli_on_a_model_directory_covers_the_whole_split(tmp_path, wrn):
     variables, clean = wrn
-    model_dir = checkpoints.save_model(tmp_path / "wrn", SPEC, variables)
+    model_dir = store.save_model(tmp_path / "wrn", SPEC, variables)
     out = tmp_path / "report"
     env = dict(os.environ, MMARD_XLA_CACHE="off")
     cmd = [sys.executable, "-m", "mmard_jax.evaluate", f"--checkpoint={model_dir}", "--dataset=digits",
@@ -64,10 +64,10 @@ def test_run_evaluation_on_a_training_workdir_uses_the_best_checkpoint(tmp_path,
     variables, clean = wrn
     workdir = tmp_path / "run"
     workdir.mkdir()
-    checkpoints.write_json_atomic(workdir / checkpoints.SPEC_FILE, SPEC)
-    best = checkpoints.checkpoint_manager(workdir / checkpoints.BEST, max_to_keep=1, best_metric="pgd_t")
-    best.save(7, args=ocp.args.Composite(variables=ocp.args.StandardSave(variables)), metrics={"pgd_t": 0.5})
-    best.close()
+    files.write_json_atomic(workdir / store.SPEC_FILE, SPEC)
+    saved = checkpoints.TrainCheckpoints(workdir, "pgd_t")
+    saved.save_best(7, variables, 0.5)
+    saved.close()
     report = evaluate.run_evaluation(workdir, "digits", ["clean"], n_examples=50, batch_size=20, eps=EPS,
                                      progress=False)
     masks = dict(np.load(workdir / "robustness_digits" / "masks.npz"))

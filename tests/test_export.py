@@ -5,14 +5,13 @@ import subprocess
 import sys
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import torch
 from flax import traverse_util
 from safetensors.torch import load_file
 
-from mmard_jax import checkpoints, convert, export, models
-from mmard_jax.models import naming
+from mmard_jax import checkpoints, convert, export, files, models
+from mmard_jax.models import naming, store
 from test_convert import REPO, assert_same_logits, randomize, rb, state_of, torch_mobilenet_v2
 
 C100_MEAN, C100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -43,7 +42,7 @@ CASES = {
 def random_variables(arch, num_classes, kwargs, seed=0):
     """Random Flax variables of the right shapes (PyTorch's default weight spread, random BN statistics), no init."""
     rng = np.random.default_rng(seed)
-    abstract = checkpoints.abstract_variables(models.create(arch, num_classes=num_classes, **kwargs))
+    abstract = store.abstract_variables(models.create(arch, num_classes=num_classes, **kwargs))
     flat = {}
     for path, leaf in naming.flatten_variables(abstract).items():
         shape, leaf_name = leaf.shape, path[-1]
@@ -69,7 +68,7 @@ def load_strict(constructor, path):
 def test_export_loads_strictly_with_same_logits(case, tmp_path):
     arch, num_classes, kwargs, constructor, sub_block1 = CASES[case]
     variables = random_variables(arch, num_classes, kwargs)
-    directory = checkpoints.save_model(tmp_path / "model", checkpoints.model_spec(arch, num_classes, kwargs), variables)
+    directory = store.save_model(tmp_path / "model", store.model_spec(arch, num_classes, kwargs), variables)
     suffix = ".safetensors" if case == "mobilenet_v2" else ".pt"
     out = export.export_model(directory, tmp_path / f"{case}{suffix}", sub_block1=sub_block1)
     peer, state = load_strict(constructor, out)
@@ -84,13 +83,12 @@ def test_training_workdir_exports_best_checkpoint_via_cli(tmp_path):
     arch, kwargs = "wide_resnet", {"depth": 10, "width": 1}
     workdir = tmp_path / "run"
     workdir.mkdir()
-    checkpoints.write_json_atomic(workdir / checkpoints.SPEC_FILE, checkpoints.model_spec(arch, 10, kwargs))
-    manager = checkpoints.checkpoint_manager(workdir / checkpoints.BEST, best_metric="pgd_t")
-    for step, (seed, metric) in enumerate([(1, 0.3), (2, 0.5)], start=1):
+    files.write_json_atomic(workdir / store.SPEC_FILE, store.model_spec(arch, 10, kwargs))
+    saved = checkpoints.TrainCheckpoints(workdir, "pgd_t")
+    for step, (seed, metric) in enumerate([(1, 0.3), (2, 0.5)], start=1):  # the trainer saves improvements only
         variables = random_variables(arch, 10, kwargs, seed=seed)
-        args = ocp.args.Composite(variables=ocp.args.StandardSave(variables))
-        manager.save(step, args=args, metrics={"pgd_t": metric})
-    manager.close()
+        saved.save_best(step, variables, metric)
+    saved.close()
     dst = tmp_path / "student.pt"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "MMARD_XLA_CACHE": "off"}
     done = subprocess.run([sys.executable, "-m", "mmard_jax.export", f"--src={workdir}", f"--dst={dst}"],
@@ -125,7 +123,7 @@ def test_convert_then_export_gives_back_the_same_state_dict(tmp_path):
 
 
 def test_export_errors_are_clear(tmp_path):
-    with pytest.raises(checkpoints.CheckpointError, match="neither a model directory nor a training workdir"):
+    with pytest.raises(store.CheckpointError, match="neither a model directory nor a training workdir"):
         export.export_model(tmp_path, tmp_path / "x.pt")
     with pytest.raises(export.ExportError, match="only in the TRADES WideResNet"):
         export.to_torch_state_dict(random_variables("mobilenet_v2", 10, {}), "mobilenet_v2", sub_block1=True)

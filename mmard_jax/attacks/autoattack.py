@@ -6,13 +6,13 @@ Standard settings (fra31/auto-attack `autoattack.py`, `set_version('standard')`)
 1 restart; APGD-T 100 iterations on the targeted DLR loss, 9 target classes, 1 restart each; FAB-T 100
 iterations, 9 target classes; Square 5000 queries, p_init 0.8, 1 restart.
 
-Speed and exactness on accelerators: the cascade runs at split level. Before every run (a restart or a
-target class) the indices of the still-robust examples are gathered on the host into fixed-size batches
-(the last one padded and masked), so each component compiles once and spends compute only on points that
-can still change; inside a batch the attack loop stops as soon as every real example is fooled. Every
-example draws its randomness from (seed, component, run, its index in the split), so its outcome depends
-neither on the batch it lands in, nor on the number of devices, nor on which other components ran: the AA
-mask equals the AND of the masks of the components run alone.
+Speed and exactness: `cascade` runs at split level. Before every run (a restart or a target class) the
+indices of the still-robust examples go to `run_points` (`mmard_jax.evaluator.Evaluator`), which batches
+them in a few fixed shapes, so padded work stays under 2x and compilations stay few; inside a batch the
+attack loop stops as soon as every real example is fooled. Every example draws its randomness from (seed,
+component, run, its index in the split), so its outcome depends neither on the batch it lands in, nor on
+the number of devices, nor on which other components ran: the AA mask equals the AND of the masks of the
+components run alone.
 """
 
 import dataclasses
@@ -21,12 +21,9 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from mmard_jax import parallel
 from mmard_jax.attacks import apgd, fab, square
-from mmard_jax.data.augment import to_float
 
 Array = jax.Array
 ApplyFn = Callable[[Array], Array]
@@ -63,10 +60,15 @@ class AutoAttackConfig:
 STANDARD = AutoAttackConfig()
 
 
-def describe(config: AutoAttackConfig) -> str:
-    """'standard', or 'custom' followed by the settings that differ from the standard version."""
+def describe(config: AutoAttackConfig, compute_dtype: str = "float32", matmul_precision: Optional[str] = "highest") -> str:
+    """'standard', or 'custom' followed by what differs from the standard version: settings, a compute dtype
+    other than float32, or float32 matmuls below full precision (TF32 on GPUs)."""
     diffs = [f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config)
              if getattr(config, f.name) != getattr(STANDARD, f.name)]
+    if compute_dtype != "float32":
+        diffs.append(f"{compute_dtype} compute")
+    if matmul_precision not in ("highest", "float32"):
+        diffs.append(f"matmul precision {matmul_precision or 'default (TF32 on GPUs)'}")
     return "standard" if not diffs else "custom (" + ", ".join(diffs) + ")"
 
 
@@ -121,47 +123,14 @@ def fooled_check(apply_fn: ApplyFn, x: Array, x_adv: Array, y: Array, eps: float
     return inside & (jnp.argmax(apply_fn(x_adv), axis=-1) != y)
 
 
-def make_component_evaluator(module, mesh, name: str, *, eps: float, config: AutoAttackConfig = STANDARD):
-    """Jitted, data-parallel `f(variables, images_u8, labels, idx, valid, key, run) -> fooled [B]` for one component.
-
-    `images_u8`/`labels` are the whole split (replicated); `idx` a batch of split indices and `valid` its
-    padding mask (both sharded over 'data'); `key` the component's key; `run` the restart/target index.
-    """
-
-    def per_device(variables, images, labels, idx, valid, key, run):
-        x = to_float(images[idx])
-        y = labels[idx]
-        apply_fn = lambda z: module.apply(variables, z, train=False)  # noqa: E731
-        keys = parallel.example_keys(jax.random.fold_in(key, run), idx)
-        x_adv, _ = run_component(name, apply_fn, x, y, keys, run, eps=eps, config=config, active=valid)
-        return valid & fooled_check(apply_fn, x, x_adv, y, eps)
-
-    mapped = jax.shard_map(
-        per_device, mesh=mesh,
-        in_specs=(P(), P(), P(), P(parallel.AXIS), P(parallel.AXIS), P(), P()),
-        out_specs=P(parallel.AXIS),
-        check_vma=False,  # loop carries start from constants and become per-device inside the loops
-    )
-    return jax.jit(mapped)
-
-
-def infer_num_classes(module, variables, images) -> int:
+def infer_num_classes(module, variables=None, images=None) -> int:
     """The module's `num_classes`, else the width of its logits (shape inference only, no compute)."""
     if getattr(module, "num_classes", None):
         return int(module.num_classes)
+    if variables is None or images is None:
+        raise ValueError("the module has no num_classes attribute: pass its variables and images to infer it")
     x = jax.ShapeDtypeStruct((1,) + tuple(images.shape[1:]), jnp.float32)
     return int(jax.eval_shape(lambda v, z: module.apply(v, z, train=False), variables, x).shape[-1])
-
-
-def padded_batches(indices: np.ndarray, batch_size: int) -> Tuple[np.ndarray, np.ndarray]:
-    """(idx int32 [n_batches, batch_size], valid bool [same]): `indices` in order, the tail padded with its
-    first entry (a valid index, masked out)."""
-    n = len(indices)
-    n_batches = -(-n // batch_size)
-    flat = np.full(n_batches * batch_size, indices[0] if n else 0, np.int32)
-    flat[:n] = indices
-    valid = np.arange(n_batches * batch_size) < n
-    return flat.reshape(n_batches, batch_size), valid.reshape(n_batches, batch_size)
 
 
 @dataclasses.dataclass
@@ -185,61 +154,39 @@ class AutoAttackResult:
         return out
 
 
-def evaluate_split(
-    module,
-    variables,
-    images,
-    labels,
+# run_points(component, run, indices) -> bool [len(indices)]: which of those examples the run fooled.
+RunPoints = Callable[[str, int, np.ndarray], np.ndarray]
+
+
+def cascade(
+    run_points: RunPoints,
     clean_correct: np.ndarray,
     *,
-    key: Array,
-    eps: float,
-    batch_size: int,
-    mesh,
     config: AutoAttackConfig = STANDARD,
+    num_classes: int,
     components: Optional[Sequence[str]] = None,
-    num_classes: Optional[int] = None,
     progress: bool = True,
-    evaluators: Optional[Dict] = None,
 ) -> AutoAttackResult:
-    """Runs the cascade of `components` (default: the config's) over a split, starting from `clean_correct`.
-
-    `images`/`labels`/`variables` should already be replicated on the mesh (see `suite.evaluate_split`);
-    `key` is AutoAttack's key: component c uses fold_in(key, COMPONENTS.index(c)), whichever others run.
-    """
+    """Runs `components` (default: the config's) in cascade from `clean_correct`: each run of each component
+    attacks only the examples still robust, through `run_points` (the evaluator batches them)."""
     components = tuple(config.components if components is None else components)
-    parallel.check_divisible(batch_size, mesh, "evaluation batch size")
-    num_classes = num_classes or infer_num_classes(module, variables, images)
-    evaluators = {} if evaluators is None else evaluators
-    sharded = parallel.batch_sharded(mesh)
     robust = np.array(clean_correct, bool)
     fooled_by = np.where(robust, -1, -2).astype(np.int8)
     after = {}
     for name in components:
-        cache_key = ("aa", name, eps, config)
-        if cache_key not in evaluators:
-            evaluators[cache_key] = make_component_evaluator(module, mesh, name, eps=eps, config=config)
-        fn = evaluators[cache_key]
-        component_key = jax.random.fold_in(key, COMPONENTS.index(name))
         runs = num_runs(name, config, num_classes)
-        bar = tqdm(total=0, desc=f"aa {name}", disable=not progress, leave=False, dynamic_ncols=True)
+        bar = tqdm(total=runs, desc=f"aa {TITLES.get(name, name)}", disable=not progress, leave=False,
+                   dynamic_ncols=True, unit="run")
         for run in range(runs):
             todo = np.flatnonzero(robust)
+            bar.set_postfix(robust=f"{todo.size}/{robust.size}", runs_left=runs - run)
             if todo.size == 0:
                 break
-            idx, valid = padded_batches(todo, batch_size)
-            bar.total += len(idx)
-            bar.refresh()
-            outs = []
-            for b in range(len(idx)):
-                outs.append(fn(variables, images, labels, jax.device_put(idx[b], sharded),
-                               jax.device_put(valid[b], sharded), component_key, jnp.int32(run)))
-            for b, out in enumerate(outs):
-                hit = idx[b][np.asarray(out) & valid[b]]
-                robust[hit] = False
-                fooled_by[hit] = COMPONENTS.index(name)
-                bar.update(1)
-            bar.set_postfix(run=f"{run + 1}/{runs}", robust=f"{robust.mean():.2%}")
+            hit = todo[np.asarray(run_points(name, run, todo), bool)]
+            robust[hit] = False
+            fooled_by[hit] = COMPONENTS.index(name)
+            bar.update(1)
+        bar.set_postfix(robust=f"{int(robust.sum())}/{robust.size}", runs_left=0)
         bar.close()
         after[name] = robust.copy()
     return AutoAttackResult(robust=robust, after=after, fooled_by=fooled_by)

@@ -5,8 +5,9 @@ The objective is a function of the input alone (model parameters are closed over
 computes input gradients only: no weight-gradient convolutions inside the loop.
 """
 
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -52,7 +53,7 @@ def initial_point(
 
 
 def pgd(
-    objective: Callable[[Array], Array],
+    objective: Callable,
     x: Array,
     *,
     eps: float,
@@ -62,20 +63,28 @@ def pgd(
     rng: Optional[Array] = None,
     gaussian_scale: float = 1e-3,
     unroll: Union[int, bool] = 1,
-) -> Array:
+    carry: Any = None,
+):
     """Maximizes `objective(x')` over the L-inf eps-ball around x (and [0,1]) by `steps` signed steps.
 
-    `objective` maps a batch [B, ...] to a scalar; sum per-example losses so each example's
-    gradient sign is its own. Runs in `lax.fori_loop` (`unroll` is passed through: a measured
-    setting, see BENCHMARKS.md). Returns x' with gradients stopped.
+    `objective` maps a batch [B, ...] to a scalar; sum per-example losses so each example keeps its own
+    gradient sign. With `carry` given, `objective(x', carry) -> (scalar, new_carry)` threads state through
+    the iterates (the student's BatchNorm statistics when it attacks in train mode) and `pgd` returns
+    (x', final carry). Runs in `lax.fori_loop` (`unroll` is passed through: a measured setting, see
+    BENCHMARKS.md). x' comes back with gradients stopped.
     """
+    chex.assert_type(x, float)
     x = jax.lax.stop_gradient(x)
-    grad_fn = jax.grad(objective)
+    threaded = carry is not None
+    grad_fn = jax.grad(objective if threaded else (lambda z, c: (objective(z), c)), has_aux=True)
 
-    def body(_, x_adv):
-        g = grad_fn(x_adv)
-        return project(x_adv + step_size * jnp.sign(g).astype(x_adv.dtype), x, eps)
+    def body(_, state):
+        x_adv, c = state
+        g, c = grad_fn(x_adv, c)
+        return project(x_adv + step_size * jnp.sign(g).astype(x_adv.dtype), x, eps), c
 
     x0 = initial_point(rng, x, eps, init, gaussian_scale)
-    x_adv = jax.lax.fori_loop(0, steps, body, x0, unroll=unroll) if steps > 0 else x0
-    return jax.lax.stop_gradient(x_adv)
+    state = (x0, carry if threaded else ())
+    x_adv, carry = jax.lax.fori_loop(0, steps, body, state, unroll=unroll) if steps > 0 else state
+    x_adv = jax.lax.stop_gradient(x_adv)
+    return (x_adv, carry) if threaded else x_adv

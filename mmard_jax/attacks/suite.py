@@ -1,26 +1,21 @@
-"""The paper's evaluation attacks (DESIGN §4) and a data-parallel runner over a whole split.
+"""The paper's evaluation attacks (docs/design.md, "Evaluation") as per-batch functions, and the trust checks.
 
 The white-box attacks (FGSM, PGD_S, PGD_T, CW) are configurations of the one projected-gradient engine;
-'aa' is AutoAttack (`attacks/autoattack.py`), whose components can also run alone by name. The runner
-covers every example exactly once (the last partial batch is padded and masked, never dropped) and keys
-each example's randomness by its index in the split, so results depend neither on the batch size nor on
-the number of devices. `gradient_health` and `trust_flags` report the signs of an unreliable evaluation
-that AutoAttack's authors list (gradient masking: zero/NaN gradients, a weaker attack beating a stronger one).
+'aa' is AutoAttack (`attacks/autoattack.py`), whose components can also run alone by name. Running them over
+a whole split (batching, devices, keys per example) is `mmard_jax.evaluator.Evaluator`'s job.
+`input_gradient_health` and `trust_flags` report the signs of an unreliable evaluation that AutoAttack's
+authors list (gradient masking: zero/NaN gradients, a weaker attack beating a stronger one).
 """
 
 import dataclasses
-from typing import Callable, Dict, Iterable, List, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
-from tqdm.auto import tqdm
 
-from mmard_jax import losses, parallel
+from mmard_jax import losses
 from mmard_jax.attacks import autoattack, engine
-from mmard_jax.data.augment import to_float
-from mmard_jax.data.pipeline import eval_batches
 
 Array = jax.Array
 ApplyFn = Callable[[Array], Array]
@@ -57,7 +52,7 @@ class PGDAttack:
         )
 
 
-# DESIGN §4 at eps = 8/255: FGSM one step of size eps; PGD_S Madry (20 x 2/255, uniform start);
+# docs/design.md "Evaluation", at eps = 8/255: FGSM one step of size eps; PGD_S Madry (20 x 2/255, uniform start);
 # PGD_T TRADES's pgd_attack_cifar10.py (20 x 0.003, uniform start); CW_inf 20 x 2/255 on the margin
 # loss with a uniform start, as the ARD/IAD evaluation code (ZFancy/IAD attack_generator.py, "Madry").
 EPS_REFERENCE = 8 / 255
@@ -71,6 +66,7 @@ WHITE_BOX = {
 # run alone give the per-component masks (the same per-example outcomes as inside the cascade).
 AA_COMPONENTS = autoattack.COMPONENTS
 ATTACKS = ("clean",) + tuple(WHITE_BOX) + ("aa",) + AA_COMPONENTS
+PER_BATCH = ("clean",) + tuple(WHITE_BOX)  # attacks decided per example in one pass (the rest: a cascade)
 
 
 def correct_under(name: str, apply_fn: ApplyFn, x: Array, y: Array, *, eps: float, rng=None, unroll=1) -> Array:
@@ -81,148 +77,27 @@ def correct_under(name: str, apply_fn: ApplyFn, x: Array, y: Array, *, eps: floa
         x_adv = WHITE_BOX[name].perturb(apply_fn, x, y, eps=eps, rng=rng, unroll=unroll)
     else:
         raise ValueError(f"unknown per-batch attack {name!r}; known: clean, {', '.join(WHITE_BOX)} "
-                         f"(AutoAttack runs at split level: evaluate_split / autoattack.evaluate_split)")
+                         f"(AutoAttack runs as a cascade over a split: evaluator.Evaluator.autoattack)")
     return jnp.argmax(apply_fn(x_adv), axis=-1) == y
 
 
-def make_split_evaluator(module, mesh, name: str, *, eps: float, unroll=1):
-    """Jitted, data-parallel `f(variables, images_u8, labels, idx, key) -> correct[B]` for one attack.
-
-    `images_u8`/`labels` are the whole split (replicated); `idx` a batch of split indices (sharded).
-    """
-
-    def per_device(variables, images, labels, idx, key):
-        x = to_float(images[idx])
-        y = labels[idx]
-        apply_fn = lambda z: module.apply(variables, z, train=False)  # noqa: E731
-        rng = parallel.example_keys(key, idx)
-        return correct_under(name, apply_fn, x, y, eps=eps, rng=rng, unroll=unroll)
-
-    mapped = jax.shard_map(
-        per_device, mesh=mesh,
-        in_specs=(P(), P(), P(), P(parallel.AXIS), P()),
-        out_specs=P(parallel.AXIS),
-    )
-    return jax.jit(mapped)
+def attack_key(seed: int, name: str) -> Array:
+    """The key of one attack for a seed, folded with the attack's fixed id: its randomness does not depend on
+    which other attacks run."""
+    return jax.random.fold_in(jax.random.key(seed), ATTACKS.index(name))
 
 
 def aa_key(seed: int) -> Array:
-    """AutoAttack's key for a seed: its components fold their index into it (autoattack.evaluate_split)."""
-    return jax.random.fold_in(jax.random.key(seed), ATTACKS.index("aa"))
+    """AutoAttack's key for a seed: its components fold their index into it (`autoattack.cascade`)."""
+    return attack_key(seed, "aa")
 
 
-def evaluate_split(
-    module,
-    variables,
-    images: np.ndarray,
-    labels: np.ndarray,
-    attacks: Iterable[str],
-    *,
-    eps: float = 8 / 255,
-    batch_size: int = 500,
-    seed: int = 0,
-    mesh=None,
-    unroll=1,
-    progress: bool = True,
-    evaluators: Optional[Dict[str, Callable]] = None,
-    aa_config: autoattack.AutoAttackConfig = autoattack.STANDARD,
-    aa_result: Optional[Dict[str, autoattack.AutoAttackResult]] = None,
-) -> Dict[str, np.ndarray]:
-    """Per-example correctness (bool [N]) under each attack, over every example of the split.
-
-    `evaluators` caches the compiled functions between calls (the trainer evaluates every epoch);
-    the cache is keyed by (attack, eps), so pass one dict per module. 'aa' runs the AutoAttack cascade
-    with `aa_config` (default: the standard version); pass a dict as `aa_result` to receive its
-    per-component detail under the key 'aa'. A component name ('apgd_ce', ...) runs that component alone
-    on the clean-correct examples.
-    """
-    mesh = mesh or parallel.data_mesh()
-    parallel.check_divisible(batch_size, mesh, "evaluation batch size")
-    attacks = tuple(attacks)
-    for name in attacks:
-        if name not in ATTACKS:
-            raise ValueError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}")
-    n = len(labels)
-    batches = eval_batches(n, batch_size)
-    rep = parallel.replicated(mesh)
-    images_dev = jax.device_put(jnp.asarray(images), rep)
-    labels_dev = jax.device_put(jnp.asarray(labels, jnp.int32), rep)
-    variables = jax.device_put(variables, rep)
-    idx_dev = jax.device_put(jnp.asarray(batches.indices), parallel.batch_sharded(mesh, axis=1))
-    evaluators = {} if evaluators is None else evaluators
-    results = {}
-
-    def per_batch(name):
-        if (name, eps) not in evaluators:
-            evaluators[name, eps] = make_split_evaluator(module, mesh, name, eps=eps, unroll=unroll)
-        # Keyed by the attack's fixed id: its randomness does not depend on which others run.
-        key = jax.random.fold_in(jax.random.key(seed), ATTACKS.index(name))
-        outs = []
-        for b in tqdm(range(len(batches.indices)), desc=f"eval {name}", disable=not progress, leave=False):
-            outs.append(evaluators[name, eps](variables, images_dev, labels_dev, idx_dev[b], key))
-        correct = np.concatenate([np.asarray(o) for o in outs])
-        return correct[batches.mask.reshape(-1)]
-
-    clean = None
-    for name in attacks:
-        if name in ("aa",) + AA_COMPONENTS:
-            if clean is None:
-                clean = results["clean"] if "clean" in results else per_batch("clean")
-            result = autoattack.evaluate_split(
-                module, variables, images_dev, labels_dev, clean, key=aa_key(seed), eps=eps,
-                batch_size=batch_size, mesh=mesh, config=aa_config,
-                components=None if name == "aa" else (name,), progress=progress, evaluators=evaluators,
-            )
-            results[name] = result.robust
-            if aa_result is not None and name == "aa":
-                aa_result["aa"] = result
-        else:
-            results[name] = per_batch(name)
-            if name == "clean":
-                clean = results[name]
-    return results
-
-
-def make_gradient_evaluator(module, mesh):
-    """Jitted, data-parallel `f(variables, images_u8, labels, idx) -> (zero [B], nonfinite [B])`: the
-    cross-entropy input gradient at x is exactly zero / has a NaN or inf entry."""
-
-    def per_device(variables, images, labels, idx):
-        x = to_float(images[idx])
-        y = labels[idx]
-        g = jax.grad(lambda z: jnp.sum(losses.cross_entropy(module.apply(variables, z, train=False), y)))(x)
-        g = g.reshape(g.shape[0], -1)
-        finite = jnp.all(jnp.isfinite(g), axis=1)
-        return finite & jnp.all(g == 0, axis=1), ~finite
-
-    mapped = jax.shard_map(
-        per_device, mesh=mesh, in_specs=(P(), P(), P(), P(parallel.AXIS)),
-        out_specs=(P(parallel.AXIS), P(parallel.AXIS)),
-    )
-    return jax.jit(mapped)
-
-
-def gradient_health(module, variables, images: np.ndarray, labels: np.ndarray, *, batch_size: int = 500,
-                    mesh=None, evaluators: Optional[Dict] = None) -> Dict[str, np.ndarray]:
-    """Per example (bool [N]): is the cross-entropy gradient w.r.t. the input all zero ('zero') or not finite
-    ('nonfinite') at x? Many such examples mean gradient-based attacks cannot work (gradient masking)."""
-    mesh = mesh or parallel.data_mesh()
-    parallel.check_divisible(batch_size, mesh, "evaluation batch size")
-    batches = eval_batches(len(labels), batch_size)
-    rep = parallel.replicated(mesh)
-    images_dev = jax.device_put(jnp.asarray(images), rep)
-    labels_dev = jax.device_put(jnp.asarray(labels, jnp.int32), rep)
-    variables = jax.device_put(variables, rep)
-    evaluators = {} if evaluators is None else evaluators
-    if "gradients" not in evaluators:
-        evaluators["gradients"] = make_gradient_evaluator(module, mesh)
-    sharded = parallel.batch_sharded(mesh)
-    outs = [evaluators["gradients"](variables, images_dev, labels_dev, jax.device_put(b, sharded))
-            for b in batches.indices]
-    keep = batches.mask.reshape(-1)
-    zero = np.concatenate([np.asarray(z) for z, _ in outs])[keep]
-    nonfinite = np.concatenate([np.asarray(n) for _, n in outs])[keep]
-    return {"zero": zero, "nonfinite": nonfinite}
+def input_gradient_health(apply_fn: ApplyFn, x: Array, y: Array) -> Tuple[Array, Array]:
+    """(zero [B], nonfinite [B]): the cross-entropy input gradient at x is exactly zero / has a NaN or inf."""
+    g = jax.grad(lambda z: jnp.sum(losses.cross_entropy(apply_fn(z), y)))(x)
+    g = g.reshape(g.shape[0], -1)
+    finite = jnp.all(jnp.isfinite(g), axis=1)
+    return finite & jnp.all(g == 0, axis=1), ~finite
 
 
 # Pairs (weaker, stronger): the stronger attack's accuracy should not be above the weaker one's.

@@ -10,17 +10,15 @@ from mmard_jax.models.mobilenet_v2 import MobileNetV2
 from mmard_jax.models.registry import MODELS, ModelSpec, accepted_arguments, count_params, create
 from mmard_jax.models.resnet import PreActResNet, ResNet
 from mmard_jax.models.wide_resnet import WideResNet
+from mmard_jax.models import store  # noqa: E402 - after the registry it builds on
 
 
-def load_pretrained(directory, dtype: str = "float32"):
+def load_pretrained(directory, dtype: str = "float32", input_shape=(32, 32, 3)):
     """(module, variables) of a converted teacher (model directory) or a training workdir's best student.
 
-    A thin wrapper over `mmard_jax.checkpoints.load_model`, imported here lazily because checkpoints imports
-    this package. `module.apply(variables, x, train=False)` on NHWC x in [0, 1] gives the logits.
+    `module.apply(variables, x, train=False)` on NHWC x in [0, 1] gives the logits (`store.load_model`).
     """
-    from mmard_jax import checkpoints  # noqa: PLC0415 - circular at import time
-
-    return checkpoints.load_model(directory, dtype=dtype)
+    return store.load_model(directory, dtype=dtype, input_shape=input_shape)
 
 
 __all__ = [

@@ -1,0 +1,153 @@
+"""Model directories on disk: a model spec (model.json) and its variables (orbax), and how to read them back.
+
+    DIR/model.json   {"format": "mmard_jax.model/1", "arch": ..., "num_classes": ..., "kwargs": {...}}
+    DIR/variables/   an orbax checkpoint of {"params": ..., "batch_stats": ...}
+
+This is what the converter writes and what a training config names as its teacher. A training workdir
+also holds a model.json (the student's spec) and its best student under `checkpoints/best/<step>/variables`
+(`mmard_jax.checkpoints` writes it); `load_model` reads either, so a finished run can be the next run's
+teacher. Every write is atomic: the directory is staged beside its destination and renamed into place.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from mmard_jax import files
+from mmard_jax.models.registry import create
+
+FORMAT = "mmard_jax.model/1"
+SPEC_FILE = "model.json"
+VARIABLES_DIR = "variables"
+BEST = "checkpoints/best"  # where a training workdir keeps its best student (an orbax CheckpointManager)
+COLLECTIONS = ("params", "batch_stats")
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """A directory that is not a usable model directory or training workdir (the message says what is wrong)."""
+
+
+def compute_dtype(name: str):
+    """'float32' | 'bfloat16' -> the jnp dtype (configs name dtypes as strings)."""
+    if name not in _DTYPES:
+        raise ValueError(f"unknown compute dtype {name!r}; known: {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def model_spec(arch: str, num_classes: int, kwargs: Optional[Mapping[str, Any]] = None, **extra) -> Dict[str, Any]:
+    """The JSON spec of a model: enough to rebuild the module with `models.create`."""
+    spec = {"format": FORMAT, "arch": arch, "num_classes": int(num_classes), "kwargs": dict(kwargs or {})}
+    spec.update(extra)
+    return spec
+
+
+def build_module(spec: Mapping[str, Any], dtype: str = "float32", **overrides):
+    """The Flax module a spec describes, computing in `dtype`."""
+    kwargs = dict(spec.get("kwargs", {}))
+    kwargs.update(overrides)
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()}  # JSON lists -> tuples
+    return create(spec["arch"], num_classes=spec["num_classes"], dtype=compute_dtype(dtype), **kwargs)
+
+
+def abstract_variables(module, input_shape=(32, 32, 3)):
+    """Shapes/dtypes of a module's variables, without allocating them."""
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1,) + tuple(input_shape)), train=False))
+
+
+def local_target(module, input_shape) -> Dict[str, Any]:
+    """The restore target of a module's variables, on this process's first device (every process reads its own
+    copy: a teacher or an evaluated model is replicated afterwards, whatever layout wrote the checkpoint)."""
+    target = abstract_variables(module, input_shape)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with_sharding = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device)  # noqa: E731
+    return jax.tree.map(with_sharding, {k: target[k] for k in COLLECTIONS if k in target})
+
+
+def save_model(directory, spec: Mapping[str, Any], variables: Mapping[str, Any]) -> pathlib.Path:
+    """Writes a model directory atomically: staged beside `directory`, renamed into place at the end.
+
+    An existing directory is replaced only once the new one is complete.
+    """
+    directory = pathlib.Path(directory).absolute()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    stage = pathlib.Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.staging-"))
+    try:
+        variables = {k: variables[k] for k in COLLECTIONS if k in variables}
+        with ocp.StandardCheckpointer() as checkpointer:  # saves asynchronously: wait before renaming
+            checkpointer.save(stage / VARIABLES_DIR, variables)
+            checkpointer.wait_until_finished()
+        files.write_json_atomic(stage / SPEC_FILE, dict(spec))
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(stage, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(stage, directory)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return directory
+
+
+def read_spec(directory) -> Dict[str, Any]:
+    """The model.json of a model directory or training workdir, checked."""
+    path = pathlib.Path(directory) / SPEC_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{directory} is neither a model directory nor a training workdir: {path} is missing "
+            f"(make one with `python -m mmard_jax.convert` or `python -m mmard_jax.train`)"
+        )
+    try:
+        spec = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    for key in ("arch", "num_classes"):
+        if key not in spec:
+            raise CheckpointError(f"{path}: missing key {key!r} (expected a model spec with arch, num_classes, kwargs)")
+    return spec
+
+
+def best_step(directory: pathlib.Path) -> Optional[int]:
+    """The step of a workdir's best checkpoint (the highest finished step directory), None if there is none."""
+    steps = [int(p.name) for p in directory.glob("*") if p.name.isdigit() and (p / VARIABLES_DIR).is_dir()]
+    return max(steps) if steps else None
+
+
+def _variables_path(directory: pathlib.Path) -> pathlib.Path:
+    """Where a model directory or a workdir keeps the model's variables."""
+    if (directory / VARIABLES_DIR).is_dir():
+        return directory / VARIABLES_DIR
+    if (directory / BEST).is_dir():
+        step = best_step(directory / BEST)
+        if step is None:
+            raise CheckpointError(f"{directory / BEST} holds no checkpoint yet (no evaluation has finished)")
+        return directory / BEST / str(step) / VARIABLES_DIR
+    raise CheckpointError(f"{directory}: found {SPEC_FILE} but neither {VARIABLES_DIR}/ nor {BEST}/")
+
+
+def load_model(directory, dtype: str = "float32", input_shape=(32, 32, 3)) -> Tuple[Any, Dict[str, Any]]:
+    """(module, variables) from a model directory, or from a training workdir's best checkpoint.
+
+    `module.apply(variables, x, train=False)` on x in [0, 1] NHWC gives the logits.
+    """
+    directory = pathlib.Path(directory).absolute()
+    spec = read_spec(directory)
+    module = build_module(spec, dtype)
+    path = _variables_path(directory)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            variables = checkpointer.restore(path, local_target(module, input_shape))
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        raise CheckpointError(f"{path}: the stored variables do not fit the model in {SPEC_FILE} ({spec['arch']}), "
+                              f"or are damaged: {str(err).splitlines()[0][:300]}") from err
+    return module, variables
