@@ -24,7 +24,7 @@ from absl import app, flags
 from flax import traverse_util
 
 from mmard_jax import models, robustbench_zoo, runtime
-from mmard_jax.models import naming, store
+from mmard_jax.models import dm_preact_resnet, naming, store
 
 Progress = Optional[Callable[[str], None]]
 
@@ -40,6 +40,7 @@ UNUSED_PREFIXES = {
     "model_preact_hl1.": "GradAlign's alias of conv1 and layer1.0.bn1",
 }
 _LIST_LIMIT = 25  # keys shown per list in a mismatch error
+DEEPMIND_ARCHS = ("dm_wide_resnet", "dm_preact_resnet")  # activation and mean/std live in code, not in the file
 
 
 class ConversionError(ValueError):
@@ -217,11 +218,17 @@ def _sub_count(keys, prefix: str) -> int:
     return len({k[len(prefix):].split(".", 1)[0] for k in keys if k.startswith(prefix)})
 
 
+def _dm_preact_depth(keys) -> Optional[int]:
+    """The depth (18, 34) whose blocks per stage a DeepMind PreAct-ResNet state_dict has, or None."""
+    blocks = tuple(_sub_count(keys, f"layer_{i}.") for i in range(4))
+    return next((d for d, b in dm_preact_resnet.BLOCKS_PER_DEPTH.items() if b == blocks), None)
+
+
 def infer_architecture(state: Mapping[str, Any]) -> Optional[Tuple[str, int, Dict[str, Any]]]:
     """(arch, num_classes, kwargs) that a cleaned state_dict's names and shapes suggest, or None.
 
     Settings that leave no trace in the weights (DeepMind's activation and mean/std, PreAct's out_shortcut)
-    are left at their defaults.
+    are left at their defaults; a DeepMind PreAct-ResNet of a depth RobustBench does not build gives None.
     """
     keys = set(state)
     if {"block1.layer.0.conv1.weight", "fc.weight"} <= keys:
@@ -234,6 +241,9 @@ def infer_architecture(state: Mapping[str, Any]) -> Optional[Tuple[str, int, Dic
         kwargs = {"depth": 6 * _sub_count(keys, "layer.0.block.") + 4,
                   "width": state["layer.0.block.0.conv_0.weight"].shape[0] // 16}
         return "dm_wide_resnet", state["logits.weight"].shape[0], kwargs
+    if {"conv_2d.weight", "layer_0.0.conv_2d_1.weight", "logits.weight"} <= keys:
+        depth = _dm_preact_depth(keys)
+        return None if depth is None else ("dm_preact_resnet", state["logits.weight"].shape[0], {"depth": depth})
     if {"layers.0.conv1.weight", "linear.weight"} <= keys:
         return "mobilenet_v2", state["linear.weight"].shape[0], {}
     if {"conv1.weight", "layer4.0.conv1.weight", "linear.weight"} <= keys:
@@ -261,7 +271,7 @@ def fit_hint(state: Mapping[str, Any], chosen: Tuple[str, int, Dict[str, Any]]) 
     if not fits:
         return f"The file looks like {describe(*guess)} but does not fit it either; check its origin."
     note = " (its activation and mean/std are not stored in the file: take them from the model's source)" \
-        if arch == "dm_wide_resnet" else ""
+        if arch in DEEPMIND_ARCHS else ""
     same = [f"{n} ({d}/{t})" for (d, t, n), e in robustbench_zoo.ZOO.items()
             if e.arch == arch and e.num_classes == num_classes and all(e.kwargs.get(k) == v for k, v in kwargs.items())]
     more = " ..." if len(same) > 6 else ""

@@ -3,9 +3,9 @@
     python -m mmard_jax.export --src=runs/mmard_rn18 --dst=mmard_rn18.pt
 
 The file is a plain `{key: tensor}` dict written with `torch.save` (or `.safetensors`) that RobustBench's
-`ResNet18`/`PreActResNet`/`WideResNet`/`DMWideResNet` (and the kuangliu-layout MobileNetV2) load with
-`strict=True`: float32 weights in PyTorch layout plus int64 `num_batches_tracked` buffers (zero: the count
-of training steps is not kept in Flax). Build the PyTorch model with the settings the program prints.
+`ResNet18`/`PreActResNet`/`WideResNet`/`DMWideResNet`/`DMPreActResNet` (and the kuangliu-layout MobileNetV2)
+load with `strict=True`: float32 weights in PyTorch layout plus int64 `num_batches_tracked` buffers (zero: the
+count of training steps is not kept in Flax). Build the PyTorch model with the settings the program prints.
 """
 
 import os
@@ -21,6 +21,8 @@ from mmard_jax import models, runtime
 from mmard_jax.models import naming, store
 
 SUB_BLOCK1 = "sub_block1."
+# Our DeepMind activation names -> the PyTorch class RobustBench passes as `activation_fn`.
+TORCH_ACTIVATIONS = {"swish": "Swish", "silu": "nn.SiLU", "relu": "nn.ReLU"}
 
 
 class ExportError(ValueError):
@@ -65,11 +67,10 @@ def torch_constructor(spec: Mapping[str, Any]) -> str:
         bias = "" if kw.get("bias_last", True) else ", bias_last=False"
         return f"WideResNet(depth={kw.get('depth', 34)}, widen_factor={kw.get('width', 10)}, num_classes={nc}{bias})"
     if arch == "dm_wide_resnet":
-        act = "Swish" if kw.get("activation", "swish") == "swish" else "nn.ReLU"
-        extra = "".join(f", {k}={tuple(kw[k]) if isinstance(kw[k], list) else kw[k]}"
-                        for k in ("mean", "std", "padding") if k in kw)
         size = f"depth={kw.get('depth', 28)}, width={kw.get('width', 10)}"
-        return f"DMWideResNet(num_classes={nc}, {size}, activation_fn={act}{extra})"
+        return f"DMWideResNet(num_classes={nc}, {size}{_deepmind_settings(kw)})"
+    if arch == "dm_preact_resnet":
+        return f"DMPreActResNet(num_classes={nc}, depth={kw.get('depth', 18)}, width=0{_deepmind_settings(kw)})"
     if arch == "resnet18":
         return f"ResNet(BasicBlock, [2, 2, 2, 2], num_classes={nc})"
     if arch == "preact_resnet18":
@@ -78,6 +79,13 @@ def torch_constructor(spec: Mapping[str, Any]) -> str:
     if arch == "mobilenet_v2":
         return f"MobileNetV2(num_classes={nc})  # kuangliu/pytorch-cifar layout"
     return f"{arch}(num_classes={nc}, **{kw})"
+
+
+def _deepmind_settings(kw: Mapping[str, Any]) -> str:
+    """`, activation_fn=Swish, mean=..., std=..., padding=...` of a DeepMind model's kwargs (our defaults: Swish)."""
+    act = TORCH_ACTIVATIONS[kw.get("activation", "swish")]
+    return f", activation_fn={act}" + "".join(f", {k}={tuple(kw[k]) if isinstance(kw[k], list) else kw[k]}"
+                                             for k in ("mean", "std", "padding") if k in kw)
 
 
 def save_state_dict(state: Mapping[str, Any], dst) -> pathlib.Path:

@@ -1,9 +1,10 @@
 """RobustBench CIFAR-10/100 models whose architecture is exactly one of ours: name -> (arch, classes, kwargs).
 
-Read off `robustbench/model_zoo/cifar10.py` and `cifar100.py` (robustbench 1.1.1); `tests/test_convert.py`
-parses those files and checks every row, and that no entry of a supported architecture is missing, so the
-table cannot drift silently. Entries outside it wrap an architecture in input normalization, an ensemble or
-another block type (e.g. `Wong2020Fast`, `Chen2020Efficient`, the DeepMind PreAct-ResNets) and are not ours.
+Read off `robustbench/model_zoo/cifar10.py` and `cifar100.py` of the published robustbench 1.1.1 wheel (line
+numbers below are that wheel's); `tests/test_convert.py` parses the installed files and checks every row, and
+that no entry of a supported architecture is missing, so the table cannot drift silently. Entries outside it
+wrap an architecture in input normalization, an ensemble or another block type (e.g. `Wong2020Fast`,
+`Chen2020Efficient`, RaWideResNet, XCiT) and are not ours.
 
 Rows are keyed (dataset, threat model, name): a name can mean different checkpoints under different threat
 models (`Gowal2020Uncovering` is an L2 model on CIFAR-10, an Linf one on CIFAR-100), as in RobustBench.
@@ -33,11 +34,23 @@ def _wrn(dataset: str, depth: int, width: int) -> ZooEntry:
     return ZooEntry("wide_resnet", _CLASSES[dataset], {"depth": depth, "width": width})
 
 
-def _dm(dataset: str, depth: int, width: int) -> ZooEntry:
-    """DeepMind `DMWideResNet(depth, width, activation_fn=Swish, mean/std of the dataset)`."""
+def _dm(dataset: str, depth: int, width: int, activation: str = "swish") -> ZooEntry:
+    """DeepMind `DMWideResNet(depth, width, activation_fn=Swish or as named, mean/std of the dataset)`."""
     mean, std = _STATS[dataset]
-    kwargs = {"depth": depth, "width": width, "activation": "swish", "mean": mean, "std": std}
+    kwargs = {"depth": depth, "width": width, "activation": activation, "mean": mean, "std": std}
     return ZooEntry("dm_wide_resnet", _CLASSES[dataset], kwargs)
+
+
+def _dm_silu(dataset: str, depth: int, width: int) -> ZooEntry:
+    """`DMWideResNet(..., activation_fn=nn.SiLU)`: the 2023-24 entries; Swish by another name, same state_dict."""
+    return _dm(dataset, depth, width, activation="silu")
+
+
+def _dm_rn18(dataset: str) -> ZooEntry:
+    """DeepMind `DMPreActResNet(depth=18, width=0, activation_fn=Swish, mean/std of the dataset)`."""
+    mean, std = _STATS[dataset]
+    kwargs = {"depth": 18, "activation": "swish", "mean": mean, "std": std}
+    return ZooEntry("dm_preact_resnet", _CLASSES[dataset], kwargs)
 
 
 def _rn18(dataset: str) -> ZooEntry:
@@ -80,12 +93,16 @@ ZOO: Dict[Tuple[str, str, str], ZooEntry] = {
     (_C10, "Linf", "Rebuffi2021Fixing_70_16_cutmix_extra"): _dm(_C10, 70, 16),
     (_C10, "Linf", "Sridhar2021Robust"): _wrn(_C10, 28, 10),
     (_C10, "Linf", "Sridhar2021Robust_34_15"): _wrn(_C10, 34, 15),
+    (_C10, "Linf", "Rebuffi2021Fixing_R18_ddpm"): _dm_rn18(_C10),  # cifar10.py:634
+    (_C10, "Linf", "Rade2021Helper_R18_extra"): _dm_rn18(_C10),  # cifar10.py:645
+    (_C10, "Linf", "Rade2021Helper_R18_ddpm"): _dm_rn18(_C10),  # cifar10.py:656
     (_C10, "Linf", "Rade2021Helper_extra"): _dm(_C10, 34, 10),
     (_C10, "Linf", "Rade2021Helper_ddpm"): _dm(_C10, 28, 10),
     (_C10, "Linf", "Addepalli2021Towards_RN18"): _rn18(_C10),  # paper Table 2, RN-18
     (_C10, "Linf", "Addepalli2021Towards_WRN34"): _wrn(_C10, 34, 10),
     (_C10, "Linf", "Gowal2021Improving_70_16_ddpm_100m"): _dm(_C10, 70, 16),
     (_C10, "Linf", "Gowal2021Improving_28_10_ddpm_100m"): _dm(_C10, 28, 10),
+    (_C10, "Linf", "Gowal2021Improving_R18_ddpm_100m"): _dm_rn18(_C10),  # cifar10.py:740
     (_C10, "Linf", "Chen2021LTD_WRN34_10"): _wrn(_C10, 34, 10),
     (_C10, "Linf", "Chen2021LTD_WRN34_20"): _wrn(_C10, 34, 20),
     (_C10, "Linf", "Standard"): _wrn(_C10, 28, 10),
@@ -95,6 +112,15 @@ ZOO: Dict[Tuple[str, str, str], ZooEntry] = {
     (_C10, "Linf", "Pang2022Robustness_WRN70_16"): _dm(_C10, 70, 16),
     (_C10, "Linf", "Addepalli2022Efficient_RN18"): _rn18(_C10),
     (_C10, "Linf", "Addepalli2022Efficient_WRN_34_10"): _wrn(_C10, 34, 10),
+    (_C10, "Linf", "Wang2023Better_WRN-28-10"): _dm_silu(_C10, 28, 10),  # cifar10.py:831
+    (_C10, "Linf", "Wang2023Better_WRN-70-16"): _dm_silu(_C10, 70, 16),  # cifar10.py:842
+    (_C10, "Linf", "Xu2023Exploring_WRN-28-10"): _dm_silu(_C10, 28, 10),  # cifar10.py:853
+    (_C10, "Linf", "Cui2023Decoupled_WRN-28-10"): _dm_silu(_C10, 28, 10),  # cifar10.py:864
+    (_C10, "Linf", "Cui2023Decoupled_WRN-34-10"): _wrn(_C10, 34, 10),  # cifar10.py:875
+    (_C10, "Linf", "Chen2024Data_WRN_34_10"): _wrn(_C10, 34, 10),  # cifar10.py:898
+    (_C10, "Linf", "Chen2024Data_WRN_34_20"): _wrn(_C10, 34, 20),  # cifar10.py:902
+    (_C10, "Linf", "Bartoldson2024Adversarial_WRN-94-16"): _dm_silu(_C10, 94, 16),  # cifar10.py:921
+    (_C10, "Linf", "Bartoldson2024Adversarial_WRN-82-8"): _dm_silu(_C10, 82, 8),  # cifar10.py:932
     # ---------------------------------------------------------------- CIFAR-10, L2
     (_C10, "L2", "Standard"): _wrn(_C10, 28, 10),
     (_C10, "L2", "Wu2020Adversarial"): _wrn(_C10, 34, 10),
@@ -105,6 +131,10 @@ ZOO: Dict[Tuple[str, str, str], ZooEntry] = {
     (_C10, "L2", "Rebuffi2021Fixing_70_16_cutmix_ddpm"): _dm(_C10, 70, 16),
     (_C10, "L2", "Rebuffi2021Fixing_28_10_cutmix_ddpm"): _dm(_C10, 28, 10),
     (_C10, "L2", "Rebuffi2021Fixing_70_16_cutmix_extra"): _dm(_C10, 70, 16),
+    (_C10, "L2", "Rebuffi2021Fixing_R18_cutmix_ddpm"): _dm_rn18(_C10),  # cifar10.py:1045
+    (_C10, "L2", "Rade2021Helper_R18_ddpm"): _dm_rn18(_C10),  # cifar10.py:1056
+    (_C10, "L2", "Wang2023Better_WRN-28-10"): _dm_silu(_C10, 28, 10),  # cifar10.py:1067
+    (_C10, "L2", "Wang2023Better_WRN-70-16"): _dm_silu(_C10, 70, 16),  # cifar10.py:1078
     # ---------------------------------------------------------------- CIFAR-10, common corruptions
     (_C10, "corruptions", "Rebuffi2021Fixing_70_16_cutmix_extra_Linf"): _dm(_C10, 70, 16),
     (_C10, "corruptions", "Rebuffi2021Fixing_70_16_cutmix_extra_L2"): _dm(_C10, 70, 16),
@@ -121,6 +151,8 @@ ZOO: Dict[Tuple[str, str, str], ZooEntry] = {
     (_C100, "Linf", "Sitawarin2020Improving"): _wrn(_C100, 34, 10),
     (_C100, "Linf", "Rebuffi2021Fixing_70_16_cutmix_ddpm"): _dm(_C100, 70, 16),
     (_C100, "Linf", "Rebuffi2021Fixing_28_10_cutmix_ddpm"): _dm(_C100, 28, 10),
+    (_C100, "Linf", "Rebuffi2021Fixing_R18_ddpm"): _dm_rn18(_C100),  # cifar100.py:342
+    (_C100, "Linf", "Rade2021Helper_R18_ddpm"): _dm_rn18(_C100),  # cifar100.py:353
     (_C100, "Linf", "Addepalli2021Towards_PARN18"): _parn18(_C100, bn_before_fc=True, out_shortcut=True),
     (_C100, "Linf", "Addepalli2021Towards_WRN34"): _wrn(_C100, 34, 10),
     (_C100, "Linf", "Chen2021LTD_WRN34_10"): _wrn(_C100, 34, 10),
@@ -130,6 +162,13 @@ ZOO: Dict[Tuple[str, str, str], ZooEntry] = {
     (_C100, "Linf", "Jia2022LAS-AT_34_20"): _wrn(_C100, 34, 20),
     (_C100, "Linf", "Addepalli2022Efficient_RN18"): _rn18(_C100),
     (_C100, "Linf", "Addepalli2022Efficient_WRN_34_10"): _wrn(_C100, 34, 10),
+    (_C100, "Linf", "Cui2020Learnable_34_10_LBGAT9_eps_8_255"): _wrn(_C100, 34, 10),  # cifar100.py:447
+    (_C100, "Linf", "Wang2023Better_WRN-28-10"): _dm_silu(_C100, 28, 10),  # cifar100.py:454
+    (_C100, "Linf", "Wang2023Better_WRN-70-16"): _dm_silu(_C100, 70, 16),  # cifar100.py:465
+    (_C100, "Linf", "Cui2023Decoupled_WRN-28-10"): _dm_silu(_C100, 28, 10),  # cifar100.py:490
+    (_C100, "Linf", "Cui2023Decoupled_WRN-34-10"): _wrn(_C100, 34, 10),  # cifar100.py:501
+    (_C100, "Linf", "Cui2023Decoupled_WRN-34-10_autoaug"): _wrn(_C100, 34, 10),  # cifar100.py:508
+    (_C100, "Linf", "Chen2024Data_WRN_34_10"): _wrn(_C100, 34, 10),  # cifar100.py:521
     # ---------------------------------------------------------------- CIFAR-100, common corruptions
     (_C100, "corruptions", "Gowal2020Uncovering_Linf"): _dm(_C100, 70, 16),
     (_C100, "corruptions", "Gowal2020Uncovering_extra_Linf"): _dm(_C100, 70, 16),

@@ -6,7 +6,10 @@ converts the file through the public API (one test through the CLI) and compares
 """
 
 import ast
+import base64
 import functools
+import hashlib
+import importlib.metadata
 import importlib.util
 import inspect
 import json
@@ -16,6 +19,7 @@ import pickle
 import shlex
 import subprocess
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -135,10 +139,15 @@ def _value(node, imports, local):
 
 
 def _constructor(model_node):
-    """(callable name, args nodes, keyword nodes) of a table's `'model'` value: `lambda: F(...)` or `F`."""
+    """(callable name, args nodes, keyword nodes) of a table's `'model'` value: `lambda: F(...)` or `F`.
+
+    A call of an attribute (`timm.create_model(...)`, `robust_resnet.get_model(...)`) gives name None.
+    """
     if isinstance(model_node, ast.Lambda):
         call = model_node.body
-        assert isinstance(call, ast.Call) and isinstance(call.func, ast.Name), ast.dump(call)
+        assert isinstance(call, ast.Call), ast.dump(call)
+        if not isinstance(call.func, ast.Name):
+            return None, [], {}
         return call.func.id, call.args, {k.arg: k.value for k in call.keywords}
     assert isinstance(model_node, ast.Name), ast.dump(model_node)
     return model_node.id, [], {}
@@ -175,8 +184,8 @@ def robustbench_entries(filename, variable):
 
 def as_ours(ctor, args, kwargs, imports, local):
     """(arch, num_classes, kwargs) when the RobustBench constructor call is exactly one of our architectures."""
-    if ctor in local:
-        return None  # a subclass in the zoo file (input normalization, ensembles)
+    if ctor is None or ctor in local:
+        return None  # a subclass in the zoo file (input normalization, ensembles), or a factory of a package
     if ctor not in imports or imports[ctor] not in ("wide_resnet", "dm_wide_resnet", "resnet"):
         return None
     cls = getattr(rb(imports[ctor]), ctor)
@@ -189,12 +198,8 @@ def as_ours(ctor, args, kwargs, imports, local):
         assert a["dropRate"] == 0.0
         kw = {"depth": a["depth"], "width": a["widen_factor"], "bias_last": a["bias_last"]}
         return "wide_resnet", a["num_classes"], kw
-    if ctor == "DMWideResNet":
-        activation = {rb("dm_wide_resnet").Swish: "swish", torch.nn.ReLU: "relu"}[a["activation_fn"]]
-        assert a["num_input_channels"] == 3
-        kw = {"depth": a["depth"], "width": a["width"], "activation": activation,
-              "mean": tuple(a["mean"]), "std": tuple(a["std"]), "padding": a["padding"]}
-        return "dm_wide_resnet", a["num_classes"], kw
+    if ctor in ("DMWideResNet", "DMPreActResNet"):
+        return _as_deepmind(ctor, a)
     if ctor == "ResNet18":
         return "resnet18", 10, {}
     if ctor == "ResNet" and a["block"] is resnet.BasicBlock and list(a["num_blocks"]) == [2, 2, 2, 2]:
@@ -208,6 +213,27 @@ def as_ours(ctor, args, kwargs, imports, local):
     return None
 
 
+def _as_deepmind(ctor, a):
+    """(arch, num_classes, kwargs) of bound `DMWideResNet`/`DMPreActResNet` arguments (Swish, nn.SiLU or ReLU)."""
+    activations = {rb("dm_wide_resnet").Swish: "swish", torch.nn.SiLU: "silu", torch.nn.ReLU: "relu"}
+    assert a["num_input_channels"] == 3
+    kw = {"depth": a["depth"], "activation": activations[a["activation_fn"]],
+          "mean": tuple(a["mean"]), "std": tuple(a["std"]), "padding": a["padding"]}
+    if ctor == "DMPreActResNet":
+        assert a["width"] == 0  # RobustBench rejects any other width
+        return "dm_preact_resnet", a["num_classes"], kw
+    return "dm_wide_resnet", a["num_classes"], {**kw, "width": a["width"]}
+
+
+def zoo_file_is_published(filename):
+    """True when the installed zoo file is byte for byte the published one (the sha256 robustbench's RECORD lists)."""
+    for f in importlib.metadata.distribution("robustbench").files or ():
+        if f.as_posix() == f"robustbench/model_zoo/{filename}" and f.hash is not None:
+            digest = hashlib.new(f.hash.mode, f.read_binary()).digest()
+            return base64.urlsafe_b64encode(digest).rstrip(b"=").decode() == f.hash.value
+    return False
+
+
 def module_fields(arch, num_classes, kwargs):
     """The attributes of the Flax module an (arch, classes, kwargs) triple builds: equal fields, equal model."""
     module = models.create(arch, num_classes=num_classes, **kwargs)
@@ -215,17 +241,29 @@ def module_fields(arch, num_classes, kwargs):
 
 
 def test_zoo_table_matches_robustbench_model_zoo_files():
-    derived = {}
+    derived, listed, edited = {}, set(), []
     for dataset, filename, variable in [("cifar10", "cifar10.py", "cifar_10_models"),
                                         ("cifar100", "cifar100.py", "cifar_100_models")]:
+        edited += [] if zoo_file_is_published(filename) else [filename]
         for (threat, name), call in robustbench_entries(filename, variable).items():
+            listed.add((dataset, threat, name))
             ours = as_ours(*call)
             if ours is not None:
                 derived[(dataset, threat, name)] = ours
-    # Every supported RobustBench entry is in the table, and nothing else.
-    assert sorted(robustbench_zoo.ZOO) == sorted(derived)
-    for key, entry in robustbench_zoo.ZOO.items():
-        assert module_fields(entry.arch, entry.num_classes, entry.kwargs) == module_fields(*derived[key]), key
+    # Every supported RobustBench entry is in the table, with the same settings.
+    assert sorted(set(derived) - set(robustbench_zoo.ZOO)) == []
+    for key, ours in derived.items():
+        entry = robustbench_zoo.ZOO[key]
+        assert module_fields(entry.arch, entry.num_classes, entry.kwargs) == module_fields(*ours), key
+    # And nothing else: exactly so when the files are the published ones. An installed copy edited after
+    # installation (entries removed) cannot check the rows it lacks; it must not list them otherwise, though.
+    unchecked = sorted(set(robustbench_zoo.ZOO) - set(derived))
+    if not edited:
+        assert unchecked == []
+    assert sorted(set(unchecked) & listed) == []
+    if unchecked:
+        warnings.warn(f"robustbench's installed {', '.join(edited)} differ from the published robustbench "
+                      f"{importlib.metadata.version('robustbench')}: {len(unchecked)} table rows unchecked")
     # The paper's teachers (DESIGN §3) and the config's teacher names are all rows.
     for name, dataset, arch in [("Zhang2019Theoretically", "cifar10", "wide_resnet"),
                                 ("Gowal2020Uncovering", "cifar100", "dm_wide_resnet"),
@@ -235,6 +273,9 @@ def test_zoo_table_matches_robustbench_model_zoo_files():
         assert robustbench_zoo.lookup(name, dataset).arch == arch
     for (dataset, _), name in config_lib.PAPER_TEACHERS.items():
         robustbench_zoo.lookup(name, dataset)
+    # The DeepMind PreAct-ResNet-18s, present even in an edited copy, derived rather than merely listed.
+    dm_preact = sorted(k for k, e in robustbench_zoo.ZOO.items() if e.arch == "dm_preact_resnet")
+    assert len(dm_preact) == 8 and set(dm_preact) <= set(derived)
 
 
 def test_zoo_lookup_errors_say_why():
@@ -266,12 +307,31 @@ def test_wrn_34_10_trades_checkpoint_is_exact(tmp_path):
     assert spec["source"]["sha256"] == convert.sha256(src) and spec["source"]["file"] == str(src)
 
 
+@pytest.mark.slow
+def test_dm_preact_resnet18_checkpoint_is_exact(tmp_path):
+    """Full-size DeepMind PreAct-ResNet-18 (Swish, CIFAR-10 statistics) by its RobustBench name; batch 2."""
+    torch.manual_seed(0)
+    peer = randomize(_dm_preact(10, 18, 0, activation_fn=rb("dm_wide_resnet").Swish))
+    src = tmp_path / "Gowal2021Improving_R18_ddpm_100m.pt"
+    torch.save({"model_state_dict": state_of(peer)}, src)
+    dst = convert.convert_file(src, tmp_path / "teacher", robustbench="Gowal2021Improving_R18_ddpm_100m",
+                               dataset="cifar10")
+    module, variables = models.load_pretrained(dst)
+    assert models.count_params(variables) == sum(p.numel() for p in peer.parameters()) == 12_548_426
+    assert_same_logits(module, variables, peer)
+    assert json.loads((dst / "model.json").read_text())["arch"] == "dm_preact_resnet"
+
+
 def _resnet18(nc):
     return rb("resnet").ResNet18() if nc == 10 else rb("resnet").ResNet(rb("resnet").BasicBlock, [2, 2, 2, 2], nc)
 
 
 def _dm(*args, **kwargs):
     return rb("dm_wide_resnet").DMWideResNet(*args, **kwargs)
+
+
+def _dm_preact(*args, **kwargs):
+    return rb("dm_wide_resnet").DMPreActResNet(*args, **kwargs)
 
 
 C100_MEAN = load_robustbench_arch("dm_wide_resnet").CIFAR100_MEAN
@@ -295,6 +355,12 @@ CASES = {
         {"arch": "dm_wide_resnet", "num_classes": 100,
          "kwargs": {"depth": 16, "width": 2, "activation": "swish", "mean": list(C100_MEAN), "std": list(C100_STD)}},
         "model_model_meta.pth", None),
+    # DeepMind layout with nn.SiLU (Wang2023Better_*, Bartoldson2024Adversarial_*), CIFAR-100 statistics.
+    "dm_silu_c100": (
+        lambda: _dm(100, 10, 2, activation_fn=torch.nn.SiLU, mean=C100_MEAN, std=C100_STD),
+        {"arch": "dm_wide_resnet", "num_classes": 100,
+         "kwargs": {"depth": 10, "width": 2, "activation": "silu", "mean": list(C100_MEAN), "std": list(C100_STD)}},
+        "state_dict_module.pth.tar", None),
     # DeepMind layout, ReLU, input padding, bfloat16 weights.
     "dm_relu_pad_bf16": (
         lambda: _dm(10, 10, 2, padding=2),
@@ -442,6 +508,9 @@ def test_wrong_architecture_fails_before_writing(tmp_path):
     (lambda: rb("wide_resnet").WideResNet(depth=16, widen_factor=1, bias_last=False),
      ("wide_resnet", 10, {"depth": 16, "width": 1, "bias_last": False})),
     (lambda: _dm(100, 70, 16), ("dm_wide_resnet", 100, {"depth": 70, "width": 16})),
+    (lambda: _dm(10, 94, 16, activation_fn=torch.nn.SiLU), ("dm_wide_resnet", 10, {"depth": 94, "width": 16})),
+    (lambda: _dm_preact(100, 18, 0, activation_fn=torch.nn.SiLU), ("dm_preact_resnet", 100, {"depth": 18})),
+    (lambda: _dm_preact(10, 34), ("dm_preact_resnet", 10, {"depth": 34})),
     (lambda: _resnet18(10), ("resnet18", 10, {})),
     (lambda: rb("resnet").PreActResNet(rb("resnet").PreActBlockV2, [2, 2, 2, 2], 100, bn_before_fc=True),
      ("preact_resnet18", 100, {"bn_before_fc": True})),

@@ -35,8 +35,20 @@ CASES = {
                                                   mean=C100_MEAN, std=C100_STD),
         False,
     ),
+    "dm_wide_resnet_silu": (
+        "dm_wide_resnet", 10, {"depth": 10, "width": 2, "activation": "silu"},
+        lambda: rb("dm_wide_resnet").DMWideResNet(10, 10, 2, activation_fn=torch.nn.SiLU), False,
+    ),
+    # Full size (RobustBench fixes its widths): the one slow case.
+    "dm_preact_resnet18_c100": (
+        "dm_preact_resnet", 100, {"depth": 18, "activation": "swish", "mean": C100_MEAN, "std": C100_STD},
+        lambda: rb("dm_wide_resnet").DMPreActResNet(100, 18, 0, activation_fn=rb("dm_wide_resnet").Swish,
+                                                    mean=C100_MEAN, std=C100_STD),
+        False,
+    ),
     "mobilenet_v2": ("mobilenet_v2", 10, {}, lambda: torch_mobilenet_v2().MobileNetV2(10), False),
 }
+SLOW_CASES = {"dm_preact_resnet18_c100"}
 
 
 def random_variables(arch, num_classes, kwargs, seed=0):
@@ -64,7 +76,8 @@ def load_strict(constructor, path):
     return peer.eval(), state
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c
+                                  for c in sorted(CASES)])
 def test_export_loads_strictly_with_same_logits(case, tmp_path):
     arch, num_classes, kwargs, constructor, sub_block1 = CASES[case]
     variables = random_variables(arch, num_classes, kwargs)
@@ -76,6 +89,27 @@ def test_export_loads_strictly_with_same_logits(case, tmp_path):
     assert tracked and all(state[k].dtype == torch.int64 and int(state[k]) == 0 for k in tracked)
     assert all(v.dtype == torch.float32 for k, v in state.items() if k not in tracked)
     assert_same_logits(models.create(arch, num_classes=num_classes, **kwargs), variables, peer)
+
+
+@pytest.mark.parametrize("arch, kwargs, expected", [
+    ("dm_wide_resnet", {"depth": 10, "width": 2, "activation": "silu"},
+     "DMWideResNet(num_classes=10, depth=10, width=2, activation_fn=nn.SiLU)"),
+    ("dm_preact_resnet", {"depth": 18, "activation": "swish", "mean": list(C100_MEAN), "std": list(C100_STD)},
+     f"DMPreActResNet(num_classes=10, depth=18, width=0, activation_fn=Swish, mean={C100_MEAN}, std={C100_STD})"),
+    ("dm_preact_resnet", {"depth": 34, "activation": "relu", "padding": 2},
+     "DMPreActResNet(num_classes=10, depth=34, width=0, activation_fn=nn.ReLU, padding=2)"),
+], ids=["dm_wrn_silu", "dm_preact18_c100", "dm_preact34_relu_pad2"])
+def test_printed_constructor_builds_the_peer(arch, kwargs, expected):
+    """The constructor the exporter prints builds RobustBench's module, whose state_dict keys are the export's."""
+    text = export.torch_constructor({"arch": arch, "num_classes": 10, "kwargs": kwargs})
+    assert text == expected
+    abstract = checkpoints.abstract_variables(models.create(arch, num_classes=10, **kwargs))
+    namespace = {**vars(rb("dm_wide_resnet")), "nn": torch.nn}
+    with torch.device("meta"):
+        peer = eval(text, namespace)  # noqa: S307 - our own output, evaluated against RobustBench's classes
+    keys = {k for k in peer.state_dict() if not k.endswith("num_batches_tracked")}
+    containers = models.MODELS[arch].torch_containers
+    assert keys == {naming.flax_path_to_torch_key(p, containers) for p in naming.flatten_variables(abstract)}
 
 
 def test_training_workdir_exports_best_checkpoint_via_cli(tmp_path):

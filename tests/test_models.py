@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import load_robustbench_arch, torch_mobilenet_v2
 from mmard_jax import models
-from mmard_jax.models import naming
+from mmard_jax.models import dm_preact_resnet, dm_wide_resnet, layers, naming
 from mmard_jax.testing import randomize_batch_norm
 
 torch.backends.cudnn.allow_tf32 = False
@@ -31,8 +31,8 @@ def rb(module):
 
 
 def dm_activation(name):
-    """RobustBench's activation class for DMWideResNet's `activation` string."""
-    return {"swish": rb("dm_wide_resnet").Swish, "relu": torch.nn.ReLU}[name]
+    """RobustBench's activation class for a DeepMind model's `activation` string."""
+    return {"swish": rb("dm_wide_resnet").Swish, "silu": torch.nn.SiLU, "relu": torch.nn.ReLU}[name]
 
 
 # name -> (Flax model name, Flax kwargs, peer constructor taking num_classes).
@@ -76,6 +76,19 @@ PEERS = {
         "dm_wide_resnet", {"depth": 10, "width": 2, "activation": "relu"},
         lambda nc: rb("dm_wide_resnet").DMWideResNet(num_classes=nc, depth=10, width=2),
     ),
+    # Wang2023Better_WRN-28-10: DMWideResNet with nn.SiLU.
+    "dm_wrn_28_10_silu": (
+        "dm_wide_resnet", {"activation": "silu"},
+        lambda nc: rb("dm_wide_resnet").DMWideResNet(nc, 28, 10, activation_fn=dm_activation("silu")),
+    ),
+    "dm_preact_resnet18": (
+        "dm_preact_resnet", {},
+        lambda nc: rb("dm_wide_resnet").DMPreActResNet(nc, 18, 0, activation_fn=dm_activation("swish")),
+    ),
+    "dm_preact_resnet34_relu": (
+        "dm_preact_resnet", {"depth": 34, "activation": "relu"},
+        lambda nc: rb("dm_wide_resnet").DMPreActResNet(nc, 34),
+    ),
 }
 
 # Configurations small enough to run on the CPU, compared numerically (same layout as PEERS). ResNet-18
@@ -112,6 +125,10 @@ NUMERIC_PEERS = {
     "dm_wrn_10_2_pad2": (
         "dm_wide_resnet", {"depth": 10, "width": 2, "padding": 2},
         lambda nc: rb("dm_wide_resnet").DMWideResNet(nc, 10, 2, activation_fn=dm_activation("swish"), padding=2),
+    ),
+    "dm_wrn_10_2_silu": (
+        "dm_wide_resnet", {"depth": 10, "width": 2, "activation": "silu"},
+        lambda nc: rb("dm_wide_resnet").DMWideResNet(nc, 10, 2, activation_fn=dm_activation("silu")),
     ),
 }
 
@@ -186,7 +203,13 @@ def torch_logits(peer, x_nhwc):
 
 @pytest.mark.parametrize(
     "name, kwargs, expected",
-    [("resnet18", {}, 11_173_962), ("wide_resnet", {"depth": 34, "width": 10}, 46_160_474)],
+    [
+        ("resnet18", {}, 11_173_962),
+        ("wide_resnet", {"depth": 34, "width": 10}, 46_160_474),
+        ("dm_wide_resnet", {"activation": "silu"}, 36_479_194),  # WRN-28-10, as RobustBench's module counts
+        ("dm_preact_resnet", {}, 12_548_426),
+        ("dm_preact_resnet", {"num_classes": 100}, 12_594_596),
+    ],
 )
 def test_published_parameter_counts(name, kwargs, expected):
     assert models.count_params(flax_shapes(models.create(name, **kwargs))) == expected
@@ -278,11 +301,36 @@ def test_output_shape_and_dtype(case, num_classes, size):
 
 def test_big_models_output_shape():
     x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
-    for case in ["wrn_34_10", "dm_wrn_70_16"]:
+    for case in ["wrn_34_10", "dm_wrn_70_16", "dm_preact_resnet18"]:
         name, kwargs, _ = PEERS[case]
         model = models.create(name, num_classes=100, **kwargs)
         logits = jax.eval_shape(model.apply, flax_shapes(model), x)
         assert logits.shape == (2, 100) and logits.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("size", [8, 9])
+@pytest.mark.parametrize("in_planes, out_planes, stride, activation", [
+    (16, 16, 1, "swish"),  # identity shortcut
+    (8, 16, 1, "silu"),  # width change: 3x3 shortcut at stride 1
+    (8, 16, 2, "relu"),  # stride 2: (0, 1) hand padding of the conv and the shortcut
+])
+def test_dm_preact_block_equals_peer(in_planes, out_planes, stride, activation, size):
+    """One DeepMind PreAct block against RobustBench's `_PreActBlock`, small: the whole net is fixed at width 64."""
+    torch.manual_seed(0)
+    peer_block = rb("dm_wide_resnet")._PreActBlock(in_planes, out_planes, stride, dm_activation(activation))
+    peer = randomize_batch_norm(peer_block)
+    block = dm_preact_resnet.DMPreActBlock(
+        out_planes, stride, dm_wide_resnet.activation_fn(activation),
+        conv=layers.conv_factory(jnp.float32), norm=layers.batch_norm_factory(False, jnp.float32, None),
+    )
+    x = np.random.default_rng(1).normal(size=(2, size, size, in_planes)).astype(np.float32)
+    variables = torch_to_flax(peer, jax.eval_shape(block.init, jax.random.key(0), x))
+    with jax.default_matmul_precision("float32"):
+        ours = np.asarray(block.apply(variables, x))
+    with torch.no_grad():
+        theirs = peer(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    assert ours.shape == theirs.shape
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
 
 
 def test_small_models_run_on_16x16():
@@ -434,6 +482,8 @@ def test_create_rejects_bad_values():
         flax_shapes(models.create("dm_wide_resnet", activation="gelu"))
     with pytest.raises(ValueError, match="depth"):
         flax_shapes(models.create("wide_resnet", depth=12))
+    with pytest.raises(ValueError, match="depth must be one of"):
+        flax_shapes(models.create("dm_preact_resnet", depth=50))
 
 
 @pytest.mark.parametrize("strides", [1, 2])

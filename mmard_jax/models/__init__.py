@@ -5,6 +5,7 @@ statistics and needs `mutable=['batch_stats']`. Variable names mirror the PyTorc
 (`naming.py`), so checkpoints convert by name.
 """
 
+from mmard_jax.models.dm_preact_resnet import DMPreActResNet
 from mmard_jax.models.dm_wide_resnet import DMWideResNet
 from mmard_jax.models.mobilenet_v2 import MobileNetV2
 from mmard_jax.models.registry import MODELS, ModelSpec, accepted_arguments, count_params, create
@@ -23,6 +24,7 @@ def load_pretrained(directory, dtype: str = "float32", input_shape=(32, 32, 3)):
 
 __all__ = [
     "MODELS",
+    "DMPreActResNet",
     "DMWideResNet",
     "MobileNetV2",
     "ModelSpec",

@@ -7,6 +7,7 @@ from typing import Any, Dict, Mapping, NamedTuple, Tuple
 import jax
 from flax import linen as nn
 
+from mmard_jax.models.dm_preact_resnet import DMPreActResNet
 from mmard_jax.models.dm_wide_resnet import DMWideResNet
 from mmard_jax.models.mobilenet_v2 import MobileNetV2
 from mmard_jax.models.resnet import PreActResNet, ResNet
@@ -31,6 +32,7 @@ MODELS: Dict[str, ModelSpec] = {
     "mobilenet_v2": ModelSpec(MobileNetV2, {}, frozenset({"layers", "shortcut"})),
     "wide_resnet": ModelSpec(WideResNet, {}, frozenset({"layer"})),
     "dm_wide_resnet": ModelSpec(DMWideResNet, {}, frozenset({"layer", "block"})),
+    "dm_preact_resnet": ModelSpec(DMPreActResNet, {}, frozenset({"layer_0", "layer_1", "layer_2", "layer_3"})),
 }
 
 _NOT_ARGUMENTS = frozenset({"parent", "name"})
