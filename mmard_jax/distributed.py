@@ -104,3 +104,40 @@ def workdir_lock(workdir: pathlib.Path):
     finally:
         if lock is not None:
             lock.release()
+
+
+class StopAgreement:
+    """All processes stop at the same step. Each step every process contributes its local stop flag to an
+    all-reduce that is read one step later, so agreeing costs no host sync of the running step; with one
+    process the local flag is the answer at once."""
+
+    def __init__(self, mesh):
+        self.mesh = mesh
+        self._pending = None
+        if jax.process_count() > 1:
+            from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+
+            from mmard_jax import parallel  # noqa: PLC0415
+
+            self._parallel = parallel
+            self._reduce = jax.jit(jax.shard_map(lambda f: jax.lax.psum(f, parallel.AXIS), mesh=mesh,
+                                                 in_specs=P(parallel.AXIS), out_specs=P()))
+
+    def _dispatch(self, flag: bool):
+        n = self.mesh.devices.size
+        return self._reduce(self._parallel.put_batch(np.full((n,), int(flag), np.int32), self.mesh))
+
+    def lagged(self, flag: bool) -> bool:
+        """The OR over processes of the flags given at the previous call (this call's flag is read at the next)."""
+        if jax.process_count() == 1:
+            return flag
+        previous, self._pending = self._pending, self._dispatch(flag)
+        return previous is not None and int(np.asarray(previous.addressable_data(0))) > 0
+
+    def now(self, flag: bool) -> bool:
+        """The OR over processes of this flag and any pending one, waiting for it (between epochs)."""
+        if jax.process_count() == 1:
+            return flag
+        pending, self._pending = self._pending, None
+        stop = int(np.asarray(self._dispatch(flag).addressable_data(0))) > 0
+        return stop or (pending is not None and int(np.asarray(pending.addressable_data(0))) > 0)

@@ -75,6 +75,7 @@ class Run:
     ckpt: checkpoints.TrainCheckpoints
     sinks: reporting.MetricSinks
     guard: preemption.PreemptionGuard
+    agree: distributed.StopAgreement
     meta: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"best_value": -math.inf, "best_epoch": -1})
     step_fns: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -164,7 +165,7 @@ def setup(config, workdir: pathlib.Path, progress: bool, guard) -> Run:
     return Run(config, workdir, mesh, method, nets, parallel.put_replicated(frozen, mesh), txs, schedule,
                step_settings(config), images, labels, len(train), train.images.shape[1:], steps_per_epoch, ev,
                checkpoints.TrainCheckpoints(workdir, config.best_metric), reporting.MetricSinks(workdir, progress),
-               guard)
+               guard, distributed.StopAgreement(mesh))
 
 
 def restore_or_init(run: Run):
@@ -197,7 +198,8 @@ def train_epoch(run: Run, state, epoch: int):
         if due(step, cfg.log_every_steps, last=i == spe - 1):
             chunks.append(run.sinks.train_metrics(step, history, cfg.batch_size))
             history = []
-        if run.guard.should_stop(step, agree=distributed.any_process):
+        if run.guard.should_stop(step, agree=run.agree.lagged):
+            run.sinks.end_epoch()
             save_latest(run, state)
             raise run.guard.error(step)
         if due(step, cfg.checkpoint_every_steps) and i < spe - 1:
@@ -273,6 +275,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, progress: 
             record["seconds"] = time.perf_counter() - start
             run.sinks.epoch(record)
             save_latest(run, state)
+            if run.guard.should_stop(int(state.step), agree=run.agree.now) and epoch + 1 < config.num_epochs:
+                raise run.guard.error(int(state.step))
         final = final_evaluation(run, run.meta, run.sinks.records) if config.eval.final_attacks else {}
         run.sinks.close()
         run.ckpt.close()

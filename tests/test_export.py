@@ -103,7 +103,7 @@ def test_printed_constructor_builds_the_peer(arch, kwargs, expected):
     """The constructor the exporter prints builds RobustBench's module, whose state_dict keys are the export's."""
     text = export.torch_constructor({"arch": arch, "num_classes": 10, "kwargs": kwargs})
     assert text == expected
-    abstract = checkpoints.abstract_variables(models.create(arch, num_classes=10, **kwargs))
+    abstract = store.abstract_variables(models.create(arch, num_classes=10, **kwargs))
     namespace = {**vars(rb("dm_wide_resnet")), "nn": torch.nn}
     with torch.device("meta"):
         peer = eval(text, namespace)  # noqa: S307 - our own output, evaluated against RobustBench's classes

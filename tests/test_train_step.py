@@ -3,12 +3,13 @@ schedules equal PyTorch's, non-finite updates are refused."""
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmard_jax import config_lib, models, parallel, train, train_step
+from mmard_jax import config_lib, methods, models, parallel, train_step
 
 IMG = (8, 8, 3)
 
@@ -41,91 +42,120 @@ class CountingApply:
         return self.module.init(*args, **kwargs)
 
 
-def build(method_name, mesh, student=None, teacher=None, teacher2=None, steps=3, **hp):
-    method = train.resolve_method(config_lib.method_block(method_name, **hp))
+def build(method_name, mesh, student=None, teacher=None, teacher2=None, peer=None, steps=3, **hp):
+    method = config_lib.resolve_method(config_lib.method_block(method_name, **hp))
     schedule = train_step.make_lr_schedule(0.1, 4, 2)
-    tx = train_step.make_optimizer(schedule)
-    settings = train_step.StepSettings(steps=steps, crop_padding=2, unroll=1)
     student = student or tiny(parallel.AXIS)
+    nets = train_step.Networks(student, teacher, teacher2, peer or (tiny(parallel.AXIS) if "peer" in method.networks() else None))
+    txs = {n: train_step.make_optimizer(schedule) for n in nets.trained()}
+    attack = methods.attack_defaults(method_name)
+    settings = train_step.StepSettings(steps=steps, crop_padding=2, unroll=1, **attack)
     phase = method.phase(10**6)
-    fn = train_step.make_train_step(student, teacher, teacher2, method, phase, tx, schedule, settings, mesh, seed=0)
-    state = train_step.init_state(student, method, tx, jax.random.key(1, impl="rbg"), IMG)
+    fn = train_step.make_train_step(nets, method, phase, txs, schedule, settings, mesh, seed=0)
+    state = train_step.init_state(nets, method, txs, jax.random.key(1, impl="rbg"), IMG)
     return fn, state
+
+
+def frozen_vars():
+    return {"teacher": init_vars(tiny(width=2), 7), "teacher2": init_vars(tiny(), 8)}
 
 
 def run_steps(method_name, n_devices, split, n_steps=3):
     mesh = parallel.data_mesh(jax.devices()[:n_devices])
-    teacher, teacher2 = tiny(width=2), tiny()
-    t_vars, t2_vars = init_vars(teacher, 7), init_vars(teacher2, 8)
-    fn, state = build(method_name, mesh, teacher=teacher, teacher2=teacher2)
-    rep = parallel.replicated(mesh)
-    state = jax.device_put(state, rep)
-    images, labels = (jax.device_put(jnp.asarray(a), rep) for a in split)
-    idx = jax.device_put(jnp.arange(48, dtype=jnp.int32).reshape(3, 16), parallel.batch_sharded(mesh, axis=1))
+    fn, state = build(method_name, mesh, teacher=tiny(width=2), teacher2=tiny())
+    state = parallel.put_replicated(state, mesh)
+    frozen = parallel.put_replicated(frozen_vars(), mesh)
+    images, labels = parallel.put_replicated(split, mesh)
+    idx = parallel.put_batch(np.arange(48, dtype=np.int32).reshape(3, 16), mesh, axis=1)
     metrics = []
     for i in range(n_steps):
-        state, m = fn(state, t_vars, t2_vars, images, labels, idx[i], jnp.asarray(0, jnp.int32))
+        state, m = fn(state, frozen, images, labels, idx[i], np.int32(0))
         metrics.append(jax.device_get(m))
     return jax.device_get(state), metrics
 
 
-@pytest.mark.parametrize("method_name", ["mmard", "mtard"])
+# SAT/ARD-style attacks move the running statistics at every iterate (train-mode BN in the loop), PeerAiD
+# trains a second network, IGDM reads mirrored points: each must give the same step on 1 and 2 devices.
+@pytest.mark.parametrize("method_name", ["mmard", "mtard", "ard", "peeraid", "igdm"])
 def test_one_device_equals_two(method_name, split):
     """Same parameters, BN statistics and metrics on 1 and 2 devices for the same global batch."""
     assert len(jax.devices()) >= 2, "conftest sets --xla_force_host_platform_device_count=2"
     one, m1 = run_steps(method_name, 1, split)
     two, m2 = run_steps(method_name, 2, split)
-    for a, b in zip(jax.tree.leaves((one.params, one.batch_stats, one.method_state)),
-                    jax.tree.leaves((two.params, two.batch_stats, two.method_state))):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    for a, b in zip(m1, m2):
-        for k in a:
-            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    chex.assert_trees_all_close((one.nets, one.method_state), (two.nets, two.method_state), rtol=1e-5, atol=1e-6)
+    # Metrics within float32 rounding of the reductions (ARD's loss is T^2 / C = 90 x a KL of ~1e-4, so its
+    # absolute rounding is ~1e-6).
+    chex.assert_trees_all_close(m1, m2, rtol=1e-5, atol=1e-5)
     assert int(one.step) == 3 and int(one.bad_step) == -1
-    # The run did train: parameters moved away from their initial values.
+    # The run did train: parameters (of every trained network) moved away from their initial values.
     _, init = build(method_name, parallel.data_mesh(jax.devices()[:1]), teacher=tiny(width=2), teacher2=tiny())
-    moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(init.params))]
-    assert max(moved) > 1e-3
+    for name in one.nets:
+        moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(one.nets[name].params),
+                                                     jax.tree.leaves(init.nets[name].params))]
+        assert max(moved) > 1e-3, name
 
 
 EXPECTED_FORWARDS = {
-    # method: (teacher forwards traced, second-teacher forwards, student train-mode forwards)
-    "nature": (0, 0, 1),
-    "sat": (0, 0, 1),
-    "trades": (0, 0, 2),
-    "ard": (1, 0, 1),  # alpha = 1: no natural student forward
-    "rslad": (1, 0, 2),  # T(x) computed once, shared by inner and outer
-    "mtard": (1, 0 + 1, 2),
-    "mmard": (3, 0, 2),  # T(x), T(x') inside the PGD loop (traced once), T(x') for the outer loss
+    # method: (teacher forwards, second-teacher forwards, student (train-mode, inference-mode) forwards,
+    # peer (train-mode, inference-mode) forwards), as traced once (the PGD loop body counts once).
+    "nature": (0, 0, (1, 0), None),
+    "sat": (0, 0, (2, 0), None),  # the attack in train mode (Madry's one graph) + S(x')
+    "trades": (0, 0, (3, 2), None),  # S(x), S(x'), S(x) (trades.py:79-82); the attack's S(x) and S(x')
+    "ard": (1, 0, (3, 0), None),  # train-mode attack, S(x') and S(x) (main.py:124-126), even at alpha = 1
+    "iad": (2, 0, (5, 0), None),  # train-mode attack, S(x') twice and S(x) twice (IAD-I.py:166-179)
+    "rslad": (1, 0, (2, 1), None),  # T(x) computed once, shared by inner and outer
+    "mtard": (1, 1, (2, 1), None),
+    "mmard": (3, 0, (2, 1), None),  # T(x), T(x') inside the PGD loop, T(x') for the outer loss
+    "adaad": (2, 0, (2, 1), None),  # S(x) runs for its BatchNorm statistics (main.py:333), unused at alpha = 1
+    "adaiad": (2, 0, (4, 1), None),  # S(x), S(x'), S(x), S(x) (main.py:359-378)
+    "igdm": (3, 0, (3, 1), None),  # AdaAD's + T(x - d) and S(x - d)
+    "peeraid": (0, 0, (3, 1), (1, 1)),  # P(x) for the attack; P(x'), S(x') twice, S(x) (main.py:346-387)
 }
 
 
 @pytest.mark.parametrize("method_name", sorted(EXPECTED_FORWARDS))
 def test_only_declared_forwards_are_computed(method_name, split):
     mesh = parallel.data_mesh(jax.devices()[:1])
-    teacher, teacher2, student = CountingApply(tiny()), CountingApply(tiny()), CountingApply(tiny(parallel.AXIS))
-    fn, state = build(method_name, mesh, student=student, teacher=teacher, teacher2=teacher2)
-    t_vars = init_vars(tiny(), 3)
-    jax.eval_shape(fn, state, t_vars, t_vars, *(jnp.asarray(a) for a in split), jnp.arange(16), jnp.asarray(0))
-    want_t, want_t2, want_s_train = EXPECTED_FORWARDS[method_name]
+    teacher, teacher2 = CountingApply(tiny()), CountingApply(tiny())
+    student, peer = CountingApply(tiny(parallel.AXIS)), CountingApply(tiny(parallel.AXIS))
+    fn, state = build(method_name, mesh, student=student, teacher=teacher, teacher2=teacher2, peer=peer)
+    student.calls.clear(), peer.calls.clear()
+    frozen = {"teacher": init_vars(tiny(), 3), "teacher2": init_vars(tiny(), 3)}
+    jax.eval_shape(fn, state, frozen, *(jnp.asarray(a) for a in split), jnp.arange(16), jnp.asarray(0))
+    want_t, want_t2, want_s, want_p = EXPECTED_FORWARDS[method_name]
     assert len(teacher.calls) == want_t
     assert len(teacher2.calls) == want_t2
-    assert sum(student.calls) == want_s_train
+    assert (sum(student.calls), len(student.calls) - sum(student.calls)) == want_s
+    if want_p is not None:
+        assert (sum(peer.calls), len(peer.calls) - sum(peer.calls)) == want_p
     assert not any(teacher.calls) and not any(teacher2.calls), "teachers always run in inference mode"
+
+
+def test_needed_forwards_option_drops_published_repeats(split):
+    """train_forwards='needed' computes each forward the loss reads once (ARD at alpha = 1: S(x') only)."""
+    for option, want in (("published", 3), ("needed", 2)):
+        student = CountingApply(tiny(parallel.AXIS))
+        fn, state = build("ard", parallel.data_mesh(jax.devices()[:1]), student=student, teacher=tiny(),
+                          train_forwards=option)
+        student.calls.clear()
+        frozen = {"teacher": init_vars(tiny(), 3)}
+        jax.eval_shape(fn, state, frozen, *(jnp.asarray(a) for a in split), jnp.arange(16), jnp.asarray(0))
+        assert sum(student.calls) == want, option
 
 
 def test_iad_warmup_skips_the_teacher_at_x_adv(split):
     mesh = parallel.data_mesh(jax.devices()[:1])
-    method = train.resolve_method(config_lib.method_block("iad"))
+    method = config_lib.resolve_method(config_lib.method_block("iad"))
     calls = {}
     for phase in ("warmup", "main"):
         teacher = CountingApply(tiny())
         schedule = train_step.make_lr_schedule(0.1, 4, 2)
-        tx = train_step.make_optimizer(schedule)
-        fn = train_step.make_train_step(tiny(parallel.AXIS), teacher, None, method, phase, tx, schedule,
-                                        train_step.StepSettings(steps=2), mesh, seed=0)
-        state = train_step.init_state(tiny(parallel.AXIS), method, tx, jax.random.key(0, impl="rbg"), IMG)
-        jax.eval_shape(fn, state, init_vars(tiny(), 3), {}, *(jnp.asarray(a) for a in split), jnp.arange(16), jnp.asarray(0))
+        nets = train_step.Networks(tiny(parallel.AXIS), teacher)
+        txs = {"student": train_step.make_optimizer(schedule)}
+        fn = train_step.make_train_step(nets, method, phase, txs, schedule, train_step.StepSettings(steps=2), mesh, seed=0)
+        state = train_step.init_state(nets, method, txs, jax.random.key(0, impl="rbg"), IMG)
+        frozen = {"teacher": init_vars(tiny(), 3)}
+        jax.eval_shape(fn, state, frozen, *(jnp.asarray(a) for a in split), jnp.arange(16), jnp.asarray(0))
         calls[phase] = len(teacher.calls)
     assert calls == {"warmup": 1, "main": 2}
 
@@ -135,17 +165,18 @@ def test_nonfinite_update_is_refused(split):
     mesh = parallel.data_mesh(jax.devices()[:1])
     fn, state = build("sat", mesh)
     images, labels = (jnp.asarray(a) for a in split)
-    state, _ = fn(state, {}, {}, images, labels, jnp.arange(16), jnp.asarray(0))
+    state, _ = fn(state, {}, images, labels, jnp.arange(16), jnp.asarray(0))
     before = jax.device_get(state)
-    poisoned = jax.tree.map(lambda p: p * jnp.nan, state.params)
-    bad = dataclasses.replace(state, params=poisoned)
-    after, m = fn(bad, {}, {}, images, labels, jnp.arange(16, 32), jnp.asarray(0))
+    student = state.student
+    poisoned = dataclasses.replace(student, params=jax.tree.map(lambda p: p * jnp.nan, student.params))
+    bad = dataclasses.replace(state, nets={"student": poisoned})
+    after, m = fn(bad, {}, images, labels, jnp.arange(16, 32), jnp.asarray(0))
     assert not np.isfinite(m["loss"])
     assert int(after.bad_step) == 1 and int(after.step) == 2
-    for a, b in zip(jax.tree.leaves((after.batch_stats, after.opt_state)), jax.tree.leaves((before.batch_stats, before.opt_state))):
-        np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal((after.student.batch_stats, after.student.opt_state),
+                                (before.student.batch_stats, before.student.opt_state))
     # Once a step went bad, later steps do not update either (the run stops at the next check).
-    again, _ = fn(after, {}, {}, images, labels, jnp.arange(32, 48), jnp.asarray(0))
+    again, _ = fn(after, {}, images, labels, jnp.arange(32, 48), jnp.asarray(0))
     assert int(again.bad_step) == 1
 
 

@@ -107,7 +107,7 @@ def get_method(name: str, inner: Optional[str] = None, outer: Optional[str] = No
         raise ValueError(f"train_forwards must be one of {TRAIN_FORWARDS}, got {hp['train_forwards']!r}")
     for term in (outer_obj,) + plugin_objs:
         term.check(hp)
-    _warn_inert(hp, overrides)
+    _warn_inert(hp, {k: v for k, v in overrides.items() if v != outer_obj.defaults.get(k, hp.get(k))})
     method = Method(name, inner_obj, outer_obj, plugin_objs, hp,
                     order_override=row.order if outer_name == row.outer else None)
     _check_vocabulary(method)

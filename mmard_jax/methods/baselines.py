@@ -134,9 +134,8 @@ def _mtard(lg: Logits, y, state, hp, info):
 
 
 def _mtard_init(hp):
-    one = jnp.asarray(1.0, jnp.float32)
-    return {"w_nat": jnp.asarray(hp["w_nat_init"], jnp.float32), "init_adv": one, "init_nat": one,
-            "initialized": jnp.array(False)}
+    return {"w_nat": jnp.asarray(hp["w_nat_init"], jnp.float32), "init_adv": jnp.ones((), jnp.float32),
+            "init_nat": jnp.ones((), jnp.float32), "initialized": jnp.array(False)}  # distinct buffers (donated)
 
 
 def _mmard(lg: Logits, y, state, hp, info):
