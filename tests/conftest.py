@@ -15,13 +15,22 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import pytest  # noqa: E402
 
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
+NODEPS_INSTALL = "pip install --no-deps -r requirements-nodeps.txt"
+
+
+def import_peer(name: str):
+    """Imports a peer package of requirements-nodeps.txt; a missing one fails (never skips) the tests that use it."""
+    if importlib.util.find_spec(name) is None:
+        # A missing peer must fail the suite, not skip it: the comparisons are the point of these tests.
+        raise RuntimeError(f"{name} is not installed: {NODEPS_INSTALL}")
+    return importlib.import_module(name)
 
 
 def _robustbench_arch_dir() -> pathlib.Path:
     spec = importlib.util.find_spec("robustbench")
     if spec is None or not spec.submodule_search_locations:
         # A missing peer must fail the suite, not skip it: the comparisons are the point of these tests.
-        raise RuntimeError("robustbench is not installed: pip install --no-deps -r requirements-nodeps.txt")
+        raise RuntimeError(f"robustbench is not installed: {NODEPS_INSTALL}")
     return pathlib.Path(list(spec.submodule_search_locations)[0]) / "model_zoo" / "architectures"
 
 

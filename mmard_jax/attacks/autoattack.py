@@ -4,7 +4,8 @@ robust only if no component fools it (worst case per example).
 
 Standard settings (fra31/auto-attack `autoattack.py`, `set_version('standard')`): APGD-CE 100 iterations,
 1 restart; APGD-T 100 iterations on the targeted DLR loss, 9 target classes, 1 restart each; FAB-T 100
-iterations, 9 target classes; Square 5000 queries, p_init 0.8, 1 restart.
+iterations, 9 target classes; Square 5000 queries, p_init 0.8, 1 restart, window corners drawn as the
+original code draws them (never the last offset; `square_full_range` for all of them, see square.py).
 
 Speed and exactness: `cascade` runs at split level. Before every run (a restart or a target class) the
 indices of the still-robust examples go to `run_points` (`mmard_jax.evaluator.Evaluator`), which batches
@@ -46,6 +47,9 @@ class AutoAttackConfig:
     square_p_init: float = square.P_INIT
     square_restarts: int = 1
     square_rescale_schedule: bool = False  # AutoAttack: False; torchattacks' Square defaults to True
+    # pyautoattack/square.py lines 117-119, 257-258: the window's corner never takes the last offset h - s;
+    # True draws it over all h - s + 1 offsets (the paper's statement), making numbers non-standard.
+    square_full_range: bool = False
     rho: float = apgd.RHO
     fab_alpha_max: float = fab.ALPHA_MAX
     fab_eta: float = fab.ETA
@@ -111,7 +115,7 @@ def run_component(
     if name == "square":
         return square.square_linf(apply_fn, x, y, keys, eps=eps, n_queries=config.square_queries,
                                   p_init=config.square_p_init, rescale_schedule=config.square_rescale_schedule,
-                                  active=active)
+                                  full_range=config.square_full_range, active=active)
     raise ValueError(f"unknown AutoAttack component {name!r}; known: {', '.join(COMPONENTS)}")
 
 

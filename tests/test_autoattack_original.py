@@ -1,0 +1,256 @@
+"""Our AutoAttack against the original (Croce & Hein's code, PyPI `pyautoattack` 0.2.0) on the same weights
+of a small convolutional network (DESIGN §4: the JAX AutoAttack needs a peer; test_attacks_peer.py checks
+it against torchattacks on an MLP).
+
+Model: two 3x3 convolutions with BatchNorm (eval mode) and ReLU, then a linear layer, trained adversarially
+in the test (PGD-5 at EPS on the digits training split at 8x8) so that robust accuracy is far from 0 and
+from clean accuracy; its weights go into a PyTorch twin by the naming rule. Data: the first N_EXAMPLES
+images of the digits test split at 8x8. Both sides run AutoAttack 'standard' (APGD-CE, APGD-T with 9
+targets, FAB-T with 9 targets, Square with 5000 queries), each component alone and the cascade.
+
+FAB-T has no random start in 'standard': per-example masks must agree up to rare floating-point ties
+(FAB_MAX_DIFFERING examples). APGD (random start) and Square (random search) draw their randomness
+differently (per example here, per batch in the original): robust accuracies must agree within
+TOLERANCE (2 points), the per-example masks of APGD-CE, APGD-T and the cascade on all but 2% of the
+examples, Square's on all but 5%: on this model Square alone run with seeds 0..3 differs from itself on
+2-5 of the 200 examples (the original) and 2-7 (ours), ours from the original's on 1-8.
+The Square window offsets are checked against the original's draw directly (a distribution test); the
+mask comparison would catch them too: with `square_full_range=True` our Square alone gives 0.75 here
+instead of 0.80 (the original: 0.805).
+"""
+
+import dataclasses
+import functools
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+from conftest import import_peer
+from mmard_jax import data, losses
+from mmard_jax.attacks import autoattack, engine, square, suite
+from mmard_jax.models import layers
+from mmard_jax.testing import copy_into_torch
+
+pyautoattack = import_peer("pyautoattack")
+
+EPS = 32 / 255  # the demo's radius on digits (test_attacks_peer.py)
+N_EXAMPLES = 200
+TOLERANCE = 0.02  # robust accuracy, and the fraction of differing masks for APGD-CE, APGD-T and the cascade
+SQUARE_DIFFERING = 0.05  # fraction of differing Square masks: seed-to-seed noise of the attack itself (above)
+FAB_MAX_DIFFERING = 2  # FAB-T: examples allowed to differ (floating-point ties)
+# Our component names -> the original's (pyautoattack/autoattack.py line 302, `_set_version('standard')`).
+ORIGINAL_NAMES = {"apgd_ce": "apgd-ce", "apgd_t": "apgd-t", "fab_t": "fab-t", "square": "square"}
+
+
+class TinyCNN(nn.Module):
+    """conv-BN-ReLU (3 -> 16), conv-BN-ReLU (16 -> 32, stride 2), linear; NHWC, flattened in NCHW order."""
+
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        conv = layers.conv_factory(jnp.float32)
+        bn = layers.batch_norm_factory(train, jnp.float32, None)
+        x = nn.relu(bn(name="bn1")(conv(16, (3, 3), padding=layers.PAD_SAME_TORCH, name="conv1")(x)))
+        x = conv(32, (3, 3), strides=(2, 2), padding=layers.PAD_SAME_TORCH, name="conv2")(x)
+        x = nn.relu(bn(name="bn2")(x))
+        x = x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)
+        return layers.classifier(x, self.num_classes, jnp.float32, name="fc")
+
+
+class TorchCNN(torch.nn.Module):
+    """PyTorch twin of TinyCNN (NCHW input)."""
+
+    def __init__(self, side: int = 8, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(16)
+        self.conv2 = torch.nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(32)
+        self.fc = torch.nn.Linear(32 * (side // 2) ** 2, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        return self.fc(torch.relu(self.bn2(self.conv2(x))).flatten(1))
+
+
+def digits_8x8(split: str):
+    """(uint8 [N, 8, 8, 3], int32 [N]): the digits split at its native resolution."""
+    ds = data.load_dataset("digits", split)
+    return np.ascontiguousarray(ds.images[:, ::2, ::2, :]), ds.labels
+
+
+@functools.cache
+def robust_cnn(epochs: int = 8, batch: int = 64, seed: int = 0):
+    """(module, variables): TinyCNN after PGD-5 adversarial training (Madry) at EPS, attacks in eval mode."""
+    images, labels = digits_8x8("train")
+    xs = np.asarray(data.to_float(images))
+    module = TinyCNN()
+    variables = module.init(jax.random.key(seed), jnp.zeros((1,) + xs.shape[1:]))
+    tx = optax.adam(3e-3)
+    opt = tx.init(variables["params"])
+
+    @jax.jit
+    def step(variables, opt, x, y, key):
+        objective = lambda z: jnp.sum(losses.cross_entropy(module.apply(variables, z), y))  # noqa: E731
+        x_adv = engine.pgd(objective, x, eps=EPS, step_size=EPS / 4, steps=5, init="uniform", rng=key)
+
+        def loss_fn(params):
+            logits, new = module.apply({**variables, "params": params}, x_adv, train=True, mutable=["batch_stats"])
+            return jnp.mean(losses.cross_entropy(logits, y)), new
+
+        grads, new = jax.grad(loss_fn, has_aux=True)(variables["params"])
+        updates, opt = tx.update(grads, opt, variables["params"])
+        return {"params": optax.apply_updates(variables["params"], updates), **new}, opt
+
+    key = jax.random.key(seed + 1)
+    for epoch in range(epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(len(labels))
+        for i in range(len(labels) // batch):
+            b = order[i * batch:(i + 1) * batch]
+            key, k = jax.random.split(key)
+            variables, opt = step(variables, opt, xs[b], labels[b], k)
+    return module, variables
+
+
+@functools.cache
+def digits_subset():
+    """The first N_EXAMPLES digits test images (8x8): uint8 NHWC, labels, float NHWC, torch NCHW x and y."""
+    images, labels = digits_8x8("test")
+    images, labels = images[:N_EXAMPLES], labels[:N_EXAMPLES]
+    x = np.asarray(data.to_float(images))
+    return images, labels, x, torch.tensor(x).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels).long()
+
+
+@functools.cache
+def models():
+    """(module, variables, torch twin)."""
+    module, variables = robust_cnn()
+    return module, variables, copy_into_torch(variables, TorchCNN())
+
+
+@functools.cache
+def our_masks():
+    """Ours, standard settings: per-example robustness under each component alone and the cascade ('aa')."""
+    module, variables, _ = models()
+    images, labels, *_ = digits_subset()
+    start = time.perf_counter()
+    masks = suite.evaluate_split(module, variables, images, labels, ("clean", "aa") + autoattack.COMPONENTS,
+                                 eps=EPS, batch_size=N_EXAMPLES, seed=0, progress=False)
+    print(f"ours: {time.perf_counter() - start:.1f} s")
+    return masks
+
+
+def original_attack(net):
+    """The original AutoAttack 'standard' (L-inf) on `net`, seed 0."""
+    return pyautoattack.AutoAttack(net, norm="Linf", eps=EPS, version="standard", seed=0, device="cpu")
+
+
+def robust_under(net, x_adv: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """bool [N]: `net` still classifies the adversarial points correctly."""
+    with torch.no_grad():
+        return (net(x_adv).argmax(1) == y).numpy()
+
+
+@functools.cache
+def original_masks():
+    """The original's masks: the cascade (`run_standard_evaluation`) and each component alone
+    (`run_standard_evaluation_individual`, which runs each on the clean-correct points)."""
+    _, _, net = models()
+    *_, xt, yt = digits_subset()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small ops: one thread is faster on a loaded 2-core machine (test_attacks_peer.py)
+    try:
+        start = time.perf_counter()
+        x_adv, _ = original_attack(net).run_standard_evaluation(xt, yt, batch_size=N_EXAMPLES)
+        masks = {"aa": robust_under(net, x_adv, yt)}
+        individual = original_attack(net).run_standard_evaluation_individual(xt, yt, batch_size=N_EXAMPLES)
+        for ours, theirs in ORIGINAL_NAMES.items():
+            masks[ours] = robust_under(net, individual[theirs][0], yt)
+        print(f"original: {time.perf_counter() - start:.1f} s")
+    finally:
+        torch.set_num_threads(threads)
+    return masks
+
+
+def test_twin_has_the_same_logits():
+    module, variables, net = models()
+    _, _, x, xt, _ = digits_subset()
+    with torch.no_grad():
+        theirs = net(xt).numpy()
+    np.testing.assert_allclose(np.asarray(module.apply(variables, x)), theirs, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(variables["batch_stats"]["bn1"]["mean"])).max() > 0  # BN statistics were trained
+
+
+def compare(name: str):
+    """(ours, theirs, number of differing examples), printed."""
+    ours, theirs = our_masks()[name], original_masks()[name]
+    differing = int((ours != theirs).sum())
+    print(f"{name}: ours {ours.mean():.4f} original {theirs.mean():.4f}, {differing} of {len(ours)} examples differ")
+    return ours, theirs, differing
+
+
+def test_model_is_robust_but_not_perfectly():
+    clean = our_masks()["clean"]
+    aa = our_masks()["aa"]
+    print(f"clean {clean.mean():.4f}, aa {aa.mean():.4f}")
+    assert 0.2 < aa.mean() < clean.mean() - 0.1
+
+
+def test_fab_targeted_agrees_per_example():
+    """FAB-T is deterministic in 'standard' (no random start): the same examples fooled up to ties."""
+    ours, theirs, differing = compare("fab_t")
+    assert differing <= FAB_MAX_DIFFERING
+    assert theirs.mean() < our_masks()["clean"].mean() - 0.1  # the attack does something
+
+
+@pytest.mark.parametrize("name", ["apgd_ce", "apgd_t", "square", "aa"])
+def test_randomised_components_and_cascade_agree(name):
+    ours, theirs, differing = compare(name)
+    assert abs(ours.mean() - theirs.mean()) <= TOLERANCE
+    assert differing <= (SQUARE_DIFFERING if name == "square" else TOLERANCE) * len(ours)
+    assert theirs.mean() < our_masks()["clean"].mean() - 0.1
+
+
+def our_corners(h: int, side: int, full_range: bool, n: int = 4096) -> set:
+    """(row, column) corners of our Square windows of `side` on an h x h image over n random draws."""
+    bits = jax.random.bits(jax.random.key(0), (n, 3), jnp.uint32)
+    deltas = jax.vmap(lambda r: square.proposal(r, (h, h, 3), jnp.int32(side), 1.0, jnp.float32, full_range))(bits)
+    covered = np.asarray(jnp.any(deltas != 0, axis=-1))  # [n, h, h]
+    rows, cols = np.argmax(covered.any(axis=2), axis=1), np.argmax(covered.any(axis=1), axis=1)
+    return set(zip(rows.tolist(), cols.tolist()))
+
+
+def original_offsets(h: int, side: int, n: int = 4096) -> set:
+    """Offsets the original Square draws along one axis for a window of `side` (its `random_int(0, h - s)`,
+    used for rows and columns alike)."""
+    attack = pyautoattack.square.SquareAttack(lambda z: z, eps=EPS, device="cpu")
+    torch.manual_seed(0)
+    return set(attack.random_int(0, h - side, [n]).tolist())
+
+
+def grid(offsets) -> set:
+    """Every (row, column) pair of `offsets`."""
+    return {(r, c) for r in offsets for c in offsets}
+
+
+@pytest.mark.parametrize("h, side", [(8, 7), (8, 3), (8, 1), (4, 4)])
+def test_square_window_offsets_follow_the_original(h, side):
+    """Default: exactly the original's offsets (never the last one, h - s; only 0 when s == h);
+    square_full_range: all h - s + 1."""
+    original = original_offsets(h, side)
+    assert original == set(range(max(h - side, 1)))
+    assert our_corners(h, side, False) == grid(original)
+    assert our_corners(h, side, True) == grid(range(h - side + 1))
+
+
+def test_full_range_is_a_custom_setting():
+    config = dataclasses.replace(autoattack.STANDARD, square_full_range=True)
+    assert autoattack.describe(autoattack.STANDARD) == "standard"
+    assert autoattack.describe(config) == "custom (square_full_range=True)"
