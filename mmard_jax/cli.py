@@ -40,7 +40,9 @@ USER_ERRORS = (
     ("mmard_jax.data.datasets", "DatasetNotFoundError"),
     ("mmard_jax.data.cifar", "DatasetFormatError"),
     ("mmard_jax.data.download", "DownloadError"),
-    ("mmard_jax.checkpoints", "CheckpointError"),
+    ("mmard_jax.models.store", "CheckpointError"),
+    ("mmard_jax.checkpoints", "CheckpointWriteError"),
+    ("mmard_jax.train", "NonFiniteLossError"),
     ("mmard_jax.convert", "ConversionError"),
     ("mmard_jax.export", "ExportError"),
 )

@@ -164,11 +164,12 @@ def check_resume(old: Any, new: Any, allow_extend: bool = False, workdir: Any = 
 
 def history_record(changes: Sequence[Change], kind: Optional[str] = None, *, time: Optional[str] = None,
                    host: Optional[str] = None, **extra) -> Dict[str, Any]:
-    """{time, host, kind: 'resume'|'extend', changes: [{key, old, new, kind}], ...extra}: one line of history.jsonl."""
+    """{time, host, kind: 'start'|'resume'|'extend', changes: [{key, old, new, kind}], ...extra}: one line of
+    history.jsonl."""
     if kind is None:
         kind = "extend" if any(c.key in EXTENDABLE for c in changes) else "resume"
-    if kind not in ("resume", "extend"):
-        raise ValueError(f"history_record: kind must be 'resume' or 'extend', got {kind!r}")
+    if kind not in ("start", "resume", "extend"):
+        raise ValueError(f"history_record: kind must be 'start', 'resume' or 'extend', got {kind!r}")
     record = {
         "time": time or datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "host": host or socket.gethostname(),

@@ -14,7 +14,6 @@ import hashlib
 import json
 import pathlib
 import pickle
-import sys
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -23,7 +22,7 @@ import numpy as np
 from absl import app, flags
 from flax import traverse_util
 
-from mmard_jax import models, robustbench_zoo, runtime
+from mmard_jax import cli, models, robustbench_zoo, runtime, xla_env
 from mmard_jax.models import dm_preact_resnet, naming, store
 
 Progress = Optional[Callable[[str], None]]
@@ -438,7 +437,7 @@ def _print_table() -> None:
 
 
 def main(argv) -> None:
-    """Runs one conversion from the flags; a ConversionError ends the program with its message and status 1."""
+    """Runs one conversion from the flags; a ConversionError is one line on stderr and status 2 (`cli.run`)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     runtime.quiet_logging()
@@ -448,21 +447,19 @@ def main(argv) -> None:
         return
     if not f.src or not f.dst:
         raise app.UsageError("--src and --dst are required (or --list)")
-    try:
-        convert_file(
-            f.src, f.dst, robustbench=f.robustbench, dataset=f.dataset, threat_model=f.threat_model,
-            arch=f.arch, num_classes=f.num_classes, kwargs=_parse_kwargs(f.arch_kwargs), overwrite=f.overwrite,
-            progress=lambda m: print(m, flush=True),
-        )
-    except ConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    cli.existing_path("src", f.src, kind="file")
+    convert_file(
+        f.src, f.dst, robustbench=f.robustbench, dataset=f.dataset, threat_model=f.threat_model,
+        arch=f.arch, num_classes=f.num_classes, kwargs=_parse_kwargs(f.arch_kwargs), overwrite=f.overwrite,
+        progress=lambda m: print(m, flush=True),
+    )
 
 
 def run() -> None:
     """Console-script entry point (`mmard-convert`)."""
+    xla_env.apply_cpu_defaults()
     define_flags()
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
 
-from mmard_jax import files, reporting, runtime, train
+from mmard_jax import cli, files, reporting, runtime, train, xla_env
 
 FLAGS = flags.FLAGS
 
@@ -82,7 +82,8 @@ def run():
     flags.DEFINE_float("margin", 0.10, "Required PGD_S advantage of the MMARD student over the natural one.")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                       "Compute dtype of teacher and students (parameters and BatchNorm statistics stay float32).")
-    app.run(main)
+    xla_env.apply_cpu_defaults()
+    cli.run(main)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from mmard_jax import data, evaluator, files, parallel, reporting, runtime
+from mmard_jax import cli, data, distributed, evaluator, files, parallel, reporting, runtime, xla_env
 from mmard_jax.attacks import autoattack, suite
 from mmard_jax.models import store
 
@@ -31,12 +31,8 @@ DEFAULT_ATTACKS = ("clean", "fgsm", "pgd_s", "pgd_t", "cw", "aa")
 
 
 def parse_eps(text: str) -> float:
-    """'8/255' or '0.0314' -> float."""
-    text = str(text).strip()
-    if "/" in text:
-        num, den = text.split("/", 1)
-        return float(num) / float(den)
-    return float(text)
+    """'8/255' or '0.0314' -> a radius in (0, 1] (a UserError otherwise)."""
+    return cli.parse_eps(text)
 
 
 def aa_config_from(n_iter: int = 100, n_targets: int = 9, square_queries: int = 5000,
@@ -144,7 +140,7 @@ def define_flags():
                         "Model directory (mmard_jax.convert) or training workdir (its best checkpoint).")
     flags.DEFINE_enum("dataset", "cifar10", list(data.DATASETS), "Data set whose test split is evaluated.")
     flags.DEFINE_list("attacks", list(DEFAULT_ATTACKS), f"Attacks, from: {', '.join(suite.ATTACKS)}.")
-    flags.DEFINE_integer("n_examples", -1, "Evaluate the first N test examples (-1: the whole split).")
+    flags.DEFINE_integer("n_examples", None, "Evaluate the first N test examples (default: the whole split).")
     flags.DEFINE_integer("batch_size", 500, "Global batch size (a multiple of the device count).")
     flags.DEFINE_string("eps", "8/255", "L-inf radius, e.g. 8/255 or 0.0314.")
     flags.DEFINE_integer("seed", 0, "Seed of every random start (per-example keys).")
@@ -159,20 +155,33 @@ def define_flags():
     flags.DEFINE_integer("aa_restarts", 1, "AutoAttack: APGD-CE restarts (standard: 1).")
     flags.DEFINE_bool("tf32", False, "Allow TF32 matmuls/convolutions for float32 models on GPUs (faster; the report "
                       "then says 'custom', not 'standard'). Default: full float32 precision.")
+    distributed.define_flags()
     flags.mark_flags_as_required(["checkpoint"])
+
+
+def check_flags() -> None:
+    """User errors in the flags, each one line (cli.run), before anything is loaded."""
+    unknown = [a for a in FLAGS.attacks if a not in suite.ATTACKS]
+    if unknown:
+        raise cli.UserError(f"--attacks: unknown attack(s) {unknown}; known: {', '.join(suite.ATTACKS)}")
+    cli.existing_path("checkpoint", FLAGS.checkpoint, kind="dir")
+    for name in ("batch_size", "aa_iters", "aa_targets", "aa_queries", "aa_restarts"):
+        cli.positive_int(name, FLAGS[name].value)
+    if FLAGS.n_examples is not None:
+        cli.positive_int("n_examples", FLAGS.n_examples)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    check_flags()
+    eps = parse_eps(FLAGS.eps)
+    distributed.initialize_from_flags()
     runtime.quiet_logging()
     runtime.enable_compilation_cache()
-    unknown = [a for a in FLAGS.attacks if a not in suite.ATTACKS]
-    if unknown:
-        raise app.UsageError(f"unknown attack(s) {unknown}; known: {', '.join(suite.ATTACKS)}")
     run_evaluation(
-        FLAGS.checkpoint, FLAGS.dataset, FLAGS.attacks, n_examples=FLAGS.n_examples, batch_size=FLAGS.batch_size,
-        eps=parse_eps(FLAGS.eps), seed=FLAGS.seed, output=FLAGS.output, data_dir=FLAGS.data_dir, source=FLAGS.source,
+        FLAGS.checkpoint, FLAGS.dataset, FLAGS.attacks, n_examples=FLAGS.n_examples or -1, batch_size=FLAGS.batch_size,
+        eps=eps, seed=FLAGS.seed, output=FLAGS.output, data_dir=FLAGS.data_dir, source=FLAGS.source,
         dtype=FLAGS.dtype, unroll=FLAGS.unroll, matmul_precision=None if FLAGS.tf32 else "highest",
         aa_config=aa_config_from(FLAGS.aa_iters, FLAGS.aa_targets, FLAGS.aa_queries, FLAGS.aa_restarts),
     )
@@ -204,9 +213,12 @@ def run_evaluation(
         images, labels = images[:n_examples], labels[:n_examples]
     module, variables = store.load_model(checkpoint, dtype=dtype, input_shape=images.shape[1:])
     if module.num_classes != test.num_classes:
-        raise ValueError(f"{checkpoint} has {module.num_classes} classes, {dataset} has {test.num_classes}")
+        raise cli.UserError(f"{checkpoint} has {module.num_classes} classes, {dataset} has {test.num_classes}")
     mesh = parallel.data_mesh()
-    parallel.check_divisible(batch_size, mesh, "--batch_size")
+    try:
+        parallel.check_divisible(batch_size, mesh, "--batch_size")
+    except ValueError as err:
+        raise cli.UserError(str(err)) from None
     start = time.perf_counter()
     report = evaluate_model(module, variables, images, labels, attacks, eps=eps, batch_size=batch_size, seed=seed,
                             mesh=mesh, unroll=runtime.resolve_unroll(unroll), aa_config=aa_config,
@@ -236,8 +248,9 @@ def run_evaluation(
 
 def run():
     """Console-script entry point (`mmard-evaluate`)."""
+    xla_env.apply_cpu_defaults()
     define_flags()
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,13 @@ count of training steps is not kept in Flax). Build the PyTorch model with the s
 
 import os
 import pathlib
-import sys
 import tempfile
 from typing import Any, Dict, Mapping
 
 import numpy as np
 from absl import app, flags
 
-from mmard_jax import models, runtime
+from mmard_jax import cli, models, runtime, xla_env
 from mmard_jax.models import naming, store
 
 SUB_BLOCK1 = "sub_block1."
@@ -133,22 +132,20 @@ def define_flags() -> None:
 
 
 def main(argv) -> None:
-    """Runs one export from the flags; a bad source ends the program with its message and status 1."""
+    """Runs one export from the flags; a bad source is one line on stderr and status 2 (`cli.run`)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     runtime.quiet_logging()
     f = flags.FLAGS
-    try:
-        export_model(f.src, f.dst, sub_block1=f.sub_block1, progress=lambda m: print(m, flush=True))
-    except (ExportError, store.CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    cli.existing_path("src", f.src, kind="dir")
+    export_model(f.src, f.dst, sub_block1=f.sub_block1, progress=lambda m: print(m, flush=True))
 
 
 def run() -> None:
     """Console-script entry point (`mmard-export`)."""
+    xla_env.apply_cpu_defaults()
     define_flags()
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

@@ -13,19 +13,17 @@ import dataclasses
 import json
 import math
 import pathlib
-import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
-from tqdm.auto import tqdm
 
 from mmard_jax import checkpoints, cli, config_guard, config_lib, data, distributed, evaluator, files, methods, parallel
-from mmard_jax import preemption, reporting, run_lock, runtime, train_step, xla_env
+from mmard_jax import preemption, reporting, runtime, train_step, xla_env
 from mmard_jax.attacks import suite
 from mmard_jax.models import store
 

@@ -10,7 +10,7 @@ optimizer and are updated from one gradient of the summed loss; teachers are fro
 
 import dataclasses
 import functools
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping
 
 import flax
 import jax

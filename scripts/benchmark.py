@@ -130,7 +130,7 @@ def summarize(times: List[float], batch: int, total_s: float, n: int) -> Dict[st
 
 
 def _jax_step_builder(case: Case, seed: int = 0):
-    """(build(pgd_steps, unroll) -> jitted step, student, teacher, method, tx, mesh) for `case`."""
+    """(build(pgd_steps, unroll) -> jitted step, nets, method, txs, mesh) for `case`."""
     import jax.numpy as jnp
 
     from mmard_jax import methods, models, parallel, runtime, train_step
@@ -138,21 +138,30 @@ def _jax_step_builder(case: Case, seed: int = 0):
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[case.dtype]
     mesh = parallel.data_mesh()
     parallel.check_divisible(case.batch, mesh)
-    student = models.create(case.student, 10, dtype=dtype, bn_axis_name=parallel.AXIS, **case.student_kwargs)
-    teacher = models.create(case.teacher, 10, dtype=dtype, **case.teacher_kwargs)
     method = methods.get_method(case.method)
+    student = models.create(case.student, 10, dtype=dtype, bn_axis_name=parallel.AXIS, **case.student_kwargs)
+    used = method.networks()
+    teacher = models.create(case.teacher, 10, dtype=dtype, **case.teacher_kwargs) if "teacher" in used else None
+    peer = models.create(case.student, 10, dtype=dtype, bn_axis_name=parallel.AXIS, **case.student_kwargs) \
+        if "peer" in used else None
+    nets = train_step.Networks(student, teacher, None, peer)
     schedule = train_step.make_lr_schedule(0.1, 390, 300)
-    tx = train_step.make_optimizer(schedule)
+    txs = {n: train_step.make_optimizer(schedule) for n in nets.trained()}
+    attack = methods.attack_defaults(case.method)
 
     def build(pgd_steps: int, unroll: str):
-        settings = train_step.StepSettings(steps=pgd_steps, unroll=runtime.resolve_unroll(unroll))
-        return train_step.make_train_step(student, teacher, None, method, method.phase(10**6), tx, schedule,
-                                          settings, mesh, seed)
+        settings = train_step.StepSettings(steps=pgd_steps, unroll=runtime.resolve_unroll(unroll), **attack)
+        return train_step.make_train_step(nets, method, method.phase(10**6), txs, schedule, settings, mesh, seed)
 
-    return build, student, teacher, method, tx, mesh
+    return build, nets, method, txs, mesh
 
 
-def _abstract_args(case: Case, student, teacher, method, tx, n_images: int):
+def _frozen(case: Case, nets, init):
+    """The teachers' variables: `init(module)` for each frozen network the case uses."""
+    return {"teacher": init(nets.teacher)} if nets.teacher is not None else {}
+
+
+def _abstract_args(case: Case, nets, method, txs, n_images: int):
     """Shapes and dtypes of the step's arguments (no memory, no compilation)."""
     import jax
     import jax.numpy as jnp
@@ -160,9 +169,9 @@ def _abstract_args(case: Case, student, teacher, method, tx, n_images: int):
     from mmard_jax import train_step
 
     shape = (case.size, case.size, 3)
-    t_vars = jax.eval_shape(lambda: teacher.init(jax.random.key(0), jnp.zeros((1,) + shape), train=False))
-    state = jax.eval_shape(lambda: train_step.init_state(student, method, tx, jax.random.key(0), shape))
-    return (state, t_vars, {}, jax.ShapeDtypeStruct((n_images,) + shape, jnp.uint8),
+    frozen = _frozen(case, nets, lambda m: jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1,) + shape), train=False)))
+    state = jax.eval_shape(lambda: train_step.init_state(nets, method, txs, jax.random.key(0), shape))
+    return (state, frozen, jax.ShapeDtypeStruct((n_images,) + shape, jnp.uint8),
             jax.ShapeDtypeStruct((n_images,), jnp.int32), jax.ShapeDtypeStruct((case.batch,), jnp.int32),
             jax.ShapeDtypeStruct((), jnp.int32))
 
@@ -173,8 +182,8 @@ def step_flops(case: Case) -> float:
     A `while` body is counted once however many times it runs, so the PGD iterations are counted by
     difference; the result does not depend on the loop's unrolling.
     """
-    build, student, teacher, method, tx, _ = _jax_step_builder(case)
-    args = _abstract_args(case, student, teacher, method, tx, n_images=max(4 * case.batch, 512))
+    build, nets, method, txs, _ = _jax_step_builder(case)
+    args = _abstract_args(case, nets, method, txs, n_images=max(4 * case.batch, 512))
     f0, f1 = (build(k, "1").lower(*args).cost_analysis()["flops"] for k in (0, 1))
     return f0 + case.pgd_steps * (f1 - f0)
 
@@ -187,12 +196,13 @@ def jax_worker(case: Case, warmup: int, steps: int, unroll: str, seed: int = 0) 
 
     from mmard_jax import parallel, train_step
 
-    build, student, teacher, method, tx, mesh = _jax_step_builder(case, seed)
+    build, nets, method, txs, mesh = _jax_step_builder(case, seed)
     shape = (case.size, case.size, 3)
     rep = parallel.replicated(mesh)
-    t_vars = jax.jit(lambda k: teacher.init(k, jnp.zeros((1,) + shape), train=False))(jax.random.key(seed + 1, impl="rbg"))
-    t_vars = jax.device_put(t_vars, rep)
-    state = jax.device_put(train_step.init_state(student, method, tx, jax.random.key(seed, impl="rbg"), shape), rep)
+    init = lambda m: jax.jit(lambda k: m.init(k, jnp.zeros((1,) + shape), train=False))(  # noqa: E731
+        jax.random.key(seed + 1, impl="rbg"))
+    frozen = jax.device_put(_frozen(case, nets, init), rep)
+    state = jax.device_put(train_step.init_state(nets, method, txs, jax.random.key(seed, impl="rbg"), shape), rep)
     rng = np.random.default_rng(seed)
     n_images = max(4 * case.batch, 512)
     images = jax.device_put(jnp.asarray(rng.integers(0, 256, (n_images,) + shape, dtype=np.uint8)), rep)
@@ -201,7 +211,7 @@ def jax_worker(case: Case, warmup: int, steps: int, unroll: str, seed: int = 0) 
     idx = np.stack([rng.permutation(n_images)[: case.batch] for _ in range(total)]).astype(np.int32)
     idx = jax.device_put(jnp.asarray(idx), parallel.batch_sharded(mesh, axis=1))
     epoch = jnp.asarray(0, jnp.int32)
-    args = lambda i: (state, t_vars, {}, images, labels, idx[i], epoch)  # noqa: E731
+    args = lambda i: (state, frozen, images, labels, idx[i], epoch)  # noqa: E731
 
     flops_per_step = step_flops(case)
     t0 = time.perf_counter()

@@ -16,12 +16,12 @@ import re
 import sys
 from typing import Dict, List, Mapping, Sequence
 
-from absl import app, flags
+from absl import flags
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mmard_jax import files, reporting, runtime, train  # noqa: E402
+from mmard_jax import cli, files, reporting, runtime, train, xla_env  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -126,4 +126,5 @@ if __name__ == "__main__":
     flags.DEFINE_string("workroot", None, "Directory holding one workdir per run.", required=True)
     flags.DEFINE_multi_string("only", [], "Keep runs whose argument contains this key=value (repeatable).")
     flags.DEFINE_bool("collect_only", False, "Do not train; only collect finished runs into the table.")
-    app.run(main)
+    xla_env.apply_cpu_defaults()
+    cli.run(main)

@@ -12,6 +12,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from mmard_jax import xla_env  # noqa: E402 - the entry point's CPU XLA defaults, before any backend starts
+
+xla_env.apply_cpu_defaults()
+
 import pytest  # noqa: E402
 
 TESTS_DIR = pathlib.Path(__file__).resolve().parent

@@ -114,6 +114,7 @@ def test_every_inner_objective_rises(name):
     consts = dict(
         s_nat=s(x) if "s_nat" in inner.needs else None,
         t_nat=t(x) if "t_nat" in inner.needs else None,
+        p_nat=t(x) if "p_nat" in inner.needs else None,  # PeerAiD's peer: any fixed second network
     )
 
     def objective(z):
@@ -125,10 +126,24 @@ def test_every_inner_objective_rises(name):
         return jnp.stack([value_after(k) for k in (0, 2, 5, 10)])
 
     def value_after(steps):
-        x_adv = engine.pgd(objective, x, eps=EPS, step_size=STEP, steps=steps, init=inner.init, rng=jax.random.key(4))
+        x_adv = engine.pgd(objective, x, eps=EPS, step_size=STEP, steps=steps, init="gaussian", rng=jax.random.key(4))
         return objective(x_adv)
 
     values = [float(v) for v in values_after()]
     # A random small net has a flat loss surface: ask for a clear, not a large, rise.
     assert values[-1] > values[0] + 0.005 * abs(values[0]) + 1e-6, (name, values)
     assert values[1] > values[0] and values[2] > values[1], (name, values)
+
+
+def test_carry_threads_state_through_the_iterates():
+    """With a carry the objective's state passes from iterate to iterate (the student's BatchNorm statistics
+    when it attacks in train mode): here a counter that every gradient evaluation increments."""
+    x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3))
+
+    def objective(z, count):
+        return jnp.sum(jnp.sin(3 * z)), count + 1
+
+    x_adv, count = jax.jit(lambda x: engine.pgd(objective, x, eps=EPS, step_size=STEP, steps=7, carry=jnp.int32(0)))(x)
+    assert int(count) == 7
+    plain = engine.pgd(lambda z: jnp.sum(jnp.sin(3 * z)), x, eps=EPS, step_size=STEP, steps=7)
+    np.testing.assert_array_equal(x_adv, plain)  # the same iterates with or without a carry

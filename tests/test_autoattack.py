@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from scipy.optimize import linprog
 
-from mmard_jax import evaluate, parallel
-from mmard_jax.attacks import autoattack, fab, suite
+from mmard_jax import evaluate, evaluator, parallel
+from mmard_jax.attacks import autoattack, fab
 from test_attacks_peer import EPS, digits_test_split, our_report, robust_mlp
 
 # Few iterations: these tests check mechanics; the standard settings run in test_attacks_peer.py.
@@ -97,10 +97,10 @@ def test_aa_is_the_worst_case_and_independent_of_devices_and_batching():
     devices = jax.local_devices()
     assert len(devices) >= 2, "conftest forces 2 CPU devices"
     config = dataclasses.replace(SMALL, components=components)
-    two = suite.evaluate_split(module, variables, images, labels, attacks, eps=EPS, batch_size=356, seed=3,
-                               mesh=parallel.data_mesh(devices[:2]), progress=False, aa_config=config)
-    one = suite.evaluate_split(module, variables, images, labels, attacks, eps=EPS, batch_size=120, seed=3,
-                               mesh=parallel.data_mesh(devices[:1]), progress=False, aa_config=config)
+    two = evaluator.Evaluator(module, images, labels, eps=EPS, batch_size=356, mesh=parallel.data_mesh(devices[:2]),
+                              progress=False, aa_config=config).run(variables, attacks, seed=3).masks
+    one = evaluator.Evaluator(module, images, labels, eps=EPS, batch_size=120, mesh=parallel.data_mesh(devices[:1]),
+                              progress=False, aa_config=config).run(variables, attacks, seed=3).masks
     for name in attacks:
         assert two[name].shape == (len(labels),)
         np.testing.assert_array_equal(one[name], two[name], err_msg=name)
@@ -125,3 +125,32 @@ def test_trust_checks_flag_masked_gradients_and_pass_a_normal_model():
     assert report["gradients"]["zero"] == 1.0
     assert report["accuracy"]["fgsm"] == report["accuracy"]["clean"]  # sign(0) = 0: FGSM cannot move
     assert report["autoattack"]["accuracy_after"]["square"] < report["autoattack"]["accuracy_after"]["apgd_ce"]
+
+
+def test_batch_shapes_bound_padding_and_compilations():
+    """The evaluator's batch shapes: the batch size and n_devices * 2^k below it; a plan covers n points with
+    less than 2x padded work and reuses a compiled shape while that bound holds."""
+    assert evaluator.batch_shapes(200, 2) == (200, 128, 64, 32, 16, 8, 4, 2)
+    assert evaluator.batch_shapes(8, 8) == (8,)
+    shapes = evaluator.batch_shapes(200, 2)
+    for n in range(1, 700):
+        plan = evaluator.plan_batches(n, shapes)
+        assert sum(plan) >= n and sum(plan) - plan[-1] < n  # covers n; only the last batch is partial
+        assert sum(plan) < 2 * n or n <= 2  # padded work under 2x (2 devices: at least one example each)
+        assert all(p in shapes for p in plan)
+    assert evaluator.plan_batches(40, shapes) == (64,)
+    assert evaluator.plan_batches(40, shapes, compiled=(200, 64)) == (64,)
+    assert evaluator.plan_batches(33, shapes, compiled=(64,)) == (64,)  # reuse: 64 <= 2 * 33
+    assert evaluator.plan_batches(31, shapes, compiled=(64,)) == (32,)  # 64 > 62: a new, smaller shape
+    assert evaluator.plan_batches(450, shapes) == (200, 200, 200)  # the full shape again: 600 <= 900
+
+
+def test_evaluator_counts_every_example_once_in_any_order():
+    """map_points returns per-example outputs in the order of the indices asked for, whatever batches it uses."""
+    module, variables = robust_mlp()
+    images, labels, x, *_ = digits_test_split()
+    ev = evaluator.Evaluator(module, images, labels, eps=EPS, batch_size=100, progress=False)
+    want = np.asarray(jnp.argmax(module.apply(variables, jnp.asarray(x)), -1)) == labels
+    np.testing.assert_array_equal(ev.correct(variables, "clean"), want)
+    order = np.random.default_rng(0).permutation(len(labels))[:77]
+    np.testing.assert_array_equal(ev.map_points("white_box", "clean", variables, order), want[order])

@@ -32,8 +32,8 @@ import pytest
 import torch
 
 from conftest import import_peer
-from mmard_jax import data, losses
-from mmard_jax.attacks import autoattack, engine, square, suite
+from mmard_jax import data, evaluator, losses
+from mmard_jax.attacks import autoattack, engine, square
 from mmard_jax.models import layers
 from mmard_jax.testing import copy_into_torch
 
@@ -141,8 +141,8 @@ def our_masks():
     module, variables, _ = models()
     images, labels, *_ = digits_subset()
     start = time.perf_counter()
-    masks = suite.evaluate_split(module, variables, images, labels, ("clean", "aa") + autoattack.COMPONENTS,
-                                 eps=EPS, batch_size=N_EXAMPLES, seed=0, progress=False)
+    ev = evaluator.Evaluator(module, images, labels, eps=EPS, batch_size=N_EXAMPLES, progress=False)
+    masks = ev.run(variables, ("clean", "aa") + autoattack.COMPONENTS, seed=0).masks
     print(f"ours: {time.perf_counter() - start:.1f} s")
     return masks
 

@@ -69,18 +69,20 @@ def test_flop_count_matches_unrolled_program():
     mesh = parallel.data_mesh(jax.devices()[:1])
     student = models.create(case.student, 10, bn_axis_name=parallel.AXIS, **case.student_kwargs)
     teacher = models.create(case.teacher, 10, **case.teacher_kwargs)
+    nets = train_step.Networks(student, teacher)
     shape = (case.size, case.size, 3)
     t_vars = jax.eval_shape(lambda: teacher.init(jax.random.key(0), jnp.zeros((1,) + shape), train=False))
     method = methods.get_method(case.method)
     schedule = train_step.make_lr_schedule(0.1, 4, 2)
-    tx = train_step.make_optimizer(schedule)
-    state = jax.eval_shape(lambda: train_step.init_state(student, method, tx, jax.random.key(0), shape))
-    args = (state, t_vars, {}, jax.ShapeDtypeStruct((16,) + shape, jnp.uint8), jax.ShapeDtypeStruct((16,), jnp.int32),
-            jax.ShapeDtypeStruct((case.batch,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32))
+    txs = {"student": train_step.make_optimizer(schedule)}
+    state = jax.eval_shape(lambda: train_step.init_state(nets, method, txs, jax.random.key(0), shape))
+    args = (state, {"teacher": t_vars}, jax.ShapeDtypeStruct((16,) + shape, jnp.uint8),
+            jax.ShapeDtypeStruct((16,), jnp.int32), jax.ShapeDtypeStruct((case.batch,), jnp.int32),
+            jax.ShapeDtypeStruct((), jnp.int32))
 
     def flops(steps, unroll):
         settings = train_step.StepSettings(steps=steps, unroll=unroll)
-        fn = train_step.make_train_step(student, teacher, None, method, "main", tx, schedule, settings, mesh, 0)
+        fn = train_step.make_train_step(nets, method, "main", txs, schedule, settings, mesh, 0)
         return fn.lower(*args).cost_analysis()["flops"]
 
     extrapolated = flops(0, 1) + 3 * (flops(1, 1) - flops(0, 1))
@@ -124,10 +126,12 @@ def test_torch_step_equals_ours(tr, tiny_models, method_name):
     schedule = train_step.make_lr_schedule(0.1, 4, 2)
     tx = train_step.make_optimizer(schedule)
     settings = train_step.StepSettings(steps=2, gaussian_scale=0.0, crop_padding=0, flip=False, unroll=1)
-    step = train_step.make_train_step(student, teacher, None, method, "main", tx, schedule, settings, mesh, seed=0)
+    nets = train_step.Networks(student, teacher)
+    step = train_step.make_train_step(nets, method, "main", {"student": tx}, schedule, settings, mesh, seed=0)
     params = s_vars["params"]
     state = train_step.TrainState(
-        step=np.zeros((), np.int32), params=params, batch_stats=s_vars["batch_stats"], opt_state=tx.init(params),
+        step=np.zeros((), np.int32),
+        nets={"student": train_step.NetState(params, s_vars["batch_stats"], tx.init(params))},
         method_state=method.init_state(), bad_step=np.full((), -1, np.int32))
 
     rng = np.random.default_rng(0)
@@ -140,12 +144,12 @@ def test_torch_step_equals_ours(tr, tiny_models, method_name):
     t_step = tr.TorchTrainStep(t_student, t_teacher, tr.Settings(
         method=method_name, steps=2, gaussian_scale=0.0, crop_padding=0, flip=False, steps_per_epoch=4, num_epochs=2))
 
-    state, metrics = step(state, t_vars, {}, images, labels, idx, np.int32(0))
+    state, metrics = step(state, {"teacher": t_vars}, images, labels, idx, np.int32(0))
     out = t_step(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels).long(),
                  torch.from_numpy(idx).long(), torch.zeros(batch, 2, dtype=torch.long), torch.zeros(batch, dtype=torch.bool))
 
     np.testing.assert_allclose(float(out["loss"]), float(metrics["loss"]), rtol=1e-5)
-    after = naming.flatten_variables({"params": jax.device_get(state.params)})
+    after = naming.flatten_variables({"params": jax.device_get(state.student.params)})
     start = naming.flatten_variables({"params": params})
     torch_params = {k: v.detach().numpy() for k, v in t_student.state_dict().items()
                     if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}

@@ -1,6 +1,7 @@
 """Every run of the paper as a config: each builds abstractly (jax.eval_shape of init and of one step on
 the real CIFAR shapes and the real teachers), with the paper's settings."""
 
+import dataclasses
 import functools
 import importlib.util
 import pathlib
@@ -78,48 +79,50 @@ def test_paper_settings():
 _TRACED = {}
 
 
+def phases(method, num_epochs):
+    return sorted({method.phase(e) for e in range(num_epochs)})
+
+
 def structure_key(config, method, num_classes):
     """What decides the traced program: runs equal in this differ only in values (alpha 0.5 vs 2, epochs)."""
-    phases = tuple((p, tuple(sorted(method.forwards(p)))) for p in train._phases(method, config.num_epochs))
+    forwards = tuple((p, tuple(sorted(method.forwards(p))), method.train_order(p)) for p in phases(method, config.num_epochs))
     return (config.dataset.name, num_classes, config.student.arch, tuple(sorted(config.student.kwargs.items())),
-            config.teacher.checkpoint if any("t_" in f for _, fw in phases for f in fw) else "",
-            config.teacher2.checkpoint, method.inner.name, method.outer.name, phases, config.batch_size)
+            config.teacher.checkpoint if "teacher" in method.networks() else "", config.teacher2.checkpoint,
+            method.inner.name, method.outer.name, tuple(p.name for p in method.plugins), forwards,
+            config.attack.student_bn, config.batch_size)
 
 
 @pytest.mark.parametrize("table,arg", list(all_runs()))
 def test_every_run_builds_abstractly(table, arg):
     config = load_config_file(table).get_config(arg)
-    method = train.resolve_method(config.method)
+    method = config_lib.resolve_method(config.method)
     num_classes = config_lib.NUM_CLASSES[config.dataset.name]
-    mesh = parallel.data_mesh()
     steps_per_epoch = TRAIN_SIZE[config.dataset.name] // config.batch_size
-    schedule = train_step.make_lr_schedule(config.optim.lr, steps_per_epoch, config.num_epochs, config.optim.schedule,
-                                           tuple(config.optim.boundaries), config.optim.decay)
-    tx = train_step.make_optimizer(schedule, config.optim.momentum, config.optim.weight_decay)
-    student = create(config.student.arch, num_classes, bn_axis_name=parallel.AXIS, **config.student.kwargs)
-    state = jax.eval_shape(lambda: train_step.init_state(student, method, tx, jax.random.key(0), (32, 32, 3)))
-
-    teacher = teacher2 = None
-    t_vars = t2_vars = {}
-    if train._needs_any(method, config.num_epochs, train.TEACHER_FORWARDS):
-        teacher, t_vars = abstract_teacher(config.teacher.checkpoint)
-        assert teacher.num_classes == num_classes
-    else:
-        assert not config.teacher.checkpoint
-    if train._needs_any(method, config.num_epochs, {"t2_nat"}):
-        teacher2, t2_vars = abstract_teacher(config.teacher2.checkpoint)
-
+    nets = {"student": create(config.student.arch, num_classes, bn_axis_name=parallel.AXIS, **config.student.kwargs)}
+    if "peer" in method.networks():
+        nets["peer"] = create(config.peer.arch or config.student.arch, num_classes, bn_axis_name=parallel.AXIS,
+                              **(config.peer.kwargs if config.peer.arch else config.student.kwargs))
+    frozen = {}
+    for role in ("teacher", "teacher2"):
+        if role in method.networks():
+            nets[role], frozen[role] = abstract_teacher(config[role].checkpoint)
+            assert nets[role].num_classes == num_classes
+        else:
+            assert not config[role].checkpoint, role
+    nets = train_step.Networks(**nets)
+    txs, schedule = train.build_optimizers(config, nets, steps_per_epoch)
+    state = jax.eval_shape(lambda: train_step.init_state(nets, method, txs, jax.random.key(0), (32, 32, 3)))
     key = structure_key(config, method, num_classes)
     if key in _TRACED:  # the same program was traced for another run of this session
         assert jax.tree.structure(_TRACED[key]) == jax.tree.structure(state)
         return
-    settings = train_step.StepSettings(steps=config.attack.steps, unroll=1)
+    settings = dataclasses.replace(train.step_settings(config), unroll=1)
     images = jax.ShapeDtypeStruct((TRAIN_SIZE[config.dataset.name], 32, 32, 3), jnp.uint8)
     labels = jax.ShapeDtypeStruct((TRAIN_SIZE[config.dataset.name],), jnp.int32)
     idx = jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)
-    for phase in train._phases(method, config.num_epochs):
-        fn = train_step.make_train_step(student, teacher, teacher2, method, phase, tx, schedule, settings, mesh, 0)
-        new_state, metrics = jax.eval_shape(fn, state, t_vars, t2_vars, images, labels, idx, jnp.asarray(0))
+    for phase in phases(method, config.num_epochs):
+        fn = train_step.make_train_step(nets, method, phase, txs, schedule, settings, parallel.data_mesh(), 0)
+        new_state, metrics = jax.eval_shape(fn, state, frozen, images, labels, idx, jnp.asarray(0))
         assert jax.tree.structure(new_state) == jax.tree.structure(state)
         assert metrics["loss"].shape == () and "lr" in metrics
     _TRACED[key] = state

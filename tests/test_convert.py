@@ -412,7 +412,8 @@ def test_checkpoint_is_exact(case, tmp_path):
 
 
 def test_cli_converts_and_reports_mismatch(tmp_path):
-    """The CLI end to end: a good checkpoint gives a loadable directory; a wrong one exits 1 and writes nothing."""
+    """The CLI end to end: a good checkpoint gives a loadable directory; a wrong one is one line on stderr, exit
+    status 2 (a user error), and writes nothing."""
     torch.manual_seed(2)
     peer = randomize(rb("wide_resnet").WideResNet(depth=10, widen_factor=1))
     src = tmp_path / "wrn.pth"
@@ -421,12 +422,15 @@ def test_cli_converts_and_reports_mismatch(tmp_path):
     common = [sys.executable, "-m", "mmard_jax.convert", f"--src={src}", "--arch=wide_resnet", "--num_classes=10"]
     good = common + ['--arch_kwargs={"depth": 10, "width": 1}', f"--dst={tmp_path / 'good'}"]
     bad = common + ['--arch_kwargs={"depth": 10, "width": 2}', f"--dst={tmp_path / 'bad'}"]
-    # Both runs at once (they are mostly Python start-up); the failing one must exit with status 1.
+    # Both runs at once (they are mostly Python start-up); the failing one must exit with status 2.
     script = f"{shlex.join(good)} & {shlex.join(bad)}; echo status=$?; wait $!"
     done = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "done in" in done.stdout, done.stdout + done.stderr  # the good run
-    assert "status=1" in done.stdout, done.stdout + done.stderr
-    assert "shape mismatches" in done.stderr and "block1.layer.0.conv1.weight" in done.stderr
+    assert "status=2" in done.stdout, done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("mmard_jax.convert: error:"), done.stderr
+    assert "shape mismatches" in errors[0] and "block1.layer.0.conv1.weight" in errors[0]
+    assert "Traceback" not in done.stderr
     assert not (tmp_path / "bad").exists()
     module, variables = models.load_pretrained(tmp_path / "good")
     assert_same_logits(module, variables, peer)
