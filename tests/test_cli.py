@@ -50,7 +50,7 @@ PROGRAM = textwrap.dedent('''
             config_guard.check_resume({"optim": {"lr": 0.1}, "seed": 0}, {"optim": {"lr": 0.2}, "seed": 1},
                                       workdir="runs/a")
         if case == "project":  # a project error class, as defined in its module (matched by name)
-            CheckpointError = type("CheckpointError", (ValueError,), {"__module__": "mmard_jax.checkpoints"})
+            CheckpointError = type("CheckpointError", (ValueError,), {"__module__": "mmard_jax.models.store"})
             raise CheckpointError("runs/x is neither a model directory nor a training workdir")
         if case == "keyerror":
             return {}["missing"]
