@@ -43,8 +43,8 @@ USER_ERRORS = (
     ("mmard_jax.models.store", "CheckpointError"),
     ("mmard_jax.checkpoints", "CheckpointWriteError"),
     ("mmard_jax.train", "NonFiniteLossError"),
-    ("mmard_jax.convert", "ConversionError"),
-    ("mmard_jax.export", "ExportError"),
+    ("mmard_jax.interop.convert", "ConversionError"),
+    ("mmard_jax.interop.export", "ExportError"),
 )
 # Raised by ml_collections when a program touches a config whose file could not be loaded.
 _CONFIG_NOT_LOADED = "Configuration is not available because of an earlier failure to load"

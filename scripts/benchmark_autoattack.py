@@ -36,7 +36,8 @@ def paired_resnet18(seed: int, num_classes: int, checkpoint=None):
     """(Flax module, variables, torch model in eval mode) holding the same weights."""
     import torch
 
-    from mmard_jax import convert, models, testing
+    from mmard_jax import models
+    from mmard_jax.interop import convert, testing
     from mmard_jax.models import store
 
     import torch_reference  # scripts/torch_reference.py: RobustBench's ResNet-18, loaded by path

@@ -35,7 +35,7 @@ from conftest import import_peer
 from mmard_jax import data, evaluator, losses
 from mmard_jax.attacks import autoattack, engine, square
 from mmard_jax.models import layers
-from mmard_jax.testing import copy_into_torch
+from mmard_jax.interop.testing import copy_into_torch
 
 pyautoattack = import_peer("pyautoattack")
 

@@ -18,8 +18,8 @@ import torch
 
 from mmard_jax import methods, models, parallel, train_step
 from mmard_jax.data.augment import crop_and_flip, to_float
-from mmard_jax.models import naming
-from mmard_jax.testing import copy_into_torch
+from mmard_jax.interop import naming
+from mmard_jax.interop.testing import copy_into_torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 IMG = (8, 8, 3)

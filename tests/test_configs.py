@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mmard_jax import config_lib, parallel, robustbench_zoo, train, train_step
+from mmard_jax import config_lib, parallel, train, train_step
+from mmard_jax.interop import zoo as robustbench_zoo
 from mmard_jax.models import create
 
 REPO = pathlib.Path(__file__).resolve().parent.parent

@@ -28,9 +28,10 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import load_robustbench_arch, torch_mobilenet_v2
-from mmard_jax import config_lib, convert, models, robustbench_zoo
-from mmard_jax.models import naming
-from mmard_jax.testing import randomize_batch_norm
+from mmard_jax import config_lib, models
+from mmard_jax.interop import convert, naming
+from mmard_jax.interop import zoo as robustbench_zoo
+from mmard_jax.interop.testing import randomize_batch_norm
 
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False

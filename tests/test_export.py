@@ -10,8 +10,9 @@ import torch
 from flax import traverse_util
 from safetensors.torch import load_file
 
-from mmard_jax import checkpoints, convert, export, files, models
-from mmard_jax.models import naming, store
+from mmard_jax import checkpoints, files, models
+from mmard_jax.interop import convert, export, naming
+from mmard_jax.models import store
 from test_convert import REPO, assert_same_logits, randomize, rb, state_of, torch_mobilenet_v2
 
 C100_MEAN, C100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)

@@ -2,7 +2,7 @@
 
 Every model is `module.apply(variables, x, train=False) -> float32 logits`; `train=True` uses batch
 statistics and needs `mutable=['batch_stats']`. Variable names mirror the PyTorch state_dict keys
-(`naming.py`), so checkpoints convert by name.
+(`mmard_jax/interop/naming.py`), so checkpoints convert by name.
 """
 
 from mmard_jax.models.dm_preact_resnet import DMPreActResNet

@@ -19,7 +19,7 @@ class ModelSpec(NamedTuple):
 
     cls: type
     fixed: Mapping[str, Any]
-    torch_containers: frozenset  # for `naming.join_torch_key` (Flax -> PyTorch names)
+    torch_containers: frozenset  # for `interop.naming.join_torch_key` (Flax -> PyTorch names)
 
 
 MODELS: Dict[str, ModelSpec] = {

@@ -2,7 +2,7 @@
 
 3x3 stride-1 stem, no max-pool, four stages of two blocks (64, 128, 256, 512 channels at base_width 64).
 Submodule names follow the PyTorch state_dict (`layer1.0.conv1.weight` -> `layer1_0/conv1/kernel`,
-see `naming.py`), so RobustBench checkpoints convert by name.
+see `mmard_jax/interop/naming.py`), so RobustBench checkpoints convert by name.
 """
 
 from typing import Optional, Sequence, Tuple

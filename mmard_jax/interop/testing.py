@@ -2,14 +2,14 @@
 
 Both need the same two moves: give a PyTorch module non-trivial BatchNorm statistics (so eval-mode
 BatchNorm is really compared), and copy Flax variables into a PyTorch module by the naming rule of
-`models/naming.py`. PyTorch is imported by the caller; nothing here imports it at module level.
+`interop/naming.py`. PyTorch is imported by the caller; nothing here imports it at module level.
 """
 
 from typing import Mapping
 
 import numpy as np
 
-from mmard_jax.models import naming
+from mmard_jax.interop import naming
 
 
 def randomize_batch_norm(net, seed: int = 0, linear_bias: bool = False):

@@ -1,0 +1,153 @@
+"""Model directory or training workdir -> PyTorch state_dict file (the inverse of `mmard_jax.convert`).
+
+    python -m mmard_jax.export --src=runs/mmard_rn18 --dst=mmard_rn18.pt
+
+The file is a plain `{key: tensor}` dict written with `torch.save` (or `.safetensors`) that RobustBench's
+`ResNet18`/`PreActResNet`/`WideResNet`/`DMWideResNet`/`DMPreActResNet` (and the kuangliu-layout MobileNetV2)
+load with `strict=True`: float32 weights in PyTorch layout plus int64 `num_batches_tracked` buffers (zero: the
+count of training steps is not kept in Flax). Build the PyTorch model with the settings the program prints.
+"""
+
+import os
+import pathlib
+import tempfile
+from typing import Any, Dict, Mapping
+
+import numpy as np
+from absl import app, flags
+
+from mmard_jax import cli, models, runtime, xla_env
+from mmard_jax.interop import naming
+from mmard_jax.models import store
+
+SUB_BLOCK1 = "sub_block1."
+# Our DeepMind activation names -> the PyTorch class RobustBench passes as `activation_fn`.
+TORCH_ACTIVATIONS = {"swish": "Swish", "silu": "nn.SiLU", "relu": "nn.ReLU"}
+
+
+class ExportError(ValueError):
+    """A source that cannot be exported as asked."""
+
+
+def _torch():
+    """The torch module (imported lazily: only exporting needs it)."""
+    import torch  # noqa: PLC0415
+
+    return torch
+
+
+def to_torch_state_dict(variables: Mapping, arch: str, sub_block1: bool = False) -> Dict[str, Any]:
+    """Flax variables of a registered `arch` -> PyTorch state_dict (float32, PyTorch layout and names).
+
+    `sub_block1=True` adds TRADES's unused `sub_block1.*` (a copy of `block1.*`) so that RobustBench entries
+    built with `WideResNet(..., sub_block1=True)` load strictly too.
+    """
+    torch = _torch()
+    containers = models.MODELS[arch].torch_containers
+    state = {}
+    for path, value in naming.flatten_variables(variables).items():
+        if path[0] not in ("params", "batch_stats"):
+            continue
+        key = naming.flax_path_to_torch_key(path, containers)
+        # np.array copies into a writable C-ordered buffer that the tensor then owns.
+        state[key] = torch.from_numpy(np.array(naming.to_torch_layout(np.asarray(value, np.float32)), order="C"))
+        if key.endswith(".running_mean"):
+            state[key[: -len("running_mean")] + "num_batches_tracked"] = torch.zeros((), dtype=torch.int64)
+    if sub_block1:
+        if arch != "wide_resnet":
+            raise ExportError(f"sub_block1 exists only in the TRADES WideResNet (wide_resnet), not in {arch}")
+        state.update({SUB_BLOCK1 + k[len("block1."):]: v.clone() for k, v in state.items() if k.startswith("block1.")})
+    return dict(sorted(state.items()))
+
+
+def torch_constructor(spec: Mapping[str, Any]) -> str:
+    """How to build the PyTorch peer of a spec with RobustBench's classes, for the user to copy."""
+    arch, nc, kw = spec["arch"], spec["num_classes"], dict(spec.get("kwargs", {}))
+    if arch == "wide_resnet":
+        bias = "" if kw.get("bias_last", True) else ", bias_last=False"
+        return f"WideResNet(depth={kw.get('depth', 34)}, widen_factor={kw.get('width', 10)}, num_classes={nc}{bias})"
+    if arch == "dm_wide_resnet":
+        size = f"depth={kw.get('depth', 28)}, width={kw.get('width', 10)}"
+        return f"DMWideResNet(num_classes={nc}, {size}{_deepmind_settings(kw)})"
+    if arch == "dm_preact_resnet":
+        return f"DMPreActResNet(num_classes={nc}, depth={kw.get('depth', 18)}, width=0{_deepmind_settings(kw)})"
+    if arch == "resnet18":
+        return f"ResNet(BasicBlock, [2, 2, 2, 2], num_classes={nc})"
+    if arch == "preact_resnet18":
+        extra = "".join(f", {k}={kw[k]}" for k in ("bn_before_fc", "out_shortcut") if k in kw)
+        return f"PreActResNet(PreActBlock, [2, 2, 2, 2], num_classes={nc}{extra})"
+    if arch == "mobilenet_v2":
+        return f"MobileNetV2(num_classes={nc})  # kuangliu/pytorch-cifar layout"
+    return f"{arch}(num_classes={nc}, **{kw})"
+
+
+def _deepmind_settings(kw: Mapping[str, Any]) -> str:
+    """`, activation_fn=Swish, mean=..., std=..., padding=...` of a DeepMind model's kwargs (our defaults: Swish)."""
+    act = TORCH_ACTIVATIONS[kw.get("activation", "swish")]
+    return f", activation_fn={act}" + "".join(f", {k}={tuple(kw[k]) if isinstance(kw[k], list) else kw[k]}"
+                                             for k in ("mean", "std", "padding") if k in kw)
+
+
+def save_state_dict(state: Mapping[str, Any], dst) -> pathlib.Path:
+    """Writes a state_dict atomically: `.safetensors` by suffix, otherwise `torch.save` of a plain dict."""
+    dst = pathlib.Path(dst).absolute()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
+    os.close(fd)
+    try:
+        if dst.name.endswith(".safetensors"):
+            from safetensors.torch import save_file  # noqa: PLC0415
+
+            save_file(dict(state), tmp)
+        else:
+            _torch().save(dict(state), tmp)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dst
+
+
+def export_model(src, dst, sub_block1: bool = False, progress=None) -> pathlib.Path:
+    """Model directory or training workdir (best checkpoint) -> PyTorch state_dict file at `dst`."""
+    spec = store.read_spec(src)
+    if progress:
+        progress(f"loading {src} ({spec['arch']}, {spec['num_classes']} classes)")
+    _, variables = store.load_model(src)
+    state = to_torch_state_dict(variables, spec["arch"], sub_block1=sub_block1)
+    out = save_state_dict(state, dst)
+    if progress:
+        progress(f"wrote {out} ({len(state)} tensors); load it into {torch_constructor(spec)} with strict=True")
+    return out
+
+
+# ---------------------------------------------------------------- command line
+
+
+def define_flags() -> None:
+    """The CLI's flags, defined only when run as a program (the module is also a library)."""
+    flags.DEFINE_string("src", None, "Model directory (from mmard_jax.convert) or training workdir (best checkpoint).")
+    flags.DEFINE_string("dst", None, "Output file: .pt/.pth (torch.save of a plain dict) or .safetensors.")
+    flags.DEFINE_bool("sub_block1", False, "Add TRADES's unused sub_block1.* (WideResNet(..., sub_block1=True)).")
+    flags.mark_flags_as_required(["src", "dst"])
+
+
+def main(argv) -> None:
+    """Runs one export from the flags; a bad source is one line on stderr and status 2 (`cli.run`)."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    runtime.quiet_logging()
+    f = flags.FLAGS
+    cli.existing_path("src", f.src, kind="dir")
+    export_model(f.src, f.dst, sub_block1=f.sub_block1, progress=lambda m: print(m, flush=True))
+
+
+def run() -> None:
+    """Console-script entry point (`mmard-export`)."""
+    xla_env.apply_cpu_defaults()
+    define_flags()
+    cli.run(main)
+
+
+if __name__ == "__main__":
+    run()
