@@ -12,11 +12,17 @@ METHODS = ("nature", "sat", "trades", "ard", "iad", "rslad", "mtard", "mmard")
 STUDENTS = ("resnet18", "mobilenet_v2")
 DATASET = "cifar10"
 
+
+def runs(dataset: str):
+    """The table's runs on `dataset`, for scripts/run_table.py."""
+    return tuple(f"method={m},student={s},dataset={dataset}" for m in METHODS for s in STUDENTS)
+
+
 # For scripts/run_table.py: the runs of this table and how their results are laid out.
-RUNS = tuple(f"method={m},student={s},dataset={DATASET}" for m in METHODS for s in STUDENTS)
+RUNS = runs(DATASET)
 LAYOUT = {"rows": "method", "groups": "student", "columns": ("clean", "fgsm", "pgd_s", "pgd_t", "cw", "aa")}
 
 
-def get_config(arg=None):
-    a = config_lib.parse_arg(arg, method="mmard", student="resnet18", dataset=DATASET)
+def get_config(arg=None, dataset=DATASET):
+    a = config_lib.parse_arg(arg, method="mmard", student="resnet18", dataset=dataset)
     return config_lib.paper_config(a["method"], a["student"], a["dataset"])

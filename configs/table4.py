@@ -3,16 +3,17 @@
     --config=configs/table4.py:method=mmard,student=mobilenet_v2
 """
 
-from mmard_jax import config_lib
+import importlib.util
+import pathlib
 
-METHODS = ("nature", "sat", "trades", "ard", "iad", "rslad", "mtard", "mmard")
-STUDENTS = ("resnet18", "mobilenet_v2")
+_spec = importlib.util.spec_from_file_location("_table3", pathlib.Path(__file__).with_name("table3.py"))
+table3 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(table3)
+
 DATASET = "cifar100"
-
-RUNS = tuple(f"method={m},student={s},dataset={DATASET}" for m in METHODS for s in STUDENTS)
-LAYOUT = {"rows": "method", "groups": "student", "columns": ("clean", "fgsm", "pgd_s", "pgd_t", "cw", "aa")}
+RUNS = table3.runs(DATASET)
+LAYOUT = table3.LAYOUT
 
 
 def get_config(arg=None):
-    a = config_lib.parse_arg(arg, method="mmard", student="resnet18", dataset=DATASET)
-    return config_lib.paper_config(a["method"], a["student"], a["dataset"])
+    return table3.get_config(arg, dataset=DATASET)

@@ -9,10 +9,23 @@ maximization MMARD differentiates KL(S(x'), T(x')) through the teacher as well.
 
 from typing import Optional
 
+import chex
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+
+
+def _check(logits: Array, labels: Optional[Array] = None, *others: Array) -> None:
+    """Shape/dtype contract of the public losses (checked at trace time): logits [B, C] floats, labels [B] ints,
+    other logits of the same shape."""
+    chex.assert_rank(logits, 2)
+    chex.assert_type(logits, float)
+    if others:
+        chex.assert_equal_shape((logits,) + others)
+    if labels is not None:
+        chex.assert_shape(labels, logits.shape[:1])
+        chex.assert_type(labels, int)
 
 
 def _upcast(x: Array) -> Array:
@@ -22,6 +35,7 @@ def _upcast(x: Array) -> Array:
 
 def cross_entropy(logits: Array, labels: Array) -> Array:
     """Per-example cross-entropy -log softmax(logits)[y], shape [B]."""
+    _check(logits, labels)
     logp = jax.nn.log_softmax(_upcast(logits), axis=-1)
     return -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
 
@@ -32,6 +46,7 @@ def kl_div(student_logits: Array, teacher_logits: Array, temperature: float = 1.
     Equals PyTorch's `KLDivLoss(reduction='none')(log_softmax(s/T), softmax(t/T)).sum(1)`. Both
     sides stay differentiable; wrap the teacher in `jax.lax.stop_gradient` where it must be constant.
     """
+    _check(student_logits, None, teacher_logits)
     log_ps = jax.nn.log_softmax(_upcast(student_logits) / temperature, axis=-1)
     log_pt = jax.nn.log_softmax(_upcast(teacher_logits) / temperature, axis=-1)
     # log_softmax is finite for finite logits, so p_t = 0 (underflow) contributes exactly 0.
@@ -70,8 +85,9 @@ def triangular_cos(
     """Per-example psi of Eq. 5: cosine of the angle at y between p(x) - y and p(x') - y, shape [B].
 
     `use_probs=False` uses raw logits instead of probabilities (the paper does not publish code;
-    probabilities are our default, DESIGN §2).
+    probabilities are our default, docs/design.md, "MMARD's unpublished choices").
     """
+    _check(nat_logits, labels, adv_logits)
     if use_probs:
         e1 = _unit_residual_probs(nat_logits, labels)
         e2 = _unit_residual_probs(adv_logits, labels)
@@ -124,6 +140,7 @@ def _true_and_best_other(logits: Array, labels: Array) -> tuple[Array, Array]:
 
 def cw_margin(logits: Array, labels: Array, kappa: float = 50.0) -> Array:
     """Per-example CW margin max(z_y - max_{j!=y} z_j, -kappa); CW_inf attacks minimize it."""
+    _check(logits, labels)
     z_y, z_other = _true_and_best_other(logits, labels)
     return jnp.maximum(z_y - z_other, -kappa)
 
@@ -152,7 +169,7 @@ def reduce_kl(per_example: Array, num_classes: int, class_mean: bool) -> Array:
     """Batch mean of a per-example KL, optionally also divided by C.
 
     `class_mean=True` reproduces `torch.mean` over [B, C] / `nn.KLDivLoss()`'s default 'mean', which
-    the published ARD, RSLAD and MTARD code use (DESIGN §2).
+    the published ARD, RSLAD and MTARD code use (docs/design.md, "Notation").
     """
     value = jnp.mean(per_example)
     return value / num_classes if class_mean else value

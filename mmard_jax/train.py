@@ -129,7 +129,8 @@ def build_optimizers(config, nets: train_step.Networks, steps_per_epoch: int):
     txs, schedules = {}, {}
     for name in nets.trained():
         opt = config.optim if name == "student" else config.peer.optim
-        schedules[name] = train_step.make_lr_schedule(opt.lr, steps_per_epoch, config.num_epochs, opt.schedule,
+        epochs = opt.get("schedule_epochs", 0) or config.num_epochs
+        schedules[name] = train_step.make_lr_schedule(opt.lr, steps_per_epoch, epochs, opt.schedule,
                                                       tuple(opt.boundaries), opt.decay, opt.per_epoch)
         txs[name] = train_step.make_optimizer(schedules[name], opt.momentum, opt.weight_decay, opt.nesterov)
     return txs, schedules["student"]

@@ -15,7 +15,7 @@ from mmard_jax.interop import zoo as robustbench_zoo
 from mmard_jax.models import create
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-TABLES = ("table3", "table4", "table5", "table6", "table7", "figure4")
+TABLES = ("table3", "table4", "table5", "table6", "table7", "table7_readings", "figure4", "sota")
 TRAIN_SIZE = {"cifar10": 50000, "cifar100": 50000}
 
 
@@ -55,6 +55,10 @@ def test_tables_cover_the_paper():
     assert [a for t, a in runs if t == "table6"] == ["outer=ard", "outer=iad", "outer=rslad"]
     assert [a for t, a in runs if t == "table7"] == ["alpha=0", "alpha=0.5", "alpha=1", "alpha=2"]
     assert len([r for r in runs if r[0] == "figure4"]) == 3
+    assert len([r for r in runs if r[0] == "table7_readings"]) == 16
+    sota = [a for t, a in runs if t == "sota"]
+    assert {a.split(",")[0] for a in sota} == {f"method={m}" for m in ("mmard", "adaad", "adaiad", "igdm", "peeraid")}
+    assert "method=peeraid,setting=mobilenet_v2_cifar10" not in sota  # not reported by its paper
 
 
 def test_paper_settings():
@@ -75,6 +79,34 @@ def test_paper_settings():
     assert (b.method.name, b.method.inner) == ("mmard", "rslad")
     with pytest.raises(ValueError, match="unknown config argument 'studnet'"):
         load_config_file("table3").get_config("studnet=resnet18")
+    # Table 5: the first 50 epochs of the 300-epoch schedule, or a 50-epoch schedule.
+    early, full = (load_config_file("table5").get_config(f"method=ard,schedule={s}") for s in ("early", "full"))
+    assert (early.num_epochs, early.optim.schedule_epochs, full.optim.schedule_epochs) == (50, 300, 50)
+    # Table 7 under each reading of MMARD's unpublished choices.
+    readings = {r: load_config_file("table7").get_config(f"alpha=1,reading={r}").method for r in
+                ("default", "logit_psi", "class_mean_kl", "trd_sum")}
+    assert (readings["default"].trd_use_probs, readings["logit_psi"].trd_use_probs) == (True, False)
+    assert readings["class_mean_kl"].kl_class_mean and readings["trd_sum"].trd_reduction == "sum"
+    # Table 4 is Table 3 on CIFAR-100, with RSLAD/MTARD's published x10 there.
+    t4 = load_config_file("table4").get_config("method=rslad")
+    assert t4.dataset.name == "cifar100" and t4.method.kl_scale == 10.0
+    assert load_config_file("table3").get_config("method=rslad").method.kl_scale == 1.0
+
+
+def test_sota_runs_follow_their_published_recipes():
+    sota = load_config_file("sota")
+    ada = sota.get_config("method=adaad,setting=resnet18_cifar10")
+    assert (ada.num_epochs, ada.optim.weight_decay, ada.optim.schedule, tuple(ada.optim.boundaries)) == (
+        200, 5e-4, "piecewise", (100, 150))
+    assert ada.teacher.checkpoint == "teachers/Chen2021LTD_WRN34_20_cifar10" and ada.method.kl_class_mean
+    assert sota.get_config("method=adaiad,setting=resnet18_cifar100").teacher.checkpoint.endswith("Chen2021LTD_WRN34_10_cifar100")
+    peer = sota.get_config("method=peeraid,setting=resnet18_cifar10")
+    assert peer.teacher.checkpoint == "" and tuple(peer.optim.boundaries) == tuple(peer.peer.optim.boundaries) == (214, 259, 284)
+    assert sota.get_config("method=igdm,setting=resnet18_cifar100").method.igdm_alpha == 20.0
+    for base in ("adaad", "adaiad", "rslad", "mmard"):  # IGDM is a plug-in of each, by configuration
+        c = sota.get_config(f"method={base},setting=resnet18_cifar10,plugins=igdm")
+        method = config_lib.resolve_method(c.method)
+        assert [p.name for p in method.plugins] == ["igdm"] and {"s_mir", "t_mir"} <= method.outer_needs("main")
 
 
 _TRACED = {}

@@ -175,3 +175,17 @@ def test_gradients(data):
         check_grads(lambda s: losses.cw_margin(s, y).sum(), (a,), **kw)
         check_grads(lambda s: losses.dlr_loss(s, y).sum(), (a,), **kw)
         check_grads(lambda s: losses.dlr_loss_targeted(s, y, (y + 1) % C).sum(), (a,), **kw)
+
+
+def test_shape_contract_is_checked_at_the_boundary():
+    """The public losses refuse logits that are not [B, C] floats or labels that are not [B] integers."""
+    logits, labels = jnp.zeros((4, 10)), jnp.zeros((4,), jnp.int32)
+    with pytest.raises(AssertionError):
+        losses.cross_entropy(jnp.zeros((4, 10, 1)), labels)
+    with pytest.raises(AssertionError):
+        losses.cross_entropy(logits, jnp.zeros((5,), jnp.int32))
+    with pytest.raises(AssertionError):
+        losses.cross_entropy(logits, jnp.zeros((4,)))  # float labels
+    with pytest.raises(AssertionError):
+        losses.kl_div(logits, jnp.zeros((4, 9)))
+    assert losses.cross_entropy(logits, labels).shape == (4,)

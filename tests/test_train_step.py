@@ -2,8 +2,11 @@
 schedules equal PyTorch's, non-finite updates are refused."""
 
 import dataclasses
+import functools
+from typing import Optional
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +19,22 @@ IMG = (8, 8, 3)
 
 def tiny(bn_axis_name=None, width=1):
     return models.create("wide_resnet", 10, depth=10, width=width, bn_axis_name=bn_axis_name)
+
+
+class SmallNet(nn.Module):
+    """Two convolutions, each with BatchNorm (synced over `bn_axis_name`): the smallest net that exercises
+    everything the step does with BatchNorm, so the 1-vs-2-device tests compile in seconds."""
+
+    num_classes: int = 10
+    width: int = 8
+    bn_axis_name: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, axis_name=self.bn_axis_name)
+        x = nn.relu(norm()(nn.Conv(self.width, (3, 3))(x)))
+        x = nn.relu(norm()(nn.Conv(2 * self.width, (3, 3), strides=2)(x)))
+        return nn.Dense(self.num_classes)(x.mean((1, 2)))
 
 
 def init_vars(module, seed):
@@ -46,7 +65,8 @@ def build(method_name, mesh, student=None, teacher=None, teacher2=None, peer=Non
     method = config_lib.resolve_method(config_lib.method_block(method_name, **hp))
     schedule = train_step.make_lr_schedule(0.1, 4, 2)
     student = student or tiny(parallel.AXIS)
-    nets = train_step.Networks(student, teacher, teacher2, peer or (tiny(parallel.AXIS) if "peer" in method.networks() else None))
+    peer = (peer or tiny(parallel.AXIS)) if "peer" in method.networks() else None
+    nets = train_step.Networks(student, teacher, teacher2, peer)
     txs = {n: train_step.make_optimizer(schedule) for n in nets.trained()}
     attack = methods.attack_defaults(method_name)
     settings = train_step.StepSettings(steps=steps, crop_padding=2, unroll=1, **attack)
@@ -56,15 +76,16 @@ def build(method_name, mesh, student=None, teacher=None, teacher2=None, peer=Non
     return fn, state
 
 
-def frozen_vars():
-    return {"teacher": init_vars(tiny(width=2), 7), "teacher2": init_vars(tiny(), 8)}
+def small_frozen():
+    return {"teacher": init_vars(SmallNet(width=16), 7), "teacher2": init_vars(SmallNet(), 8)}
 
 
 def run_steps(method_name, n_devices, split, n_steps=3):
     mesh = parallel.data_mesh(jax.devices()[:n_devices])
-    fn, state = build(method_name, mesh, teacher=tiny(width=2), teacher2=tiny())
+    fn, state = build(method_name, mesh, student=SmallNet(bn_axis_name=parallel.AXIS), teacher=SmallNet(width=16),
+                      teacher2=SmallNet(), peer=SmallNet(width=4, bn_axis_name=parallel.AXIS))
     state = parallel.put_replicated(state, mesh)
-    frozen = parallel.put_replicated(frozen_vars(), mesh)
+    frozen = parallel.put_replicated(small_frozen(), mesh)
     images, labels = parallel.put_replicated(split, mesh)
     idx = parallel.put_batch(np.arange(48, dtype=np.int32).reshape(3, 16), mesh, axis=1)
     metrics = []
@@ -88,7 +109,8 @@ def test_one_device_equals_two(method_name, split):
     chex.assert_trees_all_close(m1, m2, rtol=1e-5, atol=1e-5)
     assert int(one.step) == 3 and int(one.bad_step) == -1
     # The run did train: parameters (of every trained network) moved away from their initial values.
-    _, init = build(method_name, parallel.data_mesh(jax.devices()[:1]), teacher=tiny(width=2), teacher2=tiny())
+    _, init = build(method_name, parallel.data_mesh(jax.devices()[:1]), student=SmallNet(bn_axis_name=parallel.AXIS),
+                    teacher=SmallNet(width=16), teacher2=SmallNet(), peer=SmallNet(width=4, bn_axis_name=parallel.AXIS))
     for name in one.nets:
         moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(one.nets[name].params),
                                                      jax.tree.leaves(init.nets[name].params))]

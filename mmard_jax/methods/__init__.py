@@ -51,9 +51,13 @@ def attack_defaults(name: str, inner: Optional[str] = None) -> Dict[str, str]:
     return {"init": row.init, "student_bn": row.student_bn}
 
 
-def dataset_hparams(name: str, dataset: str) -> Dict[str, Any]:
-    """Published hyper-parameters that depend on the data set (RSLAD/MTARD's x10 on CIFAR-100, ...)."""
-    return dict(DATASET_HPARAMS.get((name, dataset), {}))
+def dataset_hparams(name: str, dataset: str, plugins: Sequence[str] = ()) -> Dict[str, Any]:
+    """Published hyper-parameters that depend on the data set (RSLAD/MTARD's x10 on CIFAR-100, IGDM's alpha 20, ...),
+    for the method and every plug-in it runs (its row's and `plugins`)."""
+    hp = dict(DATASET_HPARAMS.get((name, dataset), {}))
+    for plugin in dict.fromkeys(tuple(ROWS[name].plugins if name in ROWS else ()) + tuple(plugins)):
+        hp.update(sota.PLUGIN_DATASET_HPARAMS.get((plugin, dataset), {}))
+    return hp
 
 
 def _check_vocabulary(method: Method) -> None:

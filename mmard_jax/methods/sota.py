@@ -99,6 +99,9 @@ ROWS = {
 
 DATASET_HPARAMS = {
     ("adaad", "cifar100"): {"kl_class_mean": False},  # AdaAD main.py:347-351: sum / B
-    ("igdm", "cifar100"): {"igdm_alpha": 20.0},  # ICLR_IGDM cifar100.sh:3
     ("peeraid", "cifar100"): {"peer_kl": 1.0},  # PeerAiD README.md:39
+}
+# The same for plug-ins, on whichever method they are added to: (plug-in, dataset) -> hyper-parameters.
+PLUGIN_DATASET_HPARAMS = {
+    ("igdm", "cifar100"): {"igdm_alpha": 20.0},  # ICLR_IGDM cifar100.sh:3
 }
