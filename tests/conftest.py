@@ -7,7 +7,8 @@ import pathlib
 import sys
 
 # Tests run on the CPU; two simulated devices let the data-parallel tests compare 1 and 2 devices
-# in one process. Must be set before jax is imported anywhere.
+# in one process. Must be set before jax is imported anywhere. Environment variables rather than
+# chex.set_n_cpu_devices: the subprocesses of the CLI tests inherit them.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
