@@ -89,3 +89,14 @@ def test_report_files_hold_autoattack_breakdown_and_flags(tmp_path):
     paper = [reporting.COLUMN_TITLES[c] for c in reporting.PAPER_COLUMNS if c in report["accuracy"]]
     assert "| model | " + " | ".join(paper) + " | " in markdown  # paper column order first
     assert "no flag raised" in markdown and saved["flags"] == []
+
+
+def test_only_a_float32_full_precision_evaluation_is_standard():
+    """AutoAttack's report says 'standard' only for the standard settings on a float32 model at full float32
+    precision: bf16 compute or TF32 matmuls make it 'custom' (and say why)."""
+    from mmard_jax.attacks import autoattack
+
+    assert autoattack.describe(autoattack.STANDARD) == "standard"
+    bf16 = autoattack.describe(autoattack.STANDARD, compute_dtype="bfloat16")
+    tf32 = autoattack.describe(autoattack.STANDARD, matmul_precision=None)
+    assert bf16 == "custom (bfloat16 compute)" and tf32.startswith("custom (matmul precision default")
