@@ -4,6 +4,9 @@
 
 Teachers (Table 2, "Default"): CIFAR-10 WRN-34-10 (Zhang2019Theoretically), CIFAR-100 WRN-70-16
 (Gowal2020Uncovering). MTARD also needs a naturally trained WRN-34-10 (config.teacher2).
+
+The baselines train with their own published recipes (the paper keeps "the default settings of the original
+papers", section 4.1; config_lib.RECIPES); `recipe=unified` trains every method with MMARD's (300 epochs, cosine).
 """
 
 from mmard_jax import config_lib
@@ -24,5 +27,5 @@ LAYOUT = {"rows": "method", "groups": "student", "columns": ("clean", "fgsm", "p
 
 
 def get_config(arg=None, dataset=DATASET):
-    a = config_lib.parse_arg(arg, method="mmard", student="resnet18", dataset=dataset)
-    return config_lib.paper_config(a["method"], a["student"], a["dataset"])
+    a = config_lib.parse_arg(arg, method="mmard", student="resnet18", dataset=dataset, recipe="published")
+    return config_lib.paper_config(a["method"], a["student"], a["dataset"], recipe=a["recipe"])

@@ -27,9 +27,8 @@ HISTORY_FILE = "history.jsonl"
 RESUMABLE: Mapping[str, str] = {
     "log_every_steps": "logging cadence",
     "checkpoint_every_steps": "checkpoint cadence",
-    "eval.batch_size": "evaluation batch size (attacks draw per-example randomness)",
-    "attack.unroll": "loop unrolling (numerically the same program)",
-    "eval.unroll": "loop unrolling (numerically the same program)",
+    "eval.batch_size": "evaluation batch size (attacks draw per-example randomness; evaluation only)",
+    "eval.unroll": "evaluation loop unrolling (evaluation only; training's attack.unroll may change rounding)",
     "dataset.data_dir": "data location",
     "dataset.source": "data location (the same split read from another copy)",
     "dataset.download": "whether a missing data set may be downloaded",

@@ -83,26 +83,48 @@ def optim_block(**overrides) -> ml_collections.ConfigDict:
 
 
 # Published training recipes where a method's code differs from the paper's unified one (section 4.1):
-# method -> (num_epochs, optim overrides). Used by configs/sota.py.
+# method -> {num_epochs, optim overrides, attack overrides, batch_size per dataset}. The MMARD paper keeps "the
+# default settings of the original papers" for its baselines (section 4.1, "Baselines"): Tables 3 and 4 use
+# these (`recipe="published"`); configs/sota.py too.
+PIECEWISE = {"schedule": "piecewise", "per_epoch": True}
 RECIPES = {
+    # Madry cifar10_challenge config.json:11-18: 80k steps of 128 (205 epochs), lr 0.1 -> 0.01 at step 40k ->
+    # 0.001 at 60k (epochs 102.6 and 153.8, to the nearest epoch here), wd 2e-4 (on kernels only there).
+    "sat": {"num_epochs": 205, "optim": {**PIECEWISE, "boundaries": (103, 154)}},
+    # TRADES train_trades_cifar10.py:20 (76 epochs), :137-147 (x0.1 from the 75th epoch), :30-34 (eps 0.031,
+    # step 0.007, 10 steps).
+    "trades": {"num_epochs": 76, "optim": {**PIECEWISE, "boundaries": (74,)},
+               "attack": {"eps": 0.031, "step_size": 0.007}},
+    # ARD main.py:18 (200 epochs), :15-17 + :32-36 (the flags say x0.1 at [100, 150], the code decays once, to
+    # 0.01 at 100: we follow the code), :49/:55 (batch 128 on CIFAR-10, 256 on CIFAR-100).
+    "ard": {"num_epochs": 200, "optim": {**PIECEWISE, "boundaries": (100,)}, "batch_size": {"cifar100": 256}},
+    # IAD-I.py:18-21 and :49-53: ARD's schedule (the same single decay at 100), 200 epochs.
+    "iad": {"num_epochs": 200, "optim": {**PIECEWISE, "boundaries": (100,)}},
+    # RSLAD resnet18_rslad_cifar10.py:15-17 (300 epochs) and :84-86 (x0.1 after epochs 215, 260, 285).
+    "rslad": {"num_epochs": 300, "optim": {**PIECEWISE, "boundaries": (215, 260, 285)}},
+    # MTARD mtard_resnet18_cifar10.py:16 and :135-138 (as RSLAD; the weights' lr decays with it).
+    "mtard": {"num_epochs": 300, "optim": {**PIECEWISE, "boundaries": (215, 260, 285)}},
     # AdaAD main.py:58-64 (200 epochs, SGD 0.1, momentum 0.9, wd 5e-4) and :113-139 (x0.1 at epochs 100, 150).
-    "adaad": (200, {"weight_decay": 5e-4, "schedule": "piecewise", "boundaries": (100, 150)}),
-    "adaiad": (200, {"weight_decay": 5e-4, "schedule": "piecewise", "boundaries": (100, 150)}),
+    "adaad": {"num_epochs": 200, "optim": {**PIECEWISE, "weight_decay": 5e-4, "boundaries": (100, 150)}},
+    "adaiad": {"num_epochs": 200, "optim": {**PIECEWISE, "weight_decay": 5e-4, "boundaries": (100, 150)}},
     # saad igdm.py:38 (wd 2e-4), :95-97 (x0.1 after epochs 100 and 150), args.py:20-23 (200 epochs).
-    "igdm": (200, {"weight_decay": 2e-4, "schedule": "piecewise", "boundaries": (100, 150)}),
+    "igdm": {"num_epochs": 200, "optim": {**PIECEWISE, "weight_decay": 2e-4, "boundaries": (100, 150)}},
     # PeerAiD configs/PeerAiD_resnet18_cifar10.json (300 epochs, lr 0.1 for both networks, wd 2e-4), main.py:840-852
     # (/10 at epochs 214, 259, 284).
-    "peeraid": (300, {"weight_decay": 2e-4, "schedule": "piecewise", "boundaries": (214, 259, 284)}),
+    "peeraid": {"num_epochs": 300, "optim": {**PIECEWISE, "weight_decay": 2e-4, "boundaries": (214, 259, 284)}},
 }
 
 
 def apply_recipe(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
     """The method's published recipe (RECIPES) on a config, for the student and a peer alike."""
-    if method in RECIPES:
-        epochs, optim = RECIPES[method]
-        c.num_epochs = epochs
-        for block in (c.optim, c.peer.optim):
-            block.update(optim)
+    recipe = RECIPES.get(method)
+    if recipe is None:
+        return c
+    c.num_epochs = recipe["num_epochs"]
+    for block in (c.optim, c.peer.optim):
+        block.update(recipe["optim"])
+    c.attack.update(recipe.get("attack", {}))
+    c.batch_size = recipe.get("batch_size", {}).get(c.dataset.name, c.batch_size)
     return c
 
 
@@ -159,14 +181,22 @@ def base_config(method: str = "mmard", student: str = "resnet18", dataset: str =
     return c
 
 
+RECIPE_CHOICES = ("published", "unified")
+
+
 def paper_config(method: str, student: str, dataset: str, teacher: Optional[str] = None, inner: str = "",
-                 **hparams) -> ml_collections.ConfigDict:
+                 recipe: str = "unified", **hparams) -> ml_collections.ConfigDict:
     """A run of the paper's tables: `base_config` plus an inner objective and outer hyper-parameters.
 
     The final evaluation adds AutoAttack (the tables' AA column); the method's name stays the outer
     objective's, so Table 6's "ARD" with MMARD's inner process is `paper_config("ard", ..., inner="mmard")`.
+    `recipe="published"` trains a baseline with its own code's recipe (RECIPES), `"unified"` with the paper's.
     """
+    if recipe not in RECIPE_CHOICES:
+        raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPE_CHOICES)}")
     c = base_config(method, student, dataset, teacher, inner=inner)
     c.method = method_block(method, inner=inner, dataset=dataset, **hparams)
+    if recipe == "published":
+        apply_recipe(c, method)
     c.eval.final_attacks = ("clean", "fgsm", "pgd_s", "pgd_t", "cw", "aa")
     return c

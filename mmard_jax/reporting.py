@@ -168,8 +168,10 @@ def _test_metrics(record: Mapping[str, Any]) -> Dict[str, float]:
     return {k[5:]: v for k, v in record.items() if k.startswith("test_")}
 
 
-def finish_run(workdir: pathlib.Path, config, records, meta, final: Mapping[str, float] = None) -> Dict[str, Any]:
-    """Writes accuracy.png, summary.md and summary.json for a finished run and returns the summary."""
+def finish_run(workdir: pathlib.Path, config, records, meta, final: Mapping[str, float] = None,
+               notes: Mapping[str, str] = None) -> Dict[str, Any]:
+    """Writes accuracy.png, summary.md and summary.json for a finished run and returns the summary (`notes`: more
+    setup lines, e.g. the AutoAttack version of the final evaluation)."""
     evaluated = [r for r in records if any(k.startswith("test_") for k in r)]
     best = next((r for r in evaluated if r["epoch"] == meta.get("best_epoch")), None)
     title = f"{config.method.name} / {config.student.arch} / {config.dataset.name}"
@@ -184,6 +186,9 @@ def finish_run(workdir: pathlib.Path, config, records, meta, final: Mapping[str,
             "dataset": config.dataset.name,
             "epochs": config.num_epochs,
             "batch size": config.batch_size,
+            "compute dtype": config.student.dtype,
+            "plug-ins": "+".join(config.method.get("plugins", ())) or "-",
+            **dict(notes or {}),
         },
         "best_metric": config.best_metric,
         "best_epoch": meta.get("best_epoch", -1),

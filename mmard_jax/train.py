@@ -24,7 +24,7 @@ from ml_collections import config_flags
 
 from mmard_jax import checkpoints, cli, config_guard, config_lib, data, distributed, evaluator, files, methods, parallel
 from mmard_jax import preemption, reporting, runtime, train_step, xla_env
-from mmard_jax.attacks import suite
+from mmard_jax.attacks import autoattack, suite
 from mmard_jax.models import store
 
 
@@ -279,18 +279,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, progress: 
         final = final_evaluation(run, run.meta, run.sinks.records) if config.eval.final_attacks else {}
         run.sinks.close()
         run.ckpt.close()
-        return reporting.finish_run(workdir, config, run.sinks.records, run.meta, final)
+        return reporting.finish_run(workdir, config, run.sinks.records, run.meta, final, evaluation_notes(config))
 
 
 def record_start(workdir: pathlib.Path, config, extend_epochs: bool) -> None:
     """Refuses a resume whose settings change what is trained (config_guard); records every start in history.jsonl."""
     new = json.loads(config.to_json_best_effort())
+    new["fingerprints"] = teacher_fingerprints(config)
     old = config_guard.load_saved_config(workdir)
     changes = config_guard.check_resume(old, new, allow_extend=extend_epochs, workdir=workdir) if old else []
     if parallel.is_primary():
         kind = "start" if old is None else ("extend" if any(c.key == "num_epochs" for c in changes) else "resume")
         config_guard.append_history(workdir, config_guard.history_record(changes, kind))
         files.write_json_atomic(workdir / "config.json", new)  # after an allowed resume: cadence/locations/epochs
+
+
+def teacher_fingerprints(config) -> Dict[str, str]:
+    """What the teachers the method uses hold (store.fingerprint), recorded in config.json: a resume whose teacher
+    changed behind the same path is refused like any other change of what is trained."""
+    used = config_lib.resolve_method(config.method).networks()
+    return {role: store.fingerprint(config[role].checkpoint) if pathlib.Path(config[role].checkpoint).is_dir()
+            else "missing" for role in ("teacher", "teacher2") if role in used}
+
+
+def evaluation_notes(config) -> Dict[str, str]:
+    """What the summary says of the final evaluation: AutoAttack's version (only a float32 model at full
+    precision with the standard settings is 'standard')."""
+    if "aa" not in config.eval.final_attacks:
+        return {}
+    version = autoattack.describe(autoattack.STANDARD, compute_dtype=config.student.dtype,
+                                  matmul_precision=config.eval.get("matmul_precision", "highest"))
+    return {"AutoAttack": version}
 
 
 def eval_seed(config, epoch: int) -> int:

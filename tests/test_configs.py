@@ -64,6 +64,14 @@ def test_tables_cover_the_paper():
 def test_paper_settings():
     c = load_config_file("table3").get_config("method=mmard,student=resnet18")
     assert (c.batch_size, c.num_epochs, c.optim.lr, c.optim.momentum, c.optim.weight_decay) == (128, 300, 0.1, 0.9, 2e-4)
+    # The baselines of Tables 3/4 train with their published recipes (paper section 4.1, "Baselines").
+    t3 = load_config_file("table3")
+    ard, ard100 = t3.get_config("method=ard"), load_config_file("table4").get_config("method=ard")
+    assert (ard.num_epochs, tuple(ard.optim.boundaries), ard.batch_size, ard100.batch_size) == (200, (100,), 128, 256)
+    trades = t3.get_config("method=trades")
+    assert (trades.num_epochs, trades.attack.eps, trades.attack.step_size) == (76, 0.031, 0.007)
+    assert tuple(t3.get_config("method=rslad").optim.boundaries) == (215, 260, 285)
+    assert t3.get_config("method=ard,recipe=unified").num_epochs == 300
     assert c.optim.schedule == "cosine" and c.best_metric == "pgd_t"
     assert (c.attack.eps, c.attack.step_size, c.attack.steps) == (8 / 255, 2 / 255, 10)
     assert c.method.alpha == 1.0 and c.teacher.checkpoint == "teachers/Zhang2019Theoretically_cifar10"

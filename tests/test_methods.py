@@ -4,12 +4,14 @@
 import dataclasses
 import itertools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
-from mmard_jax import losses, methods
+from mmard_jax import losses, methods, parallel
 from mmard_jax.methods import InnerInputs, Logits, StepInfo
 
 B, C = 8, 10
@@ -399,3 +401,34 @@ def test_every_pair_resolves():
             assert m.forwards(phase) >= m.outer_needs(phase)
             trained_needed = {n for n in m.outer_needs(phase) if methods.OUTER_FORWARDS[n][0] in ("student", "peer")}
             assert trained_needed <= set(m.train_order(phase)), (inner, outer, phase)
+
+
+VARIANTS = [(n, {}) for n in methods.METHODS] + [
+    ("mmard", {"trd_reduction": "sum"}), ("ard", {"alpha": 0.5}), ("iad", {"iad_form": "iad1", "alpha": 0.5}),
+    ("adaad", {"alpha": 0.5}), ("rslad", {"plugins": ("igdm",)}),
+]
+
+
+@pytest.mark.parametrize("name, hp", VARIANTS, ids=[f"{n}-{'-'.join(map(str, h.values()))}" for n, h in VARIANTS])
+def test_loss_does_not_depend_on_how_the_batch_is_split(lg, name, hp):
+    """The train step takes pmean over devices of each device's loss: every loss (and its method state) must then
+    equal the loss of the whole batch on one device (a sum over examples must be a global sum)."""
+    arrays, y = lg
+    hp = dict(hp)
+    m = methods.get_method(name, plugins=hp.pop("plugins", ()), **hp)
+    phase = m.phase(10**6)
+    needs = m.outer_needs(phase)
+    mesh = parallel.data_mesh(jax.devices()[:2])
+
+    def local(y, *logits):
+        info = INFO._replace(phase=phase, axis_name=parallel.AXIS)
+        lgs = Logits(**dict(zip(sorted(needs), logits)))
+        loss, _, state = m.loss(lgs, y, m.init_state(), info)
+        return jax.lax.pmean(loss, parallel.AXIS), state
+
+    inputs = [jnp.asarray(arrays[k], jnp.float32) for k in sorted(needs)]
+    split = jax.shard_map(local, mesh=mesh, in_specs=(P(parallel.AXIS),) * (1 + len(inputs)), out_specs=(P(), P()))
+    two, state_two = jax.jit(split)(jnp.asarray(y), *inputs)
+    one, _, state_one = run_outer(m, arrays, y, phase)
+    np.testing.assert_allclose(two, one, rtol=2e-5)
+    chex.assert_trees_all_close(state_two, state_one, rtol=2e-5)

@@ -189,3 +189,26 @@ def test_config_errors_come_before_training(setup, tmp_path):
     with pytest.raises(ValueError, match=r"final_attacks: unknown attack\(s\) \['pgd20'\]"):
         train.train_and_evaluate(config, tmp_path, progress=False)
     assert not list(tmp_path.iterdir())
+
+
+def test_resume_with_another_teacher_behind_the_same_path_is_refused(setup, tmp_path):
+    """config.json records the teachers' fingerprints: a teacher replaced behind the same path (here: a workdir
+    whose best checkpoint moved on) is a change of what is trained, refused in one line."""
+    from mmard_jax import config_guard
+    from mmard_jax.models import store as model_store
+
+    teacher = tmp_path / "teacher_run"
+    teacher.mkdir()
+    spec = model_store.model_spec("wide_resnet", 10, {"depth": 10, "width": 1})
+    (teacher / model_store.SPEC_FILE).write_text(json.dumps(spec))
+    variables = model_store.abstract_variables(model_store.build_module(spec), (16, 16, 3))
+    variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variables)
+    saved = checkpoints.TrainCheckpoints(teacher, "pgd_t")
+    saved.save_best(5, variables, 0.5)
+    config = tiny_config(teacher)
+    (tmp_path / "run").mkdir()
+    train.record_start(tmp_path / "run", config, extend_epochs=False)
+    saved.save_best(9, variables, 0.6)  # the teacher run went on: another best checkpoint behind the same path
+    saved.close()
+    with pytest.raises(config_guard.ConfigChangedError, match="fingerprints.teacher"):
+        train.record_start(tmp_path / "run", config, extend_epochs=False)

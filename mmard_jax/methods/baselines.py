@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from mmard_jax import losses
-from mmard_jax.methods.core import KL_REDUCTION, Logits, MethodRow, Objective, global_mean, kl, needs_of, order_of
+from mmard_jax.methods.core import (KL_REDUCTION, Logits, MethodRow, Objective, as_global_sum, global_mean, kl,
+                                    needs_of, order_of)
 
 
 def _nature(lg: Logits, y, state, hp, info):
@@ -145,6 +146,8 @@ def _mmard(lg: Logits, y, state, hp, info):
         return kl_adv, {"kl_adv_tadv": kl_adv}, state
     trd = losses.trd_loss(lg.s_nat, lg.s_adv, lg.t_nat, lg.t_adv, y, hp["delta"],
                           use_probs=hp["trd_use_probs"], reduction=hp["trd_reduction"])
+    if hp["trd_reduction"] == "sum":  # Eq. 6's sum runs over the global batch, whatever the device count
+        trd = as_global_sum(trd, info)
     return kl_adv + hp["alpha"] * trd, {"kl_adv_tadv": kl_adv, "trd": trd}, state
 
 

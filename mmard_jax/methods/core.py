@@ -76,6 +76,12 @@ def global_mean(value: Array, info: StepInfo) -> Array:
     return value if info.axis_name is None else jax.lax.pmean(value, info.axis_name)
 
 
+def as_global_sum(local_sum: Array, info: StepInfo) -> Array:
+    """A per-device sum, scaled so that the step's pmean of the loss gives the sum over the global batch (a loss
+    that sums over examples must not depend on how the batch is split over devices)."""
+    return local_sum if info.axis_name is None else local_sum * jax.lax.axis_size(info.axis_name)
+
+
 def kl(student: Array, teacher: Array, hp: HParams, temperature: float = 1.0) -> Array:
     """Batch mean of the per-example KL(S, T), divided by C if hp['kl_class_mean'] (PyTorch's `KLDivLoss()`
     'mean'), times hp['kl_scale'] (RSLAD/MTARD multiply by 10 on CIFAR-100)."""

@@ -9,6 +9,7 @@ also holds a model.json (the student's spec) and its best student under `checkpo
 teacher. Every write is atomic: the directory is staged beside its destination and renamed into place.
 """
 
+import hashlib
 import json
 import os
 import pathlib
@@ -121,6 +122,22 @@ def best_step(directory: pathlib.Path) -> Optional[int]:
     """The step of a workdir's best checkpoint (the highest finished step directory), None if there is none."""
     steps = [int(p.name) for p in directory.glob("*") if p.name.isdigit() and (p / VARIABLES_DIR).is_dir()]
     return max(steps) if steps else None
+
+
+def fingerprint(directory) -> str:
+    """A short hash of what a model directory or workdir holds: model.json (which records the sha256 of the file a
+    converted teacher came from), where its variables are (a workdir's best step) and their files' names and sizes,
+    so a resume can tell that the teacher behind a path has changed without reading its weights."""
+    directory = pathlib.Path(directory).absolute()
+    digest = hashlib.sha256((directory / SPEC_FILE).read_bytes() if (directory / SPEC_FILE).is_file() else b"")
+    try:
+        variables = _variables_path(directory)
+    except CheckpointError:
+        return "unreadable"
+    digest.update(str(variables.relative_to(directory)).encode())
+    for path in sorted(p for p in variables.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(variables)}:{path.stat().st_size};".encode())
+    return digest.hexdigest()[:16]
 
 
 def _variables_path(directory: pathlib.Path) -> pathlib.Path:
