@@ -264,7 +264,7 @@ def make_train_step(nets: Networks, method: methods.Method, phase: str, txs: Map
         params = {n: s.params for n, s in state.nets.items()}
         (loss, (metrics, new_mstate, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         # grads are already the gradient of the global loss: shard_map sums the per-device contributions to a
-        # replicated input (no extra pmean; docs/design.md, "Data parallelism").
+        # replicated input (no extra pmean; docs/design.md, "Data parallelism and multi-host").
         new_nets = {}
         for n, s in state.nets.items():
             updates, opt_state = txs[n].update(grads[n], s.opt_state, s.params)

@@ -43,7 +43,7 @@ def load_robustbench_arch(module: str):
     """Loads `robustbench/model_zoo/architectures/<module>.py` without importing `robustbench`.
 
     `import robustbench` pulls in torchvision, which does not import beside the CPU torch used here,
-    so the file is executed on its own (DESIGN §5).
+    so the file is executed on its own (docs/design.md, "Teachers and conversion").
     """
     name = f"_rb_arch_{module}"
     if name in sys.modules:

@@ -265,7 +265,7 @@ def test_zoo_table_matches_robustbench_model_zoo_files():
     if unchecked:
         warnings.warn(f"robustbench's installed {', '.join(edited)} differ from the published robustbench "
                       f"{importlib.metadata.version('robustbench')}: {len(unchecked)} table rows unchecked")
-    # The paper's teachers (DESIGN §3) and the config's teacher names are all rows.
+    # The paper's teachers (docs/design.md, "Training") and the config's teacher names are all rows.
     for name, dataset, arch in [("Zhang2019Theoretically", "cifar10", "wide_resnet"),
                                 ("Gowal2020Uncovering", "cifar100", "dm_wide_resnet"),
                                 ("Addepalli2021Towards_RN18", "cifar10", "resnet18"),

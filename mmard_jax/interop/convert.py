@@ -1,4 +1,4 @@
-"""PyTorch / RobustBench checkpoint -> model directory (DESIGN §5).
+"""PyTorch / RobustBench checkpoint -> model directory (docs/design.md, "Teachers and conversion").
 
     python -m mmard_jax.convert --robustbench=Zhang2019Theoretically --dataset=cifar10 \\
         --src=Zhang2019Theoretically.pt --dst=teachers/Zhang2019Theoretically_cifar10

@@ -2,7 +2,7 @@
 
 The teacher of the paper's CIFAR-10 runs (`Zhang2019Theoretically`, WRN-34-10, ReLU, no input
 normalization). TRADES's checkpoint carries an unused `sub_block1`: it never enters the forward pass,
-so it is not built here and the converter drops its keys (DESIGN section 5).
+so it is not built here and the converter drops its keys (docs/design.md, "Teachers and conversion").
 Names follow the state_dict: `block1.layer.0.bn1.weight` -> `block1/layer_0/bn1/scale`.
 """
 
