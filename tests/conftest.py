@@ -5,6 +5,7 @@ import importlib.util
 import os
 import pathlib
 import sys
+import tempfile
 
 # Tests run on the CPU; two simulated devices let the data-parallel tests compare 1 and 2 devices
 # in one process. Must be set before jax is imported anywhere. Environment variables rather than
@@ -13,9 +14,14 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from mmard_jax import xla_env  # noqa: E402 - the entry point's CPU XLA defaults, before any backend starts
+from mmard_jax import runtime, xla_env  # noqa: E402 - the entry point's CPU XLA defaults, before any backend starts
 
 xla_env.apply_cpu_defaults()
+# One persistent compilation cache for the whole session, shared by the xdist workers and inherited by the CLI
+# tests' subprocesses: a program compiled by one test (the robust MLP's AutoAttack, a tiny trainer) is reused.
+os.environ.setdefault("MMARD_XLA_CACHE", os.path.join(
+    tempfile.gettempdir(), f"mmard_jax_test_xla_{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"))
+runtime.enable_compilation_cache(os.environ["MMARD_XLA_CACHE"])
 
 import pytest  # noqa: E402
 
