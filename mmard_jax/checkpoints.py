@@ -6,19 +6,33 @@
 Both are orbax `CheckpointManager`s, written synchronously (the train state's buffers are donated to the
 next step, so a save must finish first) and atomically (orbax writes a temporary directory and renames
 it). Two latest states are kept so that a damaged newest one falls back to the one before; a workdir
-whose checkpoints are all unreadable is refused, never restarted from scratch. Every process of a
-multi-process run calls every method here (orbax's protocol: the primary process writes metadata).
+whose checkpoints are all unreadable is refused, never restarted from scratch. An unreadable newer
+checkpoint is moved to `checkpoints/unreadable/` (kept for inspection), so that its step is written
+again. A write that fails (full or read-only disk) leaves the previous checkpoint intact and raises
+CheckpointWriteError. Every process of a multi-process run calls every method here (orbax's protocol:
+the primary process writes metadata).
 """
 
+import contextlib
+import datetime
+import logging
+import os
 import pathlib
+import re
+import sys
 from typing import Any, Callable, Dict, Optional, Tuple
 
+import jax
 import orbax.checkpoint as ocp
 
-from mmard_jax.models.store import BEST, CheckpointError
+from mmard_jax.models.store import BEST, CheckpointError, error_chain, error_summary
 
 LATEST = "checkpoints/latest"
+UNREADABLE = "checkpoints/unreadable"  # where unreadable latest checkpoints are moved on a fallback
 KEEP_LATEST = 2
+# How tensorstore words an operating-system failure inside the ValueError it raises for a failed write.
+_IO_FAILURE = re.compile(r"os_error_code|No space left|Read-only file system|File too large|Disk quota|"
+                         r"Permission denied|Input/output error", re.IGNORECASE)
 
 
 class CheckpointWriteError(CheckpointError):
@@ -37,9 +51,52 @@ def _manager(directory: pathlib.Path, max_to_keep: int, best_metric: Optional[st
     return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:200] if text else ''}"
+def committed_steps(directory) -> list:
+    """The steps of an orbax manager directory whose writes completed (integer names; temporaries excluded)."""
+    directory = pathlib.Path(directory)
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
+def holds_run(workdir) -> bool:
+    """Whether a workdir holds a run's saved state (a latest or best checkpoint, readable or not): then a
+    restart must resume it (or refuse); without one there is nothing to resume and a start is a fresh one."""
+    workdir = pathlib.Path(workdir)
+    return bool(committed_steps(workdir / LATEST) or committed_steps(workdir / BEST))
+
+
+def is_io_failure(err: BaseException) -> bool:
+    """Whether an exception (or one it was raised from) is the operating system refusing a write."""
+    return any(isinstance(e, OSError) or _IO_FAILURE.search(str(e)) for e in error_chain(err))
+
+
+def _is_abandoned_write_noise(exc: BaseException) -> bool:
+    """The callbacks of a failed save's other writes, which tensorstore completes after orbax closed its loop."""
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+class _OrbaxThreadFailure(logging.Filter):
+    """Drops orbax's log of an exception in its save thread: the same exception reaches the caller of the save."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.pathname.endswith(os.path.join("futures", "future.py")) and "orbax" in record.pathname
+                    and "raised an exception" in record.getMessage())
+
+
+@contextlib.contextmanager
+def _quiet_failed_writes():
+    """While a save runs, and for good once one failed: a failed write is reported once, as CheckpointWriteError,
+    not also as orbax's logged thread traceback and dozens of 'Event loop is closed' tracebacks."""
+    previous_hook, log_filter, absl_logger = sys.unraisablehook, _OrbaxThreadFailure(), logging.getLogger("absl")
+
+    def hook(unraisable):
+        if not _is_abandoned_write_noise(unraisable.exc_value):
+            previous_hook(unraisable)
+
+    sys.unraisablehook = hook
+    absl_logger.addFilter(log_filter)
+    yield
+    sys.unraisablehook = previous_hook  # reached only when the save succeeded (a failure ends the run)
+    absl_logger.removeFilter(log_filter)
 
 
 class TrainCheckpoints:
@@ -63,27 +120,43 @@ class TrainCheckpoints:
     def restore(self, abstract_state) -> Optional[Tuple[Any, Dict[str, Any]]]:
         """(state, meta) from the newest readable latest checkpoint, None in a fresh workdir.
 
-        A checkpoint that cannot be read is reported and the one before it tried; if none can be read the
-        workdir is refused (CheckpointError), so a damaged run is never silently restarted from scratch.
+        A checkpoint that cannot be read is reported and the one before it tried; once one is read, the
+        unreadable newer ones are moved to checkpoints/unreadable/ so that their steps are saved again. If
+        none can be read the workdir is refused (CheckpointError): a damaged run is never restarted from scratch.
         """
         steps = sorted(self._latest.all_steps(), reverse=True)
-        failures = []
+        unreadable = []
         for step in steps:
             try:
                 restored = self._latest.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
             except Exception as err:  # orbax/tensorstore raise many types for truncated or missing files
-                failures.append(f"step {step} ({_first_line(err)})")
-                self._say(f"checkpoint {self.directory / LATEST / str(step)} is unreadable: {_first_line(err)}")
+                unreadable.append((step, error_summary(err)))
+                self._say(f"checkpoint {self.directory / LATEST / str(step)} is unreadable: {error_summary(err)}")
                 continue
-            if failures:
+            if unreadable:
+                self._set_aside([s for s, _ in unreadable])
                 self._say(f"resuming from the previous good checkpoint, step {step}")
             return restored["state"], dict(restored["meta"])
-        if failures:
+        if unreadable:
+            reasons = "; ".join(f"step {s}: {why}" for s, why in unreadable)
             raise CheckpointError(
-                f"{self.directory / LATEST}: no checkpoint can be read ({'; '.join(failures)}); refusing to start "
-                f"from scratch over a run: move the workdir away to start anew")
+                f"{self.directory / LATEST}: no checkpoint can be read ({reasons}); refusing to start from scratch "
+                f"over a run: move the workdir away to start anew")
         return None
+
+    def _set_aside(self, steps) -> None:
+        """Moves unreadable latest checkpoints to checkpoints/unreadable/<step>-<time> (the primary process)."""
+        if jax.process_index() == 0:
+            stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+            for step in steps:
+                target = self.directory / UNREADABLE / f"{step}-{stamp}"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(self.directory / LATEST / str(step), target)
+                self._say(f"moved the unreadable checkpoint of step {step} to {target}")
+        if jax.process_count() > 1:
+            ocp.multihost.sync_global_processes("mmard_jax_unreadable_set_aside")
+        self._latest.reload()
 
     def save_latest(self, state, meta: Dict[str, Any]) -> None:
         """Saves the train state at its step (no-op if that step is saved already)."""
@@ -101,14 +174,18 @@ class TrainCheckpoints:
         self._guarded_save(self._best, step, args, {self._best_metric: value}, BEST)
 
     def _guarded_save(self, manager, step, args, metrics, where: str) -> None:
-        """One save; an I/O failure becomes CheckpointWriteError naming the step kept intact."""
+        """One save; an I/O failure becomes CheckpointWriteError naming the step kept intact (other errors,
+        bugs, keep their traceback)."""
         try:
-            manager.save(step, args=args, metrics=metrics, force=True)
-            manager.wait_until_finished()
-        except OSError as err:
-            kept = manager.latest_step()
+            with _quiet_failed_writes():
+                manager.save(step, args=args, metrics=metrics, force=True)
+                manager.wait_until_finished()
+        except Exception as err:  # tensorstore reports a failed write as a ValueError carrying the OS error
+            if not is_io_failure(err):
+                raise
+            kept = max(committed_steps(self.directory / where), default=None)  # on disk, not orbax's own list
             raise CheckpointWriteError(
-                f"could not write checkpoint step {step} to {self.directory / where} ({_first_line(err)}); "
+                f"could not write checkpoint step {step} to {self.directory / where} ({error_summary(err)}); "
                 f"the previous checkpoint ({'step ' + str(kept) if kept is not None else 'none'}) is intact: "
                 f"free disk space or fix permissions, then rerun the same command") from err
 

@@ -61,6 +61,10 @@ def main(argv):
     del argv
     runtime.quiet_logging()
     runtime.enable_compilation_cache()
+    if FLAGS.workdir and pathlib.Path(FLAGS.workdir).exists() and not pathlib.Path(FLAGS.workdir).is_dir():
+        raise cli.UserError(f"--workdir={FLAGS.workdir!r} is a file, expected a directory (it is created if missing)")
+    if not 0 <= FLAGS.margin < 1:
+        raise cli.UserError(f"--margin={FLAGS.margin} must be in [0, 1): an accuracy difference")
     workdir = pathlib.Path(FLAGS.workdir or tempfile.mkdtemp(prefix="mmard_demo_"))
     rows, seconds = run_demo(workdir, dtype=FLAGS.dtype)
     table = reporting.accuracy_table(rows)

@@ -22,8 +22,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmard_jax import checkpoints, cli, config_guard, config_lib, data, distributed, evaluator, files, methods, parallel
-from mmard_jax import preemption, reporting, runtime, train_step, xla_env
+from mmard_jax import checkpoints, cli, config_guard, config_lib, data, distributed, evaluator, files, methods, models
+from mmard_jax import parallel, preemption, reporting, runtime, train_step, xla_env
 from mmard_jax.attacks import autoattack, suite
 from mmard_jax.models import store
 
@@ -46,9 +46,33 @@ def check_config(config) -> None:
     if config.best_metric not in config.eval.attacks:
         raise cli.UserError(f"config.best_metric={config.best_metric!r} is not evaluated during training "
                             f"(config.eval.attacks={tuple(config.eval.attacks)}): the best checkpoint could never be chosen")
-    for name in ("batch_size", "num_epochs"):
-        if config[name] <= 0:
-            raise cli.UserError(f"config.{name}={config[name]} must be positive")
+    for name in ("batch_size", "num_epochs", "eval.batch_size"):
+        cli.positive_int(f"config.{name}", _get(config, name))
+    for name in ("dataset.n_train", "eval.n_examples"):  # -1 (or any negative) means the whole split
+        if _get(config, name) == 0:
+            raise cli.UserError(f"--config.{name}=0: give a positive number of examples, or -1 for the whole split")
+    for name in ("attack.eps", "eval.eps"):
+        cli.parse_eps(_get(config, name), f"config.{name}")
+    cli.choice("config.dataset.name", config.dataset.name, data.DATASETS)
+    for name in ("student.arch",) + (("peer.arch",) if config.peer.arch else ()):
+        cli.choice(f"config.{name}", _get(config, name), sorted(models.MODELS))
+    try:
+        config_lib.resolve_method(config.method)
+    except ValueError as err:
+        raise cli.UserError(f"config.method: {err}") from None
+    mesh = parallel.data_mesh()
+    for name in ("batch_size", "eval.batch_size"):
+        try:
+            parallel.check_divisible(_get(config, name), mesh, f"config.{name}")
+        except ValueError as err:
+            raise cli.UserError(str(err)) from None
+
+
+def _get(config, dotted: str):
+    """config['a.b'] -> config.a.b."""
+    for key in dotted.split("."):
+        config = config[key]
+    return config
 
 
 @dataclasses.dataclass
@@ -190,21 +214,22 @@ def train_epoch(run: Run, state, epoch: int):
     first = int(state.step) - epoch * spe
     run.sinks.start_epoch(epoch, cfg.num_epochs, spe, first)
     history, chunks = [], []
-    for i in range(first, spe):
-        state, metrics = step_fn(state, run.frozen, run.images, run.labels, batches[i], epoch_t)
-        history.append(metrics)
-        step = epoch * spe + i + 1
-        if due(step, cfg.log_every_steps, last=i == spe - 1):
-            chunks.append(run.sinks.train_metrics(step, history, cfg.batch_size))
-            history = []
-        if run.guard.should_stop(step, agree=run.agree.lagged):
-            run.sinks.end_epoch()
-            save_latest(run, state)
-            raise run.guard.error(step)
-        if due(step, cfg.checkpoint_every_steps) and i < spe - 1:
-            save_latest(run, state)
-        run.sinks.advance()
-    run.sinks.end_epoch()
+    try:
+        for i in range(first, spe):
+            state, metrics = step_fn(state, run.frozen, run.images, run.labels, batches[i], epoch_t)
+            history.append(metrics)
+            step = epoch * spe + i + 1
+            if due(step, cfg.log_every_steps, last=i == spe - 1):
+                chunks.append(run.sinks.train_metrics(step, history, cfg.batch_size))
+                history = []
+            if run.guard.should_stop(step, agree=run.agree.lagged):
+                save_latest(run, state)
+                raise run.guard.error(step)
+            if due(step, cfg.checkpoint_every_steps) and i < spe - 1:
+                save_latest(run, state)
+            run.sinks.advance()
+    finally:
+        run.sinks.end_epoch()  # also before an error (a failed save, a preemption) is printed: it ends the bar's line
     _raise_if_nonfinite(state, run.ckpt)
     return state, reporting.weighted_means(chunks)
 
@@ -286,7 +311,8 @@ def record_start(workdir: pathlib.Path, config, extend_epochs: bool) -> None:
     """Refuses a resume whose settings change what is trained (config_guard); records every start in history.jsonl."""
     new = json.loads(config.to_json_best_effort())
     new["fingerprints"] = teacher_fingerprints(config)
-    old = config_guard.load_saved_config(workdir)
+    # Without a saved state (a start that failed before its first checkpoint) there is nothing to resume.
+    old = config_guard.load_saved_config(workdir) if checkpoints.holds_run(workdir) else None
     changes = config_guard.check_resume(old, new, allow_extend=extend_epochs, workdir=workdir) if old else []
     if parallel.is_primary():
         kind = "start" if old is None else ("extend" if any(c.key == "num_epochs" for c in changes) else "resume")

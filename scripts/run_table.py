@@ -28,13 +28,15 @@ FLAGS = flags.FLAGS
 
 def load_table(path) -> object:
     """The config file as a module (it defines RUNS, LAYOUT and get_config)."""
-    path = pathlib.Path(path)
+    path = cli.existing_path("table", path, kind="file")
     spec = importlib.util.spec_from_file_location(f"table_{path.stem}", path)
+    if spec is None:
+        raise cli.UserError(f"--table={str(path)!r} is not a Python file (expected a table config like configs/table3.py)")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     for name in ("RUNS", "LAYOUT", "get_config"):
         if not hasattr(module, name):
-            raise ValueError(f"{path} defines no {name}: not a table config (see configs/table3.py)")
+            raise cli.UserError(f"{path} defines no {name}: not a table config (see configs/table3.py)")
     return module
 
 
@@ -51,7 +53,7 @@ def apply_overrides(config, overrides: Sequence[str]):
     """`--config.a.b=value` strings applied to a ConfigDict (values parsed as JSON, else kept as strings)."""
     for item in overrides:
         if not item.startswith("--config.") or "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form --config.path=value")
+            raise cli.UserError(f"override {item!r} is not of the form --config.path=value")
         path, value = item[len("--config."):].split("=", 1)
         try:
             value = json.loads(value)
@@ -60,7 +62,12 @@ def apply_overrides(config, overrides: Sequence[str]):
         node = config
         *parents, leaf = path.split(".")
         for p in parents:
-            node = node[p]
+            node = node[p] if p in node else None
+            if node is None or not hasattr(node, "keys"):
+                break
+        if node is None or not hasattr(node, "keys") or leaf not in node:
+            raise cli.UserError(f"override {item.split('=', 1)[0]}: no key {path!r} in the config (an override can "
+                                f"only set a key the config file defines)")
         node[leaf] = tuple(value) if isinstance(value, list) else value
     return config
 
@@ -99,6 +106,12 @@ def run_table(table_path, workroot, only: Sequence[str] = (), overrides: Sequenc
     workroot = pathlib.Path(workroot)
     workroot.mkdir(parents=True, exist_ok=True)
     runs: List[str] = [r for r in table.RUNS if all(o in r.split(",") for o in only)]
+    if not runs:
+        given = " ".join(f"--only={o}" for o in only)
+        raise cli.UserError(f"{given} matches no run of {table_path} (its runs: {', '.join(table.RUNS)})")
+    if not collect_only:  # every run's config (with the overrides) is checked before hours of training
+        for arg in runs:
+            train.check_config(apply_overrides(table.get_config(arg), overrides))
     results = {}
     for i, arg in enumerate(runs, 1):
         workdir = workroot / run_name(arg)

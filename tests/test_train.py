@@ -208,6 +208,9 @@ def test_resume_with_another_teacher_behind_the_same_path_is_refused(setup, tmp_
     config = tiny_config(teacher)
     (tmp_path / "run").mkdir()
     train.record_start(tmp_path / "run", config, extend_epochs=False)
+    run = checkpoints.TrainCheckpoints(tmp_path / "run", "pgd_t")
+    run.save_best(1, variables, 0.1)  # the run has saved state: a restart is a resume
+    run.close()
     saved.save_best(9, variables, 0.6)  # the teacher run went on: another best checkpoint behind the same path
     saved.close()
     with pytest.raises(config_guard.ConfigChangedError, match="fingerprints.teacher"):

@@ -449,6 +449,8 @@ def main(argv) -> None:
     if not f.src or not f.dst:
         raise app.UsageError("--src and --dst are required (or --list)")
     cli.existing_path("src", f.src, kind="file")
+    if f.num_classes is not None:
+        cli.positive_int("num_classes", f.num_classes)
     convert_file(
         f.src, f.dst, robustbench=f.robustbench, dataset=f.dataset, threat_model=f.threat_model,
         arch=f.arch, num_classes=f.num_classes, kwargs=_parse_kwargs(f.arch_kwargs), overwrite=f.overwrite,

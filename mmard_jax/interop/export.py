@@ -139,6 +139,8 @@ def main(argv) -> None:
     runtime.quiet_logging()
     f = flags.FLAGS
     cli.existing_path("src", f.src, kind="dir")
+    if pathlib.Path(f.dst).is_dir():
+        raise cli.UserError(f"--dst={f.dst!r} is a directory, expected a file (.pt, .pth or .safetensors)")
     export_model(f.src, f.dst, sub_block1=f.sub_block1, progress=lambda m: print(m, flush=True))
 
 

@@ -15,7 +15,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,29 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 class CheckpointError(ValueError):
     """A directory that is not a usable model directory or training workdir (the message says what is wrong)."""
+
+
+def error_chain(err: Optional[BaseException]) -> List[BaseException]:
+    """`err` and the exceptions it was raised from, outermost first (as Python's traceback shows them)."""
+    chain = []
+    while err is not None and all(err is not e for e in chain):
+        chain.append(err)
+        err = err.__cause__ if err.__cause__ is not None else (None if err.__suppress_context__ else err.__context__)
+    return chain
+
+
+def error_summary(err: BaseException, limit: int = 300) -> str:
+    """'Type: first line' of the innermost exception behind `err` (orbax wraps tensorstore's precise error,
+    'Error reading ... in OCDBT database ...: Requested byte range ... is not valid', in a generic one)."""
+    chain = error_chain(err)
+    for e in reversed(chain):
+        text = str(e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else e).strip()
+        if text:
+            line = text.splitlines()[0]
+            if len(line) > limit:  # keep the end too: tensorstore puts the operating system's reason there
+                line = f"{line[:limit - limit // 3]} ... {line[-(limit // 3):]}"
+            return f"{type(e).__name__}: {line}"
+    return type(chain[0]).__name__
 
 
 def compute_dtype(name: str):
@@ -164,7 +187,7 @@ def load_model(directory, dtype: str = "float32", input_shape=(32, 32, 3)) -> Tu
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             variables = checkpointer.restore(path, local_target(module, input_shape))
-    except (ValueError, KeyError, FileNotFoundError) as err:
+    except Exception as err:  # orbax/tensorstore raise ValueError, KeyError, OSError or a bare Exception from a thread
         raise CheckpointError(f"{path}: the stored variables do not fit the model in {SPEC_FILE} ({spec['arch']}), "
-                              f"or are damaged: {str(err).splitlines()[0][:300]}") from err
+                              f"or are damaged: {error_summary(err)}") from err
     return module, variables
