@@ -201,8 +201,8 @@ def test_is_user_error_by_class_name_and_subclass(monkeypatch):
     assert cli.is_user_error(flags.IllegalFlagValueError("x")) and cli.is_user_error(flags.UnrecognizedFlagError("x"))
     assert cli.is_user_error(app.UsageError("x")) and cli.is_user_error(UserError("x"))
     assert not cli.is_user_error(ValueError("x")) and not cli.is_user_error(KeyError("x"))
-    # Under `python -m mmard_jax.convert`, ConversionError is defined in __main__.
-    monkeypatch.setattr(sys.modules["__main__"], "__spec__", types.SimpleNamespace(name="mmard_jax.convert"),
+    # Under `python -m mmard_jax.interop.convert`, ConversionError is defined in __main__.
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", types.SimpleNamespace(name="mmard_jax.interop.convert"),
                         raising=False)
     main_cls = type("ConversionError", (ValueError,), {"__module__": "__main__"})
     assert cli.is_user_error(main_cls("x"))
