@@ -274,8 +274,12 @@ def run_original(net, images, labels, eps: float, batch: int, config, seed: int)
     import torch
 
     pyautoattack = _import_peer("pyautoattack")
-    x, y = torch_input(images), torch.tensor(labels).long()
-    aa = pyautoattack.AutoAttack(net, norm="Linf", eps=eps, version="standard", seed=seed, device="cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # float32, as ours
+    net = net.to(device)
+    x_host = torch_input(images)
+    x, y = x_host.to(device), torch.tensor(labels).long().to(device)
+    aa = pyautoattack.AutoAttack(net, norm="Linf", eps=eps, version="standard", seed=seed, device=device)
     for attack in (aa.apgd, aa.apgd_targeted):  # the checkpoint schedule follows n_iter (autopgd_base.py 153-155)
         attack.n_iter = config.n_iter
         attack.n_iter_2, attack.n_iter_min = max(int(0.22 * config.n_iter), 1), max(int(0.06 * config.n_iter), 1)
@@ -284,7 +288,7 @@ def run_original(net, images, labels, eps: float, batch: int, config, seed: int)
     aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = config.n_target_classes
     aa.square.n_queries = config.square_queries
     with torch.no_grad():
-        robust = (net(x).argmax(1) == y).numpy()
+        robust = (net(x).argmax(1) == y).cpu().numpy()
     masks, seconds = {"clean": robust.copy()}, {}
     state = {"name": None, "todo": None, "at": 0}
 
@@ -298,10 +302,12 @@ def run_original(net, images, labels, eps: float, batch: int, config, seed: int)
                 state.update(name=name, todo=np.flatnonzero(robust), at=0)
             idx = state["todo"][state["at"]:state["at"] + len(yb)]
             state["at"] += len(yb)
-            if not torch.equal(xb.cpu(), x[idx]):
+            if not torch.equal(xb.cpu(), x_host[idx]):
                 raise RuntimeError(f"original {name}: batch is not the robust points in index order")
             start = time.perf_counter()
             adv = perturb(xb, yb, *a, **k)
+            if device == "cuda":
+                torch.cuda.synchronize()
             seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
             with torch.no_grad():
                 robust[idx[(net(adv).argmax(1) != yb).cpu().numpy()]] = False
@@ -315,9 +321,11 @@ def run_original(net, images, labels, eps: float, batch: int, config, seed: int)
         attack.perturb = track(ours, attack.perturb)
     start = time.perf_counter()
     x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=batch)
+    if device == "cuda":
+        torch.cuda.synchronize()
     total = time.perf_counter() - start
     with torch.no_grad():
-        final = (net(x_adv).argmax(1) == y).numpy()
+        final = (net(x_adv).argmax(1) == y).cpu().numpy()
     if not np.array_equal(final, robust):
         raise RuntimeError("the original's final adversarial points disagree with the tracked robust flags")
     for name in ORIGINAL:
@@ -412,7 +420,8 @@ def main(argv=None):
     result = {
         "date": time.strftime("%Y-%m-%d"), "host_cpus": os.cpu_count(), "platform": platform.platform(),
         "processor": platform.processor(), "jax_device": str(jax.devices()[0].device_kind),
-        "jax_devices": mesh.devices.size, "torch_threads": torch.get_num_threads(), "model": description,
+        "jax_devices": mesh.devices.size, "torch_threads": torch.get_num_threads(),
+        "torch_device": "cuda" if torch.cuda.is_available() else "cpu", "model": description,
         "n_examples": len(labels), "batch_size": batch, "eps": eps, "settings": autoattack.describe(config),
         "max_logit_diff": float(np.abs(ours - theirs).max()), "jax": jax.__version__, "torch": torch.__version__,
         "cache_was_empty": cache_was_empty, "runs": {},
