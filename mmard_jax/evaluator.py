@@ -149,7 +149,7 @@ class Evaluator:
         self.images, self.labels = parallel.put_replicated((np.asarray(images), np.asarray(labels, np.int32)), self.mesh)
         self.precision = matmul_precision
         self.progress = progress
-        self.square_chunk = square_chunks
+        self.square_chunks = square_chunks
         self._fns: Dict[Tuple[str, str], Callable] = {}
         self._compiled: Dict[Tuple[str, str], set] = {}
         self._costs: Dict[Tuple[str, str], Tuple[float, float]] = {}  # (s per example and unit of work, s per compile)
@@ -182,7 +182,10 @@ class Evaluator:
         fn = self._fn(kind, name)
         compiled = self._compiled[kind, name]
         rate, compile_s = self._costs.get((kind, name), (None, None))
-        cost = None if rate is None else (rate * (work if work_left is None else work_left), compile_s)
+        # Timings differ between processes, and every process must run the same shapes: several processes
+        # plan without them (reuse within 2x).
+        timed = rate is not None and jax.process_count() == 1
+        cost = (rate * (work if work_left is None else work_left), compile_s) if timed else None
         sizes = plan_batches(len(indices), self.shapes, compiled, cost)
         key = jax.random.key(0) if key is None else key  # aa: folded with the run outside the program (a threefry
         # draw inside costs compile time: counter_rng.py)
@@ -219,7 +222,7 @@ class Evaluator:
     def square_points(self, variables, indices: np.ndarray, key, run: int = 0,
                       progress: Optional[Callable[[int, str], None]] = None) -> Tuple[np.ndarray, np.ndarray]:
         """(fooled bool [len(indices)], final margin float32 [len(indices)]) of one Square run. It runs in
-        chunks of queries (`square.query_chunks(n, self.square_chunk)`); between chunks the examples fooled
+        chunks of queries (`square.query_chunks(n, self.square_chunks)`); between chunks the examples fooled
         so far are dropped and the rest re-batched in the evaluator's shapes, so the work follows the
         examples left, as the original's does (per-example results are unchanged: square.py).
         `progress(fooled so far, text)` is called after each chunk."""
@@ -229,7 +232,7 @@ class Evaluator:
         x_best = np.zeros((n,) + self._images_host.shape[1:], np.float32)
         margin = np.full(n, np.inf, np.float32)
         live = np.arange(n)
-        for begin, end in square.query_chunks(config.square_queries, self.square_chunk):
+        for begin, end in square.query_chunks(config.square_queries, self.square_chunks):
             if live.size == 0:
                 break
             xb, mb, hit = self.map_points("aa", "square", variables, indices[live], key, run,

@@ -104,7 +104,7 @@ def test_apgd_ce_and_apgd_t_share_one_program(batch):
 
 def test_square_in_chunks_with_compaction_equals_one_run():
     """Square run by the evaluator in short chunks of queries, the fooled examples dropped between chunks
-    (the batch of 32 shrinks to 16 and 8), gives every example exactly (bitwise) what one run of all the
+    (the batch of 32 shrinks to 8), gives every example exactly (bitwise) what one run of all the
     queries over one batch of the whole split gives: the same fooled mask and the same final margin."""
     module, variables = robust_mlp()
     images, labels, *_ = digits_test_split()
@@ -123,7 +123,9 @@ def test_square_in_chunks_with_compaction_equals_one_run():
                                   square_chunks=(3, 40))
     seen = []
     fooled, margin = chunked.square_points(variables, todo, key, run=0, progress=lambda n, _: seen.append(n))
-    assert chunked._compiled["aa", "square"] == {32, 16, 8}  # the still-unfooled examples were re-batched smaller
+    # The still-unfooled examples were re-batched smaller: down to 8 once 7 are left (a 16 would pad more
+    # than 2x); the shapes in between depend on measured times (plan_batches).
+    assert {32, 8} <= chunked._compiled["aa", "square"]
     np.testing.assert_array_equal(fooled, fooled_all[pick])
     np.testing.assert_array_equal(margin, want)
     assert seen[0] < 16 < seen[-1] == fooled.sum() == 26  # fooled over several chunks
