@@ -1,11 +1,14 @@
 """One `Evaluator` per (model, split, mesh): the robustness of a model's variables under any attack of the suite.
 
 It uploads the split to the devices once (training evaluates every epoch), covers every example exactly
-once, runs batches in a few fixed shapes (the batch size and powers of two times the device count below
-it: a partial batch or the handful of points still robust in an AutoAttack cascade is padded to the
-smallest shape that holds it, so padded work stays under 2x and compilations stay few), keeps its
-compiled functions, and returns masks and AutoAttack's per-component result as values. Every random start
-is keyed by (seed, attack, the example's index in the split), so results depend neither on the batch shape
+once, runs batches in a few fixed shapes (`batch_shapes`: the batch size and 2^k and 3 * 2^k times the
+device count below it), keeps its compiled functions, and returns masks and AutoAttack's per-component
+result as values. A partial batch, or the points still robust in an AutoAttack cascade, goes in the
+smallest shape that holds it (padded less than 1.5x), or in a larger shape already compiled when the
+times measured so far say the extra padded work costs less than compiling (`plan_batches`; never past
+2x). Square runs in chunks of queries with the examples fooled so far dropped between chunks
+(`square_points`), so its work follows the examples left, as the original's does. Every random start is
+keyed by (seed, attack, the example's index in the split), so results depend neither on the batch shape
 nor on the device or process count. Float32 models are evaluated at full float32 matmul precision (no TF32
 on GPUs) unless `matmul_precision` says otherwise.
 """
@@ -22,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from mmard_jax import parallel
-from mmard_jax.attacks import autoattack, suite
+from mmard_jax.attacks import autoattack, counter_rng, square, suite
 from mmard_jax.data.augment import to_float
 
 Array = jax.Array
@@ -42,44 +45,89 @@ class EvalResult:
 
 
 def batch_shapes(batch_size: int, n_devices: int) -> Tuple[int, ...]:
-    """The batch shapes an evaluator runs, largest first: the batch size and n_devices * 2^k below it."""
-    shapes = [batch_size]
-    size = n_devices
-    while size < batch_size:
-        shapes.append(size)
+    """The batch shapes an evaluator runs, largest first: the batch size and, below it, n_devices times
+    1, 2, 3, 4, 6, 8, 12, 16, ... (2^k and 3 * 2^k): a set of points is padded by less than 1.5x."""
+    shapes = {batch_size}
+    size = 1
+    while n_devices * size < batch_size:
+        shapes.add(n_devices * size)
+        if size >= 2 and n_devices * size * 3 // 2 < batch_size:
+            shapes.add(n_devices * size * 3 // 2)
         size *= 2
-    return tuple(sorted(set(shapes), reverse=True))
+    return tuple(sorted(shapes, reverse=True))
 
 
-def plan_batches(n: int, shapes: Sequence[int], compiled: Sequence[int] = ()) -> Tuple[int, ...]:
+def plan_batches(n: int, shapes: Sequence[int], compiled: Sequence[int] = (),
+                 cost: Optional[Tuple[float, float]] = None) -> Tuple[int, ...]:
     """Batch sizes covering n points: full batches of the largest shape, then the smallest shape that holds the
-    rest; a shape compiled already is preferred while the padded total stays within 2n (no new compilation)."""
+    rest, or a larger shape compiled already (no new compilation) while the padded total stays within 2n.
+
+    cost = (seconds per padded example of all the work left, seconds one compilation takes): reuse only when
+    the extra padded work costs more than the compilation it saves; without it, always reuse within 2n."""
     largest = max(shapes)
     sizes = [largest] * (n // largest)
     rest = n - sum(sizes)
     if rest:
+        fit = min(s for s in shapes if s >= rest)
         known = set(compiled) | ({largest} if sizes else set())
         reuse = [s for s in known if s >= rest and sum(sizes) + s <= 2 * n]
-        sizes.append(min(reuse) if reuse else min(s for s in shapes if s >= rest))
+        best = min(reuse) if reuse else fit
+        if fit not in known and reuse and cost is not None and cost[1] < (best - fit) * cost[0]:
+            best = fit
+        sizes.append(best)
     return tuple(sizes)
 
 
-def _per_device(module, kind: str, name: str, eps: float, unroll, aa_config) -> Callable:
-    """The per-device body `(variables, images, labels, idx, valid, key, run) -> per-example outputs`."""
+class _CompileClock:
+    """Seconds JAX has spent compiling in this process (tracing, lowering, XLA), from its monitoring events."""
 
-    def body(variables, images, labels, idx, valid, key, run):
+    seconds = 0.0
+
+    @classmethod
+    def listener(cls, event: str, duration: float, **_) -> None:
+        if event.startswith("/jax/core/compile/"):
+            cls.seconds += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_CompileClock.listener)
+
+
+def _per_device(module, kind: str, name: str, eps: float, unroll, aa_config) -> Callable:
+    """The per-device body `(variables, images, labels, idx, valid, key, run, carry, span) -> per-example
+    outputs`; `carry` (per example) and `span` (start, stop) are Square's state and query range, () and
+    unused elsewhere."""
+
+    def body(variables, images, labels, idx, valid, key, run, carry, span):
         x, y = to_float(images[idx]), labels[idx]
         apply_fn = lambda z: module.apply(variables, z, train=False)  # noqa: E731
         if kind == "gradients":
             return suite.input_gradient_health(apply_fn, x, y)
-        keys = parallel.example_keys(jax.random.fold_in(key, run) if kind == "aa" else key, idx)
-        if kind == "aa":
-            x_adv, _ = autoattack.run_component(name, apply_fn, x, y, keys, run, eps=eps, config=aa_config,
-                                                active=valid)
+        if kind == "aa":  # `key` is already this run's (map_points); hashed, not drawn: counter_rng.py
+            keys = counter_rng.example_keys(key, idx)
+        else:
+            keys = parallel.example_keys(key, idx)
+        if kind == "aa" and name == "square":
+            return _square_chunk(apply_fn, x, y, keys, valid, carry, span, eps, aa_config)
+        if kind == "aa":  # `name` is a program (autoattack.PROGRAMS), `run` its traced argument
+            x_adv, _ = autoattack.run_program(name, apply_fn, x, y, keys, run, eps=eps, config=aa_config,
+                                              active=valid)
             return valid & autoattack.fooled_check(apply_fn, x, x_adv, y, eps)
         return suite.correct_under(name, apply_fn, x, y, eps=eps, rng=keys, unroll=unroll)
 
     return body
+
+
+def _square_chunk(apply_fn, x, y, keys, valid, carry, span, eps, aa_config):
+    """Square's queries span[0] .. span[1] - 1 from `carry` (from the stripes when span[0] == 0):
+    (x_best, margin_best, fooled and verified)."""
+    state = jax.lax.cond(span[0] == 0, lambda: square.square_start(apply_fn, x, y, keys, eps=eps),
+                         lambda: square.SquareState(*carry))
+    state = square.square_steps(apply_fn, x, y, keys, state, span[0], span[1], eps=eps,
+                                n_queries=aa_config.square_queries, p_init=aa_config.square_p_init,
+                                rescale_schedule=aa_config.square_rescale_schedule,
+                                full_range=aa_config.square_full_range, active=valid)
+    x_adv, _ = square.square_outcome(x, state)
+    return state.x_best, state.margin_best, valid & autoattack.fooled_check(apply_fn, x, x_adv, y, eps)
 
 
 class Evaluator:
@@ -87,7 +135,8 @@ class Evaluator:
 
     def __init__(self, module, images: np.ndarray, labels: np.ndarray, *, mesh=None, batch_size: int = 500,
                  eps: float = 8 / 255, unroll=1, aa_config: autoattack.AutoAttackConfig = autoattack.STANDARD,
-                 matmul_precision: Optional[str] = "highest", progress: bool = True):
+                 matmul_precision: Optional[str] = "highest", progress: bool = True,
+                 square_chunks: Tuple[int, int] = square.CHUNKS):
         chex.assert_rank(images, 4)
         chex.assert_shape(labels, (images.shape[0],))
         if images.dtype != np.uint8:
@@ -100,8 +149,10 @@ class Evaluator:
         self.images, self.labels = parallel.put_replicated((np.asarray(images), np.asarray(labels, np.int32)), self.mesh)
         self.precision = matmul_precision
         self.progress = progress
+        self.square_chunks = square_chunks
         self._fns: Dict[Tuple[str, str], Callable] = {}
         self._compiled: Dict[Tuple[str, str], set] = {}
+        self._costs: Dict[Tuple[str, str], Tuple[float, float]] = {}  # (s per example and unit of work, s per compile)
         self._images_host = images[:1]
 
     def _fn(self, kind: str, name: str) -> Callable:
@@ -109,31 +160,90 @@ class Evaluator:
         if (kind, name) not in self._fns:
             body = _per_device(self.module, kind, name, self.eps, self.unroll, self.aa_config)
             sharded = P(parallel.AXIS)
-            mapped = jax.shard_map(body, mesh=self.mesh, in_specs=(P(), P(), P(), sharded, sharded, P(), P()),
+            mapped = jax.shard_map(body, mesh=self.mesh,
+                                   in_specs=(P(), P(), P(), sharded, sharded, P(), P(), sharded, P()),
                                    out_specs=sharded, check_vma=False)  # loop carries become per-device inside
             self._fns[kind, name] = jax.jit(mapped)
             self._compiled[kind, name] = set()
         return self._fns[kind, name]
 
-    def map_points(self, kind: str, name: str, variables, indices: np.ndarray, key=None, run: int = 0):
+    def map_points(self, kind: str, name: str, variables, indices: np.ndarray, key=None, run: int = 0,
+                   carry=(), span=(0, 0), work: float = 1.0, work_left: Optional[float] = None):
         """Runs one attack on the split's examples `indices` (in the evaluator's batch shapes); per-example
-        outputs in the order of `indices`, as NumPy arrays on every process."""
+        outputs in the order of `indices`, as NumPy arrays on every process. `carry`: per-example host
+        arrays (leading axis along `indices`) passed through to the attack, `span` a pair of ints (Square's).
+
+        `work` (this call's work per example, e.g. Square's queries) and `work_left` (the work per example
+        still to come from this call on, in the same unit; default `work`) let it weigh padding against
+        compiling a smaller shape, with the times it measured for this attack (`plan_batches`)."""
+        if kind == "aa":  # one program per AutoAttack component but APGD's (shared); the key is the run's
+            key = jax.random.fold_in(jax.random.key(0) if key is None else key, run)
+            name, run = autoattack.PROGRAMS[name], autoattack.program_arg(name, run)
         fn = self._fn(kind, name)
-        sizes = plan_batches(len(indices), self.shapes, self._compiled[kind, name])
-        key = jax.random.key(0) if key is None else key
-        outs, start = [], 0
+        compiled = self._compiled[kind, name]
+        rate, compile_s = self._costs.get((kind, name), (None, None))
+        # Timings differ between processes, and every process must run the same shapes: several processes
+        # plan without them (reuse within 2x).
+        timed = rate is not None and jax.process_count() == 1
+        cost = (rate * (work if work_left is None else work_left), compile_s) if timed else None
+        sizes = plan_batches(len(indices), self.shapes, compiled, cost)
+        key = jax.random.key(0) if key is None else key  # aa: folded with the run outside the program (a threefry
+        # draw inside costs compile time: counter_rng.py)
+        span = jnp.asarray(span, jnp.int32)
+        outs, start, fresh = [], 0, any(size not in compiled for size in sizes)
+        began, compiling = time.perf_counter(), _CompileClock.seconds
         with jax.default_matmul_precision(self.precision):
             for size in sizes:
                 chunk = indices[start:start + size]
-                idx = np.full(size, chunk[0], np.int32)
-                idx[:len(chunk)] = chunk
+                rows = np.minimum(np.arange(size), len(chunk) - 1)  # padding repeats the last real example
+                idx = chunk[rows].astype(np.int32)
                 valid = np.arange(size) < len(chunk)
+                part = jax.tree.map(lambda a: parallel.put_batch(np.asarray(a)[start:start + size][rows], self.mesh),
+                                    carry)
                 outs.append((len(chunk), fn(variables, self.images, self.labels, parallel.put_batch(idx, self.mesh),
-                                            parallel.put_batch(valid, self.mesh), key, jnp.int32(run))))
-                self._compiled[kind, name].add(size)
+                                            parallel.put_batch(valid, self.mesh), key, jnp.int32(run), part, span)))
+                compiled.add(size)
                 start += size
         host = [jax.tree.map(lambda a, k=k: a[:k], parallel.to_host(o)) for k, o in outs]
+        self._measure(kind, name, time.perf_counter() - began, _CompileClock.seconds - compiling, fresh,
+                      sum(sizes) * work)
         return jax.tree.map(lambda *parts: np.concatenate(parts), *host)
+
+    def _measure(self, kind: str, name: str, wall: float, compile_s: float, fresh: bool, work: float) -> None:
+        """Keeps the latest (seconds per padded example and unit of work, seconds per compilation) of an attack."""
+        rate, last_compile = self._costs.get((kind, name), (None, None))
+        if work > 0 and wall > compile_s:
+            rate = (wall - compile_s) / work
+        if fresh:
+            last_compile = compile_s
+        if rate is not None:
+            self._costs[kind, name] = (rate, last_compile if last_compile is not None else 0.0)
+
+    def square_points(self, variables, indices: np.ndarray, key, run: int = 0,
+                      progress: Optional[Callable[[int, str], None]] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """(fooled bool [len(indices)], final margin float32 [len(indices)]) of one Square run. It runs in
+        chunks of queries (`square.query_chunks(n, self.square_chunks)`); between chunks the examples fooled
+        so far are dropped and the rest re-batched in the evaluator's shapes, so the work follows the
+        examples left, as the original's does (per-example results are unchanged: square.py).
+        `progress(fooled so far, text)` is called after each chunk."""
+        config = self.aa_config
+        n = len(indices)
+        fooled = np.zeros(n, bool)
+        x_best = np.zeros((n,) + self._images_host.shape[1:], np.float32)
+        margin = np.full(n, np.inf, np.float32)
+        live = np.arange(n)
+        for begin, end in square.query_chunks(config.square_queries, self.square_chunks):
+            if live.size == 0:
+                break
+            xb, mb, hit = self.map_points("aa", "square", variables, indices[live], key, run,
+                                          carry=(x_best[live], margin[live]), span=(begin, end),
+                                          work=max(end - begin, 1), work_left=max(config.square_queries - begin, 1))
+            x_best[live], margin[live] = xb, mb
+            fooled[live] = hit
+            live = live[mb > 0]
+            if progress is not None:
+                progress(int(fooled.sum()), f"{end}/{config.square_queries} queries")
+        return fooled, margin
 
     def correct(self, variables, attack: str, seed: int = 0) -> np.ndarray:
         """bool [N]: each example is correctly classified on x ('clean') or under a white-box attack."""
@@ -147,8 +257,12 @@ class Evaluator:
         key = suite.aa_key(seed)
         num_classes = autoattack.infer_num_classes(self.module, variables, self._images_host)
 
-        def run_points(name, run, todo):
-            return self.map_points("aa", name, variables, todo, jax.random.fold_in(key, autoattack.COMPONENTS.index(name)), run)
+        def run_points(name, run, todo, progress=None):
+            component_key = jax.random.fold_in(key, autoattack.COMPONENTS.index(name))
+            if name == "square":
+                return self.square_points(variables, todo, component_key, run, progress)[0]
+            runs_left = autoattack.num_runs(name, self.aa_config, num_classes) - run
+            return self.map_points("aa", name, variables, todo, component_key, run, work_left=runs_left)
 
         return autoattack.cascade(run_points, clean, config=self.aa_config, num_classes=num_classes,
                                   components=components, progress=self.progress)

@@ -9,7 +9,7 @@ PyTorch runs single-threaded: on a loaded 2-core machine its multi-threaded smal
 Deterministic settings (FGSM, PGD without random start) must give the same adversarial examples elementwise
 (rare exceptions where a gradient entry is so close to 0 that the two frameworks disagree on its sign) and
 the same accuracy. Randomised attacks and AutoAttack, at the standard settings, must agree within 2 points
-of robust accuracy (7 of 355 examples).
+of robust accuracy (7 of 355 examples), Square alone within 3 (its seed-to-seed noise here: SQUARE_TOLERANCE).
 """
 
 import functools
@@ -30,6 +30,9 @@ from mmard_jax.interop.testing import copy_into_torch
 EPS = 32 / 255  # the demo's radius on digits: at 8/255 even a natural model stays robust
 PGD_STEP = EPS / 4
 TOLERANCE = 0.02  # robust accuracy, randomised attacks and AutoAttack
+# Square alone: its accuracy here moves by up to 2.3 points with the seed alone (seeds 0-3: ours 0.6535-0.6761,
+# torchattacks 0.6563-0.6704; every cross pair within 2.0 points), so 2 points would sit on that noise.
+SQUARE_TOLERANCE = 0.03
 FAB_SUBSET = 100  # PyTorch's FAB-T costs ~20 ms per iteration here: 9 x 100 iterations on a subset
 
 
@@ -247,7 +250,7 @@ def test_square_agrees(model):
     ours = our_report()["masks"]["square"]
     print(f"square: ours {ours.mean():.4f} torchattacks {theirs.mean():.4f}, "
           f"{(ours != theirs).sum()} examples differ")
-    assert abs(ours.mean() - theirs.mean()) <= TOLERANCE
+    assert abs(ours.mean() - theirs.mean()) <= SQUARE_TOLERANCE
     assert theirs.mean() < our_report()["accuracy"]["clean"] - 0.1
 
 

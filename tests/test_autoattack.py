@@ -15,7 +15,7 @@ import pytest
 from scipy.optimize import linprog
 
 from mmard_jax import evaluate, evaluator, parallel
-from mmard_jax.attacks import autoattack, fab
+from mmard_jax.attacks import apgd, autoattack, fab, square, suite
 from test_attacks_peer import EPS, digits_test_split, our_report, robust_mlp
 
 # Few iterations: these tests check mechanics; the standard settings run in test_attacks_peer.py.
@@ -86,13 +86,67 @@ def test_component_outputs_are_feasible_and_fool(batch, name):
     np.testing.assert_array_equal(fooled_again, fooled)
 
 
-def test_aa_is_the_worst_case_and_independent_of_devices_and_batching():
-    """2 devices, one batch of 356 vs 1 device, batches of 120: the same per-example outcome for the cascade
-    and for each component run alone; AA = clean AND every component, so it is below each of them.
-    (APGD-CE is left out to save compilation time: it is APGD-T's code with another loss.)"""
+def test_apgd_ce_and_apgd_t_share_one_program(batch):
+    """APGD's shared program (a traced loss switch) gives each component what its own function gives."""
+    module, variables, x, y = batch
+    apply_fn = lambda z: module.apply(variables, z)  # noqa: E731
+    keys = parallel.example_keys(jax.random.key(1), jnp.arange(len(y)))
+    shared = jax.jit(lambda rank: apgd.apgd_ce_or_targeted(apply_fn, x, y, keys, rank, eps=EPS, n_iter=10))
+    alone = {0: jax.jit(lambda: apgd.apgd_ce(apply_fn, x, y, keys, eps=EPS, n_iter=10)),
+             3: jax.jit(lambda: apgd.apgd_targeted(apply_fn, x, y, keys, 3, eps=EPS, n_iter=10))}
+    for rank, fn in alone.items():
+        (x_shared, fooled_shared), (x_alone, fooled_alone) = shared(jnp.int32(rank)), fn()
+        np.testing.assert_array_equal(fooled_shared, fooled_alone, err_msg=f"rank {rank}")
+        np.testing.assert_allclose(x_shared, x_alone, atol=1e-6, err_msg=f"rank {rank}")
+        assert 0 < np.asarray(fooled_alone).sum() < len(y)
+    assert autoattack.PROGRAMS["apgd_ce"] == autoattack.PROGRAMS["apgd_t"]
+
+
+def test_square_in_chunks_with_compaction_equals_one_run():
+    """Square run by the evaluator in short chunks of queries, the fooled examples dropped between chunks
+    (the batch of 32 shrinks to 8), gives every example exactly (bitwise) what one run of all the
+    queries over one batch of the whole split gives: the same fooled mask and the same final margin."""
     module, variables = robust_mlp()
     images, labels, *_ = digits_test_split()
-    components = ("apgd_t", "fab_t", "square")
+    config = dataclasses.replace(SMALL, square_queries=300)
+    key = jax.random.fold_in(suite.aa_key(0), autoattack.COMPONENTS.index("square"))
+    one_run = evaluator.Evaluator(module, images, labels, eps=EPS, batch_size=356, progress=False, aa_config=config,
+                                  square_chunks=(300, 300))
+    correct = np.flatnonzero(one_run.correct(variables, "clean"))
+    fooled_all, want = one_run.square_points(variables, correct, key, run=0)
+    assert one_run._compiled["aa", "square"] == {356}
+    # 26 examples that the run fools and 6 it does not, in split order.
+    pick = np.sort(np.r_[np.flatnonzero(fooled_all)[:26], np.flatnonzero(~fooled_all)[:6]])
+    todo, want = correct[pick], want[pick]
+
+    chunked = evaluator.Evaluator(module, images, labels, eps=EPS, batch_size=32, progress=False, aa_config=config,
+                                  square_chunks=(3, 40))
+    seen = []
+    fooled, margin = chunked.square_points(variables, todo, key, run=0, progress=lambda n, _: seen.append(n))
+    # The still-unfooled examples were re-batched smaller: down to 8 once 7 are left (a 16 would pad more
+    # than 2x); the shapes in between depend on measured times (plan_batches).
+    assert {32, 8} <= chunked._compiled["aa", "square"]
+    np.testing.assert_array_equal(fooled, fooled_all[pick])
+    np.testing.assert_array_equal(margin, want)
+    assert seen[0] < 16 < seen[-1] == fooled.sum() == 26  # fooled over several chunks
+
+
+def test_query_chunks_cover_the_queries_once():
+    assert square.query_chunks(300, (3, 40)) == ((0, 3), (3, 9), (9, 21), (21, 45), (45, 85), (85, 125),
+                                                 (125, 165), (165, 205), (205, 245), (245, 285), (285, 300))
+    assert square.query_chunks(5000, (5000, 5000)) == ((0, 5000),)
+    assert square.query_chunks(0) == ((0, 0),)  # the stripes alone
+    with pytest.raises(ValueError, match="first <= longest"):
+        square.query_chunks(10, (5, 2))
+
+
+def test_aa_is_the_worst_case_and_independent_of_devices_and_batching():
+    """2 devices, one batch of 356, Square in the default chunks vs 1 device, batches of 120, Square in
+    chunks of 7 to 50 queries (compacted in between): the same per-example outcome for the cascade and for
+    each component run alone; AA = clean AND every component, so it is below each of them."""
+    module, variables = robust_mlp()
+    images, labels, *_ = digits_test_split()
+    components = autoattack.COMPONENTS
     attacks = ("clean", "aa") + components
     devices = jax.local_devices()
     assert len(devices) >= 2, "conftest forces 2 CPU devices"
@@ -100,7 +154,8 @@ def test_aa_is_the_worst_case_and_independent_of_devices_and_batching():
     two = evaluator.Evaluator(module, images, labels, eps=EPS, batch_size=356, mesh=parallel.data_mesh(devices[:2]),
                               progress=False, aa_config=config).run(variables, attacks, seed=3).masks
     one = evaluator.Evaluator(module, images, labels, eps=EPS, batch_size=120, mesh=parallel.data_mesh(devices[:1]),
-                              progress=False, aa_config=config).run(variables, attacks, seed=3).masks
+                              progress=False, aa_config=config, square_chunks=(7, 50)).run(variables, attacks,
+                                                                                           seed=3).masks
     for name in attacks:
         assert two[name].shape == (len(labels),)
         np.testing.assert_array_equal(one[name], two[name], err_msg=name)
@@ -128,21 +183,29 @@ def test_trust_checks_flag_masked_gradients_and_pass_a_normal_model():
 
 
 def test_batch_shapes_bound_padding_and_compilations():
-    """The evaluator's batch shapes: the batch size and n_devices * 2^k below it; a plan covers n points with
-    less than 2x padded work and reuses a compiled shape while that bound holds."""
-    assert evaluator.batch_shapes(200, 2) == (200, 128, 64, 32, 16, 8, 4, 2)
+    """The evaluator's batch shapes: the batch size and n_devices * (2^k, 3 * 2^k) below it; a plan covers n
+    points with less than 1.5x padded work in a fresh shape (2x when it reuses a compiled one), and reuses a
+    compiled shape only when compiling costs more than the extra padded work (the measured costs)."""
+    assert evaluator.batch_shapes(200, 2) == (200, 192, 128, 96, 64, 48, 32, 24, 16, 12, 8, 6, 4, 2)
+    assert evaluator.batch_shapes(200, 1)[-5:] == (6, 4, 3, 2, 1)
     assert evaluator.batch_shapes(8, 8) == (8,)
     shapes = evaluator.batch_shapes(200, 2)
+    assert all(s % 2 == 0 for s in shapes)
     for n in range(1, 700):
-        plan = evaluator.plan_batches(n, shapes)
-        assert sum(plan) >= n and sum(plan) - plan[-1] < n  # covers n; only the last batch is partial
-        assert sum(plan) < 2 * n or n <= 2  # padded work under 2x (2 devices: at least one example each)
-        assert all(p in shapes for p in plan)
-    assert evaluator.plan_batches(40, shapes) == (64,)
-    assert evaluator.plan_batches(40, shapes, compiled=(200, 64)) == (64,)
+        fresh = evaluator.plan_batches(n, shapes)
+        assert sum(fresh) >= n and sum(fresh) - fresh[-1] < n  # covers n; only the last batch is partial
+        assert sum(fresh) <= 2 * n or n == 1  # (2 devices: at least one example each)
+        assert n >= 200 or n < 3 or sum(fresh) < 1.5 * n  # a fresh shape pads less than 1.5x
+        assert all(p in shapes for p in fresh)
+        assert sum(evaluator.plan_batches(n, shapes, compiled=shapes)) <= 2 * n or n == 1
+    assert evaluator.plan_batches(40, shapes) == (48,)
     assert evaluator.plan_batches(33, shapes, compiled=(64,)) == (64,)  # reuse: 64 <= 2 * 33
     assert evaluator.plan_batches(31, shapes, compiled=(64,)) == (32,)  # 64 > 62: a new, smaller shape
     assert evaluator.plan_batches(450, shapes) == (200, 200, 200)  # the full shape again: 600 <= 900
+    assert evaluator.plan_batches(450, shapes, cost=(1.0, 10.0)) == (200, 200, 64)  # compiling 64 is cheaper
+    # 85 points, 128 compiled, 96 would fit: reuse when compiling (10 s) costs more than 32 padded examples.
+    assert evaluator.plan_batches(85, shapes, compiled=(128,), cost=(0.1, 10.0)) == (128,)  # 3.2 s of padding
+    assert evaluator.plan_batches(85, shapes, compiled=(128,), cost=(1.0, 10.0)) == (96,)  # 32 s of padding
 
 
 def test_evaluator_counts_every_example_once_in_any_order():

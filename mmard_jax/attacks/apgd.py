@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmard_jax import losses
+from mmard_jax.attacks import counter_rng
 from mmard_jax.attacks.engine import project
 
 Array = jax.Array
@@ -50,8 +51,9 @@ def checkpoint_schedule(n_iter: int) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def random_start(keys: Array, x: Array, eps: float) -> Array:
-    """x + eps * u / max|u| (u uniform in [-1, 1] per pixel, one key per example), clipped to [0, 1]."""
-    u = jax.vmap(lambda k: jax.random.uniform(k, x.shape[1:], x.dtype, -1.0, 1.0))(keys)
+    """x + eps * u / max|u| (u uniform in [-1, 1] per pixel, hashed from the example's key: counter_rng),
+    clipped to [0, 1]."""
+    u = counter_rng.uniform(keys, counter_rng.APGD_START, x.shape[1:], x.dtype, -1.0, 1.0)
     scale = jnp.max(jnp.abs(u).reshape(u.shape[0], -1), axis=1)
     return jnp.clip(x + eps * u / (scale.reshape((-1,) + (1,) * (x.ndim - 1)) + 1e-12), 0.0, 1.0)
 
@@ -185,3 +187,22 @@ def apgd_targeted(apply_fn: ApplyFn, x: Array, y: Array, keys: Array, rank: Arra
     target = target_classes(apply_fn(x), rank)
     return apgd(lambda logits: losses.dlr_loss_targeted(logits, y, target), apply_fn, x, y, keys,
                 eps=eps, n_iter=n_iter, rho=rho, active=active)
+
+
+def apgd_ce_or_targeted(apply_fn: ApplyFn, x: Array, y: Array, keys: Array, rank: Array, *, eps: float,
+                        n_iter: int = 100, rho: float = RHO, active: Optional[Array] = None) -> Tuple[Array, Array]:
+    """APGD-CE where `rank` (traced int) is 0, APGD-T towards the `rank`-th largest clean logit elsewhere: one
+    compiled program for both components (each compilation costs seconds on a CPU). The per-example loss is
+    a select between the two, so each example follows exactly the loss of its component."""
+    logits_x = apply_fn(x)
+    if logits_x.shape[-1] < 4:  # the targeted DLR loss needs 4 classes: only APGD-CE can run (autoattack.num_runs)
+        return apgd_ce(apply_fn, x, y, keys, eps=eps, n_iter=n_iter, rho=rho, active=active)
+    target = target_classes(logits_x, jnp.maximum(rank, 2))
+
+    def loss_fn(logits):
+        ce = losses.cross_entropy(logits, y).astype(jnp.float32)
+        dlr = losses.dlr_loss_targeted(logits, y, target).astype(jnp.float32)
+        return jnp.where(rank == 0, ce, dlr)
+
+    return apgd(loss_fn, apply_fn, x, y, keys, eps=eps, n_iter=n_iter, rho=rho, active=active)
+

@@ -10,13 +10,17 @@ original code draws them (never the last offset; `square_full_range` for all of 
 Speed and exactness: `cascade` runs at split level. Before every run (a restart or a target class) the
 indices of the still-robust examples go to `run_points` (`mmard_jax.evaluator.Evaluator`), which batches
 them in a few fixed shapes, so padded work stays under 2x and compilations stay few; inside a batch the
-attack loop stops as soon as every real example is fooled. Every example draws its randomness from (seed,
-component, run, its index in the split), so its outcome depends neither on the batch it lands in, nor on
-the number of devices, nor on which other components ran: the AA mask equals the AND of the masks of the
-components run alone.
+attack loop stops as soon as every real example is fooled, and Square also drops the fooled examples
+between chunks of queries (the original drops them at every query; its APGD and FAB run every iteration
+on the whole batch of a run: pyautoattack/autopgd_base.py line 319, fab_base.py line 164). APGD-CE and
+APGD-T share one compiled program (`PROGRAMS`). Every example draws its randomness from (seed, component,
+run, its index in the split), so its outcome depends neither on the batch it lands in, nor on the number of
+devices, nor on which other components ran: the AA mask equals the AND of the masks of the components run
+alone.
 """
 
 import dataclasses
+import time
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import jax
@@ -119,6 +123,33 @@ def run_component(
     raise ValueError(f"unknown AutoAttack component {name!r}; known: {', '.join(COMPONENTS)}")
 
 
+# The compiled program each component runs in (evaluator.Evaluator): APGD-CE and APGD-T share APGD's.
+PROGRAMS = {"apgd_ce": "apgd", "apgd_t": "apgd", "fab_t": "fab_t", "square": "square"}
+
+
+def program_arg(name: str, run: int) -> int:
+    """The traced int a component's program takes for one run: APGD's loss switch (0: cross-entropy, else the
+    rank of the target logit), FAB-T's target rank, Square's restart."""
+    if name == "apgd_ce":
+        return 0
+    if name in ("apgd_t", "fab_t"):
+        return run + 2
+    return run
+
+
+def run_program(program: str, apply_fn: ApplyFn, x: Array, y: Array, keys: Array, arg: Array, *, eps: float,
+                config: AutoAttackConfig = STANDARD, active: Optional[Array] = None) -> Tuple[Array, Array]:
+    """One run of a program (PROGRAMS) on a batch with its traced `arg` (`program_arg`): (x_adv, fooled [B])."""
+    if program == "apgd":
+        return apgd.apgd_ce_or_targeted(apply_fn, x, y, keys, arg, eps=eps, n_iter=config.n_iter, rho=config.rho,
+                                        active=active)
+    if program == "fab_t":
+        return run_component("fab_t", apply_fn, x, y, keys, arg - 2, eps=eps, config=config, active=active)
+    if program == "square":
+        return run_component("square", apply_fn, x, y, keys, arg, eps=eps, config=config, active=active)
+    raise ValueError(f"unknown AutoAttack program {program!r}; known: {', '.join(sorted(set(PROGRAMS.values())))}")
+
+
 def fooled_check(apply_fn: ApplyFn, x: Array, x_adv: Array, y: Array, eps: float) -> Array:
     """bool [B]: x_adv is misclassified, within the eps-ball (up to rounding) and in [0, 1] (AutoAttack's
     final check)."""
@@ -145,11 +176,13 @@ class AutoAttackResult:
     after: component -> bool [N], robust after that component (cumulative, in cascade order).
     fooled_by: int8 [N], index in COMPONENTS of the component that fooled the example; -1 never fooled,
     -2 misclassified already on x.
+    seconds: component -> wall-clock seconds it took (compilation included).
     """
 
     robust: np.ndarray
     after: Dict[str, np.ndarray]
     fooled_by: np.ndarray
+    seconds: Dict[str, float] = dataclasses.field(default_factory=dict)
 
     def accuracies(self) -> Dict[str, float]:
         """Robust accuracy after each component, in cascade order, and overall ('aa')."""
@@ -158,8 +191,9 @@ class AutoAttackResult:
         return out
 
 
-# run_points(component, run, indices) -> bool [len(indices)]: which of those examples the run fooled.
-RunPoints = Callable[[str, int, np.ndarray], np.ndarray]
+# run_points(component, run, indices, progress) -> bool [len(indices)]: which of those examples the run fooled;
+# it may call progress(fooled so far, text) while it runs (Square does, between its chunks of queries).
+RunPoints = Callable[..., np.ndarray]
 
 
 def cascade(
@@ -172,12 +206,14 @@ def cascade(
     progress: bool = True,
 ) -> AutoAttackResult:
     """Runs `components` (default: the config's) in cascade from `clean_correct`: each run of each component
-    attacks only the examples still robust, through `run_points` (the evaluator batches them)."""
+    attacks only the examples still robust, through `run_points` (the evaluator batches them). One progress
+    bar per component shows the examples still robust and the runs left."""
     components = tuple(config.components if components is None else components)
     robust = np.array(clean_correct, bool)
     fooled_by = np.where(robust, -1, -2).astype(np.int8)
-    after = {}
+    after, seconds = {}, {}
     for name in components:
+        start = time.perf_counter()
         runs = num_runs(name, config, num_classes)
         bar = tqdm(total=runs, desc=f"aa {TITLES.get(name, name)}", disable=not progress, leave=False,
                    dynamic_ncols=True, unit="run")
@@ -186,11 +222,16 @@ def cascade(
             bar.set_postfix(robust=f"{todo.size}/{robust.size}", runs_left=runs - run)
             if todo.size == 0:
                 break
-            hit = todo[np.asarray(run_points(name, run, todo), bool)]
+
+            def report(fooled: int, text: str, todo=todo, run=run) -> None:
+                bar.set_postfix(robust=f"{todo.size - fooled}/{robust.size}", runs_left=runs - run, now=text)
+
+            hit = todo[np.asarray(run_points(name, run, todo, report), bool)]
             robust[hit] = False
             fooled_by[hit] = COMPONENTS.index(name)
             bar.update(1)
         bar.set_postfix(robust=f"{int(robust.sum())}/{robust.size}", runs_left=0)
         bar.close()
         after[name] = robust.copy()
-    return AutoAttackResult(robust=robust, after=after, fooled_by=fooled_by)
+        seconds[name] = time.perf_counter() - start
+    return AutoAttackResult(robust=robust, after=after, fooled_by=fooled_by, seconds=seconds)

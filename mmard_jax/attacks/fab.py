@@ -119,8 +119,10 @@ def fab_targeted(
         diff, w = diff_and_grad(s.x1)
         # Linearized boundary: diff + <w, z - x1> = 0, i.e. <w, z> = <w, x1> - diff.
         hb = jnp.sum(w * x1, axis=1) - diff
-        d1 = project_linf_box(x1, w, hb)
-        d2 = project_linf_box(x0, w, hb)
+        # Both projections in one call (one compiled bisection; rows are independent), as the reference does
+        # (pyautoattack/fab_base.py lines 191-194: `projection_linf(torch.cat((x1, x0), 0), ...)`).
+        d1, d2 = jnp.split(project_linf_box(jnp.concatenate([x1, x0]), jnp.concatenate([w, w]),
+                                            jnp.concatenate([hb, hb])), 2)
         a1 = jnp.maximum(_linf(d1), 1e-8)
         a2 = jnp.maximum(_linf(d2), 1e-8)
         alpha = jnp.clip(a1 / (a1 + a2), 0.0, alpha_max)[:, None]
