@@ -53,6 +53,7 @@ SHARED_CHECK_S = 30  # how long a process looks for process 0's lock file (netwo
 _ROLL_CALL_KEY = "mmard_jax/roll_call/"
 _MIN_JAX_INIT_S = 5  # what JAX gets at least after our own reachability check used part of --init_timeout
 
+_UNHEALTHY = re.compile(r"unhealthy \(stopped sending heartbeats\):\s*([\d,\s]+)")
 # Text of the errors a collective raises when a peer is gone (gloo, NCCL, the coordination service).
 _COLLECTIVE_FAILURE = re.compile(r"Gloo|gloo|NCCL|Connection (closed|reset) by peer|coordination service|"
                                  r"CoordinationService|UNAVAILABLE:|DEADLINE_EXCEEDED:|Barrier")
@@ -346,6 +347,29 @@ def _coordination_client():
     return jax_distributed.global_state.client
 
 
+def heartbeat_lost(err: BaseException) -> List[int]:
+    """The processes a coordination-service error names as dead ("... unhealthy (stopped sending heartbeats): 1")."""
+    found, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        for ids in _UNHEALTHY.findall(str(err)):
+            found += [int(i) for i in re.findall(r"\d+", ids)]
+        err = err.__cause__ or err.__context__
+    return sorted(set(found))
+
+
+def _coordinator_listening() -> bool:
+    """Whether process 0's coordination service still accepts connections (False: refused or unreachable)."""
+    from jax._src import distributed as jax_distributed  # noqa: PLC0415
+
+    try:
+        host, port = split_address(jax_distributed.global_state.coordinator_address)
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except (OSError, cli.UserError, TypeError):
+        return False
+
+
 def missing_processes(reported: Dict[str, str], n: int) -> List[int]:
     """The processes 0 .. n-1 without a roll-call key among `reported` (key -> value of the key-value store)."""
     present = set()
@@ -388,7 +412,8 @@ def roll_call_seconds(heartbeat_timeout: int) -> float:
 
 
 @contextlib.contextmanager
-def exit_on_lost_process(heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT_S):
+def exit_on_lost_process(heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT_S,
+                         then: str = "Rerun the same commands to resume from the last checkpoint."):
     """In a multi-process run, a failed collective ends this process at once with one line naming the lost
     process(es) and status 75: without it the error would unwind to JAX's exit barrier, which waits a heartbeat
     timeout for the dead process and then aborts. Errors of a single-process run pass through unchanged."""
@@ -401,23 +426,32 @@ def exit_on_lost_process(heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT_S):
         me, n = jax.process_index(), jax.process_count()
         cause = cli.one_line(str(err))[:300]
         _end_progress_line()
-        _say(f"process {me} of {n}: a collective failed; asking the others to report (up to {wait:.0f} s)")
+        if heartbeat_lost(err):  # the coordination service has declared them dead: JAX aborts us any moment
+            _hard_exit(me, n, heartbeat_lost(err), "no heartbeat", cause, then)
+        gone = "" if me == 0 else "; if process 0 is gone, its coordination service is too, and JAX ends this process"
+        _say(f"process {me} of {n}: a collective failed; asking the others to report (up to {wait:.0f} s{gone})")
         try:
-            lost = roll_call(wait)
-        except Exception as rc_err:  # noqa: BLE001 - the coordination service itself is gone with process 0
-            lost, cause = None, f"{cause}; the coordination service does not answer: {cli.one_line(str(rc_err))[:200]}"
-        if lost == []:
+            if me != 0 and not _coordinator_listening():
+                lost, how = [0], "its coordination service does not answer"
+            else:
+                lost, how = roll_call(wait), f"no answer within {wait:.0f} s"
+        except Exception as rc_err:  # noqa: BLE001 - the coordination service went away with process 0
+            lost, how = [0], f"the coordination service stopped answering: {cli.one_line(str(rc_err))[:200]}"
+        if not lost:
             raise  # every process answered: not a lost process, an error of its own
-        who = f"process(es) {lost} (no answer within {wait:.0f} s)" if lost else "process 0 (the coordinator)"
-        for cleanup in list(_BEFORE_HARD_EXIT):
-            with contextlib.suppress(Exception):
-                cleanup()
-        sys.stdout.flush()
-        _end_progress_line()
-        sys.stderr.write(f"{cli._program_name()}: error: process {me} of {n} lost {who} after a collective failed "
-                         f"({cause}); stopping. Rerun the same commands to resume from the last checkpoint.\n")
-        sys.stderr.flush()
-        os._exit(LOST_PROCESS_STATUS)
+        _hard_exit(me, n, lost, how, cause, then)
+
+
+def _hard_exit(me: int, n: int, lost: List[int], how: str, cause: str, then: str) -> None:
+    """The one line naming the lost processes, then os._exit(75) (no exit barrier: it would wait for the dead)."""
+    sys.stdout.flush()
+    sys.stderr.write(f"{cli._program_name()}: error: process {me} of {n} lost process(es) {lost} ({how}) after a "
+                     f"collective failed ({cause}); stopping. {then}\n")
+    sys.stderr.flush()
+    for cleanup in list(_BEFORE_HARD_EXIT):
+        with contextlib.suppress(Exception):
+            cleanup()
+    os._exit(LOST_PROCESS_STATUS)
 
 
 # ----------------------------------------------------------------------------- stopping together

@@ -179,7 +179,7 @@ def main(argv):
     eps = parse_eps(FLAGS.eps)
     runtime.quiet_logging()  # before joining: jax.distributed logs at INFO level
     distributed.initialize_from_flags()
-    with distributed.exit_on_lost_process(FLAGS.heartbeat_timeout):
+    with distributed.exit_on_lost_process(FLAGS.heartbeat_timeout, then="Rerun the same commands."):
         runtime.enable_compilation_cache()
         run_evaluation(
             FLAGS.checkpoint, FLAGS.dataset, FLAGS.attacks, n_examples=FLAGS.n_examples or -1,

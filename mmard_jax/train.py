@@ -7,6 +7,8 @@ bitwise the same parameters as an uninterrupted one (data order, augmentation an
 functions of (seed, epoch, step), and the whole train state is checkpointed). Outputs in DIR: metrics.jsonl
 (one JSON record per epoch), TensorBoard events (tb/), checkpoints/, model.json (the student's spec),
 config.json, history.jsonl (every start and resume), accuracy.png and summary.md/json at the end.
+Multi-process runs (--coordinator_address/--num_processes/--process_id, or SLURM/Open MPI): see
+`mmard_jax.distributed`; every process trains its share of each global batch, process 0 writes these files.
 """
 
 import dataclasses

@@ -144,30 +144,36 @@ def run_layout(layout: str, args) -> Dict[str, Any]:
 
 
 def merge_rounds(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """The round with the median step time, and the spread of images/s over rounds."""
-    good = [r for r in rows if "error" not in r]
+    """The round with the median step time (the lower one of an even count, as benchmark.py), and every round's
+    images/s."""
+    good = sorted((r for r in rows if "error" not in r), key=lambda r: r["step_s"])
     if not good:
         return rows[-1]
-    good.sort(key=lambda r: r["step_s"])
-    row = dict(good[len(good) // 2])
+    row = dict(good[(len(good) - 1) // 2])
     row["rounds"] = len(good)
-    row["images_per_s_rounds"] = [round(r["images_per_s"], 2) for r in rows if "error" not in r]
+    row["images_per_s_rounds"] = [r.get("images_per_s") for r in rows]  # in round order (None: failed)
     return row
 
 
+def round_ratios(rows: List[Dict[str, Any]]) -> List[List[float]]:
+    """Per layout, its images/s over the first layout's in each round: measured side by side, under the same load."""
+    ref = rows[0].get("images_per_s_rounds", [])
+    return [[a / b if a and b else float("nan") for a, b in zip(r.get("images_per_s_rounds", []), ref)]
+            for r in rows]
+
+
 def table(rows: List[Dict[str, Any]]) -> str:
-    """Markdown: one line per layout, the ratio against the first."""
-    ref = next((r["images_per_s"] for r in rows if "error" not in r), None)
-    lines = ["| layout | processes x devices | step (s, median) | images/s | vs first | compile (s) | load avg |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
+    """Markdown: one line per layout; ratios against the first layout, round by round."""
+    lines = ["| layout | processes x devices | step (s, median) | images/s (median) | images/s per round | "
+             "vs first, per round | compile (s) | load avg |", "|---|---|---:|---:|---|---|---:|---:|"]
+    for r, ratios in zip(rows, round_ratios(rows)):
         if "error" in r:
-            lines.append(f"| {r['layout']} | - | - | FAILED: {r['error']} | - | - | - |")
+            lines.append(f"| {r['layout']} | - | - | FAILED: {r['error']} | - | - | - | - |")
             continue
-        ratio = f"{r['images_per_s'] / ref:.2f}x" if ref else "-"
+        per_round = ", ".join("-" if v is None else f"{v:.1f}" for v in r["images_per_s_rounds"])
         lines.append(f"| {r['layout']} | {r['processes']} x {r['devices_per_process']} | {r['step_s']:.3f} | "
-                     f"{r['images_per_s']:.1f} | {ratio} | {r['compile_s']:.1f} | "
-                     f"{r['load_avg_before']:.1f} / {r['load_avg_1min']:.1f} |")
+                     f"{r['images_per_s']:.1f} | {per_round} | {', '.join(f'{x:.2f}x' for x in ratios)} | "
+                     f"{r['compile_s']:.1f} | {r['load_avg_before']:.1f} / {r['load_avg_1min']:.1f} |")
     return "\n".join(lines)
 
 
@@ -180,7 +186,8 @@ def section(rows: List[Dict[str, Any]], args) -> str:
             f"`python scripts/benchmark_multiprocess.py --cases={args.cases} --layouts={args.layouts} "
             f"--warmup={args.warmup} --steps={args.steps} --repeat={args.repeat}`: {bm.describe(case)}; "
             f"{good.get('versions', '')}, {good.get('backend', '?')}, {good.get('cpus', '?')} CPU(s); gloo "
-            f"collectives between processes. Load average: 1-minute value before the layout started / at its end.\n\n"
+            f"collectives between processes. Rounds interleave the layouts; the ratio is taken within each round. Load "
+            f"average: the 1-minute value before the median round's layout started / at its end.\n\n"
             f"{table(rows)}\n")
 
 

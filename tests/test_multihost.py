@@ -218,9 +218,13 @@ def test_mmard_two_processes_match_two_devices_and_resume_after_kill(tmp_path):
     killer.join()
     assert killed_at, first.text
     print(f"kill -9 of process 1: process 0 ended {first.ended_at - killed_at[0]:.1f} s later, status {status}")
-    assert status == distributed.LOST_PROCESS_STATUS, first.text
-    assert re.search(r"\[0\] mmard_jax.train: error: process 0 of 2 lost process\(es\) \[1\] .*Rerun the same "
-                     r"commands to resume", first.text), first.text
+    # Usually the next collective fails at once and a roll call names process 1 (status 75). If process 0 was
+    # waiting at one of orbax's checkpoint barriers (coordination-service barriers, not collectives), only the
+    # heartbeat finds the loss: JAX aborts it (134) with a message naming process 1. Both are bounded.
+    ours = re.search(r"\[0\] mmard_jax.train: error: process 0 of 2 lost process\(es\) \[1\] .*Rerun the same "
+                     r"commands to resume", first.text)
+    jaxs = re.search(r"unhealthy \(stopped sending heartbeats\):\s*(\[0\] )?1\s", first.text)
+    assert (status == distributed.LOST_PROCESS_STATUS and ours) or (status == 134 and jaxs), first.text
     kept, _ = latest_state(workdir)
     assert 3 <= kept < 12 and not (workdir / "summary.json").exists()
 
@@ -289,3 +293,23 @@ def test_sat_and_evaluation_two_processes_match_two_devices(tmp_path):
     for o in obs:
         assert o["unshared"][0] == "UserError" and "is not shared: process(es) [1] cannot see" in o["unshared"][1]
         assert o["model_files"] == ["model"]  # no staging directory left behind
+
+
+# ----------------------------------------------------------------------------- the benchmark's multi-process mode
+
+
+def test_benchmark_multiprocess_mode_dispatches_and_compares_rounds():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import benchmark
+    import benchmark_multiprocess as bmp
+
+    with pytest.raises(SystemExit, match="unknown case 'no_such_case'"):  # benchmark.py hands the mode over
+        benchmark.main(["--multiprocess", "--cases=no_such_case"])
+    assert bmp.parse_layout("2x1") == (2, 1)
+    with pytest.raises(SystemExit, match="not PxD"):
+        bmp.parse_layout("2")
+    rows = [{"layout": "1x2", "step_s": s, "images_per_s": 128 / s} for s in (4.0, 2.0, 3.0)]
+    merged = [bmp.merge_rounds(rows), bmp.merge_rounds([dict(r, layout="2x1", images_per_s=r["images_per_s"] / 2)
+                                                         for r in rows])]
+    assert merged[0]["step_s"] == 3.0 and merged[0]["images_per_s_rounds"] == [32.0, 64.0, 128 / 3]
+    assert bmp.round_ratios(merged) == [[1.0, 1.0, 1.0], [0.5, 0.5, 0.5]]  # within each round, not across
