@@ -199,18 +199,25 @@ def test_mmard_two_processes_match_two_devices_and_resume_after_kill(tmp_path):
     command = [sys.executable, "-m", "mmard_jax.train", f"--config={config_file}", f"--workdir={workdir}",
                "--heartbeat_timeout=30"]
 
-    # Two processes; process 1 is killed (-9) as soon as the first checkpoint exists.
+    # Two processes; process 1 is killed (-9) once the first checkpoint exists and process 0 has logged a step
+    # after it (TensorBoard's file grows), i.e. is past the checkpoint's barriers, back in the training loop.
     first = Launch(command, cache)
     killed_at = []
 
-    def kill_at_first_checkpoint():
+    def tb_size():
+        return sum(p.stat().st_size for p in (workdir / "tb").glob("events.*"))
+
+    def kill_after_first_checkpoint():
+        size = None
         while first.proc.poll() is None and not killed_at:
-            if first.pid(1) and any(p.name.isdigit() for p in (workdir / checkpoints.LATEST).glob("*")):
+            if size is None and first.pid(1) and any(p.name.isdigit() for p in (workdir / checkpoints.LATEST).glob("*")):
+                size = tb_size()
+            if size is not None and tb_size() > size:
                 os.kill(first.pid(1), 9)
                 killed_at.append(time.monotonic())
             time.sleep(0.02)
 
-    killer = threading.Thread(target=kill_at_first_checkpoint, daemon=True)
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     killer.start()
     # Meanwhile, one process with two devices (this process): the reference.
     reference = train.train_and_evaluate(config, tmp_path / "one_process", progress=False)
@@ -218,9 +225,9 @@ def test_mmard_two_processes_match_two_devices_and_resume_after_kill(tmp_path):
     killer.join()
     assert killed_at, first.text
     print(f"kill -9 of process 1: process 0 ended {first.ended_at - killed_at[0]:.1f} s later, status {status}")
-    # Usually the next collective fails at once and a roll call names process 1 (status 75). If process 0 was
-    # waiting at one of orbax's checkpoint barriers (coordination-service barriers, not collectives), only the
-    # heartbeat finds the loss: JAX aborts it (134) with a message naming process 1. Both are bounded.
+    # The next collective fails at once and a roll call names process 1 (status 75). Had process 0 been waiting at
+    # one of orbax's checkpoint barriers (coordination-service barriers, not collectives), only the heartbeat
+    # would find the loss: JAX aborts it (134) with a message naming process 1. Both are bounded.
     ours = re.search(r"\[0\] mmard_jax.train: error: process 0 of 2 lost process\(es\) \[1\] .*Rerun the same "
                      r"commands to resume", first.text)
     jaxs = re.search(r"unhealthy \(stopped sending heartbeats\):\s*(\[0\] )?1\s", first.text)
@@ -258,7 +265,11 @@ def test_sat_and_evaluation_two_processes_match_two_devices(tmp_path):
     out = tmp_path / "two_processes"
     out.mkdir()
     launch = Launch([sys.executable, str(TESTS / "multihost_worker.py"), f"--out={out}"], tmp_path / "xla_cache")
+    # Meanwhile, the same work in this process (two devices).
     reference = train.train_and_evaluate(tiny_config("sat"), tmp_path / "sat_one_process", progress=False)
+    model = store.save_model(tmp_path / "one_process" / "model", store.model_spec(**SPEC), random_variables())
+    ours = evaluate.run_evaluation(model, "digits", list(EVAL_ATTACKS), n_examples=EVAL_N, batch_size=EVAL_BATCH,
+                                   output=str(tmp_path / "report_one_process"), unroll="1", progress=False)
     assert launch.wait() == 0, launch.text
 
     # SAT (the student's BatchNorm in train mode during the attack): the same state and evaluation records.
@@ -267,10 +278,11 @@ def test_sat_and_evaluation_two_processes_match_two_devices(tmp_path):
     obs = [json.loads((out / f"obs_{i}.json").read_text()) for i in (0, 1)]
     assert obs[0]["summary_final"] == obs[1]["summary_final"] == reference["final"]
 
-    # evaluate on a model directory that both processes saved: every example once, the same report.
-    ours = evaluate.run_evaluation(out / "model", "digits", list(EVAL_ATTACKS), n_examples=EVAL_N,
-                                   batch_size=EVAL_BATCH, output=str(tmp_path / "report_one_process"), unroll="1",
-                                   progress=False)
+    # The model directory both processes saved holds the variables; its evaluation covers every example once and
+    # gives the single-process report.
+    for a, b in zip(jax.tree.leaves(store.load_model(out / "model", input_shape=(16, 16, 3))[1]),
+                    jax.tree.leaves(store.load_model(model, input_shape=(16, 16, 3))[1])):
+        np.testing.assert_array_equal(a, b)
     theirs = json.loads((out / "report" / "report.json").read_text())
     masks = dict(np.load(out / "report" / "masks.npz"))
     for name in EVAL_ATTACKS:
@@ -281,7 +293,8 @@ def test_sat_and_evaluation_two_processes_match_two_devices(tmp_path):
         assert theirs[key] == mine[key], key
     assert {k: v for k, v in theirs["setup"].items() if k != "checkpoint"} == \
         {k: v for k, v in mine["setup"].items() if k != "checkpoint"}
-    assert (out / "report" / "report.md").read_text() == (tmp_path / "report_one_process" / "report.md").read_text()
+    assert (out / "report" / "report.md").read_text().replace(str(out), "") == \
+        (tmp_path / "report_one_process" / "report.md").read_text().replace(str(tmp_path / "one_process"), "")
     assert launch.text.count("wrote ") == 1 and "[0] wrote " in launch.text  # the report is written once
     assert our_lines(launch.text, 1) == [], launch.text
 
