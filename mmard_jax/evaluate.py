@@ -61,6 +61,7 @@ def evaluate_model(
 ) -> Dict[str, Any]:
     """Runs the attacks over the split and the trust checks: {'masks', 'accuracy', 'counts', 'seconds',
     'autoattack' (when 'aa' ran), 'gradients', 'flags'}. Library form of the CLI (no files written)."""
+    progress = progress and parallel.is_primary()  # a multi-process run prints once, from process 0
     ev = evaluator.Evaluator(module, images, labels, mesh=mesh, batch_size=batch_size, eps=eps, unroll=unroll,
                              aa_config=aa_config, matmul_precision=matmul_precision, progress=progress)
     variables = parallel.put_replicated(variables, ev.mesh)
@@ -176,15 +177,17 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     check_flags()
     eps = parse_eps(FLAGS.eps)
+    runtime.quiet_logging()  # before joining: jax.distributed logs at INFO level
     distributed.initialize_from_flags()
-    runtime.quiet_logging()
-    runtime.enable_compilation_cache()
-    run_evaluation(
-        FLAGS.checkpoint, FLAGS.dataset, FLAGS.attacks, n_examples=FLAGS.n_examples or -1, batch_size=FLAGS.batch_size,
-        eps=eps, seed=FLAGS.seed, output=FLAGS.output, data_dir=FLAGS.data_dir, source=FLAGS.source,
-        dtype=FLAGS.dtype, unroll=FLAGS.unroll, matmul_precision=None if FLAGS.tf32 else "highest",
-        aa_config=aa_config_from(FLAGS.aa_iters, FLAGS.aa_targets, FLAGS.aa_queries, FLAGS.aa_restarts),
-    )
+    with distributed.exit_on_lost_process(FLAGS.heartbeat_timeout, then="Rerun the same commands."):
+        runtime.enable_compilation_cache()
+        run_evaluation(
+            FLAGS.checkpoint, FLAGS.dataset, FLAGS.attacks, n_examples=FLAGS.n_examples or -1,
+            batch_size=FLAGS.batch_size, eps=eps, seed=FLAGS.seed, output=FLAGS.output, data_dir=FLAGS.data_dir,
+            source=FLAGS.source, dtype=FLAGS.dtype, unroll=FLAGS.unroll,
+            matmul_precision=None if FLAGS.tf32 else "highest",
+            aa_config=aa_config_from(FLAGS.aa_iters, FLAGS.aa_targets, FLAGS.aa_queries, FLAGS.aa_restarts),
+        )
 
 
 def run_evaluation(

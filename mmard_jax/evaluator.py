@@ -148,7 +148,7 @@ class Evaluator:
         self.shapes = batch_shapes(batch_size, self.mesh.devices.size)
         self.images, self.labels = parallel.put_replicated((np.asarray(images), np.asarray(labels, np.int32)), self.mesh)
         self.precision = matmul_precision
-        self.progress = progress
+        self.progress = progress and parallel.is_primary()  # one progress display per run, process 0's
         self.square_chunks = square_chunks
         self._fns: Dict[Tuple[str, str], Callable] = {}
         self._compiled: Dict[Tuple[str, str], set] = {}

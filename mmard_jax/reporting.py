@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from mmard_jax import files
+from mmard_jax import distributed, files
 
 # Column order of the paper's tables.
 PAPER_COLUMNS = ("clean", "fgsm", "pgd_s", "pgd_t", "cw", "aa")
@@ -55,9 +55,14 @@ class MetricSinks:
     def open(self, restored_step: int) -> None:
         """Keeps the metrics of the steps the restored state has done; opens the TensorBoard writer."""
         path = self.workdir / "metrics.jsonl"
-        self.records = [r for r in files.read_jsonl(path) if r["step"] <= restored_step]
+
+        def keep():  # process 0 reads and rewrites the file; every process gets the same records from it
+            records = [r for r in files.read_jsonl(path) if r["step"] <= restored_step]
+            files.write_jsonl_atomic(path, records)
+            return records
+
+        self.records = distributed.on_primary(keep)
         if self.primary:
-            files.write_jsonl_atomic(path, self.records)
             self._writer = SummaryWriter(self.workdir / "tb")
 
     def say(self, text: str) -> None:

@@ -7,6 +7,8 @@ bitwise the same parameters as an uninterrupted one (data order, augmentation an
 functions of (seed, epoch, step), and the whole train state is checkpointed). Outputs in DIR: metrics.jsonl
 (one JSON record per epoch), TensorBoard events (tb/), checkpoints/, model.json (the student's spec),
 config.json, history.jsonl (every start and resume), accuracy.png and summary.md/json at the end.
+Multi-process runs (--coordinator_address/--num_processes/--process_id, or SLURM/Open MPI): see
+`mmard_jax.distributed`; every process trains its share of each global batch, process 0 writes these files.
 """
 
 import dataclasses
@@ -182,12 +184,14 @@ def setup(config, workdir: pathlib.Path, progress: bool, guard) -> Run:
     ev = evaluator.Evaluator(eval_student, test.images, test.labels, mesh=mesh, batch_size=config.eval.batch_size,
                              eps=config.eval.eps, unroll=runtime.resolve_unroll(config.eval.unroll),
                              matmul_precision=config.eval.get("matmul_precision", "highest"), progress=progress)
+    # Every process holds the whole training split on every device and gathers its batches from it (CIFAR: 150 MB).
     images, labels = parallel.put_replicated((train.images, train.labels), mesh)
     if parallel.is_primary():
         files.write_json_atomic(workdir / store.SPEC_FILE, spec)
+    sinks = reporting.MetricSinks(workdir, progress)
     return Run(config, workdir, mesh, method, nets, parallel.put_replicated(frozen, mesh), txs, schedule,
                step_settings(config), images, labels, len(train), train.images.shape[1:], steps_per_epoch, ev,
-               checkpoints.TrainCheckpoints(workdir, config.best_metric), reporting.MetricSinks(workdir, progress),
+               checkpoints.TrainCheckpoints(workdir, config.best_metric, say=sinks.say), sinks,
                guard, distributed.StopAgreement(mesh))
 
 
@@ -311,13 +315,16 @@ def record_start(workdir: pathlib.Path, config, extend_epochs: bool) -> None:
     """Refuses a resume whose settings change what is trained (config_guard); records every start in history.jsonl."""
     new = json.loads(config.to_json_best_effort())
     new["fingerprints"] = teacher_fingerprints(config)
-    # Without a saved state (a start that failed before its first checkpoint) there is nothing to resume.
-    old = config_guard.load_saved_config(workdir) if checkpoints.holds_run(workdir) else None
-    changes = config_guard.check_resume(old, new, allow_extend=extend_epochs, workdir=workdir) if old else []
-    if parallel.is_primary():
+
+    def check_and_record():  # by process 0 only: the workdir's files are shared; the others get its verdict
+        # Without a saved state (a start that failed before its first checkpoint) there is nothing to resume.
+        old = config_guard.load_saved_config(workdir) if checkpoints.holds_run(workdir) else None
+        changes = config_guard.check_resume(old, new, allow_extend=extend_epochs, workdir=workdir) if old else []
         kind = "start" if old is None else ("extend" if any(c.key == "num_epochs" for c in changes) else "resume")
         config_guard.append_history(workdir, config_guard.history_record(changes, kind))
         files.write_json_atomic(workdir / "config.json", new)  # after an allowed resume: cadence/locations/epochs
+
+    distributed.on_primary(check_and_record)
 
 
 def teacher_fingerprints(config) -> Dict[str, str]:
@@ -370,12 +377,13 @@ def define_flags():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    runtime.quiet_logging()  # before joining: jax.distributed logs at INFO level
     distributed.initialize_from_flags()
-    runtime.quiet_logging()
-    runtime.enable_compilation_cache()
-    summary = train_and_evaluate(FLAGS.config, FLAGS.workdir, extend_epochs=FLAGS.extend_epochs)
-    if parallel.is_primary():
-        print(reporting.summary_markdown(summary))
+    with distributed.exit_on_lost_process(FLAGS.heartbeat_timeout):
+        runtime.enable_compilation_cache()
+        summary = train_and_evaluate(FLAGS.config, FLAGS.workdir, extend_epochs=FLAGS.extend_epochs)
+        if parallel.is_primary():
+            print(reporting.summary_markdown(summary))
 
 
 def run():

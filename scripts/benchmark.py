@@ -436,12 +436,20 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="write all rows as JSON here")
     p.add_argument("--title", default="", help="section title (default: the device)")
     p.add_argument("--impls", default="jax,torch", help="which implementations to time (the FLOP count is always made)")
+    p.add_argument("--multiprocess", action="store_true", help="compare process layouts (1x2 vs 2x1, ...) with "
+                   "scripts/benchmark_multiprocess.py; the other arguments are that script's")
     p.add_argument("--worker", choices=("jax", "torch", "flops"), help=argparse.SUPPRESS)
     p.add_argument("--option", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> List[Dict[str, Any]]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--multiprocess" in argv:  # process layouts side by side: scripts/benchmark_multiprocess.py
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import benchmark_multiprocess
+
+        return benchmark_multiprocess.main([a for a in argv if a != "--multiprocess"])
     args = parse_args(argv)
     if args.list:
         for name, case in CASES.items():

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from mmard_jax import files
+from mmard_jax import distributed, files
 from mmard_jax.models.registry import create
 
 FORMAT = "mmard_jax.model/1"
@@ -99,16 +99,19 @@ def local_target(module, input_shape) -> Dict[str, Any]:
 def save_model(directory, spec: Mapping[str, Any], variables: Mapping[str, Any]) -> pathlib.Path:
     """Writes a model directory atomically: staged beside `directory`, renamed into place at the end.
 
-    An existing directory is replaced only once the new one is complete.
+    An existing directory is replaced only once the new one is complete. In a multi-process run every process
+    calls it (orbax's protocol): process 0 picks the staging directory and does the file moves, and nobody
+    returns before the directory is in place.
     """
     directory = pathlib.Path(directory).absolute()
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    stage = pathlib.Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.staging-"))
-    try:
-        variables = {k: variables[k] for k in COLLECTIONS if k in variables}
-        with ocp.StandardCheckpointer() as checkpointer:  # saves asynchronously: wait before renaming
-            checkpointer.save(stage / VARIABLES_DIR, variables)
-            checkpointer.wait_until_finished()
+
+    def make_stage() -> str:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.staging-")
+
+    stage = pathlib.Path(distributed.on_primary(make_stage))  # one path for all processes
+
+    def publish() -> None:
         files.write_json_atomic(stage / SPEC_FILE, dict(spec))
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
@@ -118,8 +121,16 @@ def save_model(directory, spec: Mapping[str, Any], variables: Mapping[str, Any])
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(stage, directory)
+
+    try:
+        variables = {k: variables[k] for k in COLLECTIONS if k in variables}
+        with ocp.StandardCheckpointer() as checkpointer:  # saves asynchronously: wait before renaming
+            checkpointer.save(stage / VARIABLES_DIR, variables)
+            checkpointer.wait_until_finished()
+        distributed.on_primary(publish)
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        if jax.process_index() == 0:
+            shutil.rmtree(stage, ignore_errors=True)
     return directory
 
 

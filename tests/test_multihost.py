@@ -1,0 +1,328 @@
+"""Multi-process runs on jax.distributed, tested with two local CPU processes (scripts/launch_local.sh, one device
+each) against this process with two devices: the same parameters (bitwise: with two summands every all-reduce
+adds the same two numbers, whichever process holds them), the same evaluation records and reports, files
+written once, a kill -9 of one process ending the other with a line naming it, and a rerun resuming bitwise.
+Also: cluster detection as JAX does it, and one-line errors for a bad or unreachable coordinator."""
+
+import json
+import os
+import pathlib
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mmard_jax import checkpoints, cli, distributed, evaluate, train
+from mmard_jax.models import store
+from multihost_worker import EVAL_ATTACKS, EVAL_BATCH, EVAL_N, SPEC, random_variables, tiny_config
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+LAUNCH = REPO / "scripts" / "launch_local.sh"
+TESTS = pathlib.Path(__file__).resolve().parent
+SCHEDULER_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID",
+                  "OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "JAX_COORDINATOR_ADDRESS",
+                  "JAX_COORDINATOR_PORT")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Launch:
+    """scripts/launch_local.sh 2 -- COMMAND, its output collected line by line (with arrival times)."""
+
+    def __init__(self, command, cache: pathlib.Path, n: int = 2):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(TESTS)]), MMARD_XLA_CACHE=str(cache),
+                   PYTHON=sys.executable)
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen([str(LAUNCH), str(n), "--", *command], cwd=REPO, env=env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.lines = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append((time.monotonic() - self.t0, line.rstrip("\n")))
+        self.ended_at = time.monotonic()  # every process (and the launcher) has closed its output
+
+    def pid(self, process: int):
+        for _, line in list(self.lines):
+            found = re.match(rf"launch_local: process {process} of \d+ is pid (\d+)", line)
+            if found:
+                return int(found.group(1))
+        return None
+
+    def wait(self, timeout: float = 400) -> int:
+        self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return self.proc.returncode
+
+    @property
+    def text(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+
+def latest_state(workdir):
+    """(step, state) of a workdir's newest latest-checkpoint, read onto one device whatever layout wrote it."""
+    directory = pathlib.Path(workdir) / checkpoints.LATEST
+    step = max(int(p.name) for p in directory.glob("*") if p.name.isdigit())
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.StandardCheckpointer() as checkpointer:
+        meta = checkpointer.metadata(directory / str(step) / "state")
+        tree = getattr(meta, "item_metadata", meta)
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+        return step, checkpointer.restore(directory / str(step) / "state", target)
+
+
+def assert_same_state(workdir_a, workdir_b):
+    step_a, a = latest_state(workdir_a)
+    step_b, b = latest_state(workdir_b)
+    assert step_a == step_b
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b) > 0
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(x, y)  # measured: bitwise equal (max abs difference 0)
+
+
+def records(workdir):
+    return [json.loads(x) for x in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def eval_records(workdir):
+    return [{k: v for k, v in r.items() if k.startswith("test_") or k in ("epoch", "step")} for r in records(workdir)]
+
+
+def our_lines(text: str, process: int):
+    """The output lines of one process that our code printed (not JAX's, gloo's or the launcher's)."""
+    prefix = f"[{process}] "
+    noise = re.compile(r"\[Gloo\]|mmard_jax: process \d+ of \d+ joins|[IWEF]\d{4} |WARNING")  # JAX's, absl's, gloo's
+    return [line[len(prefix):] for line in text.splitlines()
+            if line.startswith(prefix) and not noise.match(line[len(prefix):])]
+
+
+# ----------------------------------------------------------------------------- joining
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in SCHEDULER_VARS:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_cluster_detection_follows_jax(clean_env):
+    from jax._src import clusters  # the independent reference: JAX's own detection
+
+    srun = {"SLURM_JOB_ID": "4103", "SLURM_STEP_NODELIST": "gpu[017-018]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+            "SLURM_LOCALID": "0"}
+    batch_shell = {k: v for k, v in srun.items() if k != "SLURM_STEP_NODELIST"}  # sbatch's script, not an srun step
+    ompi4 = {"OMPI_MCA_orte_hnp_uri": "3141.0;tcp://10.1.2.3:45678", "OMPI_COMM_WORLD_SIZE": "4",
+             "OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}
+    one_task = dict(srun, SLURM_NTASKS="1", SLURM_PROCID="0")
+    expected = {"srun": ("SLURM", "gpu017:61447", 2, 1), "ompi4": ("Open MPI", "10.1.2.3:61440", 4, 3),
+                "batch_shell": None, "one_task": None, "none": None}
+    for name, env in {"srun": srun, "batch_shell": batch_shell, "ompi4": ompi4, "one_task": one_task,
+                      "none": {}}.items():
+        for k in SCHEDULER_VARS:
+            clean_env.delenv(k, raising=False)
+        for k, v in env.items():
+            clean_env.setenv(k, v)
+        found = distributed.detect_cluster()
+        jax_env = next((c for c in (clusters.OmpiCluster, clusters.SlurmCluster) if c.is_env_present()), None)
+        if expected[name] is None:
+            assert found is None, name
+            continue
+        assert jax_env is not None and (found.name, found.address, found.num_processes, found.process_id) == \
+            expected[name], (name, found)
+        assert found.address == jax_env.get_coordinator_address(None, None)
+        assert (found.num_processes, found.process_id) == (jax_env.get_process_count(), jax_env.get_process_id())
+
+
+def test_open_mpi_5_and_inconsistent_flags_are_one_line_errors(clean_env):
+    clean_env.setenv("OMPI_COMM_WORLD_SIZE", "2")  # Open MPI 5 (PRRTE) sets no OMPI_MCA_orte_hnp_uri
+    with pytest.raises(cli.UserError, match="cannot detect: pass --coordinator_address=HOST:PORT"):
+        distributed.initialize()
+    clean_env.delenv("OMPI_COMM_WORLD_SIZE")
+    with pytest.raises(cli.UserError, match="go together"):
+        distributed.initialize("127.0.0.1:1234", 2)
+    with pytest.raises(cli.UserError, match="--process_id=2 must be in 0 .. 1"):
+        distributed.initialize("127.0.0.1:1234", 2, 2)
+    with pytest.raises(cli.UserError, match="expected HOST:PORT"):
+        distributed.initialize("127.0.0.1", 2, 1)
+    assert distributed.initialize() is False  # no flags, no scheduler: single-process, JAX untouched
+    assert distributed.initialize("127.0.0.1:1234", 1, 0) is False
+    with socket.socket() as busy:  # process 0 hosts the coordination service: its port must be free
+        busy.bind(("", 0))
+        busy.listen()
+        with pytest.raises(cli.UserError, match=f"port {busy.getsockname()[1]} is in use"):
+            distributed.initialize(f"127.0.0.1:{busy.getsockname()[1]}", 2, 0)
+
+
+def test_unreachable_coordinator_fails_in_bounded_time_naming_it(tmp_path):
+    address = f"127.0.0.1:{free_port()}"  # nobody listens there
+    cmd = [sys.executable, "-m", "mmard_jax.evaluate", f"--checkpoint={tmp_path}", f"--coordinator_address={address}",
+           "--num_processes=2", "--process_id=1", "--init_timeout=3"]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                          timeout=120)
+    print(f"unreachable coordinator: exit {proc.returncode} after {time.monotonic() - start:.1f} s")
+    assert proc.returncode == cli.USER_ERROR_STATUS, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and address in errors[0] and "did not answer" in errors[0], proc.stderr
+    assert f"process 1 of 2 joins the run at {address}" in proc.stderr  # said before waiting
+
+
+# ----------------------------------------------------------------------------- training, faults, resuming
+
+
+def test_mmard_two_processes_match_two_devices_and_resume_after_kill(tmp_path):
+    cache = tmp_path / "xla_cache"
+    teacher = store.save_model(tmp_path / "teacher", store.model_spec(**SPEC), random_variables(seed=1))
+    config = tiny_config("mmard", str(teacher))
+    config_file = tmp_path / "config.py"
+    config_file.write_text(f"from multihost_worker import tiny_config\n\n\ndef get_config():\n"
+                           f"    return tiny_config('mmard', {str(teacher)!r})\n")
+    workdir = tmp_path / "two_processes"
+    command = [sys.executable, "-m", "mmard_jax.train", f"--config={config_file}", f"--workdir={workdir}",
+               "--heartbeat_timeout=30"]
+
+    # Two processes; process 1 is killed (-9) once the first checkpoint exists and process 0 has logged a step
+    # after it (TensorBoard's file grows), i.e. is past the checkpoint's barriers, back in the training loop.
+    first = Launch(command, cache)
+    killed_at = []
+
+    def tb_size():
+        return sum(p.stat().st_size for p in (workdir / "tb").glob("events.*"))
+
+    def kill_after_first_checkpoint():
+        size = None
+        while first.proc.poll() is None and not killed_at:
+            if size is None and first.pid(1) and any(p.name.isdigit() for p in (workdir / checkpoints.LATEST).glob("*")):
+                size = tb_size()
+            if size is not None and tb_size() > size:
+                os.kill(first.pid(1), 9)
+                killed_at.append(time.monotonic())
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    # Meanwhile, one process with two devices (this process): the reference.
+    reference = train.train_and_evaluate(config, tmp_path / "one_process", progress=False)
+    status = first.wait()
+    killer.join()
+    assert killed_at, first.text
+    print(f"kill -9 of process 1: process 0 ended {first.ended_at - killed_at[0]:.1f} s later, status {status}")
+    # The next collective fails at once and a roll call names process 1 (status 75). Had process 0 been waiting at
+    # one of orbax's checkpoint barriers (coordination-service barriers, not collectives), only the heartbeat
+    # would find the loss: JAX aborts it (134) with a message naming process 1. Both are bounded.
+    ours = re.search(r"\[0\] mmard_jax.train: error: process 0 of 2 lost process\(es\) \[1\] .*Rerun the same "
+                     r"commands to resume", first.text)
+    jaxs = re.search(r"unhealthy \(stopped sending heartbeats\):\s*(\[0\] )?1\s", first.text)
+    assert (status == distributed.LOST_PROCESS_STATUS and ours) or (status == 134 and jaxs), first.text
+    kept, _ = latest_state(workdir)
+    assert 3 <= kept < 12 and not (workdir / "summary.json").exists()
+
+    # Rerunning the same commands resumes from that checkpoint and finishes.
+    second = Launch(command, cache)
+    assert second.wait() == 0, second.text
+    assert f"[0] resumed from step {kept} ({workdir})" in second.text
+
+    assert_same_state(workdir, tmp_path / "one_process")
+    assert eval_records(workdir) == eval_records(tmp_path / "one_process")
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["final"] == reference["final"] and set(summary["final"]) == {"clean", "pgd_t"}
+
+    # Files a person reads: written once, by process 0.
+    assert [r["epoch"] for r in records(workdir)] == [1, 2]
+    assert [json.loads(x)["kind"] for x in (workdir / "history.jsonl").read_text().splitlines()] == ["start", "resume"]
+    assert len(list((workdir / "tb").glob("events.out.tfevents.*"))) == 2  # one writer per start
+    for name in ("summary.md", "accuracy.png", "config.json", "model.json"):
+        assert (workdir / name).is_file(), name
+    for launch in (first, second):
+        assert our_lines(launch.text, 1) == [], launch.text  # process 1 prints nothing of its own
+    assert [line for line in our_lines(second.text, 0) if line.startswith("epoch 2:")] == [
+        f"epoch 2: clean {reference['last']['clean']:.2%}, pgd_t {reference['last']['pgd_t']:.2%}"]
+    assert second.text.count("| best checkpoint, final attacks |") == 1
+
+
+# ----------------------------------------------------------------------------- a second method, evaluation, helpers
+
+
+def test_sat_and_evaluation_two_processes_match_two_devices(tmp_path):
+    out = tmp_path / "two_processes"
+    out.mkdir()
+    launch = Launch([sys.executable, str(TESTS / "multihost_worker.py"), f"--out={out}"], tmp_path / "xla_cache")
+    # Meanwhile, the same work in this process (two devices).
+    reference = train.train_and_evaluate(tiny_config("sat"), tmp_path / "sat_one_process", progress=False)
+    model = store.save_model(tmp_path / "one_process" / "model", store.model_spec(**SPEC), random_variables())
+    ours = evaluate.run_evaluation(model, "digits", list(EVAL_ATTACKS), n_examples=EVAL_N, batch_size=EVAL_BATCH,
+                                   output=str(tmp_path / "report_one_process"), unroll="1", progress=False)
+    assert launch.wait() == 0, launch.text
+
+    # SAT (the student's BatchNorm in train mode during the attack): the same state and evaluation records.
+    assert_same_state(out / "sat", tmp_path / "sat_one_process")
+    assert eval_records(out / "sat") == eval_records(tmp_path / "sat_one_process")
+    obs = [json.loads((out / f"obs_{i}.json").read_text()) for i in (0, 1)]
+    assert obs[0]["summary_final"] == obs[1]["summary_final"] == reference["final"]
+
+    # The model directory both processes saved holds the variables; its evaluation covers every example once and
+    # gives the single-process report.
+    for a, b in zip(jax.tree.leaves(store.load_model(out / "model", input_shape=(16, 16, 3))[1]),
+                    jax.tree.leaves(store.load_model(model, input_shape=(16, 16, 3))[1])):
+        np.testing.assert_array_equal(a, b)
+    theirs = json.loads((out / "report" / "report.json").read_text())
+    masks = dict(np.load(out / "report" / "masks.npz"))
+    for name in EVAL_ATTACKS:
+        assert masks[name].shape == (EVAL_N,)
+        np.testing.assert_array_equal(masks[name], ours["masks"][name])
+    mine = json.loads((tmp_path / "report_one_process" / "report.json").read_text())
+    for key in ("accuracy", "counts", "gradients", "flags"):
+        assert theirs[key] == mine[key], key
+    assert {k: v for k, v in theirs["setup"].items() if k != "checkpoint"} == \
+        {k: v for k, v in mine["setup"].items() if k != "checkpoint"}
+    assert (out / "report" / "report.md").read_text().replace(str(out), "") == \
+        (tmp_path / "report_one_process" / "report.md").read_text().replace(str(tmp_path / "one_process"), "")
+    assert launch.text.count("wrote ") == 1 and "[0] wrote " in launch.text  # the report is written once
+    assert our_lines(launch.text, 1) == [], launch.text
+
+    # The agreement helpers.
+    assert obs[0]["broadcast"] == obs[1]["broadcast"] == {"from": 0, "values": [0, 1.5]}
+    assert obs[0]["on_primary_error"][0] == "ZeroDivisionError"
+    assert obs[1]["on_primary_error"] == ["UserError", "process 0 stopped: ZeroDivisionError: integer division or "
+                                          "modulo by zero"]
+    for o in obs:
+        assert o["unshared"][0] == "UserError" and "is not shared: process(es) [1] cannot see" in o["unshared"][1]
+        assert o["model_files"] == ["model"]  # no staging directory left behind
+
+
+# ----------------------------------------------------------------------------- the benchmark's multi-process mode
+
+
+def test_benchmark_multiprocess_mode_dispatches_and_compares_rounds():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import benchmark
+    import benchmark_multiprocess as bmp
+
+    with pytest.raises(SystemExit, match="unknown case 'no_such_case'"):  # benchmark.py hands the mode over
+        benchmark.main(["--multiprocess", "--cases=no_such_case"])
+    assert bmp.parse_layout("2x1") == (2, 1)
+    with pytest.raises(SystemExit, match="not PxD"):
+        bmp.parse_layout("2")
+    rows = [{"layout": "1x2", "step_s": s, "images_per_s": 128 / s} for s in (4.0, 2.0, 3.0)]
+    merged = [bmp.merge_rounds(rows), bmp.merge_rounds([dict(r, layout="2x1", images_per_s=r["images_per_s"] / 2)
+                                                         for r in rows])]
+    assert merged[0]["step_s"] == 3.0 and merged[0]["images_per_s_rounds"] == [32.0, 64.0, 128 / 3]
+    assert bmp.round_ratios(merged) == [[1.0, 1.0, 1.0], [0.5, 0.5, 0.5]]  # within each round, not across
