@@ -18,7 +18,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import load_robustbench_arch, torch_mobilenet_v2
 from mmard_jax import models
-from mmard_jax.models import dm_preact_resnet, dm_wide_resnet, layers, naming
+from mmard_jax.interop import naming
+from mmard_jax.models import dm_preact_resnet, dm_wide_resnet, layers
 from mmard_jax.interop.testing import randomize_batch_norm
 
 torch.backends.cudnn.allow_tf32 = False
