@@ -8,6 +8,7 @@ BatchNorm momentum 0.1 (Flax 0.9), epsilon 1e-5; explicit symmetric padding (PyT
 
 import functools
 import math
+import os
 from typing import Any, Callable, Optional, Tuple
 
 import jax
@@ -138,6 +139,24 @@ class DepthwiseConv(nn.Module):
 
 
 NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
+CONV_GRAD_ENV = "MMARD_JAX_CONV_GRAD"
+CONV_GRAD_MODES = ("auto", "custom", "lax")
+
+
+def conv_grad_mode(backend: Optional[str] = None) -> str:
+    """How `nn.Conv`'s plain 2-D convolutions are differentiated: 'custom' (`conv2d`'s hand-written input
+    gradient, measured faster on XLA:CPU only) or 'lax' (the library convolution and JAX's own transpose rule).
+
+    Read at trace time from $MMARD_JAX_CONV_GRAD: 'auto' (default) is 'custom' on the CPU backend and 'lax' on
+    every other (`backend`, default `jax.default_backend()`); 'custom' or 'lax' force one, so that a GPU run can
+    time both. A program traced under one setting keeps it: set the variable before the first trace.
+    """
+    setting = os.environ.get(CONV_GRAD_ENV, "auto").strip().lower() or "auto"
+    if setting not in CONV_GRAD_MODES:
+        raise ValueError(f"${CONV_GRAD_ENV} must be one of {', '.join(CONV_GRAD_MODES)}, got {setting!r}")
+    if setting != "auto":
+        return setting
+    return "custom" if (backend or jax.default_backend()) == "cpu" else "lax"
 
 
 def _transpose_padding(n: int, k: int, stride: int, pad: Tuple[int, int]) -> Tuple[int, int]:
@@ -179,9 +198,11 @@ conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
     """`lax.conv_general_dilated` for `nn.Conv`: plain 2-D NHWC/HWIO convolutions go through `conv2d`
-    (fast input gradient), anything else (dilation, groups, other layouts) to lax unchanged."""
+    (fast input gradient on XLA:CPU) where `conv_grad_mode()` is 'custom', anything else (dilation, groups,
+    other layouts, or mode 'lax') to lax unchanged."""
     simple = (
-        lhs.ndim == 4 and feature_group_count == 1 and not kwargs
+        conv_grad_mode() == "custom"
+        and lhs.ndim == 4 and feature_group_count == 1 and not kwargs
         and all(d == 1 for d in (lhs_dilation or (1, 1))) and all(d == 1 for d in (rhs_dilation or (1, 1)))
         and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC_HWIO)
     )

@@ -1,0 +1,130 @@
+"""GPU readiness without a GPU: the conv2d gradient switch, and scripts/gpu_check.sh's dry mode (so it cannot rot)."""
+
+import json
+import os
+import pathlib
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from mmard_jax.models import layers
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _conv_fn():
+    """A fresh jitted (values, input gradient, kernel gradient) of three `nn.Conv`s of the zoo (stride 1 and 2,
+    torch padding, a 1x1), traced at its first call: the switch is read at trace time."""
+    conv = layers.conv_factory(jnp.float32)
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = conv(8, (3, 3), padding=layers.PAD_SAME_TORCH)(x)
+            x = conv(8, (3, 3), strides=(2, 2), padding=layers.PAD_SAME_TORCH)(jnp.tanh(x))
+            return conv(4, (1, 1))(x)
+
+    net = Net()
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
+    variables = net.init(jax.random.key(1), x)
+
+    def loss(v, z):
+        return jnp.sum(jnp.sin(net.apply(v, z)))
+
+    def run(v, z):
+        return net.apply(v, z), jax.grad(loss, argnums=(0, 1))(v, z)
+
+    return jax.jit(run), variables, x
+
+
+def _uses_custom_vjp(monkeypatch, mode, backend=None):
+    """Whether `nn.Conv` traces through conv2d's custom VJP under $MMARD_JAX_CONV_GRAD=mode (and a faked backend)."""
+    monkeypatch.setenv(layers.CONV_GRAD_ENV, mode)
+    if backend:
+        monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    conv = layers.conv_factory(jnp.float32)(4, (3, 3), padding=layers.PAD_SAME_TORCH)
+    x = jnp.ones((1, 5, 5, 2))
+    v = jax.eval_shape(lambda: conv.init(jax.random.key(0), x))
+    return "custom_vjp" in str(jax.make_jaxpr(lambda v, z: conv.apply(v, z))(v, x))
+
+
+def test_conv_grad_switch_values_and_gradients_equal(monkeypatch):
+    """On the CPU the hand-written input gradient and the library's give the same values and gradients."""
+    out = {}
+    for mode in ("custom", "lax"):
+        monkeypatch.setenv(layers.CONV_GRAD_ENV, mode)
+        fn, variables, x = _conv_fn()
+        out[mode] = jax.device_get(fn(variables, x))
+    flat_custom, flat_lax = jax.tree.leaves(out["custom"]), jax.tree.leaves(out["lax"])
+    assert len(flat_custom) == len(flat_lax) == 1 + 3 + 1  # values, three kernels, the input gradient
+    for a, b in zip(flat_custom, flat_lax):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_conv_grad_auto_is_custom_on_cpu_only(monkeypatch):
+    """'auto' (the default) resolves per backend; a faked non-CPU backend traces the library convolution."""
+    monkeypatch.delenv(layers.CONV_GRAD_ENV, raising=False)
+    assert layers.conv_grad_mode("cpu") == "custom"
+    assert layers.conv_grad_mode("gpu") == "lax" and layers.conv_grad_mode("tpu") == "lax"
+    assert _uses_custom_vjp(monkeypatch, "auto")  # this test runs on the CPU
+    assert not _uses_custom_vjp(monkeypatch, "auto", backend="gpu")
+    assert _uses_custom_vjp(monkeypatch, "custom", backend="gpu")  # the explicit switch wins
+    assert not _uses_custom_vjp(monkeypatch, "lax")
+
+
+def test_conv_grad_rejects_unknown_mode(monkeypatch):
+    monkeypatch.setenv(layers.CONV_GRAD_ENV, "fast")
+    with pytest.raises(ValueError, match="MMARD_JAX_CONV_GRAD must be one of auto, custom, lax"):
+        layers.conv_grad_mode()
+
+
+def test_gpu_check_dry_run_writes_every_part(tmp_path):
+    """`scripts/gpu_check.sh --dry` runs parts (a)-(c) with tiny cases on the CPU and summarizes all of them; part
+    (d) (AutoAttack: four attacks to compile, over a minute here) is skipped in the dry mode, and the summary says
+    so. The dry parts are smaller than the GPU ones (benchmark: the tiny case, PyTorch eager only; settings: one
+    row), so the test stays near a minute; the GPU cases' names and forms are checked by `--list` below.
+
+    Two simulated CPU devices: the smoke test's shard_map then runs on two devices against one."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "OMP_NUM_THREADS": "1",
+           "GPU_CHECK_WORK": str(work), "PYTHON": os.environ.get("PYTHON", "python")}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry", str(out)], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["logs.txt", "results.json", "summary.md"]
+    parts = json.loads((out / "results.json").read_text())["parts"]
+    assert [parts[k]["status"] for k in ("a_smoke", "b_bench", "c_settings")] == ["ok"] * 3, \
+        {k: v["status"] for k, v in parts.items()}
+    assert parts["d_autoattack"]["status"] == "skipped (cap 0)"
+    smoke = parts["a_smoke"]["output"]
+    assert smoke["ok"] and len(smoke["ours"]["devices"]) == 2 and len(smoke["cpu"]["devices"]) == 1
+    bench = parts["b_bench"]["output"]
+    assert [(r["case"], r["impl"], r["form"].split(",")[0]) for r in bench] == [("tiny", "jax", "float32"),
+                                                                               ("tiny", "torch", "eager")]
+    assert bench[1]["comparable"] is True, bench  # same weights, draws and batches as the JAX row
+    settings = parts["c_settings"]["output"]
+    assert [r["form"].split(", XLA_FLAGS")[0] for r in settings] == ["float32, unroll=1, conv_grad=lax"]
+    summary = (out / "summary.md").read_text()
+    assert "(e) peak memory per case" in summary and "| tiny | torch eager |" in summary
+    assert "| d_autoattack | skipped (cap 0) |" in summary
+
+
+def test_gpu_check_cases_exist():
+    """The cases and forms gpu_check.sh asks scripts/benchmark.py for on the GPU are ones it has."""
+    text = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    listed = subprocess.run(["python", str(ROOT / "scripts" / "benchmark.py"), "--list"], capture_output=True,
+                            text=True, timeout=60, cwd=ROOT).stdout
+    names = {line.split(":")[0] for line in listed.splitlines() if line and not line.startswith("group")}
+    gpu = text[text.index("else\n  CAP_A"):text.index("\nfi\n")]
+    wanted = set()
+    for line in gpu.splitlines():
+        for key in ("BENCH_CASES=", "LOOP_CASE="):
+            for token in line.split():
+                if token.startswith(key):
+                    wanted |= {n for n in token[len(key):].rstrip(";").replace("$BENCH_CASES,", "").split(",") if n}
+    assert wanted and wanted <= names, wanted - names
+    assert "mmard_rn18_wrn34_10_f32" in wanted and "mmard_mnv2_wrn34_10" in wanted and "rslad_rn18_wrn34_10" in wanted
