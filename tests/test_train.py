@@ -7,7 +7,6 @@ import pathlib
 import re
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -81,50 +80,20 @@ def latest_state(workdir):
         return step, checkpointer.restore(latest / str(step) / "state")
 
 
-def test_cli_outputs_and_kill_resume_is_bitwise(setup):
+def test_cli_outputs(setup):
+    """The CLI's files a person reads, its saved state and a loadable best student. A SIGKILL at any moment and the
+    bitwise-equal resume are tested in tests/test_reliability.py (scripts/fault_injection.py)."""
     root, _, config = setup
-    cache = root / "xla_cache"
-    whole, broken = root / "uninterrupted", root / "interrupted"
-
-    proc = cli(config, whole, cache)
+    whole = root / "uninterrupted"
+    proc = cli(config, whole, root / "xla_cache")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
-
-    # Kill the second run (SIGKILL, no chance to clean up) as soon as its first checkpoint exists.
-    proc = cli(config, broken, cache)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        steps = [p for p in (broken / checkpoints.LATEST).glob("*") if p.name.isdigit()]
-        if steps:
-            proc.kill()
-            break
-        time.sleep(0.02)
-    proc.communicate(timeout=60)
-    assert proc.returncode != 0, "the run finished before it could be interrupted"
-    assert not (broken / "summary.md").exists()
-    killed_at, _ = latest_state(broken)
-    assert 3 <= killed_at < 16
-
-    proc = cli(config, broken, cache)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
-    assert f"resumed from step {killed_at}" in out
-
-    step_a, state_a = latest_state(whole)
-    step_b, state_b = latest_state(broken)
-    assert step_a == step_b == 16
+    step, state = latest_state(whole)
+    assert step == 16
     # The teacher is an input of the step, never part of the saved state.
-    assert set(state_a) == {"step", "nets", "method_state", "bad_step"} and set(state_a["nets"]) == {"student"}
-    leaves_a, leaves_b = jax.tree.leaves(state_a), jax.tree.leaves(state_b)
-    assert len(leaves_a) == len(leaves_b)
-    for a, b in zip(leaves_a, leaves_b):
-        np.testing.assert_array_equal(a, b)
-
-    records_a = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
-    records_b = [json.loads(x) for x in (broken / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records_b] == [1, 2]
-    for ra, rb in zip(records_a, records_b):
-        assert {k: v for k, v in ra.items() if k.startswith("test_")} == {k: v for k, v in rb.items() if k.startswith("test_")}
+    assert set(state) == {"step", "nets", "method_state", "bad_step"} and set(state["nets"]) == {"student"}
+    records = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
 
     # Files a person reads.
     for name in ("summary.md", "summary.json", "accuracy.png", "model.json", "config.json"):

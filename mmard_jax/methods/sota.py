@@ -88,9 +88,10 @@ ROWS = {
                                  "warmup_epochs": 60, "alpha": 1.0, "kl_class_mean": False},
                         source="boyellow/AdaAD main.py (--method AdaAD_with_IAD1)"),
     # IGDM on AdaAD, the published CIFAR-10 script (HongsinLee/saad igdm.py): its AdaAD term is batchmean
-    # (igdm.py:57, as ICLR_IGDM adaad_IGDM_cifar100.py:142-143), not AdaAD's mean over B*C.
+    # (igdm.py:57, as ICLR_IGDM adaad_IGDM_cifar100.py:142-143), not AdaAD's mean over B*C; its train-mode
+    # forwards are S(x + d) and S(x - d) only (igdm.py:55-56), not AdaAD's S(x) first.
     "igdm": MethodRow("kl_teacher_adv", "adaad", "gaussian", "eval", plugins=("igdm",),
-                      hparams={"kl_class_mean": False},
+                      hparams={"kl_class_mean": False}, order=order_of("s_adv", "s_mir"),
                       source="HongsinLee/saad igdm.py; ICLR_IGDM adaad_IGDM_cifar100.py"),
     # The student attacked against the peer's clean logits, student in eval mode (attack_function.py:59-84),
     # start x + 0.001 N(0, 1) (attack_function.py:71-72).
