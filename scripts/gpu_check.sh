@@ -45,7 +45,7 @@ if [ "$DRY" = 1 ]; then
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
   CAP_A=${GPU_CHECK_CAP_A:-150}; CAP_B=${GPU_CHECK_CAP_B:-150}; CAP_C=${GPU_CHECK_CAP_C:-100}
   CAP_D=${GPU_CHECK_CAP_D:-0}  # 0: skipped (the dry AutoAttack compiles four attacks: too slow for a test)
-  BENCH_CASES=tiny,tiny_peeraid; BENCH_FORMS=eager; LOOP_CASE=tiny; LOOP_UNROLL=1; LOOP_CONV=lax; BENCH_UNROLL=1
+  BENCH_CASES=tiny; BENCH_FORMS=eager; LOOP_CASE=tiny; LOOP_UNROLL=1; LOOP_CONV=lax; BENCH_UNROLL=1
   AA_ARGS="--n_examples=16 --batch_size=16 --n_iter=2 --targets=1 --queries=5"
   STEPS="--warmup=1 --steps=1"
 else

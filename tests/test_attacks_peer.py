@@ -1,4 +1,4 @@
-"""Our attacks against torchattacks 3.5.1 on the same weights (DESIGN §4: the JAX AutoAttack needs a peer).
+"""Our attacks against torchattacks 3.5.1 on the same weights (docs/design.md, "Evaluation": the JAX AutoAttack needs a peer).
 
 Model: a small MLP trained adversarially (PGD, eps 32/255) on the digits set, so robust accuracy is far from
 0 and from clean accuracy; its weights are copied into a PyTorch twin with the naming helpers. Data: the

@@ -217,3 +217,20 @@ def test_evaluator_counts_every_example_once_in_any_order():
     np.testing.assert_array_equal(ev.correct(variables, "clean"), want)
     order = np.random.default_rng(0).permutation(len(labels))[:77]
     np.testing.assert_array_equal(ev.map_points("white_box", "clean", variables, order), want[order])
+
+
+def test_cascade_progress_shows_points_still_robust_and_runs_left(capsys):
+    """Each component's bar names the examples still robust and the runs left, and every run sees only those."""
+    seen = []
+
+    def run_points(name, run, indices, report):
+        seen.append((name, run, indices.tolist()))
+        report(1, "chunk 1")
+        return np.arange(indices.size) == 0  # each run fools the first example still robust
+
+    clean = np.array([True, True, False, True, True, True])
+    result = autoattack.cascade(run_points, clean, num_classes=10, components=("apgd_t",))
+    assert [s[2] for s in seen[:3]] == [[0, 1, 3, 4, 5], [1, 3, 4, 5], [3, 4, 5]] and len(seen) == 5
+    assert result.robust.tolist() == [False] * 6 and result.fooled_by.tolist() == [1, 1, -2, 1, 1, 1]
+    err = capsys.readouterr().err
+    assert "aa APGD-T" in err and "robust=5/6" in err and "runs_left=9" in err and "robust=2/6" in err

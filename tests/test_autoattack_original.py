@@ -1,5 +1,5 @@
 """Our AutoAttack against the original (Croce & Hein's code, PyPI `pyautoattack` 0.2.0) on the same weights
-of a small convolutional network (DESIGN §4: the JAX AutoAttack needs a peer; test_attacks_peer.py checks
+of a small convolutional network (docs/design.md, "Evaluation": the JAX AutoAttack needs a peer; test_attacks_peer.py checks
 it against torchattacks on an MLP).
 
 Model: two 3x3 convolutions with BatchNorm (eval mode) and ReLU, then a linear layer, trained adversarially

@@ -3,6 +3,7 @@
 
 import dataclasses
 import itertools
+import pathlib
 
 import chex
 import jax
@@ -432,3 +433,29 @@ def test_loss_does_not_depend_on_how_the_batch_is_split(lg, name, hp):
     one, _, state_one = run_outer(m, arrays, y, phase)
     np.testing.assert_allclose(two, one, rtol=2e-5)
     chex.assert_trees_all_close(state_two, state_one, rtol=2e-5)
+
+
+def test_readme_adding_a_method_example_runs():
+    """The README's "Adding a method" snippet registers a method that get_method resolves and whose loss is the
+    formula it writes (alpha KL(S(x'), T(x')) + (1 - alpha) KL(S(x), T(x)), batch-mean KL)."""
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Adding a method"):]
+    code = section[section.index("```python") + len("```python"):section.index("```", section.index("```python") + 9)]
+    namespace = {}
+    try:
+        exec(compile(code, "README.md", "exec"), namespace)
+        method = namespace["method"]
+        assert method.networks() == {"student", "teacher"} and method.train_order("main") == ("s_adv", "s_nat")
+        rng = np.random.default_rng(0)
+        s_adv, t_adv, s_nat, t_nat = (rng.normal(size=(4, 10)).astype(np.float32) for _ in range(4))
+        loss, _, _ = method.loss(methods.Logits(s_adv=s_adv, t_adv=t_adv, s_nat=s_nat, t_nat=t_nat), np.zeros(4, int),
+                                 method.init_state(), methods.StepInfo(epoch=jnp.asarray(0), lr_scale=jnp.asarray(1.0)))
+
+        def np_kl(s, t):  # per-example KL(T || S) of softmaxes, batch mean
+            ls, lt = s - np.log(np.exp(s).sum(1, keepdims=True)), t - np.log(np.exp(t).sum(1, keepdims=True))
+            return np.mean(np.sum(np.exp(lt) * (lt - ls), 1))
+
+        np.testing.assert_allclose(loss, 0.8 * np_kl(s_adv, t_adv) + 0.2 * np_kl(s_nat, t_nat), rtol=1e-5)
+    finally:
+        methods.OUTER.pop("mine", None)
+        methods.ROWS.pop("mine", None)

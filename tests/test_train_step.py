@@ -130,7 +130,7 @@ EXPECTED_FORWARDS = {
     "mmard": (3, 0, (2, 1), None),  # T(x), T(x') inside the PGD loop, T(x') for the outer loss
     "adaad": (2, 0, (2, 1), None),  # S(x) runs for its BatchNorm statistics (main.py:333), unused at alpha = 1
     "adaiad": (2, 0, (4, 1), None),  # S(x), S(x'), S(x), S(x) (main.py:359-378)
-    "igdm": (3, 0, (3, 1), None),  # AdaAD's + T(x - d) and S(x - d)
+    "igdm": (3, 0, (2, 1), None),  # S(x + d), S(x - d) only (saad igdm.py:55-56); T(x - d) beside AdaAD's
     "peeraid": (0, 0, (3, 1), (1, 1)),  # P(x) for the attack; P(x'), S(x') twice, S(x) (main.py:346-387)
 }
 
