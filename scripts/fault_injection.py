@@ -41,7 +41,7 @@ CHECKPOINT_DIRS = ("checkpoints/latest", "checkpoints/best")
 # tqdm's bar: "epoch 1/2:  38%|███▊      | 3/8 [00:06<00:30, ...]"
 PROGRESS = re.compile(rb"epoch (\d+)/\d+: +\d+%\|[^|]*\| *(\d+)/(\d+)")
 
-TINY_CONFIG = '''"""The fault-injection run (scripts/fault_injection.py): the tiny config of tests/test_train.py."""
+TINY_CONFIG = '''"""The tiny run of scripts/fault_injection.py, tests/test_train.py and tests/test_reliability.py."""
 from mmard_jax import config_lib
 
 

@@ -62,6 +62,17 @@ def load_robustbench_arch(module: str):
     return mod
 
 
+def load_script(name: str):
+    """scripts/<name>.py as a module (scripts/ is not a package), loaded once per session."""
+    key = f"_script_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, TESTS_DIR.parent / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
 @functools.cache
 def torch_mobilenet_v2():
     """The kuangliu-layout PyTorch MobileNetV2 of tests/torch_refs (not a package), loaded once."""

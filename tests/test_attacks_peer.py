@@ -69,6 +69,17 @@ def digits_8x8(split: str):
     return np.ascontiguousarray(ds.images[:, ::2, ::2, :]), ds.labels
 
 
+def run_epochs(step, variables, opt, xs, labels, epochs: int, batch: int, seed: int, key):
+    """The adversarial-training loop of the tests' robust models: `step` over seeded permutations, full batches."""
+    for epoch in range(epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(len(labels))
+        for i in range(len(labels) // batch):
+            b = order[i * batch:(i + 1) * batch]
+            key, k = jax.random.split(key)
+            variables, opt = step(variables, opt, xs[b], labels[b], k)
+    return variables
+
+
 @functools.cache
 def robust_mlp(epochs: int = 12, batch: int = 64, seed: int = 0):
     """(module, variables): TinyMLP trained with PGD-5 adversarial training (Madry) at EPS on digits 8x8."""
@@ -90,14 +101,7 @@ def robust_mlp(epochs: int = 12, batch: int = 64, seed: int = 0):
         updates, opt = tx.update(grads, opt, variables)
         return optax.apply_updates(variables, updates), opt
 
-    key = jax.random.key(seed + 1, impl="rbg")
-    for epoch in range(epochs):
-        order = np.random.default_rng([seed, epoch]).permutation(len(labels))
-        for i in range(len(labels) // batch):
-            b = order[i * batch:(i + 1) * batch]
-            key, k = jax.random.split(key)
-            variables, opt = step(variables, opt, xs[b], labels[b], k)
-    return module, variables
+    return module, run_epochs(step, variables, opt, xs, labels, epochs, batch, seed, jax.random.key(seed + 1, impl="rbg"))
 
 
 def torch_twin(module, variables) -> torch.nn.Module:

@@ -43,6 +43,7 @@ from mmard_jax import data, evaluator, losses
 from mmard_jax.attacks import autoattack, engine, square
 from mmard_jax.models import layers
 from mmard_jax.interop.testing import copy_into_torch
+from test_attacks_peer import digits_8x8, run_epochs
 
 pyautoattack = import_peer("pyautoattack")
 
@@ -92,12 +93,6 @@ class TorchCNN(torch.nn.Module):
         return self.fc(torch.relu(self.bn2(self.conv2(x))).flatten(1))
 
 
-def digits_8x8(split: str):
-    """(uint8 [N, 8, 8, 3], int32 [N]): the digits split at its native resolution."""
-    ds = data.load_dataset("digits", split)
-    return np.ascontiguousarray(ds.images[:, ::2, ::2, :]), ds.labels
-
-
 @functools.cache
 def robust_cnn(epochs: int = 8, batch: int = 64, seed: int = 0):
     """(module, variables): TinyCNN after PGD-5 adversarial training (Madry) at EPS, attacks in eval mode."""
@@ -121,14 +116,7 @@ def robust_cnn(epochs: int = 8, batch: int = 64, seed: int = 0):
         updates, opt = tx.update(grads, opt, variables["params"])
         return {"params": optax.apply_updates(variables["params"], updates), **new}, opt
 
-    key = jax.random.key(seed + 1)
-    for epoch in range(epochs):
-        order = np.random.default_rng([seed, epoch]).permutation(len(labels))
-        for i in range(len(labels) // batch):
-            b = order[i * batch:(i + 1) * batch]
-            key, k = jax.random.split(key)
-            variables, opt = step(variables, opt, xs[b], labels[b], k)
-    return module, variables
+    return module, run_epochs(step, variables, opt, xs, labels, epochs, batch, seed, jax.random.key(seed + 1))
 
 
 @functools.cache

@@ -4,9 +4,7 @@ No timing assertions: performance numbers come from `scripts/benchmark.py` runs 
 """
 
 import functools
-import importlib.util
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import load_script
 from mmard_jax import methods, models, parallel, train_step
 from mmard_jax.data.augment import crop_and_flip, to_float
 from mmard_jax.interop import naming
@@ -21,15 +20,6 @@ from mmard_jax.interop.testing import copy_into_torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 IMG = (8, 8, 3)
-
-
-def load_script(name):
-    """scripts/<name>.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ moments (the fault-injection script, two trials).
 Every subprocess shares one XLA compilation cache, and one uninterrupted reference run serves every comparison.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -26,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import load_script
 from mmard_jax import checkpoints, config_guard, train
 from mmard_jax.models import store
 
@@ -34,14 +34,7 @@ TIMEOUT = 600  # seconds a trainer subprocess may take (a hang fails the test in
 STEPS_PER_EPOCH = 8
 
 
-def _load_fault_injection():
-    spec = importlib.util.spec_from_file_location("fault_injection", REPO / "scripts" / "fault_injection.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fault = _load_fault_injection()
+fault = load_script("fault_injection")
 
 # Runs the trainer with orbax's final rename of each checkpoint item held back for 60 s while $SLOW_SAVE exists
 # (writing SLOW_SAVE.saving first): a save that is surely in progress when the second signal comes.

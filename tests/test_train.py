@@ -1,4 +1,4 @@
-"""The trainer end to end: CLI outputs, kill-and-resume giving bitwise the same parameters, a NaN stop
+"""The trainer end to end: CLI outputs, a NaN stop
 that keeps the last good checkpoint, and clear errors for a missing teacher."""
 
 import json
@@ -14,56 +14,26 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import load_script
 from mmard_jax import checkpoints, models, train
 from mmard_jax.cli import UserError
 from mmard_jax.models import store
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-
-CONFIG_FILE = '''
-from mmard_jax import config_lib
-
-
-def get_config(arg=None):
-    c = config_lib.base_config("mmard", "wide_resnet", "digits")
-    c.student.kwargs = {"depth": 10, "width": 1}
-    c.teacher.checkpoint = TEACHER
-    c.dataset.n_train = 256
-    c.dataset.flip = False
-    c.batch_size = 32
-    c.num_epochs = 2
-    c.attack.steps = 2
-    c.eval.n_examples = 64
-    c.eval.batch_size = 32
-    c.eval.attacks = ("clean", "pgd_t")
-    c.eval.final_attacks = ("clean", "fgsm", "pgd_t")
-    c.attack.unroll = c.eval.unroll = "1"  # tests are compile-bound: rolled loops compile fastest
-    c.checkpoint_every_steps = 3
-    c.log_every_steps = 2
-    return c
-'''
-
-
-def save_random_teacher(directory, seed=0):
-    spec = store.model_spec("wide_resnet", 10, {"depth": 10, "width": 1})
-    module = store.build_module(spec)
-    variables = jax.jit(lambda k: module.init(k, jnp.zeros((1, 16, 16, 3)), train=False))(jax.random.key(seed, impl="rbg"))
-    return store.save_model(directory, spec, variables)
+fault = load_script("fault_injection")  # its tiny run (WRN-10-1 on digits, 2 epochs) is this file's too
 
 
 def tiny_config(teacher):
     namespace = {}
-    exec(CONFIG_FILE.replace("TEACHER", repr(str(teacher))), namespace)
+    exec(fault.TINY_CONFIG.replace("TEACHER", repr(str(teacher))), namespace)
     return namespace["get_config"]()
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    teacher = save_random_teacher(root / "teacher")
-    config = root / "tiny_config.py"
-    config.write_text(CONFIG_FILE.replace("TEACHER", repr(str(teacher))))
-    return root, teacher, config
+    config = fault.prepare(root)
+    return root, root / "teacher", config
 
 
 def cli(config, workdir, cache, *extra):
