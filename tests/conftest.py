@@ -82,17 +82,6 @@ def torch_mobilenet_v2():
     return module
 
 
-# The longest test files first: `--dist loadfile` hands files to the two workers in collection order, so the long
-# ones start early and the short ones fill the gaps (longest-first packing; the suite's wall time, not its work).
-LONGEST_FIRST = ("test_reliability", "test_multihost", "test_gpu_check", "test_benchmark", "test_configs",
-                 "test_autoattack_original", "test_train_step", "test_autoattack", "test_attacks_peer", "test_train")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.module.__name__.rpartition(".")[2], len(rank)))
-
-
 @pytest.fixture
 def rb_arch():
     """Fixture form of `load_robustbench_arch`."""

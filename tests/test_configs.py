@@ -120,6 +120,12 @@ def test_sota_runs_follow_their_published_recipes():
 _TRACED = {}
 
 
+def traced_kwargs(arch, kwargs):
+    """The architecture's kwargs for abstract tracing: MobileNetV2's depthwise convolution as the library op (the
+    CPU default, 9 shifted slices, traces 3x the ops; tests/test_models.py checks both give the same network)."""
+    return {**kwargs, "depthwise": kwargs.get("depthwise", "conv")} if arch == "mobilenet_v2" else dict(kwargs)
+
+
 def phases(method, num_epochs):
     return sorted({method.phase(e) for e in range(num_epochs)})
 
@@ -139,10 +145,12 @@ def test_every_run_builds_abstractly(table, arg):
     method = config_lib.resolve_method(config.method)
     num_classes = config_lib.NUM_CLASSES[config.dataset.name]
     steps_per_epoch = TRAIN_SIZE[config.dataset.name] // config.batch_size
-    nets = {"student": create(config.student.arch, num_classes, bn_axis_name=parallel.AXIS, **config.student.kwargs)}
+    nets = {"student": create(config.student.arch, num_classes, bn_axis_name=parallel.AXIS,
+                              **traced_kwargs(config.student.arch, config.student.kwargs))}
     if "peer" in method.networks():
-        nets["peer"] = create(config.peer.arch or config.student.arch, num_classes, bn_axis_name=parallel.AXIS,
-                              **(config.peer.kwargs if config.peer.arch else config.student.kwargs))
+        arch = config.peer.arch or config.student.arch
+        nets["peer"] = create(arch, num_classes, bn_axis_name=parallel.AXIS,
+                              **traced_kwargs(arch, config.peer.kwargs if config.peer.arch else config.student.kwargs))
     frozen = {}
     for role in ("teacher", "teacher2"):
         if role in method.networks():

@@ -136,3 +136,21 @@ def test_gpu_check_cases_exist():
                     wanted |= {n for n in token[len(key):].rstrip(";").replace("$BENCH_CASES,", "").split(",") if n}
     assert wanted and wanted <= names, wanted - names
     assert "mmard_rn18_wrn34_10_f32" in wanted and "mmard_mnv2_wrn34_10" in wanted and "rslad_rn18_wrn34_10" in wanted
+
+
+def test_cpu_tuned_choices_are_cpu_only_by_default(monkeypatch):
+    """Choices measured only on XLA:CPU (unrolled PGD loop, depthwise taps, conv2d's input gradient) resolve to the
+    library's form on any other backend, and their explicit settings still win there."""
+    from mmard_jax import runtime
+
+    def depthwise_jaxpr(impl):
+        conv = layers.DepthwiseConv((3, 3), 1, layers.PAD_SAME_TORCH, impl=impl)
+        x = jnp.ones((1, 6, 6, 4))
+        v = jax.eval_shape(lambda: conv.init(jax.random.key(0), x))
+        return str(jax.make_jaxpr(lambda v, z: conv.apply(v, z))(v, x))
+
+    assert runtime.resolve_unroll("auto") is True and "conv_general_dilated" not in depthwise_jaxpr("auto")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert runtime.resolve_unroll("auto") == 1 and runtime.resolve_unroll("full") is True
+    assert "feature_group_count=4" in depthwise_jaxpr("auto") and "conv_general_dilated" not in depthwise_jaxpr("taps")
+    assert layers.conv_grad_mode() == "lax"

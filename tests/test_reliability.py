@@ -326,6 +326,27 @@ def test_failed_checkpoint_write_keeps_the_previous_one_and_stops_clearly(tiny, 
     assert not (work / "run.lock").exists()
 
 
+def test_uninterrupted_run_writes_what_a_person_reads(reference):
+    """The trainer CLI's outputs on the reference run: the saved state (no teacher in it), one metrics record per
+    epoch, the summaries, plot, TensorBoard events and a loadable best student."""
+    workdir = reference["workdir"]
+    latest = workdir / checkpoints.LATEST
+    step = max(int(p.name) for p in latest.glob("*") if p.name.isdigit())
+    with ocp.StandardCheckpointer() as checkpointer:
+        state = checkpointer.restore(latest / str(step) / "state")
+    assert step == 2 * STEPS_PER_EPOCH
+    assert set(state) == {"step", "nets", "method_state", "bad_step"} and set(state["nets"]) == {"student"}
+    assert [json.loads(x)["epoch"] for x in (workdir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    for name in ("summary.md", "summary.json", "accuracy.png", "model.json", "config.json"):
+        assert (workdir / name).is_file(), name
+    assert list((workdir / "tb").glob("events.out.tfevents.*"))
+    assert set(json.loads((workdir / "summary.json").read_text())["final"]) == {"clean", "fgsm", "pgd_t"}
+    assert "| best checkpoint, final attacks |" in (workdir / "summary.md").read_text()
+    module, variables = store.load_model(workdir, input_shape=(16, 16, 3))
+    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jax.numpy.zeros((1, 16, 16, 3))))
+    assert jax.tree.structure(variables) == jax.tree.structure(abstract)
+
+
 # ---------------------------------------------------------------- SIGKILL at random moments
 
 

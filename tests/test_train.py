@@ -5,17 +5,17 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from conftest import load_script
-from mmard_jax import checkpoints, models, train
+from mmard_jax import checkpoints, train
 from mmard_jax.cli import UserError
 from mmard_jax.models import store
 
@@ -50,33 +50,7 @@ def latest_state(workdir):
         return step, checkpointer.restore(latest / str(step) / "state")
 
 
-def test_cli_outputs(setup):
-    """The CLI's files a person reads, its saved state and a loadable best student. A SIGKILL at any moment and the
-    bitwise-equal resume are tested in tests/test_reliability.py (scripts/fault_injection.py)."""
-    root, _, config = setup
-    whole = root / "uninterrupted"
-    proc = cli(config, whole, root / "xla_cache")
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
-    step, state = latest_state(whole)
-    assert step == 16
-    # The teacher is an input of the step, never part of the saved state.
-    assert set(state) == {"step", "nets", "method_state", "bad_step"} and set(state["nets"]) == {"student"}
-    records = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [1, 2]
-
-    # Files a person reads.
-    for name in ("summary.md", "summary.json", "accuracy.png", "model.json", "config.json"):
-        assert (whole / name).is_file(), name
-    assert list((whole / "tb").glob("events.out.tfevents.*"))
-    summary = json.loads((whole / "summary.json").read_text())
-    assert set(summary["final"]) == {"clean", "fgsm", "pgd_t"}
-    assert "| best checkpoint, final attacks |" in (whole / "summary.md").read_text()
-    # The best checkpoint is a loadable student.
-    module, variables = store.load_model(whole, input_shape=(16, 16, 3))
-    assert models.count_params(variables) == models.count_params(
-        jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
-    )
+# The CLI's files a person reads and its saved state: tests/test_reliability.py, on its uninterrupted reference run.
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path):
@@ -154,3 +128,30 @@ def test_resume_with_another_teacher_behind_the_same_path_is_refused(setup, tmp_
     saved.close()
     with pytest.raises(config_guard.ConfigChangedError, match="fingerprints.teacher"):
         train.record_start(tmp_path / "run", config, extend_epochs=False)
+
+
+def test_peer_is_saved_and_resumed_bitwise_with_the_student(tmp_path):
+    """PeerAiD trains a peer beside the student (its own optimizer): both are in the checkpoint, and a run resumed
+    from an earlier checkpoint ends bitwise equal to the uninterrupted one, peer included."""
+    from mmard_jax import config_lib
+
+    config = config_lib.base_config("peeraid", "wide_resnet", "digits")
+    config.student.kwargs = {"depth": 10, "width": 1}
+    config.dataset.n_train, config.batch_size, config.num_epochs = 128, 32, 2
+    config.attack.steps, config.attack.unroll, config.eval.unroll = 2, "1", "1"
+    config.eval.n_examples, config.eval.batch_size = 32, 32
+    config.eval.attacks = config.eval.final_attacks = ("clean",)
+    config.best_metric, config.checkpoint_every_steps = "clean", 3
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    train.train_and_evaluate(config, whole, progress=False)
+    step, state = latest_state(whole)
+    assert step == 8 and set(state["nets"]) == {"student", "peer"}
+    assert jax.tree.structure(state["nets"]["peer"]) == jax.tree.structure(state["nets"]["student"])
+
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / checkpoints.LATEST / "8")  # as if killed before the last checkpoint
+    train.train_and_evaluate(config, resumed, progress=False)
+    step_b, state_b = latest_state(resumed)
+    assert step_b == 8
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(state_b), strict=True):
+        np.testing.assert_array_equal(a, b)
