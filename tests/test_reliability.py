@@ -430,5 +430,10 @@ def test_error_summary_keeps_the_innermost_reason():
         summary = store.error_summary(err)
     assert summary.startswith("ValueError: OUT_OF_RANGE: Error reading \"w/0\"") and " ... " in summary
     assert summary.endswith("Requested byte range [0, 9) is not valid for value of size 5") and len(summary) < 330
+    # The operating system's reason in the middle of a long line (before tensorstore's JSON spec) is kept too.
+    mid = ValueError("OUT_OF_RANGE: Error opening \"zarr\" driver: Error writing \"a/.zarray\" in OCDBT database at "
+                     "local file \"" + "x" * 200 + "\": File too large [os_error_code='27'] [spec='" + "{}" * 200 + "']")
+    summary = store.error_summary(mid)
+    assert "File too large [os_error_code='27']" in summary and len(summary) < 360, summary
     assert not checkpoints.is_io_failure(ValueError("unsupported pytree leaf"))
     assert checkpoints.is_io_failure(ValueError("Failed to write 10 bytes: File too large [os_error_code='27']"))

@@ -5,7 +5,6 @@ import json
 import os
 import pathlib
 import re
-import shutil
 import subprocess
 import sys
 
@@ -129,29 +128,3 @@ def test_resume_with_another_teacher_behind_the_same_path_is_refused(setup, tmp_
     with pytest.raises(config_guard.ConfigChangedError, match="fingerprints.teacher"):
         train.record_start(tmp_path / "run", config, extend_epochs=False)
 
-
-def test_peer_is_saved_and_resumed_bitwise_with_the_student(tmp_path):
-    """PeerAiD trains a peer beside the student (its own optimizer): both are in the checkpoint, and a run resumed
-    from an earlier checkpoint ends bitwise equal to the uninterrupted one, peer included."""
-    from mmard_jax import config_lib
-
-    config = config_lib.base_config("peeraid", "wide_resnet", "digits")
-    config.student.kwargs = {"depth": 10, "width": 1}
-    config.dataset.n_train, config.batch_size, config.num_epochs = 128, 32, 2
-    config.attack.steps, config.attack.unroll, config.eval.unroll = 2, "1", "1"
-    config.eval.n_examples, config.eval.batch_size = 32, 32
-    config.eval.attacks = config.eval.final_attacks = ("clean",)
-    config.best_metric, config.checkpoint_every_steps = "clean", 3
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    train.train_and_evaluate(config, whole, progress=False)
-    step, state = latest_state(whole)
-    assert step == 8 and set(state["nets"]) == {"student", "peer"}
-    assert jax.tree.structure(state["nets"]["peer"]) == jax.tree.structure(state["nets"]["student"])
-
-    shutil.copytree(whole, resumed)
-    shutil.rmtree(resumed / checkpoints.LATEST / "8")  # as if killed before the last checkpoint
-    train.train_and_evaluate(config, resumed, progress=False)
-    step_b, state_b = latest_state(resumed)
-    assert step_b == 8
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(state_b), strict=True):
-        np.testing.assert_array_equal(a, b)

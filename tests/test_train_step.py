@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmard_jax import config_lib, methods, models, parallel, train_step
+from mmard_jax import checkpoints, config_lib, methods, models, parallel, train_step
 
 IMG = (8, 8, 3)
 
@@ -254,3 +254,27 @@ def test_batch_must_divide_by_devices():
     with pytest.raises(ValueError, match="batch_size 63 does not divide by the 2 devices"):
         parallel.check_divisible(63, mesh, "batch_size")
     assert parallel.check_divisible(64, mesh) == 32
+
+
+def test_peer_is_saved_and_resumed_bitwise_with_the_student(split, tmp_path):
+    """PeerAiD's peer (a second trained network with its own optimizer) goes through the trainer's checkpoint class
+    with the student: the step after a save/restore is bitwise the step without it."""
+    mesh = parallel.data_mesh(jax.devices()[:1])
+    fn, state = build("peeraid", mesh, student=SmallNet(bn_axis_name=parallel.AXIS),
+                      peer=SmallNet(width=4, bn_axis_name=parallel.AXIS))
+    frozen = parallel.put_replicated({}, mesh)
+    images, labels = parallel.put_replicated(split, mesh)
+    idx = parallel.put_batch(np.arange(32, dtype=np.int32).reshape(2, 16), mesh, axis=1)
+    state, _ = fn(parallel.put_replicated(state, mesh), frozen, images, labels, idx[0], np.int32(0))
+    host = jax.device_get(state)
+    assert set(host.nets) == {"student", "peer"} and host.nets["peer"].opt_state is not None
+    ckpt = checkpoints.TrainCheckpoints(tmp_path, "clean", say=lambda _: None)
+    ckpt.save_latest(state, {"best_value": 0.0, "best_epoch": 0})
+    ckpt.close()
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+    restored, _ = checkpoints.TrainCheckpoints(tmp_path, "clean", say=lambda _: None).restore(abstract)
+    after_restore, _ = fn(restored, frozen, images, labels, idx[1], np.int32(0))
+    uninterrupted, _ = fn(parallel.put_replicated(host, mesh), frozen, images, labels, idx[1], np.int32(0))
+    for a, b in zip(jax.tree.leaves(jax.device_get(uninterrupted)), jax.tree.leaves(jax.device_get(after_restore)),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -54,8 +55,12 @@ def error_summary(err: BaseException, limit: int = 300) -> str:
         text = str(e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else e).strip()
         if text:
             line = text.splitlines()[0]
-            if len(line) > limit:  # keep the end too: tensorstore puts the operating system's reason there
-                line = f"{line[:limit - limit // 3]} ... {line[-(limit // 3):]}"
+            if len(line) > limit:  # keep the end too: tensorstore usually puts the operating system's reason there
+                short = f"{line[:limit - limit // 3]} ... {line[-(limit // 3):]}"
+                reason = re.search(r"[^:\"]*\[os_error_code='?\d+'?\]", line)  # or in the middle, before a spec
+                if reason and reason.group(0) not in short:
+                    short = f"{line[:limit // 2]} ... {reason.group(0).strip()} ... {line[-(limit // 6):]}"
+                line = short
             return f"{type(e).__name__}: {line}"
     return type(chain[0]).__name__
 
