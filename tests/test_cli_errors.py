@@ -7,7 +7,6 @@ cheap, one runner process imports the heavy dependencies (JAX, orbax, torch) onc
 `runpy`, exactly as `python -m PROG` or `python scripts/PROG.py` would.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -17,10 +16,10 @@ import sys
 
 import pytest
 
+from conftest import load_script
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("fault_injection", REPO / "scripts" / "fault_injection.py")
-fault = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fault)
+fault = load_script("fault_injection")
 
 RUNNER = r'''
 import json, os, runpy, selectors, signal, sys

@@ -1,19 +1,14 @@
 """scripts/run_table.py: runs a (tiny) table in sequence, skips finished runs, and lays results out like the paper."""
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+from conftest import load_script
 
 
 def load_runner():
-    spec = importlib.util.spec_from_file_location("run_table", REPO / "scripts" / "run_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("run_table")
 
 
 TINY_TABLE = '''
