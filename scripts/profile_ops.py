@@ -128,24 +128,21 @@ def layer_pieces(batch: int, size: int, channels: int):
                "3x3 depthwise": {"library": (depthwise_lib, xd, wd), "taps": (depthwise_taps, xd, wd)}}
     for layer, impls in jax_fns.items():
         tfn, tx, tw = torch_fns[layer]
-        for impl, (fn, x, w) in impls.items():
-            xj, wj = jnp.asarray(x), jnp.asarray(w)
-            fwd = jax.jit(fn)
-            gx = jax.jit(jax.grad(lambda a, b, fn=fn: jnp.sum(jnp.sin(fn(a, b))), argnums=0))
-            gw = jax.jit(jax.grad(lambda a, b, fn=fn: jnp.sum(jnp.sin(fn(a, b))), argnums=1))
-            name = f"{layer} ({impl})" if impl else layer
-            out[(name, "forward")] = (lambda f=fwd, a=xj, b=wj: f(a, b).block_until_ready(), None)
-            out[(name, "input gradient")] = (lambda f=gx, a=xj, b=wj: f(a, b).block_until_ready(), None)
-            out[(name, "kernel gradient")] = (lambda f=gw, a=xj, b=wj: f(a, b).block_until_ready(), None)
 
         def tgrad(wrt, f=tfn, a=tx, b=tw):
             a, b = a.clone().requires_grad_(wrt == 0), b.clone().requires_grad_(wrt == 1)
             torch.autograd.grad(torch.sin(f(a, b)).sum(), a if wrt == 0 else b)
 
-        for name in [k[0] for k in out if k[0].startswith(layer)]:
-            out[(name, "forward")] = (out[(name, "forward")][0], lambda f=tfn, a=tx, b=tw: f(a, b))
-            out[(name, "input gradient")] = (out[(name, "input gradient")][0], lambda: tgrad(0))
-            out[(name, "kernel gradient")] = (out[(name, "kernel gradient")][0], lambda: tgrad(1))
+        torch_pieces = {"forward": lambda f=tfn, a=tx, b=tw: f(a, b), "input gradient": lambda g=tgrad: g(0),
+                        "kernel gradient": lambda g=tgrad: g(1)}
+        for impl, (fn, x, w) in impls.items():
+            xj, wj = jnp.asarray(x), jnp.asarray(w)
+            jax_pieces = {"forward": jax.jit(fn),
+                          "input gradient": jax.jit(jax.grad(lambda a, b, fn=fn: jnp.sum(jnp.sin(fn(a, b))), argnums=0)),
+                          "kernel gradient": jax.jit(jax.grad(lambda a, b, fn=fn: jnp.sum(jnp.sin(fn(a, b))), argnums=1))}
+            name = f"{layer} ({impl})" if impl else layer
+            for piece, jfn in jax_pieces.items():
+                out[(name, piece)] = (lambda f=jfn, a=xj, b=wj: f(a, b).block_until_ready(), torch_pieces[piece])
     return out
 
 
