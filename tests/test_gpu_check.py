@@ -107,11 +107,11 @@ def test_gpu_check_dry_run_writes_every_part(tmp_path):
     bench = parts["b_bench"]["output"]
     assert [(r["case"], r["impl"], r["form"].split(",")[0]) for r in bench] == [("tiny", "jax", "float32"),
                                                                                ("tiny", "torch", "eager")]
-    for jax_row, torch_row in (bench,):
-        assert jax_row["flops_per_step"] > 0 and torch_row["flops_per_step"] == jax_row["flops_per_step"]
-        assert jax_row["images_per_s"] > 0 and torch_row["images_per_s"] > 0 and jax_row["peak_mem_bytes"] > 0
-        assert torch_row["weights"] == "the JAX row's" and torch_row["comparable"] is True, torch_row
-        np.testing.assert_allclose(torch_row["first_loss"], jax_row["first_loss"], rtol=1e-4)
+    jax_row, torch_row = bench
+    assert jax_row["flops_per_step"] > 0 and torch_row["flops_per_step"] == jax_row["flops_per_step"]
+    assert jax_row["images_per_s"] > 0 and torch_row["images_per_s"] > 0 and jax_row["peak_mem_bytes"] > 0
+    assert torch_row["weights"] == "the JAX row's" and torch_row["comparable"] is True, torch_row
+    np.testing.assert_allclose(torch_row["first_loss"], jax_row["first_loss"], rtol=1e-4)
     table = (work / "b_bench.md").read_text()
     assert "| tiny | jax |" in table and "| tiny | torch | eager |" in table and "not comparable" not in table
     settings = parts["c_settings"]["output"]
