@@ -5,6 +5,8 @@ import hashlib
 import io
 import pickle
 import struct
+import subprocess
+import sys
 import tarfile
 
 import jax
@@ -363,6 +365,21 @@ def test_digits_pixel_mapping():
     np.testing.assert_array_equal(image[..., 0], image[..., 2])  # grey in all channels
     levels = np.array([[[0, 1, 8, 15, 16, 0, 0, 0]] * 8], np.float64)
     np.testing.assert_array_equal(digits.digits_images(levels)[0, 0, ::2, 0], [0, 16, 128, 239, 255, 0, 0, 0])
+
+
+def test_digits_read_without_scikit_learn_equal_its_loader(monkeypatch):
+    code = ("import sys; from mmard_jax.data import digits; images, target = digits.load_raw(); "
+            "print(images.shape, 'sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[-1] == "False", out  # read from the file, scikit-learn not imported
+    from sklearn.datasets import load_digits
+
+    reference = load_digits()
+    images, target = digits.load_raw()
+    np.testing.assert_array_equal(images, reference.images)
+    np.testing.assert_array_equal(target, reference.target)
+    monkeypatch.setattr(digits, "bundled_file", lambda: None)  # another wheel layout: scikit-learn's loader
+    np.testing.assert_array_equal(digits.load_raw()[0], reference.images)
 
 
 def test_digits_rejects_other_sources():

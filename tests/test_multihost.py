@@ -2,7 +2,9 @@
 each) against this process with two devices: the same parameters (bitwise: with two summands every all-reduce
 adds the same two numbers, whichever process holds them), the same evaluation records and reports, files
 written once, a kill -9 of one process ending the other with a line naming it, and a rerun resuming bitwise.
-Also: cluster detection as JAX does it, and one-line errors for a bad or unreachable coordinator."""
+All two-process runs come from one module fixture that overlaps them (the suite's 2 cores stay busy while one
+launch waits on its processes). Also: cluster detection as JAX does it, and one-line errors for a bad or
+unreachable coordinator."""
 
 import json
 import os
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import jax
 import numpy as np
@@ -75,10 +78,14 @@ class Launch:
         return "\n".join(line for _, line in self.lines)
 
 
+def latest_step(workdir) -> int:
+    return max(int(p.name) for p in (pathlib.Path(workdir) / checkpoints.LATEST).glob("*") if p.name.isdigit())
+
+
 def latest_state(workdir):
     """(step, state) of a workdir's newest latest-checkpoint, read onto one device whatever layout wrote it."""
     directory = pathlib.Path(workdir) / checkpoints.LATEST
-    step = max(int(p.name) for p in directory.glob("*") if p.name.isdigit())
+    step = latest_step(workdir)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     with ocp.StandardCheckpointer() as checkpointer:
         meta = checkpointer.metadata(directory / str(step) / "state")
@@ -185,120 +192,137 @@ def test_unreachable_coordinator_fails_in_bounded_time_naming_it(tmp_path):
     assert f"process 1 of 2 joins the run at {address}" in proc.stderr  # said before waiting
 
 
-# ----------------------------------------------------------------------------- training, faults, resuming
+# ----------------------------------------------------------------------------- training, faults, resuming, evaluation
 
 
-def test_mmard_two_processes_match_two_devices_and_resume_after_kill(tmp_path):
-    cache = tmp_path / "xla_cache"
-    teacher = store.save_model(tmp_path / "teacher", store.model_spec(**SPEC), random_variables(seed=1))
-    config = tiny_config("mmard", str(teacher))
-    config_file = tmp_path / "config.py"
-    config_file.write_text(f"from multihost_worker import tiny_config\n\n\ndef get_config():\n"
-                           f"    return tiny_config('mmard', {str(teacher)!r})\n")
-    workdir = tmp_path / "two_processes"
-    command = [sys.executable, "-m", "mmard_jax.train", f"--config={config_file}", f"--workdir={workdir}",
-               "--heartbeat_timeout=30"]
-
-    # Two processes; process 1 is killed (-9) once the first checkpoint exists and process 0 has logged a step
-    # after it (TensorBoard's file grows), i.e. is past the checkpoint's barriers, back in the training loop.
-    first = Launch(command, cache)
-    killed_at = []
-
+def kill_after_first_checkpoint(launch: Launch, workdir: pathlib.Path, killed_at: list) -> None:
+    """kill -9 of process 1 once the first checkpoint exists and process 0 has logged a step after it (TensorBoard's
+    file grows), i.e. is past the checkpoint's barriers, back in the training loop."""
     def tb_size():
         return sum(p.stat().st_size for p in (workdir / "tb").glob("events.*"))
 
-    def kill_after_first_checkpoint():
-        size = None
-        while first.proc.poll() is None and not killed_at:
-            if size is None and first.pid(1) and any(p.name.isdigit() for p in (workdir / checkpoints.LATEST).glob("*")):
-                size = tb_size()
-            if size is not None and tb_size() > size:
-                os.kill(first.pid(1), 9)
-                killed_at.append(time.monotonic())
-            time.sleep(0.02)
+    size = None
+    while launch.proc.poll() is None and not killed_at:
+        if size is None and launch.pid(1) and any(p.name.isdigit() for p in (workdir / checkpoints.LATEST).glob("*")):
+            size = tb_size()
+        if size is not None and tb_size() > size:
+            os.kill(launch.pid(1), 9)
+            killed_at.append(time.monotonic())
+        time.sleep(0.02)
 
-    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every multi-process run of this file, overlapped to keep both cores busy, and their one-process references.
+
+    Two processes train MMARD with the train CLI; process 1 is killed after the first checkpoint and the same
+    commands are rerun (resume). Meanwhile two other processes run tests/multihost_worker.py (SAT, an evaluation,
+    the agreement helpers), and this process computes the same MMARD, SAT and evaluation over two devices.
+    """
+    root = tmp_path_factory.mktemp("multihost")
+    teacher = store.save_model(root / "teacher", store.model_spec(**SPEC), random_variables(seed=1))
+    config_file = root / "config.py"
+    config_file.write_text(f"from multihost_worker import tiny_config\n\n\ndef get_config():\n"
+                           f"    return tiny_config('mmard', {str(teacher)!r})\n")
+    r = types.SimpleNamespace(root=root, mmard=root / "mmard_two_processes", worker=root / "worker_two_processes")
+    r.worker.mkdir()
+    command = [sys.executable, "-m", "mmard_jax.train", f"--config={config_file}", f"--workdir={r.mmard}",
+               "--heartbeat_timeout=20"]
+    r.first, r.killed_at = Launch(command, root / "xla_cache"), []
+    killer = threading.Thread(target=kill_after_first_checkpoint, args=(r.first, r.mmard, r.killed_at), daemon=True)
     killer.start()
-    # Meanwhile, one process with two devices (this process): the reference.
-    reference = train.train_and_evaluate(config, tmp_path / "one_process", progress=False)
-    status = first.wait()
+    while r.first.pid(1) is None:  # its port is chosen: the worker's launch picks another
+        time.sleep(0.05)
+    r.work = Launch([sys.executable, str(TESTS / "multihost_worker.py"), f"--out={r.worker}"], root / "xla_cache")
+
+    r.mmard_ref = train.train_and_evaluate(tiny_config("mmard", str(teacher)), root / "mmard_one_process",
+                                           progress=False)
+    r.first_status = r.first.wait()
     killer.join()
-    assert killed_at, first.text
-    print(f"kill -9 of process 1: process 0 ended {first.ended_at - killed_at[0]:.1f} s later, status {status}")
+    r.kept, r.finished_before_rerun = latest_step(r.mmard), (r.mmard / "summary.json").exists()
+    r.second = Launch(command, root / "xla_cache")  # rerunning the same commands resumes
+    r.sat_ref = train.train_and_evaluate(tiny_config("sat"), root / "sat_one_process", progress=False)
+    model = store.save_model(root / "one_process" / "model", store.model_spec(**SPEC), random_variables())
+    r.eval_ref = evaluate.run_evaluation(model, "digits", list(EVAL_ATTACKS), n_examples=EVAL_N,
+                                         batch_size=EVAL_BATCH, output=str(root / "report_one_process"), unroll="1",
+                                         progress=False)
+    r.second_status, r.work_status = r.second.wait(), r.work.wait()
+    return r
+
+
+def test_kill_of_one_process_stops_the_other_naming_it(runs):
+    assert runs.killed_at, runs.first.text
+    print(f"kill -9 of process 1: process 0 ended {runs.first.ended_at - runs.killed_at[0]:.1f} s later, "
+          f"status {runs.first_status}")
     # The next collective fails at once and a roll call names process 1 (status 75). Had process 0 been waiting at
     # one of orbax's checkpoint barriers (coordination-service barriers, not collectives), only the heartbeat
     # would find the loss: JAX aborts it (134) with a message naming process 1. Both are bounded.
     ours = re.search(r"\[0\] mmard_jax.train: error: process 0 of 2 lost process\(es\) \[1\] .*Rerun the same "
-                     r"commands to resume", first.text)
-    jaxs = re.search(r"unhealthy \(stopped sending heartbeats\):\s*(\[0\] )?1\s", first.text)
-    assert (status == distributed.LOST_PROCESS_STATUS and ours) or (status == 134 and jaxs), first.text
-    kept, _ = latest_state(workdir)
-    assert 3 <= kept < 12 and not (workdir / "summary.json").exists()
+                     r"commands to resume", runs.first.text)
+    jaxs = re.search(r"unhealthy \(stopped sending heartbeats\):\s*(\[0\] )?1\s", runs.first.text)
+    assert (runs.first_status == distributed.LOST_PROCESS_STATUS and ours) or (runs.first_status == 134 and jaxs), \
+        runs.first.text
 
-    # Rerunning the same commands resumes from that checkpoint and finishes.
-    second = Launch(command, cache)
-    assert second.wait() == 0, second.text
-    assert f"[0] resumed from step {kept} ({workdir})" in second.text
 
-    assert_same_state(workdir, tmp_path / "one_process")
-    assert eval_records(workdir) == eval_records(tmp_path / "one_process")
-    summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["final"] == reference["final"] and set(summary["final"]) == {"clean", "pgd_t"}
+def test_mmard_resumed_two_processes_match_two_devices(runs):
+    assert runs.second_status == 0, runs.second.text
+    assert 3 <= runs.kept < 12 and not runs.finished_before_rerun
+    assert f"[0] resumed from step {runs.kept} ({runs.mmard})" in runs.second.text
+    assert_same_state(runs.mmard, runs.root / "mmard_one_process")
+    assert eval_records(runs.mmard) == eval_records(runs.root / "mmard_one_process")
+    summary = json.loads((runs.mmard / "summary.json").read_text())
+    assert summary["final"] == runs.mmard_ref["final"] and set(summary["final"]) == {"clean"}
 
-    # Files a person reads: written once, by process 0.
+
+def test_files_a_person_reads_are_written_once_by_process_0(runs):
+    workdir = runs.mmard
     assert [r["epoch"] for r in records(workdir)] == [1, 2]
     assert [json.loads(x)["kind"] for x in (workdir / "history.jsonl").read_text().splitlines()] == ["start", "resume"]
     assert len(list((workdir / "tb").glob("events.out.tfevents.*"))) == 2  # one writer per start
     for name in ("summary.md", "accuracy.png", "config.json", "model.json"):
         assert (workdir / name).is_file(), name
-    for launch in (first, second):
+    for launch in (runs.first, runs.second, runs.work):
         assert our_lines(launch.text, 1) == [], launch.text  # process 1 prints nothing of its own
-    assert [line for line in our_lines(second.text, 0) if line.startswith("epoch 2:")] == [
-        f"epoch 2: clean {reference['last']['clean']:.2%}, pgd_t {reference['last']['pgd_t']:.2%}"]
-    assert second.text.count("| best checkpoint, final attacks |") == 1
+    assert [line for line in our_lines(runs.second.text, 0) if line.startswith("epoch 2:")] == [
+        f"epoch 2: clean {runs.mmard_ref['last']['clean']:.2%}"]
+    assert runs.second.text.count("| best checkpoint, final attacks |") == 1
+    assert runs.work.text.count("wrote ") == 1 and "[0] wrote " in runs.work.text  # the report is written once
 
 
-# ----------------------------------------------------------------------------- a second method, evaluation, helpers
+def test_sat_two_processes_match_two_devices(runs):
+    # SAT: the student's BatchNorm in train mode during the attack.
+    assert runs.work_status == 0, runs.work.text
+    assert_same_state(runs.worker / "sat", runs.root / "sat_one_process")
+    assert eval_records(runs.worker / "sat") == eval_records(runs.root / "sat_one_process")
+    obs = [json.loads((runs.worker / f"obs_{i}.json").read_text()) for i in (0, 1)]
+    assert obs[0]["summary_final"] == obs[1]["summary_final"] == runs.sat_ref["final"]
 
 
-def test_sat_and_evaluation_two_processes_match_two_devices(tmp_path):
-    out = tmp_path / "two_processes"
-    out.mkdir()
-    launch = Launch([sys.executable, str(TESTS / "multihost_worker.py"), f"--out={out}"], tmp_path / "xla_cache")
-    # Meanwhile, the same work in this process (two devices).
-    reference = train.train_and_evaluate(tiny_config("sat"), tmp_path / "sat_one_process", progress=False)
-    model = store.save_model(tmp_path / "one_process" / "model", store.model_spec(**SPEC), random_variables())
-    ours = evaluate.run_evaluation(model, "digits", list(EVAL_ATTACKS), n_examples=EVAL_N, batch_size=EVAL_BATCH,
-                                   output=str(tmp_path / "report_one_process"), unroll="1", progress=False)
-    assert launch.wait() == 0, launch.text
-
-    # SAT (the student's BatchNorm in train mode during the attack): the same state and evaluation records.
-    assert_same_state(out / "sat", tmp_path / "sat_one_process")
-    assert eval_records(out / "sat") == eval_records(tmp_path / "sat_one_process")
-    obs = [json.loads((out / f"obs_{i}.json").read_text()) for i in (0, 1)]
-    assert obs[0]["summary_final"] == obs[1]["summary_final"] == reference["final"]
-
+def test_evaluation_two_processes_counts_every_example_once(runs):
     # The model directory both processes saved holds the variables; its evaluation covers every example once and
     # gives the single-process report.
+    out, root = runs.worker, runs.root
+    assert runs.work_status == 0, runs.work.text
     for a, b in zip(jax.tree.leaves(store.load_model(out / "model", input_shape=(16, 16, 3))[1]),
-                    jax.tree.leaves(store.load_model(model, input_shape=(16, 16, 3))[1])):
+                    jax.tree.leaves(store.load_model(root / "one_process" / "model", input_shape=(16, 16, 3))[1])):
         np.testing.assert_array_equal(a, b)
     theirs = json.loads((out / "report" / "report.json").read_text())
     masks = dict(np.load(out / "report" / "masks.npz"))
     for name in EVAL_ATTACKS:
         assert masks[name].shape == (EVAL_N,)
-        np.testing.assert_array_equal(masks[name], ours["masks"][name])
-    mine = json.loads((tmp_path / "report_one_process" / "report.json").read_text())
+        np.testing.assert_array_equal(masks[name], runs.eval_ref["masks"][name])
+    mine = json.loads((root / "report_one_process" / "report.json").read_text())
     for key in ("accuracy", "counts", "gradients", "flags"):
         assert theirs[key] == mine[key], key
     assert {k: v for k, v in theirs["setup"].items() if k != "checkpoint"} == \
         {k: v for k, v in mine["setup"].items() if k != "checkpoint"}
     assert (out / "report" / "report.md").read_text().replace(str(out), "") == \
-        (tmp_path / "report_one_process" / "report.md").read_text().replace(str(tmp_path / "one_process"), "")
-    assert launch.text.count("wrote ") == 1 and "[0] wrote " in launch.text  # the report is written once
-    assert our_lines(launch.text, 1) == [], launch.text
+        (root / "report_one_process" / "report.md").read_text().replace(str(root / "one_process"), "")
 
-    # The agreement helpers.
+
+def test_agreement_helpers_across_processes(runs):
+    assert runs.work_status == 0, runs.work.text
+    obs = [json.loads((runs.worker / f"obs_{i}.json").read_text()) for i in (0, 1)]
     assert obs[0]["broadcast"] == obs[1]["broadcast"] == {"from": 0, "values": [0, 1.5]}
     assert obs[0]["on_primary_error"][0] == "ZeroDivisionError"
     assert obs[1]["on_primary_error"] == ["UserError", "process 0 stopped: ZeroDivisionError: integer division or "
