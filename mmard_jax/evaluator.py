@@ -6,7 +6,9 @@ device count below it), keeps its compiled functions, and returns masks and Auto
 result as values. A partial batch, or the points still robust in an AutoAttack cascade, goes in the
 smallest shape that holds it (padded less than 1.5x), or in a larger shape already compiled when the
 times measured so far say the extra padded work costs less than compiling (`plan_batches`; never past
-2x). Square runs in chunks of queries with the examples fooled so far dropped between chunks
+2x); on a CPU, where a batch's time is proportional to its size, it may instead be split into several
+batches of the shapes that together pad less (104 points: 96 + 8 rather than 128), when the measured times
+say the compilations pay off. Square runs in chunks of queries with the examples fooled so far dropped between chunks
 (`square_points`), so its work follows the examples left, as the original's does. Every random start is
 keyed by (seed, attack, the example's index in the split), so results depend neither on the batch shape
 nor on the device or process count. Float32 models are evaluated at full float32 matmul precision (no TF32
@@ -57,25 +59,57 @@ def batch_shapes(batch_size: int, n_devices: int) -> Tuple[int, ...]:
     return tuple(sorted(shapes, reverse=True))
 
 
-def plan_batches(n: int, shapes: Sequence[int], compiled: Sequence[int] = (),
-                 cost: Optional[Tuple[float, float]] = None) -> Tuple[int, ...]:
-    """Batch sizes covering n points: full batches of the largest shape, then the smallest shape that holds the
-    rest, or a larger shape compiled already (no new compilation) while the padded total stays within 2n.
+# On a CPU a batch's time is proportional to its size from 4 examples up (the benchmark's WRN-10-1, forward and
+# backward: 0.56 to 0.69 ms per example from 4 to 200 examples, 2026-12-02, BENCHMARKS.md "AutoAttack"), so points
+# split into several batches cost their own examples plus about this many examples' time per extra batch.
+BATCH_OVERHEAD_EXAMPLES = 2
 
-    cost = (seconds per padded example of all the work left, seconds one compilation takes): reuse only when
-    the extra padded work costs more than the compilation it saves; without it, always reuse within 2n."""
+
+def greedy_splits(rest: int, pieces: Sequence[int], shapes: Sequence[int]) -> Tuple[Tuple[int, ...], ...]:
+    """Covers of `rest` points by the largest of `pieces` that fit, one after another, each prefix closed by the
+    smallest of `shapes` that holds what is left (the last cover is exact when the pieces reach it)."""
+    covers, taken, left = [], (), rest
+    while left > 0:
+        covers.append(taken + (min(s for s in shapes if s >= left),))
+        below = [s for s in pieces if s <= left]
+        if not below:
+            break
+        taken, left = taken + (max(below),), left - max(below)
+    else:
+        covers.append(taken)
+    return tuple(covers)
+
+
+def plan_batches(n: int, shapes: Sequence[int], compiled: Sequence[int] = (),
+                 cost: Optional[Tuple[float, float]] = None, split: bool = False) -> Tuple[int, ...]:
+    """Batch sizes covering n points: full batches of the largest shape, then the rest in the cheapest cover.
+
+    Without `cost`: the smallest shape that holds the rest, or a larger shape compiled already (no new
+    compilation) while the padded total stays within 2n. With cost = (seconds per padded example of all the
+    work left, seconds one compilation takes): the cover of least padded work plus compilations, among one
+    batch (a fitting shape, or a compiled one within 2n) and, with `split` (CPUs: BATCH_OVERHEAD_EXAMPLES),
+    the rest split into several batches of the shapes (`greedy_splits`), each extra batch priced as
+    BATCH_OVERHEAD_EXAMPLES more examples."""
     largest = max(shapes)
     sizes = [largest] * (n // largest)
     rest = n - sum(sizes)
-    if rest:
-        fit = min(s for s in shapes if s >= rest)
-        known = set(compiled) | ({largest} if sizes else set())
-        reuse = [s for s in known if s >= rest and sum(sizes) + s <= 2 * n]
-        best = min(reuse) if reuse else fit
-        if fit not in known and reuse and cost is not None and cost[1] < (best - fit) * cost[0]:
-            best = fit
-        sizes.append(best)
-    return tuple(sizes)
+    if not rest:
+        return tuple(sizes)
+    fit = min(s for s in shapes if s >= rest)
+    known = set(compiled) | ({largest} if sizes else set())
+    reuse = sorted(s for s in known if s >= rest and sum(sizes) + s <= 2 * n)
+    if cost is None:
+        return tuple(sizes + [reuse[0] if reuse else fit])
+    covers = [(fit,)] + [(s,) for s in reuse]
+    if split:
+        covers += greedy_splits(rest, shapes, shapes) + greedy_splits(rest, sorted(known), shapes)
+
+    def price(cover):
+        per_example, compile_s = cost
+        extra = BATCH_OVERHEAD_EXAMPLES * (len(cover) - 1)
+        return per_example * (sum(cover) + extra) + compile_s * len(set(cover) - known)
+
+    return tuple(sizes + list(min(covers, key=price)))
 
 
 class _CompileClock:
@@ -146,6 +180,9 @@ class Evaluator:
         parallel.check_divisible(batch_size, self.mesh, "evaluation batch size")
         self.batch_size, self.n = batch_size, len(labels)
         self.shapes = batch_shapes(batch_size, self.mesh.devices.size)
+        # CPUs: a batch costs its size (BATCH_OVERHEAD_EXAMPLES), so the points left may go in several batches;
+        # on an accelerator a small batch costs about a full one, so they go in one padded batch.
+        self.split_batches = self.mesh.devices.flat[0].platform == "cpu"
         self.images, self.labels = parallel.put_replicated((np.asarray(images), np.asarray(labels, np.int32)), self.mesh)
         self.precision = matmul_precision
         self.progress = progress and parallel.is_primary()  # one progress display per run, process 0's
@@ -186,7 +223,7 @@ class Evaluator:
         # plan without them (reuse within 2x).
         timed = rate is not None and jax.process_count() == 1
         cost = (rate * (work if work_left is None else work_left), compile_s) if timed else None
-        sizes = plan_batches(len(indices), self.shapes, compiled, cost)
+        sizes = plan_batches(len(indices), self.shapes, compiled, cost, split=self.split_batches)
         key = jax.random.key(0) if key is None else key  # aa: folded with the run outside the program (a threefry
         # draw inside costs compile time: counter_rng.py)
         span = jnp.asarray(span, jnp.int32)

@@ -208,6 +208,27 @@ def test_batch_shapes_bound_padding_and_compilations():
     assert evaluator.plan_batches(85, shapes, compiled=(128,), cost=(1.0, 10.0)) == (96,)  # 32 s of padding
 
 
+def test_cpu_plans_split_the_rest_when_the_measured_costs_say_so():
+    """split=True (CPUs): the rest may go in several batches of the shapes, each extra batch priced as
+    BATCH_OVERHEAD_EXAMPLES examples, when that saves more padded work than its compilations cost."""
+    one = evaluator.batch_shapes(200, 1)
+    extra = evaluator.BATCH_OVERHEAD_EXAMPLES
+    assert evaluator.greedy_splits(81, one, one) == ((96,), (64, 24), (64, 16, 1), (64, 16, 1))
+    assert evaluator.greedy_splits(7, (8, 4, 2), (8, 4, 2)) == ((8,), (4, 4), (4, 2, 2))  # the 1 left pads to 2
+    # 104 points (the benchmark's APGD-T): 96 + 8 pads nothing, 128 pads 24 examples.
+    assert evaluator.plan_batches(104, one, cost=(1.0, 3.0)) == (128,)  # split=False: one batch, as on a GPU
+    assert evaluator.plan_batches(104, one, cost=(1.0, 3.0), split=True) == (96, 8)  # 104 + extra + 6 < 128 + 3
+    assert evaluator.plan_batches(104, one, compiled=(128,), cost=(0.1, 3.0), split=True) == (128,)  # 2.4 < 6.2
+    assert evaluator.plan_batches(104, one, compiled=(96, 8), cost=(0.1, 3.0), split=True) == (96, 8)  # compiled
+    assert evaluator.plan_batches(104, one, split=True) == (128,)  # no measured times: never split
+    assert evaluator.plan_batches(304, one, cost=(1.0, 0.0), split=True) == (200, 96, 8)  # after the full batches
+    for n in range(1, 400):  # a split covers n, pads less than one closing shape, and prices no worse
+        plan = evaluator.plan_batches(n, one, cost=(1.0, 0.0), split=True)
+        assert n <= sum(plan) and sum(plan) - plan[-1] < n and all(p in one for p in plan)
+        rest = plan[n // 200:]  # the cover after the full batches, priced with its extra batches
+        assert sum(rest) + extra * (len(rest) - 1) <= sum(evaluator.plan_batches(n, one, cost=(1.0, 0.0))[n // 200:])
+
+
 def test_evaluator_counts_every_example_once_in_any_order():
     """map_points returns per-example outputs in the order of the indices asked for, whatever batches it uses."""
     module, variables = robust_mlp()
