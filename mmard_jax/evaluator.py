@@ -16,6 +16,8 @@ on GPUs) unless `matmul_precision` says otherwise.
 """
 
 import dataclasses
+import math
+import pathlib
 import time
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -59,9 +61,9 @@ def batch_shapes(batch_size: int, n_devices: int) -> Tuple[int, ...]:
     return tuple(sorted(shapes, reverse=True))
 
 
-# On a CPU a batch's time is proportional to its size from 4 examples up (the benchmark's WRN-10-1, forward and
-# backward: 0.56 to 0.69 ms per example from 4 to 200 examples, 2026-12-02, BENCHMARKS.md "AutoAttack"), so points
-# split into several batches cost their own examples plus about this many examples' time per extra batch.
+# On a CPU a batch's time is proportional to its size from 4 examples up (the AutoAttack benchmark's WRN-10-1,
+# `scripts/benchmark_autoattack.py --batch_curve`, BENCHMARKS.md), so points split into several batches cost
+# their own examples plus about this many examples' time per extra batch.
 BATCH_OVERHEAD_EXAMPLES = 2
 
 
@@ -110,6 +112,37 @@ def plan_batches(n: int, shapes: Sequence[int], compiled: Sequence[int] = (),
         return per_example * (sum(cover) + extra) + compile_s * len(set(cover) - known)
 
     return tuple(sizes + list(min(covers, key=price)))
+
+
+def cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> Optional[int]:
+    """Bytes of the CPU's last-level cache (Linux sysfs), or None where it cannot be read."""
+    sizes: Dict[int, int] = {}
+    for index in pathlib.Path(root).glob("index*"):
+        try:
+            level, text = int((index / "level").read_text()), (index / "size").read_text().strip()
+            size = int(text.rstrip("KMG")) * {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}.get(text[-1], 1)
+        except (OSError, ValueError, IndexError):
+            continue
+        sizes[level] = max(size, sizes.get(level, 0))
+    return sizes[max(sizes)] if sizes else None
+
+
+def activation_bytes(module, image_shape) -> int:
+    """Bytes of every module's output in one example's forward pass: an attack step's working set per example."""
+    x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), x, train=False))
+    _, state = jax.eval_shape(lambda v: module.apply(v, x, train=False, capture_intermediates=True,
+                                                     mutable=["intermediates"]), variables)
+    return sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(state))
+
+
+def cache_cap(shapes: Sequence[int], per_example: int, cache: Optional[int]) -> int:
+    """The largest shape whose batch of activations fits the cache (the smallest shape if none does; every shape
+    when the cache is unknown)."""
+    if not cache:
+        return max(shapes)
+    fitting = [s for s in shapes if s * per_example <= cache]
+    return max(fitting) if fitting else min(shapes)
 
 
 class _CompileClock:
@@ -180,9 +213,12 @@ class Evaluator:
         parallel.check_divisible(batch_size, self.mesh, "evaluation batch size")
         self.batch_size, self.n = batch_size, len(labels)
         self.shapes = batch_shapes(batch_size, self.mesh.devices.size)
-        # CPUs: a batch costs its size (BATCH_OVERHEAD_EXAMPLES), so the points left may go in several batches;
-        # on an accelerator a small batch costs about a full one, so they go in one padded batch.
-        self.split_batches = self.mesh.devices.flat[0].platform == "cpu"
+        # CPUs: a batch costs its size (BATCH_OVERHEAD_EXAMPLES), so the points left may go in several batches,
+        # and batches whose activations outgrow the last-level cache cost more per example (`cpu_shapes`); on
+        # an accelerator a small batch costs about a full one, so the points go in one padded batch. Several
+        # processes must plan alike (their caches may differ): neither there.
+        self.split_batches = self.mesh.devices.flat[0].platform == "cpu" and jax.process_count() == 1
+        self._cpu_shapes: Optional[Tuple[int, ...]] = None
         self.images, self.labels = parallel.put_replicated((np.asarray(images), np.asarray(labels, np.int32)), self.mesh)
         self.precision = matmul_precision
         self.progress = progress and parallel.is_primary()  # one progress display per run, process 0's
@@ -204,6 +240,15 @@ class Evaluator:
             self._compiled[kind, name] = set()
         return self._fns[kind, name]
 
+    def cpu_shapes(self) -> Tuple[int, ...]:
+        """The shapes a CPU runs: those whose activations fit the last-level cache (`cache_cap`). Measured on
+        the AutoAttack benchmark's WRN-10-1 (0.87 MB of activations per example, 32 MiB L3): APGD-T 0.66 ms
+        per example and iteration in batches of 32, 0.92 in batches of 96 (BENCHMARKS.md)."""
+        if self._cpu_shapes is None:
+            cap = cache_cap(self.shapes, activation_bytes(self.module, self._images_host.shape[1:]), cache_bytes())
+            self._cpu_shapes = tuple(s for s in self.shapes if s <= cap)
+        return self._cpu_shapes
+
     def map_points(self, kind: str, name: str, variables, indices: np.ndarray, key=None, run: int = 0,
                    carry=(), span=(0, 0), work: float = 1.0, work_left: Optional[float] = None):
         """Runs one attack on the split's examples `indices` (in the evaluator's batch shapes); per-example
@@ -223,7 +268,8 @@ class Evaluator:
         # plan without them (reuse within 2x).
         timed = rate is not None and jax.process_count() == 1
         cost = (rate * (work if work_left is None else work_left), compile_s) if timed else None
-        sizes = plan_batches(len(indices), self.shapes, compiled, cost, split=self.split_batches)
+        sizes = plan_batches(len(indices), self.cpu_shapes() if self.split_batches else self.shapes, compiled, cost,
+                             split=self.split_batches)
         key = jax.random.key(0) if key is None else key  # aa: folded with the run outside the program (a threefry
         # draw inside costs compile time: counter_rng.py)
         span = jnp.asarray(span, jnp.int32)

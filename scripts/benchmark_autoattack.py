@@ -6,6 +6,7 @@ weights of an adversarially trained model, standard budget, in one run, as a use
                                                                       # a smoke test of the script
     python scripts/benchmark_autoattack.py --worst_case --n_examples=16 --batch_size=16 --n_iter=10 \
         --targets=3 --queries=100                                     # the contrived worst case (below)
+    python scripts/benchmark_autoattack.py --batch_curve              # time per example by batch size (below)
 
 Model: RobustBench's WideResNet-10-1 architecture (`model_zoo/architectures/wide_resnet.py`, loaded by path
 because `import robustbench` needs torchvision) and its Flax twin (mmard_jax `wide_resnet`, depth 10, width
@@ -28,6 +29,10 @@ the cascade's own timing, XLA compilation included, and the compilation time fro
 the original: the time in each attack's `perturb`), the robust accuracy after each component, and the
 per-example masks, which are compared (the randomised components draw their randomness differently, so a
 few examples may differ). A Markdown table is printed; `--output` appends the result as one JSON line.
+
+`--batch_curve`: only our model's forward and forward+backward time per example at each of the evaluator's
+batch shapes from 4 up, the measurement behind `evaluator.BATCH_OVERHEAD_EXAMPLES` (on a CPU a batch costs its
+size, so the points still robust may be split over several batches rather than padded).
 
 `--worst_case`: the old contrived case, kept as a labelled worst case: RobustBench's ResNet-18 with random
 weights (non-trivial BatchNorm statistics), uniform random images labelled by the model (clean accuracy
@@ -79,6 +84,9 @@ def parse_args(argv=None):
     parser.add_argument("--worst_case", action="store_true", help="the contrived worst case (random ResNet-18)")
     parser.add_argument("--skip_original", action="store_true")
     parser.add_argument("--skip_fresh_process", action="store_true")
+    parser.add_argument("--batch_curve", action="store_true",
+                        help="only time our forward and forward+backward per example at the evaluator's batch shapes "
+                             "(the cost model of evaluator.plan_batches)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the fresh-process run
     args = parser.parse_args(argv)
     args.eps = args.eps or ("1e-5" if args.worst_case else "8/255")
@@ -335,6 +343,43 @@ def run_original(net, images, labels, eps: float, batch: int, config, seed: int)
             "accuracy": {k: float(np.mean(v)) for k, v in masks.items()}, "masks": masks}
 
 
+def batch_curve(module, variables, images, labels, sizes, steps: int = 10, rounds: int = 3):
+    """Rows {batch, forward_ms_per_example, grad_ms_per_example}: the model's logits and its input gradient of
+    the cross-entropy (Square's and APGD's inner work), `steps` of each in one jitted loop, best of `rounds`."""
+    import jax
+    import jax.numpy as jnp
+
+    from mmard_jax import data, losses
+
+    def forward(x, y, n):  # each step's input depends on the last one's logits: nothing is hoisted
+        def body(i, c):
+            return c + module.apply(variables, x + c[:, None, None, None] * 1e-9, train=False)[:, 0]
+        return jax.lax.fori_loop(0, n, body, jnp.zeros(x.shape[0]))
+
+    def grad(x, y, n):
+        def loss(z):
+            return jnp.sum(losses.cross_entropy(module.apply(variables, z, train=False), y))
+        return jax.lax.fori_loop(0, n, lambda i, z: z + 1e-6 * jnp.sign(jax.grad(loss)(z)), x)
+
+    rows = []
+    for size in sorted(sizes):
+        x, y = data.to_float(jnp.asarray(images[:size])), jnp.asarray(labels[:size])
+        row = {"batch": size}
+        for name, fn in (("forward", forward), ("grad", grad)):
+            run = jax.jit(fn, static_argnums=2)
+            jax.block_until_ready(run(x, y, steps))
+            best = float("inf")
+            for _ in range(rounds):
+                start = time.perf_counter()
+                jax.block_until_ready(run(x, y, steps))
+                best = min(best, time.perf_counter() - start)
+            row[f"{name}_ms_per_example"] = 1e3 * best / (steps * size)
+        rows.append(row)
+        print(f"batch {size:4d}: forward {row['forward_ms_per_example']:.3f} ms/example, "
+              f"forward+backward {row['grad_ms_per_example']:.3f} ms/example", flush=True)
+    return rows
+
+
 def _import_peer(name: str):
     if importlib.util.find_spec(name) is None:
         raise SystemExit(f"{name} is not installed: pip install --no-deps -r requirements-nodeps.txt")
@@ -410,6 +455,14 @@ def main(argv=None):
     ev = evaluator.Evaluator(module, images, labels, mesh=mesh, batch_size=batch, eps=eps, aa_config=config,
                              progress=not args.child)
     variables = parallel.put_replicated(variables, mesh)
+    if args.batch_curve:
+        sizes = [s for s in ev.shapes if s >= 4 * mesh.devices.size]
+        rows = batch_curve(module, variables, images, labels, sizes)
+        if args.output:
+            with open(args.output, "a") as f:
+                f.write(json.dumps({"date": time.strftime("%Y-%m-%d"), "host_cpus": os.cpu_count(),
+                                    "model": description, "batch_curve": rows}) + "\n")
+        return
     if args.child:
         print(json.dumps(summary(run_ours(ev, variables, config, args.seed))))
         return

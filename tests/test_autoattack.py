@@ -255,3 +255,35 @@ def test_cascade_progress_shows_points_still_robust_and_runs_left(capsys):
     assert result.robust.tolist() == [False] * 6 and result.fooled_by.tolist() == [1, 1, -2, 1, 1, 1]
     err = capsys.readouterr().err
     assert "aa APGD-T" in err and "robust=5/6" in err and "runs_left=9" in err and "robust=2/6" in err
+
+
+def test_cpu_batches_fit_the_last_level_cache(tmp_path, monkeypatch):
+    """On a CPU the evaluator runs only the shapes whose activations fit the last-level cache (read from sysfs;
+    activations from the module's own outputs); the outcomes are those of the uncapped evaluator."""
+    for index, (level, size) in enumerate([(1, "32K"), (2, "1024K"), (3, "32768K")]):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "level").write_text(f"{level}\n")
+        (tmp_path / f"index{index}" / "size").write_text(f"{size}\n")
+    assert evaluator.cache_bytes(str(tmp_path)) == 32 * 2 ** 20
+    assert evaluator.cache_bytes(str(tmp_path / "none")) is None
+    shapes = evaluator.batch_shapes(200, 1)
+    assert evaluator.cache_cap(shapes, 868432, 32 * 2 ** 20) == 32  # the benchmark's WRN-10-1: 0.87 MB each
+    assert evaluator.cache_cap(shapes, 10, None) == 200 and evaluator.cache_cap(shapes, 2 ** 30, 2 ** 20) == 1
+
+    module, variables = robust_mlp()
+    images, labels, *_ = digits_test_split()
+    x = jnp.zeros((1,) + images.shape[1:])
+    outputs = module.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])[1]
+    assert evaluator.activation_bytes(module, images.shape[1:]) == sum(a.size * 4 for a in jax.tree.leaves(outputs))
+    per_example = evaluator.activation_bytes(module, images.shape[1:])
+    monkeypatch.setattr(evaluator, "cache_bytes", lambda: 40 * per_example)  # a 40-example cache
+    config = dataclasses.replace(SMALL, components=("apgd_ce", "square"))
+    capped = evaluator.Evaluator(module, images, labels, eps=EPS, batch_size=120, progress=False, aa_config=config)
+    plain = evaluator.Evaluator(module, images, labels, eps=EPS, batch_size=120, progress=False, aa_config=config)
+    plain.split_batches = False  # as on an accelerator: full batches of 120, the rest in one padded batch
+    assert capped.cpu_shapes()[0] == 32
+    ours = capped.run(variables, ("clean", "aa"), seed=1).masks
+    theirs = plain.run(variables, ("clean", "aa"), seed=1).masks
+    for name in ("clean", "aa"):
+        np.testing.assert_array_equal(ours[name], theirs[name])
+    assert max(max(s) for s in capped._compiled.values()) == 32 < max(max(s) for s in plain._compiled.values())

@@ -296,3 +296,14 @@ def test_rslad_kl_loss_is_the_kl_plus_a_constant(tr):
     g_pub, = torch.autograd.grad(published.sum(), a)
     g_exact, = torch.autograd.grad(exact.sum(), a)
     torch.testing.assert_close(g_pub, g_exact)
+
+
+def test_autoattack_batch_curve_times_each_shape_per_example():
+    """scripts/benchmark_autoattack.py --batch_curve: one row per batch shape, times per example (positive)."""
+    bench = load_script("benchmark_autoattack")
+    module = models.create("wide_resnet", 10, depth=10, width=1)
+    variables = module.init(jax.random.key(0), jnp.zeros((1,) + IMG))
+    images = np.random.default_rng(0).integers(0, 256, (8,) + IMG, dtype=np.uint8)
+    rows = bench.batch_curve(module, variables, images, np.arange(8) % 10, [8, 4], steps=1, rounds=1)
+    assert [r["batch"] for r in rows] == [4, 8]
+    assert all(0 < r["forward_ms_per_example"] < r["grad_ms_per_example"] for r in rows)
