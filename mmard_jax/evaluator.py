@@ -6,9 +6,10 @@ device count below it), keeps its compiled functions, and returns masks and Auto
 result as values. A partial batch, or the points still robust in an AutoAttack cascade, goes in the
 smallest shape that holds it (padded less than 1.5x), or in a larger shape already compiled when the
 times measured so far say the extra padded work costs less than compiling (`plan_batches`; never past
-2x); on a CPU, where a batch's time is proportional to its size, it may instead be split into several
-batches of the shapes that together pad less (104 points: 96 + 8 rather than 128), when the measured times
-say the compilations pay off. Square runs in chunks of queries with the examples fooled so far dropped between chunks
+2x). On a CPU, where a batch's time is about proportional to its size until its activations outgrow the
+last-level cache, only the shapes that fit that cache run (`cpu_shapes`), and the rest may be split into
+several batches that together pad less (104 points: 96 + 8 rather than 128) when the measured times say the
+compilations pay off. Square runs in chunks of queries with the examples fooled so far dropped between chunks
 (`square_points`), so its work follows the examples left, as the original's does. Every random start is
 keyed by (seed, attack, the example's index in the split), so results depend neither on the batch shape
 nor on the device or process count. Float32 models are evaluated at full float32 matmul precision (no TF32

@@ -30,9 +30,10 @@ the original: the time in each attack's `perturb`), the robust accuracy after ea
 per-example masks, which are compared (the randomised components draw their randomness differently, so a
 few examples may differ). A Markdown table is printed; `--output` appends the result as one JSON line.
 
-`--batch_curve`: only our model's forward and forward+backward time per example at each of the evaluator's
-batch shapes from 4 up, the measurement behind `evaluator.BATCH_OVERHEAD_EXAMPLES` (on a CPU a batch costs its
-size, so the points still robust may be split over several batches rather than padded).
+`--batch_curve`: only the time per example and iteration of our APGD-T and FAB-T programs in one exact batch of
+each of the evaluator's shapes from 4 up (20 iterations, one target): the measurement behind the CPU plans
+(`evaluator.BATCH_OVERHEAD_EXAMPLES`, `evaluator.cache_cap`: on a CPU a batch costs about its size until its
+activations outgrow the last-level cache, so the points still robust go in several cache-sized batches).
 
 `--worst_case`: the old contrived case, kept as a labelled worst case: RobustBench's ResNet-18 with random
 weights (non-trivial BatchNorm statistics), uniform random images labelled by the model (clean accuracy
@@ -85,8 +86,8 @@ def parse_args(argv=None):
     parser.add_argument("--skip_original", action="store_true")
     parser.add_argument("--skip_fresh_process", action="store_true")
     parser.add_argument("--batch_curve", action="store_true",
-                        help="only time our forward and forward+backward per example at the evaluator's batch shapes "
-                             "(the cost model of evaluator.plan_batches)")
+                        help="only time our APGD-T and FAB-T per example and iteration at the evaluator's batch "
+                             "shapes (the CPU plans of evaluator.plan_batches)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the fresh-process run
     args = parser.parse_args(argv)
     args.eps = args.eps or ("1e-5" if args.worst_case else "8/255")
@@ -343,40 +344,36 @@ def run_original(net, images, labels, eps: float, batch: int, config, seed: int)
             "accuracy": {k: float(np.mean(v)) for k, v in masks.items()}, "masks": masks}
 
 
-def batch_curve(module, variables, images, labels, sizes, steps: int = 10, rounds: int = 3):
-    """Rows {batch, forward_ms_per_example, grad_ms_per_example}: the model's logits and its input gradient of
-    the cross-entropy (Square's and APGD's inner work), `steps` of each in one jitted loop, best of `rounds`."""
+def batch_curve(module, variables, images, labels, sizes, eps: float, n_iter: int = 20, rounds: int = 2):
+    """Rows {batch, apgd_t, fab_t}: ms per example and iteration of our APGD-T and FAB-T programs (one target run,
+    `n_iter` iterations) on the first `batch` correctly classified images, in an evaluator of that batch size
+    (one exact batch, no padding), best of `rounds` after a compiling run."""
+    import dataclasses
+
     import jax
-    import jax.numpy as jnp
+    import numpy as np
 
-    from mmard_jax import data, losses
+    from mmard_jax import evaluator
+    from mmard_jax.attacks import autoattack
 
-    def forward(x, y, n):  # each step's input depends on the last one's logits: nothing is hoisted
-        def body(i, c):
-            return c + module.apply(variables, x + c[:, None, None, None] * 1e-9, train=False)[:, 0]
-        return jax.lax.fori_loop(0, n, body, jnp.zeros(x.shape[0]))
-
-    def grad(x, y, n):
-        def loss(z):
-            return jnp.sum(losses.cross_entropy(module.apply(variables, z, train=False), y))
-        return jax.lax.fori_loop(0, n, lambda i, z: z + 1e-6 * jnp.sign(jax.grad(loss)(z)), x)
-
+    config = dataclasses.replace(autoattack.STANDARD, n_iter=n_iter)
     rows = []
     for size in sorted(sizes):
-        x, y = data.to_float(jnp.asarray(images[:size])), jnp.asarray(labels[:size])
-        row = {"batch": size}
-        for name, fn in (("forward", forward), ("grad", grad)):
-            run = jax.jit(fn, static_argnums=2)
-            jax.block_until_ready(run(x, y, steps))
+        ev = evaluator.Evaluator(module, images, labels, batch_size=size, eps=eps, aa_config=config, progress=False)
+        ev.split_batches = False  # one batch of `size`, whatever the cache
+        points = np.flatnonzero(ev.correct(variables, "clean"))[:size]
+        row = {"batch": len(points)}
+        for name in ("apgd_t", "fab_t"):
+            ev.map_points("aa", name, variables, points, jax.random.key(0), 1)
             best = float("inf")
             for _ in range(rounds):
                 start = time.perf_counter()
-                jax.block_until_ready(run(x, y, steps))
+                ev.map_points("aa", name, variables, points, jax.random.key(0), 1)
                 best = min(best, time.perf_counter() - start)
-            row[f"{name}_ms_per_example"] = 1e3 * best / (steps * size)
+            row[name] = 1e3 * best / (n_iter * len(points))
         rows.append(row)
-        print(f"batch {size:4d}: forward {row['forward_ms_per_example']:.3f} ms/example, "
-              f"forward+backward {row['grad_ms_per_example']:.3f} ms/example", flush=True)
+        print(f"batch {row['batch']:4d}: APGD-T {row['apgd_t']:.3f}, FAB-T {row['fab_t']:.3f} ms per example and "
+              "iteration", flush=True)
     return rows
 
 
@@ -457,7 +454,7 @@ def main(argv=None):
     variables = parallel.put_replicated(variables, mesh)
     if args.batch_curve:
         sizes = [s for s in ev.shapes if s >= 4 * mesh.devices.size]
-        rows = batch_curve(module, variables, images, labels, sizes)
+        rows = batch_curve(module, variables, images, labels, sizes, eps)
         if args.output:
             with open(args.output, "a") as f:
                 f.write(json.dumps({"date": time.strftime("%Y-%m-%d"), "host_cpus": os.cpu_count(),
