@@ -16,7 +16,8 @@ from scipy.optimize import linprog
 
 from mmard_jax import evaluate, evaluator, parallel
 from mmard_jax.attacks import apgd, autoattack, fab, square, suite
-from test_attacks_peer import EPS, digits_test_split, our_report, robust_mlp
+from conftest import load_script
+from test_attacks_peer import EPS, TinyMLP, digits_test_split, our_report, robust_mlp
 
 # Few iterations: these tests check mechanics; the standard settings run in test_attacks_peer.py.
 SMALL = dataclasses.replace(autoattack.STANDARD, n_iter=10, n_target_classes=3, square_queries=300)
@@ -287,3 +288,15 @@ def test_cpu_batches_fit_the_last_level_cache(tmp_path, monkeypatch):
     for name in ("clean", "aa"):
         np.testing.assert_array_equal(ours[name], theirs[name])
     assert max(max(s) for s in capped._compiled.values()) == 32 < max(max(s) for s in plain._compiled.values())
+
+
+def test_benchmark_batch_curve_times_each_shape_per_example():
+    """scripts/benchmark_autoattack.py --batch_curve: a row per batch shape, APGD-T and FAB-T times per example."""
+    bench = load_script("benchmark_autoattack")
+    module = TinyMLP()
+    variables = module.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    images = np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
+    labels = np.asarray(jnp.argmax(module.apply(variables, images / 255.0), -1))  # every image correct
+    rows = bench.batch_curve(module, variables, images, labels, [3], eps=EPS, n_iter=2, rounds=1)
+    assert [r["batch"] for r in rows] == [3]
+    assert all(r["apgd_t"] > 0 and r["fab_t"] > 0 for r in rows)

@@ -297,14 +297,3 @@ def test_rslad_kl_loss_is_the_kl_plus_a_constant(tr):
     g_exact, = torch.autograd.grad(exact.sum(), a)
     torch.testing.assert_close(g_pub, g_exact)
 
-
-def test_autoattack_batch_curve_times_each_shape_per_example():
-    """scripts/benchmark_autoattack.py --batch_curve: one row per batch shape, APGD-T and FAB-T times per example."""
-    bench = load_script("benchmark_autoattack")
-    module = models.create("wide_resnet", 10, depth=10, width=1)
-    variables = module.init(jax.random.key(0), jnp.zeros((1,) + IMG))
-    images = np.random.default_rng(0).integers(0, 256, (64,) + IMG, dtype=np.uint8)
-    labels = np.asarray(jnp.argmax(module.apply(variables, to_float(images), train=False), -1))  # all correct
-    rows = bench.batch_curve(module, variables, images, labels, [4, 2], eps=8 / 255, n_iter=2, rounds=1)
-    assert [r["batch"] for r in rows] == [2, 4]
-    assert all(r["apgd_t"] > 0 and r["fab_t"] > 0 for r in rows)
