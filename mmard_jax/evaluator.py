@@ -243,8 +243,8 @@ class Evaluator:
 
     def cpu_shapes(self) -> Tuple[int, ...]:
         """The shapes a CPU runs: those whose activations fit the last-level cache (`cache_cap`). Measured on
-        the AutoAttack benchmark's WRN-10-1 (0.87 MB of activations per example, 32 MiB L3): APGD-T 0.66 ms
-        per example and iteration in batches of 32, 0.92 in batches of 96 (BENCHMARKS.md)."""
+        the AutoAttack benchmark's WRN-10-1 (0.87 MB of activations per example, 32 MiB L3; cap 32): APGD-T
+        0.62-0.71 ms per example and iteration in batches of 8 to 128, 0.87-0.91 in one of 163 (BENCHMARKS.md)."""
         if self._cpu_shapes is None:
             cap = cache_cap(self.shapes, activation_bytes(self.module, self._images_host.shape[1:]), cache_bytes())
             self._cpu_shapes = tuple(s for s in self.shapes if s <= cap)
