@@ -7,7 +7,7 @@ result as values. A partial batch, or the points still robust in an AutoAttack c
 smallest shape that holds it (padded less than 1.5x), or in a larger shape already compiled when the
 times measured so far say the extra padded work costs less than compiling (`plan_batches`; never past
 2x). On a CPU, where a batch's time is about proportional to its size until its activations outgrow the
-last-level cache, only the shapes that fit that cache run (`cpu_shapes`), and the rest may be split into
+last-level cache, only the shapes that fit that cache run (`plan_shapes`), and the rest may be split into
 several batches that together pad less (104 points: 96 + 8 rather than 128) when the measured times say the
 compilations pay off. Square runs in chunks of queries with the examples fooled so far dropped between chunks
 (`square_points`), so its work follows the examples left, as the original's does. Every random start is
@@ -131,10 +131,12 @@ def cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> Optional[in
 def activation_bytes(module, image_shape) -> int:
     """Bytes of every module's output in one example's forward pass: an attack step's working set per example."""
     x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), x, train=False))
-    _, state = jax.eval_shape(lambda v: module.apply(v, x, train=False, capture_intermediates=True,
-                                                     mutable=["intermediates"]), variables)
-    return sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(state))
+
+    def outputs():  # traced only (`jax.eval_shape`): no variables are allocated, nothing is computed
+        variables = module.init(jax.random.key(0), x, train=False)
+        return module.apply(variables, x, train=False, capture_intermediates=True, mutable=["intermediates"])[1]
+
+    return sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(jax.eval_shape(outputs)))
 
 
 def cache_cap(shapes: Sequence[int], per_example: int, cache: Optional[int]) -> int:
@@ -215,7 +217,7 @@ class Evaluator:
         self.batch_size, self.n = batch_size, len(labels)
         self.shapes = batch_shapes(batch_size, self.mesh.devices.size)
         # CPUs: a batch costs its size (BATCH_OVERHEAD_EXAMPLES), so the points left may go in several batches,
-        # and batches whose activations outgrow the last-level cache cost more per example (`cpu_shapes`); on
+        # and batches whose activations outgrow the last-level cache cost more per example (`plan_shapes`); on
         # an accelerator a small batch costs about a full one, so the points go in one padded batch. Several
         # processes must plan alike (their caches may differ): neither there.
         self.split_batches = self.mesh.devices.flat[0].platform == "cpu" and jax.process_count() == 1
@@ -241,10 +243,13 @@ class Evaluator:
             self._compiled[kind, name] = set()
         return self._fns[kind, name]
 
-    def cpu_shapes(self) -> Tuple[int, ...]:
-        """The shapes a CPU runs: those whose activations fit the last-level cache (`cache_cap`). Measured on
-        the AutoAttack benchmark's WRN-10-1 (0.87 MB of activations per example, 32 MiB L3; cap 32): APGD-T
-        0.62-0.71 ms per example and iteration in batches of 8 to 128, 0.87-0.91 in one of 163 (BENCHMARKS.md)."""
+    def plan_shapes(self) -> Tuple[int, ...]:
+        """The shapes a plan draws from: all of them, but on a CPU (`split_batches`) only those whose activations
+        fit the last-level cache (`cache_cap`). Measured on the AutoAttack benchmark's WRN-10-1 (0.87 MB of
+        activations per example, 32 MiB L3; cap 32): APGD-T 0.62-0.71 ms per example and iteration in batches of
+        8 to 128, 0.87-0.91 in one of 163 (BENCHMARKS.md)."""
+        if not self.split_batches:
+            return self.shapes
         if self._cpu_shapes is None:
             cap = cache_cap(self.shapes, activation_bytes(self.module, self._images_host.shape[1:]), cache_bytes())
             self._cpu_shapes = tuple(s for s in self.shapes if s <= cap)
@@ -269,8 +274,7 @@ class Evaluator:
         # plan without them (reuse within 2x).
         timed = rate is not None and jax.process_count() == 1
         cost = (rate * (work if work_left is None else work_left), compile_s) if timed else None
-        sizes = plan_batches(len(indices), self.cpu_shapes() if self.split_batches else self.shapes, compiled, cost,
-                             split=self.split_batches)
+        sizes = plan_batches(len(indices), self.plan_shapes(), compiled, cost, split=self.split_batches)
         key = jax.random.key(0) if key is None else key  # aa: folded with the run outside the program (a threefry
         # draw inside costs compile time: counter_rng.py)
         span = jnp.asarray(span, jnp.int32)

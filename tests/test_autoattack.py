@@ -275,14 +275,14 @@ def test_cpu_batches_fit_the_last_level_cache(tmp_path, monkeypatch):
     images, labels, *_ = digits_test_split()
     x = jnp.zeros((1,) + images.shape[1:])
     outputs = module.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])[1]
-    assert evaluator.activation_bytes(module, images.shape[1:]) == sum(a.size * 4 for a in jax.tree.leaves(outputs))
     per_example = evaluator.activation_bytes(module, images.shape[1:])
+    assert per_example == sum(a.size * 4 for a in jax.tree.leaves(outputs))
     monkeypatch.setattr(evaluator, "cache_bytes", lambda: 40 * per_example)  # a 40-example cache
     config = dataclasses.replace(SMALL, components=("apgd_ce", "square"))
     capped = evaluator.Evaluator(module, images, labels, eps=EPS, batch_size=120, progress=False, aa_config=config)
     plain = evaluator.Evaluator(module, images, labels, eps=EPS, batch_size=120, progress=False, aa_config=config)
     plain.split_batches = False  # as on an accelerator: full batches of 120, the rest in one padded batch
-    assert capped.cpu_shapes()[0] == 32
+    assert capped.plan_shapes()[0] == 32 and plain.plan_shapes() == plain.shapes
     ours = capped.run(variables, ("clean", "aa"), seed=1).masks
     theirs = plain.run(variables, ("clean", "aa"), seed=1).masks
     for name in ("clean", "aa"):

@@ -296,4 +296,3 @@ def test_rslad_kl_loss_is_the_kl_plus_a_constant(tr):
     g_pub, = torch.autograd.grad(published.sum(), a)
     g_exact, = torch.autograd.grad(exact.sum(), a)
     torch.testing.assert_close(g_pub, g_exact)
-
