@@ -435,5 +435,11 @@ def test_error_summary_keeps_the_innermost_reason():
                      "local file \"" + "x" * 200 + "\": File too large [os_error_code='27'] [spec='" + "{}" * 200 + "']")
     summary = store.error_summary(mid)
     assert "File too large [os_error_code='27']" in summary and len(summary) < 360, summary
+    # Only the code, after the spec (as CI's tensorstore wrote it): the operating system's words are added.
+    bare = ValueError("OUT_OF_RANGE: Error opening \"zarr\" driver: Error writing \"bad_step/.zarray\" in OCDBT "
+                      "database at local file \"" + "x" * 200 + "\" [spec='" + "{\"a\":1}" * 40 + "'] [os_error_code='27']")
+    summary = store.error_summary(bare)
+    assert summary.endswith("[os_error_code='27'] [File too large, os error 27]") and len(summary) < 400, summary
+    assert store.error_summary(ValueError("x [os_error_code=2] No such file or directory")).count("No such file") == 1
     assert not checkpoints.is_io_failure(ValueError("unsupported pytree leaf"))
     assert checkpoints.is_io_failure(ValueError("Failed to write 10 bytes: File too large [os_error_code='27']"))

@@ -47,6 +47,16 @@ def error_chain(err: Optional[BaseException]) -> List[BaseException]:
     return chain
 
 
+def with_os_reason(line: str, text: str) -> str:
+    """`line`, ending in the operating system's words for the error code in `text` when `line` lacks them
+    (tensorstore sometimes gives only `[os_error_code='27']`, after a long spec that a summary cuts)."""
+    code = re.search(r"os_error_code='?(\d+)", text)
+    if not code:
+        return line
+    reason = os.strerror(int(code.group(1)))
+    return line if reason in line else f"{line} [{reason}, os error {code.group(1)}]"
+
+
 def error_summary(err: BaseException, limit: int = 300) -> str:
     """'Type: first line' of the innermost exception behind `err` (orbax wraps tensorstore's precise error,
     'Error reading ... in OCDBT database ...: Requested byte range ... is not valid', in a generic one)."""
@@ -57,11 +67,11 @@ def error_summary(err: BaseException, limit: int = 300) -> str:
             line = text.splitlines()[0]
             if len(line) > limit:  # keep the end too: tensorstore usually puts the operating system's reason there
                 short = f"{line[:limit - limit // 3]} ... {line[-(limit // 3):]}"
-                reason = re.search(r"[^:\"]*\[os_error_code='?\d+'?\]", line)  # or in the middle, before a spec
+                reason = re.search(r"[^:\"\[\]]{0,80}\[os_error_code='?\d+'?\]", line)  # or in the middle, before a spec
                 if reason and reason.group(0) not in short:
                     short = f"{line[:limit // 2]} ... {reason.group(0).strip()} ... {line[-(limit // 6):]}"
                 line = short
-            return f"{type(e).__name__}: {line}"
+            return f"{type(e).__name__}: {with_os_reason(line, text)}"
     return type(chain[0]).__name__
 
 
