@@ -27,7 +27,7 @@ def wrn():
     """A WRN-10-1 with random weights (robustness does not matter here) and its clean predictions on digits."""
     module = store.build_module(SPEC)
     shapes = store.abstract_variables(module, (16, 16, 3))  # no init program to compile
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(1)  # seed 0's weights put one example's margin at 1.8e-4: within rounding
     variables = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape).astype(np.float32)), shapes)
     variables["batch_stats"] = jax.tree.map(lambda v: jnp.abs(v) + 0.5, variables["batch_stats"])
     test = data.load_dataset("digits", "test")
