@@ -25,7 +25,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import jax
 import orbax.checkpoint as ocp
 
-from mmard_jax.models.store import BEST, CheckpointError, error_chain, error_summary
+from mmard_jax.errors import CheckpointError, CheckpointWriteError
+from mmard_jax.models.store import BEST, error_chain, error_summary
 
 LATEST = "checkpoints/latest"
 UNREADABLE = "checkpoints/unreadable"  # where unreadable latest checkpoints are moved on a fallback
@@ -33,10 +34,6 @@ KEEP_LATEST = 2
 # How tensorstore words an operating-system failure inside the ValueError it raises for a failed write.
 _IO_FAILURE = re.compile(r"os_error_code|No space left|Read-only file system|File too large|Disk quota|"
                          r"Permission denied|Input/output error", re.IGNORECASE)
-
-
-class CheckpointWriteError(CheckpointError):
-    """A checkpoint could not be written (read-only or full disk); the previous one is intact."""
 
 
 def _manager(directory: pathlib.Path, max_to_keep: int, best_metric: Optional[str] = None) -> ocp.CheckpointManager:

@@ -27,11 +27,8 @@ from ml_collections import config_flags
 from mmard_jax import checkpoints, cli, config_guard, config_lib, data, distributed, evaluator, files, methods, models
 from mmard_jax import parallel, preemption, reporting, runtime, train_step, xla_env
 from mmard_jax.attacks import autoattack, suite
+from mmard_jax.errors import ConfigError, NonFiniteLossError
 from mmard_jax.models import store
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss or a gradient became NaN/inf; the run stopped and kept its last good checkpoint."""
 
 
 def due(step: int, every: int, last: bool = False) -> bool:
@@ -44,15 +41,15 @@ def check_config(config) -> None:
     for field in ("attacks", "final_attacks"):
         unknown = [a for a in config.eval[field] if a not in suite.ATTACKS]
         if unknown:
-            raise cli.UserError(f"config.eval.{field}: unknown attack(s) {unknown}; known: {', '.join(suite.ATTACKS)}")
+            raise ConfigError(f"config.eval.{field}: unknown attack(s) {unknown}; known: {', '.join(suite.ATTACKS)}")
     if config.best_metric not in config.eval.attacks:
-        raise cli.UserError(f"config.best_metric={config.best_metric!r} is not evaluated during training "
-                            f"(config.eval.attacks={tuple(config.eval.attacks)}): the best checkpoint could never be chosen")
+        raise ConfigError(f"config.best_metric={config.best_metric!r} is not evaluated during training "
+                          f"(config.eval.attacks={tuple(config.eval.attacks)}): the best checkpoint could never be chosen")
     for name in ("batch_size", "num_epochs", "eval.batch_size"):
         cli.positive_int(f"config.{name}", _get(config, name))
     for name in ("dataset.n_train", "eval.n_examples"):  # -1 (or any negative) means the whole split
         if _get(config, name) == 0:
-            raise cli.UserError(f"--config.{name}=0: give a positive number of examples, or -1 for the whole split")
+            raise ConfigError(f"--config.{name}=0: give a positive number of examples, or -1 for the whole split")
     for name in ("attack.eps", "eval.eps"):
         cli.parse_eps(_get(config, name), f"config.{name}")
     cli.choice("config.dataset.name", config.dataset.name, data.DATASETS)
@@ -61,13 +58,13 @@ def check_config(config) -> None:
     try:
         config_lib.resolve_method(config.method)
     except ValueError as err:
-        raise cli.UserError(f"config.method: {err}") from None
+        raise ConfigError(f"config.method: {err}") from None
     mesh = parallel.data_mesh()
     for name in ("batch_size", "eval.batch_size"):
         try:
             parallel.check_divisible(_get(config, name), mesh, f"config.{name}")
         except ValueError as err:
-            raise cli.UserError(str(err)) from None
+            raise ConfigError(str(err)) from None
 
 
 def _get(config, dotted: str):
@@ -127,11 +124,11 @@ def load_data(config):
 def load_frozen(cfg, role: str, num_classes: int, input_shape):
     """(module, variables) of a teacher named in the config; clear errors for a missing or mismatched one."""
     if not cfg.checkpoint:
-        raise cli.UserError(f"this method needs a {role}: set --config.{role}.checkpoint to a model directory "
-                            f"(from `python -m mmard_jax.convert`) or a training workdir of this project")
+        raise ConfigError(f"this method needs a {role}: set --config.{role}.checkpoint to a model directory "
+                          f"(from `python -m mmard_jax.convert`) or a training workdir of this project")
     module, variables = store.load_model(cfg.checkpoint, dtype=cfg.dtype, input_shape=input_shape)
     if module.num_classes != num_classes:
-        raise cli.UserError(f"{role} {cfg.checkpoint} has {module.num_classes} classes, the data set {num_classes}")
+        raise ConfigError(f"{role} {cfg.checkpoint} has {module.num_classes} classes, the data set {num_classes}")
     return module, variables
 
 

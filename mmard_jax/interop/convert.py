@@ -23,6 +23,7 @@ from absl import app, flags
 from flax import traverse_util
 
 from mmard_jax import cli, models, runtime, xla_env
+from mmard_jax.errors import ConversionError
 from mmard_jax.interop import naming, zoo
 from mmard_jax.models import dm_preact_resnet, store
 
@@ -41,10 +42,6 @@ UNUSED_PREFIXES = {
 }
 _LIST_LIMIT = 25  # keys shown per list in a mismatch error
 DEEPMIND_ARCHS = ("dm_wide_resnet", "dm_preact_resnet")  # activation and mean/std live in code, not in the file
-
-
-class ConversionError(ValueError):
-    """A checkpoint that cannot be read safely or does not fit the chosen architecture."""
 
 
 # ---------------------------------------------------------------- reading

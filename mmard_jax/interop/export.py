@@ -17,16 +17,13 @@ import numpy as np
 from absl import app, flags
 
 from mmard_jax import cli, models, runtime, xla_env
+from mmard_jax.errors import ExportError
 from mmard_jax.interop import naming
 from mmard_jax.models import store
 
 SUB_BLOCK1 = "sub_block1."
 # Our DeepMind activation names -> the PyTorch class RobustBench passes as `activation_fn`.
 TORCH_ACTIVATIONS = {"swish": "Swish", "silu": "nn.SiLU", "relu": "nn.ReLU"}
-
-
-class ExportError(ValueError):
-    """A source that cannot be exported as asked."""
 
 
 def _torch():

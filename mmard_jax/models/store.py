@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from mmard_jax import distributed, files
+from mmard_jax.errors import CheckpointError
 from mmard_jax.models.registry import create
 
 FORMAT = "mmard_jax.model/1"
@@ -32,10 +33,6 @@ BEST = "checkpoints/best"  # where a training workdir keeps its best student (an
 COLLECTIONS = ("params", "batch_stats")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-class CheckpointError(ValueError):
-    """A directory that is not a usable model directory or training workdir (the message says what is wrong)."""
 
 
 def error_chain(err: Optional[BaseException]) -> List[BaseException]:
