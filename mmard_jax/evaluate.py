@@ -30,11 +30,6 @@ FLAGS = flags.FLAGS
 DEFAULT_ATTACKS = ("clean", "fgsm", "pgd_s", "pgd_t", "cw", "aa")
 
 
-def parse_eps(text: str) -> float:
-    """'8/255' or '0.0314' -> a radius in (0, 1] (a UserError otherwise)."""
-    return cli.parse_eps(text)
-
-
 def aa_config_from(n_iter: int = 100, n_targets: int = 9, square_queries: int = 5000,
                    restarts: int = 1) -> autoattack.AutoAttackConfig:
     """AutoAttack settings from the CLI's budget flags (the defaults give the standard version)."""
@@ -75,7 +70,7 @@ def evaluate_model(
     start = time.perf_counter()
     gradients = ev.gradient_health(variables)
     seconds["gradient_check"] = time.perf_counter() - start
-    accuracy = reporting.mean_accuracies(masks)
+    accuracy = evaluator.EvalResult(masks, aa_result, seconds).accuracies()
     report: Dict[str, Any] = {
         "masks": masks,
         "accuracy": accuracy,
@@ -176,7 +171,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     check_flags()
-    eps = parse_eps(FLAGS.eps)
+    eps = cli.parse_eps(FLAGS.eps)
     runtime.quiet_logging()  # before joining: jax.distributed logs at INFO level
     distributed.initialize_from_flags()
     with distributed.exit_on_lost_process(FLAGS.heartbeat_timeout, then="Rerun the same commands."):
@@ -210,6 +205,8 @@ def run_evaluation(
 ) -> Dict[str, Any]:
     """The CLI's work: load the checkpoint and the test split, evaluate, write and print the report."""
     checkpoint = pathlib.Path(checkpoint).absolute()
+    mesh = parallel.data_mesh()
+    parallel.check_divisible(batch_size, mesh, "--batch_size")  # the run's one check, before anything loads
     test = data.load_dataset(dataset, "test", data_dir=data_dir, source=source)
     images, labels = test.images, test.labels
     if n_examples > 0:
@@ -217,11 +214,6 @@ def run_evaluation(
     module, variables = store.load_model(checkpoint, dtype=dtype, input_shape=images.shape[1:])
     if module.num_classes != test.num_classes:
         raise cli.UserError(f"{checkpoint} has {module.num_classes} classes, {dataset} has {test.num_classes}")
-    mesh = parallel.data_mesh()
-    try:
-        parallel.check_divisible(batch_size, mesh, "--batch_size")
-    except ValueError as err:
-        raise cli.UserError(str(err)) from None
     start = time.perf_counter()
     report = evaluate_model(module, variables, images, labels, attacks, eps=eps, batch_size=batch_size, seed=seed,
                             mesh=mesh, unroll=runtime.resolve_unroll(unroll), aa_config=aa_config,

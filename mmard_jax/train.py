@@ -61,10 +61,7 @@ def check_config(config) -> None:
         raise ConfigError(f"config.method: {err}") from None
     mesh = parallel.data_mesh()
     for name in ("batch_size", "eval.batch_size"):
-        try:
-            parallel.check_divisible(_get(config, name), mesh, f"config.{name}")
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+        parallel.check_divisible(_get(config, name), mesh, f"config.{name}")
 
 
 def _get(config, dotted: str):
@@ -169,9 +166,7 @@ def step_settings(config) -> train_step.StepSettings:
 
 def setup(config, workdir: pathlib.Path, progress: bool, guard) -> Run:
     """Data, networks, optimizers, evaluator, checkpoints and metric sinks of a run (no state yet)."""
-    mesh = parallel.data_mesh()
-    parallel.check_divisible(config.batch_size, mesh, "batch_size")
-    parallel.check_divisible(config.eval.batch_size, mesh, "eval.batch_size")
+    mesh = parallel.data_mesh()  # its batch sizes divide: check_config ran first
     train, test = load_data(config)
     method = config_lib.resolve_method(config.method)
     nets, frozen, spec = build_networks(config, method, train.num_classes, train.images.shape[1:])
