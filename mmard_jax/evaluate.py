@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from mmard_jax import cli, data, distributed, evaluator, files, parallel, reporting, runtime, xla_env
+from mmard_jax import checkpoints, cli, data, distributed, evaluator, files, parallel, reporting, runtime, xla_env
 from mmard_jax.attacks import autoattack, suite
 from mmard_jax.models import store
 
@@ -211,7 +211,7 @@ def run_evaluation(
     images, labels = test.images, test.labels
     if n_examples > 0:
         images, labels = images[:n_examples], labels[:n_examples]
-    module, variables = store.load_model(checkpoint, dtype=dtype, input_shape=images.shape[1:])
+    module, variables = checkpoints.load_model(checkpoint, dtype=dtype, input_shape=images.shape[1:])
     if module.num_classes != test.num_classes:
         raise cli.UserError(f"{checkpoint} has {module.num_classes} classes, {dataset} has {test.num_classes}")
     start = time.perf_counter()

@@ -123,7 +123,7 @@ def load_frozen(cfg, role: str, num_classes: int, input_shape):
     if not cfg.checkpoint:
         raise ConfigError(f"this method needs a {role}: set --config.{role}.checkpoint to a model directory "
                           f"(from `python -m mmard_jax.convert`) or a training workdir of this project")
-    module, variables = store.load_model(cfg.checkpoint, dtype=cfg.dtype, input_shape=input_shape)
+    module, variables = checkpoints.load_model(cfg.checkpoint, dtype=cfg.dtype, input_shape=input_shape)
     if module.num_classes != num_classes:
         raise ConfigError(f"{role} {cfg.checkpoint} has {module.num_classes} classes, the data set {num_classes}")
     return module, variables
@@ -255,8 +255,8 @@ def final_evaluation(run: Run, meta, records) -> Dict[str, float]:
     final = {a: best_record[f"test_{a}"] for a in attacks if f"test_{a}" in best_record}
     missing = [a for a in attacks if a not in final]
     if missing:
-        _, variables = store.load_model(run.workdir, dtype=run.config.student.dtype,
-                                        input_shape=run.input_shape)
+        _, variables = checkpoints.load_model(run.workdir, dtype=run.config.student.dtype,
+                                              input_shape=run.input_shape)
         result = run.evaluator.run(variables, missing, seed=eval_seed(run.config, meta["best_epoch"]))
         final.update(result.accuracies())
     return {a: final[a] for a in attacks}
@@ -320,10 +320,10 @@ def record_start(workdir: pathlib.Path, config, extend_epochs: bool) -> None:
 
 
 def teacher_fingerprints(config) -> Dict[str, str]:
-    """What the teachers the method uses hold (store.fingerprint), recorded in config.json: a resume whose teacher
+    """What the teachers the method uses hold (checkpoints.fingerprint), recorded in config.json: a resume whose teacher
     changed behind the same path is refused like any other change of what is trained."""
     used = config_lib.resolve_method(config.method).networks()
-    return {role: store.fingerprint(config[role].checkpoint) if pathlib.Path(config[role].checkpoint).is_dir()
+    return {role: checkpoints.fingerprint(config[role].checkpoint) if pathlib.Path(config[role].checkpoint).is_dir()
             else "missing" for role in ("teacher", "teacher2") if role in used}
 
 

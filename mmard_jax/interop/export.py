@@ -16,7 +16,7 @@ from typing import Any, Dict, Mapping
 import numpy as np
 from absl import app, flags
 
-from mmard_jax import cli, models, runtime, xla_env
+from mmard_jax import checkpoints, cli, models, runtime, xla_env
 from mmard_jax.errors import ExportError
 from mmard_jax.interop import naming
 from mmard_jax.models import store
@@ -110,7 +110,7 @@ def export_model(src, dst, sub_block1: bool = False, progress=None) -> pathlib.P
     spec = store.read_spec(src)
     if progress:
         progress(f"loading {src} ({spec['arch']}, {spec['num_classes']} classes)")
-    _, variables = store.load_model(src)
+    _, variables = checkpoints.load_model(src)
     state = to_torch_state_dict(variables, spec["arch"], sub_block1=sub_block1)
     out = save_state_dict(state, dst)
     if progress:
