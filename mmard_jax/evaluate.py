@@ -22,7 +22,8 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from mmard_jax import checkpoints, cli, data, distributed, evaluator, files, parallel, reporting, runtime, xla_env
+from mmard_jax import checkpoints, cli, data, distributed, evaluator, files, parallel, reporting, runtime, stopping
+from mmard_jax import xla_env
 from mmard_jax.attacks import autoattack, suite
 from mmard_jax.models import store
 
@@ -174,7 +175,7 @@ def main(argv):
     eps = cli.parse_eps(FLAGS.eps)
     runtime.quiet_logging()  # before joining: jax.distributed logs at INFO level
     distributed.initialize_from_flags()
-    with distributed.exit_on_lost_process(FLAGS.heartbeat_timeout, then="Rerun the same commands."):
+    with stopping.exit_on_lost_process(FLAGS.heartbeat_timeout, then="Rerun the same commands."):
         runtime.enable_compilation_cache()
         run_evaluation(
             FLAGS.checkpoint, FLAGS.dataset, FLAGS.attacks, n_examples=FLAGS.n_examples or -1,

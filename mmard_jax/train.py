@@ -25,7 +25,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mmard_jax import checkpoints, cli, config_guard, config_lib, data, distributed, evaluator, files, methods, models
-from mmard_jax import parallel, preemption, reporting, runtime, train_step, xla_env
+from mmard_jax import parallel, preemption, reporting, runtime, stopping, train_step, xla_env
 from mmard_jax.attacks import autoattack, suite
 from mmard_jax.errors import ConfigError, NonFiniteLossError
 from mmard_jax.models import store
@@ -93,7 +93,7 @@ class Run:
     ckpt: checkpoints.TrainCheckpoints
     sinks: reporting.MetricSinks
     guard: preemption.PreemptionGuard
-    agree: distributed.StopAgreement
+    agree: stopping.StopAgreement
     meta: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"best_value": -math.inf, "best_epoch": -1})
     step_fns: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -184,7 +184,7 @@ def setup(config, workdir: pathlib.Path, progress: bool, guard) -> Run:
     return Run(config, workdir, mesh, method, nets, parallel.put_replicated(frozen, mesh), txs, schedule,
                step_settings(config), images, labels, len(train), train.images.shape[1:], steps_per_epoch, ev,
                checkpoints.TrainCheckpoints(workdir, config.best_metric, say=sinks.say), sinks,
-               guard, distributed.StopAgreement(mesh))
+               guard, stopping.StopAgreement(mesh))
 
 
 def restore_or_init(run: Run):
@@ -277,7 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, progress: 
     workdir = pathlib.Path(workdir).absolute()
     check_config(config)
     workdir.mkdir(parents=True, exist_ok=True)
-    with distributed.workdir_lock(workdir), preemption.PreemptionGuard() as guard:
+    with distributed.workdir_lock(workdir) as lock, stopping.on_hard_exit(lock.release if lock else None), \
+            preemption.PreemptionGuard() as guard:
         record_start(workdir, config, extend_epochs)
         run = setup(config, workdir, progress, guard)
         state = restore_or_init(run)
@@ -371,7 +372,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     runtime.quiet_logging()  # before joining: jax.distributed logs at INFO level
     distributed.initialize_from_flags()
-    with distributed.exit_on_lost_process(FLAGS.heartbeat_timeout):
+    with stopping.exit_on_lost_process(FLAGS.heartbeat_timeout):
         runtime.enable_compilation_cache()
         summary = train_and_evaluate(FLAGS.config, FLAGS.workdir, extend_epochs=FLAGS.extend_epochs)
         if parallel.is_primary():
