@@ -153,6 +153,8 @@ def define_flags():
     flags.DEFINE_bool("tf32", False, "Allow TF32 matmuls/convolutions for float32 models on GPUs (faster; the report "
                       "then says 'custom', not 'standard'). Default: full float32 precision.")
     distributed.define_flags()
+    xla_env.define_flags()
+    runtime.define_flags()
     flags.mark_flags_as_required(["checkpoint"])
 
 
@@ -169,6 +171,7 @@ def check_flags() -> None:
 
 
 def main(argv):
+    xla_env.apply_cpu_defaults(FLAGS.xla_cpu_defaults)  # first: before anything may start a JAX backend
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     check_flags()
@@ -176,7 +179,7 @@ def main(argv):
     runtime.quiet_logging()  # before joining: jax.distributed logs at INFO level
     distributed.initialize_from_flags()
     with stopping.exit_on_lost_process(FLAGS.heartbeat_timeout, then="Rerun the same commands."):
-        runtime.enable_compilation_cache()
+        runtime.enable_compilation_cache(FLAGS.compilation_cache)
         run_evaluation(
             FLAGS.checkpoint, FLAGS.dataset, FLAGS.attacks, n_examples=FLAGS.n_examples or -1,
             batch_size=FLAGS.batch_size, eps=eps, seed=FLAGS.seed, output=FLAGS.output, data_dir=FLAGS.data_dir,
@@ -244,7 +247,6 @@ def run_evaluation(
 
 def run():
     """Console-script entry point (`mmard-evaluate`)."""
-    xla_env.apply_cpu_defaults()
     define_flags()
     cli.run(main)
 

@@ -364,16 +364,19 @@ def define_flags():
     flags.DEFINE_bool("extend_epochs", False, "Allow a resume with a larger --config.num_epochs (recorded in "
                       "history.jsonl; the learning-rate schedule is then that of the longer run).")
     distributed.define_flags()
+    xla_env.define_flags()
+    runtime.define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
+    xla_env.apply_cpu_defaults(FLAGS.xla_cpu_defaults)  # first: before anything may start a JAX backend
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     runtime.quiet_logging()  # before joining: jax.distributed logs at INFO level
     distributed.initialize_from_flags()
     with stopping.exit_on_lost_process(FLAGS.heartbeat_timeout):
-        runtime.enable_compilation_cache()
+        runtime.enable_compilation_cache(FLAGS.compilation_cache)
         summary = train_and_evaluate(FLAGS.config, FLAGS.workdir, extend_epochs=FLAGS.extend_epochs)
         if parallel.is_primary():
             print(reporting.summary_markdown(summary))
@@ -381,7 +384,6 @@ def main(argv):
 
 def run():
     """Console-script entry point (`mmard-train`)."""
-    xla_env.apply_cpu_defaults()
     define_flags()
     cli.run(main)
 

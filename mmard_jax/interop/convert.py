@@ -415,6 +415,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_classes", None, "Number of classes, with --arch.")
     flags.DEFINE_bool("overwrite", False, "Replace --dst if it exists.")
     flags.DEFINE_bool("list", False, "Print the supported RobustBench names and exit.")
+    xla_env.define_flags()
 
 
 def _parse_kwargs(text: str) -> Dict[str, Any]:
@@ -436,6 +437,7 @@ def _print_table() -> None:
 
 def main(argv) -> None:
     """Runs one conversion from the flags; a ConversionError is one line on stderr and status 2 (`cli.run`)."""
+    xla_env.apply_cpu_defaults(flags.FLAGS.xla_cpu_defaults)  # first: before anything may start a JAX backend
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     runtime.quiet_logging()
@@ -457,7 +459,6 @@ def main(argv) -> None:
 
 def run() -> None:
     """Console-script entry point (`mmard-convert`)."""
-    xla_env.apply_cpu_defaults()
     define_flags()
     cli.run(main)
 

@@ -126,11 +126,13 @@ def define_flags() -> None:
     flags.DEFINE_string("src", None, "Model directory (from mmard_jax.convert) or training workdir (best checkpoint).")
     flags.DEFINE_string("dst", None, "Output file: .pt/.pth (torch.save of a plain dict) or .safetensors.")
     flags.DEFINE_bool("sub_block1", False, "Add TRADES's unused sub_block1.* (WideResNet(..., sub_block1=True)).")
+    xla_env.define_flags()
     flags.mark_flags_as_required(["src", "dst"])
 
 
 def main(argv) -> None:
     """Runs one export from the flags; a bad source is one line on stderr and status 2 (`cli.run`)."""
+    xla_env.apply_cpu_defaults(flags.FLAGS.xla_cpu_defaults)  # first: before anything may start a JAX backend
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     runtime.quiet_logging()
@@ -143,7 +145,6 @@ def main(argv) -> None:
 
 def run() -> None:
     """Console-script entry point (`mmard-export`)."""
-    xla_env.apply_cpu_defaults()
     define_flags()
     cli.run(main)
 
