@@ -113,7 +113,7 @@ def detect_cluster(environ=None) -> Optional[Cluster]:
 
 
 def split_address(address: str, what: str = "--coordinator_address") -> tuple:
-    """'HOST:PORT' (or '[v6]:PORT') -> (host, port); a UserError naming the flag otherwise."""
+    """'HOST:PORT' (or '[v6]:PORT') -> (host, port); a DistributedStartError naming the flag otherwise."""
     host, sep, port = str(address).rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -136,25 +136,27 @@ def check_port_free(address: str) -> None:
             return
         except OSError as err:
             if err.errno == errno.EADDRINUSE:
-                raise DistributedStartError(f"--coordinator_address={address}: port {port} is in use on this machine, where "
-                                    f"process 0 starts the coordination service; choose another port") from None
+                raise DistributedStartError(f"--coordinator_address={address}: port {port} is in use on this machine, "
+                                            f"where process 0 starts the coordination service; choose another port"
+                                            ) from None
     # neither family could bind for another reason (no IPv6, no permission): let JAX report it
 
 
 def wait_reachable(address: str, deadline: float) -> None:
-    """Until `deadline` (time.monotonic), tries TCP connections to the coordinator; a UserError naming it if none
+    """Until `deadline` (time.monotonic), tries TCP connections to the coordinator; an error naming it if none
     succeeds (JAX's own wait would end in an abort that Python cannot catch)."""
     host, port = split_address(address)
     try:
         socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as err:
-        raise DistributedStartError(f"--coordinator_address={address}: cannot resolve host {host!r} ({err.strerror})") from None
+        raise DistributedStartError(
+            f"--coordinator_address={address}: cannot resolve host {host!r} ({err.strerror})") from None
     last = "no answer"
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise DistributedStartError(f"the coordinator at {address} did not answer ({last}) within the --init_timeout: is "
-                                f"process 0 running there, and is the port open between the machines?")
+            raise DistributedStartError(f"the coordinator at {address} did not answer ({last}) within the --init_timeout: "
+                                        f"is process 0 running there, and is the port open between the machines?")
         try:
             with socket.create_connection((host, port), timeout=min(2.0, max(left, 0.1))):
                 return
@@ -169,7 +171,8 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     """Joins a multi-process run (explicit arguments, or SLURM/Open MPI detection); False if single-process."""
     explicit = [v is not None for v in (coordinator_address, num_processes, process_id)]
     if any(explicit) and not all(explicit):
-        raise DistributedStartError("--coordinator_address, --num_processes and --process_id go together: give all three")
+        raise DistributedStartError(
+            "--coordinator_address, --num_processes and --process_id go together: give all three")
     for name, value in (("init_timeout", init_timeout), ("heartbeat_timeout", heartbeat_timeout)):
         cli.positive_int(name, value)
     if all(explicit):
@@ -201,7 +204,8 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
         jax.distributed.initialize(coordinator_address, num_processes, process_id, initialization_timeout=left,
                                    heartbeat_timeout_seconds=heartbeat_timeout)
     except (ValueError, TypeError, RuntimeError) as err:  # bad arguments, or JAX started already; a timeout aborts
-        raise DistributedStartError(f"could not join the multi-process run at {shown}: {cli.one_line(str(err))[:300]}") from err
+        raise DistributedStartError(
+            f"could not join the multi-process run at {shown}: {cli.one_line(str(err))[:300]}") from err
     return True
 
 

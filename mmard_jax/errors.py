@@ -9,9 +9,9 @@ imports nothing from jax or the package, so `cli` and layer-1 modules can use it
 from typing import Optional, Sequence
 
 __all__ = [
-    "UserError", "ConfigError", "ConfigChangedError", "WorkdirLockedError", "DatasetNotFoundError", "DatasetFormatError",
-    "DownloadError", "CheckpointError", "CheckpointWriteError", "NonFiniteLossError", "ConversionError",
-    "ExportError", "DistributedStartError",
+    "UserError", "ConfigError", "ConfigChangedError", "WorkdirLockedError", "DatasetNotFoundError",
+    "DatasetFormatError", "DownloadError", "CheckpointError", "CheckpointWriteError", "NonFiniteLossError",
+    "ConversionError", "ExportError", "DistributedStartError",
 ]
 
 

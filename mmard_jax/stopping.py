@@ -140,7 +140,8 @@ def exit_on_lost_process(heartbeat_timeout: int = distributed.DEFAULT_HEARTBEAT_
         if heartbeat_lost(err):  # the coordination service has declared them dead: JAX aborts us any moment
             _hard_exit(me, n, heartbeat_lost(err), "no heartbeat", cause, then)
         gone = "" if me == 0 else "; if process 0 is gone, its coordination service is too, and JAX ends this process"
-        distributed.say(f"process {me} of {n}: a collective failed; asking the others to report (up to {wait:.0f} s{gone})")
+        distributed.say(f"process {me} of {n}: a collective failed; asking the others to report "
+                        f"(up to {wait:.0f} s{gone})")
         try:
             if me != 0 and not _coordinator_listening():
                 lost, how = [0], "its coordination service does not answer"
