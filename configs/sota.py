@@ -25,13 +25,12 @@ LAYOUT = {"rows": "method", "groups": "setting", "columns": ("clean", "pgd_s", "
 
 
 def get_config(arg=None):
-    a = config_lib.parse_arg(arg, method="adaad", setting="resnet18_cifar10", plugins="", teacher="")
+    a = config_lib.parse_arg(arg, method="adaad", setting="resnet18_cifar10", plugins=(), teacher="")
     if a["setting"] not in SETTINGS:
         raise ValueError(f"unknown setting {a['setting']!r}; known: {', '.join(SETTINGS)}")
     student, dataset = SETTINGS[a["setting"]]
-    plugins = tuple(p for p in a["plugins"].split("+") if p)
     teacher = a["teacher"] or TEACHER.get((dataset, a["method"]))
-    c = config_lib.base_config(a["method"], student, dataset, teacher, plugins=plugins)
+    c = config_lib.base_config(a["method"], student, dataset, teacher, plugins=a["plugins"])
     c = config_lib.apply_recipe(c, a["method"])
     c.eval.final_attacks = ("clean", "fgsm", "pgd_s", "pgd_t", "cw", "aa")
     if "igdm" in c.method.plugins or a["method"] == "igdm":

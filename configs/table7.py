@@ -24,10 +24,10 @@ LAYOUT = {"rows": "alpha", "columns": ("clean", "fgsm", "pgd_s", "pgd_t", "cw", 
 
 
 def get_config(arg=None):
-    a = config_lib.parse_arg(arg, alpha="1", reading="default")
+    a = config_lib.parse_arg(arg, alpha=1.0, reading="default")
     if a["reading"] not in READINGS:
         raise ValueError(f"unknown reading {a['reading']!r}; known: {', '.join(READINGS)}")
-    alpha = float(a["alpha"])
+    alpha = a["alpha"]
     # At alpha = 0 the TRD term is gone: its readings do not apply (get_method refuses them), the KL one does.
     reading = {k: v for k, v in READINGS[a["reading"]].items() if alpha != 0.0 or k == "kl_class_mean"}
     return config_lib.paper_config("mmard", "resnet18", "cifar10", alpha=alpha, **reading)

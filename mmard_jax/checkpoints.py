@@ -11,6 +11,9 @@ checkpoint is moved to `checkpoints/unreadable/` (kept for inspection), so that 
 again. A write that fails (full or read-only disk) leaves the previous checkpoint intact and raises
 CheckpointWriteError. Every process of a multi-process run calls every method here (orbax's protocol:
 the primary process writes metadata).
+
+A workdir's model.json (the student's spec) and its best student make it usable as a model directory:
+`load_model` and `fingerprint` read a model directory or a workdir (`variables_dir` knows both layouts).
 """
 
 import contextlib
@@ -18,25 +21,20 @@ import datetime
 import logging
 import os
 import pathlib
-import re
 import sys
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
 
-from mmard_jax.models.store import BEST, CheckpointError, error_chain, error_summary
+from mmard_jax.errors import CheckpointError, CheckpointWriteError
+from mmard_jax.models import store
+from mmard_jax.tensorstore_errors import error_summary, is_io_failure
 
 LATEST = "checkpoints/latest"
+BEST = "checkpoints/best"  # the best student: <step>/variables (an orbax CheckpointManager)
 UNREADABLE = "checkpoints/unreadable"  # where unreadable latest checkpoints are moved on a fallback
 KEEP_LATEST = 2
-# How tensorstore words an operating-system failure inside the ValueError it raises for a failed write.
-_IO_FAILURE = re.compile(r"os_error_code|No space left|Read-only file system|File too large|Disk quota|"
-                         r"Permission denied|Input/output error", re.IGNORECASE)
-
-
-class CheckpointWriteError(CheckpointError):
-    """A checkpoint could not be written (read-only or full disk); the previous one is intact."""
 
 
 def _manager(directory: pathlib.Path, max_to_keep: int, best_metric: Optional[str] = None) -> ocp.CheckpointManager:
@@ -64,9 +62,33 @@ def holds_run(workdir) -> bool:
     return bool(committed_steps(workdir / LATEST) or committed_steps(workdir / BEST))
 
 
-def is_io_failure(err: BaseException) -> bool:
-    """Whether an exception (or one it was raised from) is the operating system refusing a write."""
-    return any(isinstance(e, OSError) or _IO_FAILURE.search(str(e)) for e in error_chain(err))
+def best_step(directory: pathlib.Path) -> Optional[int]:
+    """The step of a workdir's best checkpoint (the highest finished step directory), None if there is none."""
+    steps = [int(p.name) for p in directory.glob("*") if p.name.isdigit() and (p / store.VARIABLES_DIR).is_dir()]
+    return max(steps) if steps else None
+
+
+def variables_dir(directory) -> pathlib.Path:
+    """Where a model directory or a training workdir (its best student) keeps the model's variables."""
+    directory = pathlib.Path(directory)
+    if (directory / store.VARIABLES_DIR).is_dir():
+        return directory / store.VARIABLES_DIR
+    if (directory / BEST).is_dir():
+        step = best_step(directory / BEST)
+        if step is None:
+            raise CheckpointError(f"{directory / BEST} holds no checkpoint yet (no evaluation has finished)")
+        return directory / BEST / str(step) / store.VARIABLES_DIR
+    raise CheckpointError(f"{directory}: found {store.SPEC_FILE} but neither {store.VARIABLES_DIR}/ nor {BEST}/")
+
+
+def load_model(directory, dtype: str = "float32", input_shape=(32, 32, 3)) -> Tuple[Any, Dict[str, Any]]:
+    """(module, variables) of a model directory or of a training workdir's best student (`store.load_model`)."""
+    return store.load_model(directory, dtype, input_shape, locate=variables_dir)
+
+
+def fingerprint(directory) -> str:
+    """`store.fingerprint` of a model directory or a training workdir (its best student)."""
+    return store.fingerprint(directory, locate=variables_dir)
 
 
 def _is_abandoned_write_noise(exc: BaseException) -> bool:

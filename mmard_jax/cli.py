@@ -10,10 +10,9 @@ Exit statuses of a program started with `run`:
   130  interrupted by Ctrl-C outside a PreemptionGuard (`PROG: interrupted`)
   128+N  a `preemption.PreemptedError` after signal N (143 for SIGTERM, 130 for SIGINT): the run saved and stopped
 
-User errors are `UserError` and its subclasses, absl's flag errors and `app.UsageError`, config files that
-ml_collections cannot load or overrides naming keys the config lacks, and the project's own error classes in
-`USER_ERRORS` (matched by name, so this module imports neither jax nor those modules). Set MMARD_JAX_TRACEBACK=1
-to get the full traceback of a user error too.
+User errors are `errors.UserError` and its subclasses (every error class of the project a user can fix), absl's
+flag errors and `app.UsageError`, and config files that ml_collections cannot load or overrides naming keys the
+config lacks. Set MMARD_JAX_TRACEBACK=1 to get the full traceback of a user error too.
 """
 
 import difflib
@@ -23,36 +22,21 @@ import pathlib
 import re
 import sys
 import traceback
-from typing import Any, Callable, Iterable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 from absl import app, flags
 
 from mmard_jax import preemption
+from mmard_jax.errors import UserError
 
 TRACEBACK_ENV = "MMARD_JAX_TRACEBACK"
 USER_ERROR_STATUS = 2
 INTERRUPT_STATUS = 130
-
-# Errors a user can fix, by (defining module, class name): a table, so that this module needs no import of them.
-USER_ERRORS = (
-    ("absl.flags._exceptions", "Error"),  # IllegalFlagValueError, UnrecognizedFlagError, ValidationError, ...
-    ("absl.app", "UsageError"),
-    ("mmard_jax.data.datasets", "DatasetNotFoundError"),
-    ("mmard_jax.data.cifar", "DatasetFormatError"),
-    ("mmard_jax.data.download", "DownloadError"),
-    ("mmard_jax.models.store", "CheckpointError"),
-    ("mmard_jax.checkpoints", "CheckpointWriteError"),
-    ("mmard_jax.train", "NonFiniteLossError"),
-    ("mmard_jax.interop.convert", "ConversionError"),
-    ("mmard_jax.interop.export", "ExportError"),
-)
+# Errors a user can fix besides the project's own: absl's flag errors (IllegalFlagValueError, ...) and UsageError.
+_ABSL_USER_ERRORS = (flags.Error, app.UsageError)
 # Raised by ml_collections when a program touches a config whose file could not be loaded.
 _CONFIG_NOT_LOADED = "Configuration is not available because of an earlier failure to load"
 _CONFIG_PARSE = "Error whilst parsing config file:"
-
-
-class UserError(ValueError):
-    """An error the user can fix (a flag, a path, a setting): the CLI prints its message as one line, status 2."""
 
 
 # ---------------------------------------------------------------- classifying and formatting
@@ -69,28 +53,16 @@ def one_line(text: str) -> str:
 
 
 def _main_module_name() -> Optional[str]:
-    """The importable name of __main__ ('mmard_jax.train' under `python -m`), so its classes match USER_ERRORS."""
+    """The importable name of __main__ ('mmard_jax.train' under `python -m`), for PROG in messages."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     return getattr(spec, "name", None)
 
 
-def _names(cls: type) -> Iterable[tuple]:
-    """(module, qualname) of a class and of its bases, with '__main__' also under its importable name."""
-    main_name = _main_module_name()
-    for c in cls.__mro__:
-        yield c.__module__, c.__qualname__
-        if c.__module__ == "__main__" and main_name:
-            yield main_name, c.__qualname__
-
-
 def is_user_error(err: BaseException) -> bool:
     """Whether `err` is one a user can fix (see the module docstring), rather than a bug."""
-    if isinstance(err, UserError):
+    if isinstance(err, (UserError,) + _ABSL_USER_ERRORS):
         return True
-    if isinstance(err, OSError) and str(err).startswith(_CONFIG_NOT_LOADED):
-        return True
-    table = set(USER_ERRORS)
-    return any(name in table for name in _names(type(err)))
+    return isinstance(err, OSError) and str(err).startswith(_CONFIG_NOT_LOADED)
 
 
 def _program_name() -> str:

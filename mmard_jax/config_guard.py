@@ -18,7 +18,7 @@ import pathlib
 import socket
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from mmard_jax.cli import UserError
+from mmard_jax.errors import ConfigChangedError, ConfigError
 
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.jsonl"
@@ -69,15 +69,6 @@ class Change:
         """{key, old, new, kind} for history.jsonl (null for an absent side)."""
         return {"key": self.key, "old": None if self.old is ABSENT else self.old,
                 "new": None if self.new is ABSENT else self.new, "kind": self.kind}
-
-
-class ConfigChangedError(UserError):
-    """A resume with settings the run was not started with (the message lists each refused key, old -> new)."""
-
-    def __init__(self, message: str, refused: Sequence[Change] = (), workdir: Optional[str] = None):
-        super().__init__(message)
-        self.refused = list(refused)
-        self.workdir = workdir
 
 
 def _show(value: Any) -> str:
@@ -193,7 +184,7 @@ def append_history(workdir: Any, record: Mapping[str, Any]) -> pathlib.Path:
 
 
 def load_saved_config(workdir: Any) -> Optional[Dict[str, Any]]:
-    """WORKDIR/config.json as a dict; None if the workdir has none (a fresh run); UserError if it is not JSON."""
+    """WORKDIR/config.json as a dict; None if the workdir has none (a fresh run); ConfigError if it is not JSON."""
     path = pathlib.Path(workdir) / CONFIG_FILE
     try:
         text = path.read_text()
@@ -202,7 +193,7 @@ def load_saved_config(workdir: Any) -> Optional[Dict[str, Any]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err}); expected the config train.py saved for this run") from None
+        raise ConfigError(f"{path}: not valid JSON ({err}); expected the config train.py saved for this run") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object (the run's config), got {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a JSON object (the run's config), got {type(data).__name__}")
     return data

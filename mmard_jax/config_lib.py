@@ -1,10 +1,10 @@
 """Building blocks of the experiment configs in configs/: the paper's settings (docs/design.md, "Training") as data.
 
 Config files call `base_config(...)` and change fields; `parse_arg("method=rslad,student=mobilenet_v2")`
-reads the `get_config(arg)` argument of parameterised files.
+reads the `get_config(arg)` argument of parameterised files, each value typed like its default.
 """
 
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import ml_collections
 
@@ -38,8 +38,30 @@ def teacher_dir(dataset: str, teacher: Optional[str] = None) -> str:
     return f"teachers/{PAPER_TEACHERS[key]}_{dataset}"
 
 
-def parse_arg(arg: Optional[str], **defaults) -> Dict[str, str]:
-    """'k1=v1,k2=v2' -> dict over `defaults`; an unknown key is an error naming the accepted ones."""
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def parse_value(key: str, text: str, default: Any) -> Any:
+    """One config argument's text as the type of its default: bool ('true'/'false', '1'/'0', 'yes'/'no'), int,
+    float, a tuple ('+'-separated items, typed like the default's first item, else str) or str."""
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in _TRUE + _FALSE:
+                raise ValueError("expected true or false")
+            return text.lower() in _TRUE
+        if isinstance(default, tuple):
+            item = type(default[0]) if default else str
+            return tuple(parse_value(key, t, item()) for t in text.split("+") if t)
+        if isinstance(default, (int, float)):
+            return type(default)(text)
+    except ValueError as err:
+        raise ValueError(f"config argument {key}={text!r}: not a {type(default).__name__} ({err})") from None
+    return text
+
+
+def parse_arg(arg: Optional[str], **defaults) -> Dict[str, Any]:
+    """'k1=v1,k2=v2' -> dict over `defaults`, each value typed like its default (`parse_value`, as big_vision's
+    parse_arg); an unknown key is an error naming the accepted ones."""
     out = dict(defaults)
     for item in filter(None, (arg or "").split(",")):
         if "=" not in item:
@@ -47,7 +69,7 @@ def parse_arg(arg: Optional[str], **defaults) -> Dict[str, str]:
         key, value = item.split("=", 1)
         if key not in defaults:
             raise ValueError(f"unknown config argument {key!r}; accepted: {sorted(defaults)}")
-        out[key] = value
+        out[key] = parse_value(key, value, defaults[key])
     return out
 
 

@@ -59,8 +59,9 @@ def run_demo(workdir: pathlib.Path, progress: bool = True, dtype: str = "float32
 
 def main(argv):
     del argv
+    xla_env.apply_cpu_defaults(FLAGS.xla_cpu_defaults)  # first: before anything may start a JAX backend
     runtime.quiet_logging()
-    runtime.enable_compilation_cache()
+    runtime.enable_compilation_cache(FLAGS.compilation_cache)
     if FLAGS.workdir and pathlib.Path(FLAGS.workdir).exists() and not pathlib.Path(FLAGS.workdir).is_dir():
         raise cli.UserError(f"--workdir={FLAGS.workdir!r} is a file, expected a directory (it is created if missing)")
     if not 0 <= FLAGS.margin < 1:
@@ -86,7 +87,8 @@ def run():
     flags.DEFINE_float("margin", 0.10, "Required PGD_S advantage of the MMARD student over the natural one.")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                       "Compute dtype of teacher and students (parameters and BatchNorm statistics stay float32).")
-    xla_env.apply_cpu_defaults()
+    xla_env.define_flags()
+    runtime.define_flags()
     cli.run(main)
 
 

@@ -6,7 +6,9 @@ service; NCCL between GPUs, gloo between CPU processes).
 With none of the three flags a program is single-process, unless it runs under SLURM (inside `srun`) or
 Open MPI (<= 4, `mpirun`), where `jax.distributed.initialize()` detects the cluster itself; the checks
 below are JAX 0.10's own (jax/_src/clusters/ompi_cluster.py and slurm_cluster.py, `is_env_present`).
-`initialize` must run before any other JAX call that touches a backend.
+`initialize` must run before any other JAX call that touches a backend. This module starts a run (flags, joining,
+the reachability check) and lets its processes agree (broadcasts, process 0's file work, one workdir lock);
+`mmard_jax.stopping` ends them together (a lost process, a signal).
 
 Timeouts (jax.distributed has exactly these; measured in /work/notes/multihost_findings.md):
   --init_timeout       every process waits this long for all others at start. A coordinator that does not
@@ -19,7 +21,7 @@ Timeouts (jax.distributed has exactly these; measured in /work/notes/multihost_f
                        service aborts every process (exit 134) with a message naming it ("The following tasks
                        are unhealthy (stopped sending heartbeats): 1"). A process killed outright is seen
                        sooner: the next collective fails at once (its connections close) and
-                       `exit_on_lost_process` names it after a roll call of at most min(10 s, heartbeat/4),
+                       `stopping.exit_on_lost_process` names it after a roll call of at most min(10 s, heartbeat/4),
                        exit 75. If process 0 itself dies, the coordination service goes with it and JAX aborts
                        the others at once ("... the leader task was preempted/died/restarted ...", exit 134).
   shutdown             JAX's default, 300 s: at exit every process waits for all others at a barrier.
@@ -33,30 +35,23 @@ import dataclasses
 import errno
 import json
 import os
-import re
 import socket
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, List, Optional
 
 import jax
 import numpy as np
 from absl import flags
+from jax.experimental import multihost_utils
 
-from mmard_jax import cli, run_lock
+from mmard_jax import cli, jax_internal, run_lock
+from mmard_jax.errors import DistributedStartError, UserError
 
 DEFAULT_INIT_TIMEOUT_S = 120  # how long a process waits for all others at start (JAX's default is 300 s)
 DEFAULT_HEARTBEAT_TIMEOUT_S = 60  # a silent process is declared dead after this long (JAX's default is 100 s)
-ROLL_CALL_S = 10  # after a failed collective, how long survivors wait for each other to report (at most)
-LOST_PROCESS_STATUS = 75  # exit status after losing a process (sysexits' EX_TEMPFAIL: rerunning resumes)
 SHARED_CHECK_S = 30  # how long a process looks for process 0's lock file (network filesystems cache lookups)
-_ROLL_CALL_KEY = "mmard_jax/roll_call/"
 _MIN_JAX_INIT_S = 5  # what JAX gets at least after our own reachability check used part of --init_timeout
-
-_UNHEALTHY = re.compile(r"unhealthy \(stopped sending heartbeats\):\s*([\d,\s]+)")
-# Text of the errors a collective raises when a peer is gone (gloo, NCCL, the coordination service).
-_COLLECTIVE_FAILURE = re.compile(r"Gloo|gloo|NCCL|Connection (closed|reset) by peer|coordination service|"
-                                 r"CoordinationService|UNAVAILABLE:|DEADLINE_EXCEEDED:|Barrier")
 
 
 def define_flags() -> None:
@@ -83,13 +78,9 @@ class Cluster:
 
 
 def _jax_cluster_address(kind: str) -> Optional[str]:
-    """The coordinator address JAX's own cluster class derives (private API; None if it changed)."""
+    """The coordinator address JAX's own cluster class derives (None if it cannot: JAX then reports it)."""
     try:
-        from jax._src import clusters  # noqa: PLC0415
-
-        env = {"Open MPI": clusters.OmpiCluster, "SLURM": clusters.SlurmCluster}[kind]
-        return env.get_coordinator_address(timeout_secs=None,
-                                           override_coordinator_port=os.environ.get("JAX_COORDINATOR_PORT"))
+        return jax_internal.cluster_coordinator_address(kind)
     except Exception:  # noqa: BLE001 - only used for messages and the reachability check
         return None
 
@@ -111,26 +102,26 @@ def detect_cluster(environ=None) -> Optional[Cluster]:
         address = env.get("JAX_COORDINATOR_ADDRESS") or (_jax_cluster_address("SLURM") if environ is None else None)
         return Cluster("SLURM", address, int(env["SLURM_NTASKS"]), int(env["SLURM_PROCID"]))
     if size > 1:
-        raise cli.UserError(
+        raise DistributedStartError(
             f"this is an Open MPI job of {size} processes without OMPI_MCA_orte_hnp_uri (Open MPI >= 5), which "
             f"jax.distributed {jax.__version__} cannot detect: pass --coordinator_address=HOST:PORT (rank 0's host) "
             f"--num_processes=$OMPI_COMM_WORLD_SIZE --process_id=$OMPI_COMM_WORLD_RANK")
     if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env and "SLURM_STEP_NODELIST" not in env:
-        _say(f"SLURM_NTASKS={env['SLURM_NTASKS']} but this is not an srun step: running as a single process "
+        say(f"SLURM_NTASKS={env['SLURM_NTASKS']} but this is not an srun step: running as a single process "
              f"(start the program with srun for a multi-process run)")
     return None
 
 
 def split_address(address: str, what: str = "--coordinator_address") -> tuple:
-    """'HOST:PORT' (or '[v6]:PORT') -> (host, port); a UserError naming the flag otherwise."""
+    """'HOST:PORT' (or '[v6]:PORT') -> (host, port); a DistributedStartError naming the flag otherwise."""
     host, sep, port = str(address).rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise cli.UserError(f"{what}={address!r}: expected HOST:PORT, e.g. node001:12345")
+        raise DistributedStartError(f"{what}={address!r}: expected HOST:PORT, e.g. node001:12345")
     return host, int(port)
 
 
-def _say(text: str) -> None:
+def say(text: str) -> None:
     """A diagnostic line on stderr (any process): what this process is doing, so that even an abort is attributable."""
     print(f"mmard_jax: {text}", file=sys.stderr, flush=True)
 
@@ -145,25 +136,27 @@ def check_port_free(address: str) -> None:
             return
         except OSError as err:
             if err.errno == errno.EADDRINUSE:
-                raise cli.UserError(f"--coordinator_address={address}: port {port} is in use on this machine, where "
-                                    f"process 0 starts the coordination service; choose another port") from None
+                raise DistributedStartError(f"--coordinator_address={address}: port {port} is in use on this machine, "
+                                            f"where process 0 starts the coordination service; choose another port"
+                                            ) from None
     # neither family could bind for another reason (no IPv6, no permission): let JAX report it
 
 
 def wait_reachable(address: str, deadline: float) -> None:
-    """Until `deadline` (time.monotonic), tries TCP connections to the coordinator; a UserError naming it if none
+    """Until `deadline` (time.monotonic), tries TCP connections to the coordinator; an error naming it if none
     succeeds (JAX's own wait would end in an abort that Python cannot catch)."""
     host, port = split_address(address)
     try:
         socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as err:
-        raise cli.UserError(f"--coordinator_address={address}: cannot resolve host {host!r} ({err.strerror})") from None
+        raise DistributedStartError(
+            f"--coordinator_address={address}: cannot resolve host {host!r} ({err.strerror})") from None
     last = "no answer"
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise cli.UserError(f"the coordinator at {address} did not answer ({last}) within the --init_timeout: is "
-                                f"process 0 running there, and is the port open between the machines?")
+            raise DistributedStartError(f"the coordinator at {address} did not answer ({last}) within the --init_timeout: "
+                                        f"is process 0 running there, and is the port open between the machines?")
         try:
             with socket.create_connection((host, port), timeout=min(2.0, max(left, 0.1))):
                 return
@@ -178,13 +171,14 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     """Joins a multi-process run (explicit arguments, or SLURM/Open MPI detection); False if single-process."""
     explicit = [v is not None for v in (coordinator_address, num_processes, process_id)]
     if any(explicit) and not all(explicit):
-        raise cli.UserError("--coordinator_address, --num_processes and --process_id go together: give all three")
+        raise DistributedStartError(
+            "--coordinator_address, --num_processes and --process_id go together: give all three")
     for name, value in (("init_timeout", init_timeout), ("heartbeat_timeout", heartbeat_timeout)):
         cli.positive_int(name, value)
     if all(explicit):
         cli.positive_int("num_processes", num_processes)
         if not 0 <= process_id < num_processes:
-            raise cli.UserError(f"--process_id={process_id} must be in 0 .. {num_processes - 1}")
+            raise DistributedStartError(f"--process_id={process_id} must be in 0 .. {num_processes - 1}")
         split_address(coordinator_address)
         if num_processes == 1:
             return False
@@ -196,7 +190,7 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
         address, n, me, source = cluster.address, cluster.num_processes, cluster.process_id, f"{cluster.name} job"
     deadline = time.monotonic() + init_timeout
     shown = address or f"the {source}'s coordinator"
-    _say(f"process {me} of {n} joins the run at {shown} ({source}); waiting up to {init_timeout} s for all {n} "
+    say(f"process {me} of {n} joins the run at {shown} ({source}); waiting up to {init_timeout} s for all {n} "
          f"processes (a timeout aborts with status 134)")
     if address is not None:
         if me == 0:
@@ -210,7 +204,8 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
         jax.distributed.initialize(coordinator_address, num_processes, process_id, initialization_timeout=left,
                                    heartbeat_timeout_seconds=heartbeat_timeout)
     except (ValueError, TypeError, RuntimeError) as err:  # bad arguments, or JAX started already; a timeout aborts
-        raise cli.UserError(f"could not join the multi-process run at {shown}: {cli.one_line(str(err))[:300]}") from err
+        raise DistributedStartError(
+            f"could not join the multi-process run at {shown}: {cli.one_line(str(err))[:300]}") from err
     return True
 
 
@@ -233,8 +228,6 @@ def broadcast_from_primary(value: int) -> int:
     """Process 0's integer, on every process (the identity in a single-process run)."""
     if jax.process_count() == 1:
         return value
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
     return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32)))
 
 
@@ -242,8 +235,6 @@ def broadcast_json(value: Any) -> Any:
     """Process 0's JSON-able value, on every process (others pass anything); the value itself with one process."""
     if jax.process_count() == 1:
         return value
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
     data = json.dumps(value).encode() if jax.process_index() == 0 else b""
     size = broadcast_from_primary(len(data))
     buf = np.zeros(size, np.uint8)
@@ -267,7 +258,7 @@ def on_primary(fn: Callable[[], Any]) -> Any:
     if error is not None:
         raise error
     if "error" in outcome:
-        raise cli.UserError(f"process 0 stopped: {outcome['error']}")
+        raise UserError(f"process 0 stopped: {outcome['error']}")
     return outcome["value"]
 
 
@@ -275,8 +266,6 @@ def failed_processes(ok: bool) -> List[int]:
     """The processes that passed False (every process calls it; [] with one process and a True flag)."""
     if jax.process_count() == 1:
         return [] if ok else [0]
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
     flags_ = np.asarray(multihost_utils.process_allgather(np.asarray(int(bool(ok)), np.int32))).reshape(-1)
     return [i for i, f in enumerate(flags_) if not f]
 
@@ -284,7 +273,8 @@ def failed_processes(ok: bool) -> List[int]:
 @contextlib.contextmanager
 def workdir_lock(workdir):
     """One writer per workdir: process 0 takes the lock; every process learns whether it could, then checks that
-    it sees process 0's lock file (the workdir must be on a filesystem every process shares)."""
+    it sees process 0's lock file (the workdir must be on a filesystem every process shares). Yields the lock on
+    process 0, None elsewhere (`stopping.on_hard_exit(lock.release)` frees it on a lost process too)."""
     lock = None
 
     def take():
@@ -293,8 +283,6 @@ def workdir_lock(workdir):
         return lock.content["token"]
 
     token = on_primary(take)
-    if lock is not None:
-        _BEFORE_HARD_EXIT.append(lock.release)
     try:
         if jax.process_count() > 1:
             check_shared(workdir, token)
@@ -302,8 +290,6 @@ def workdir_lock(workdir):
     finally:
         if lock is not None:
             lock.release()
-            with contextlib.suppress(ValueError):
-                _BEFORE_HARD_EXIT.remove(lock.release)
 
 
 def check_shared(workdir, token: str, wait_s: Optional[float] = None) -> None:
@@ -319,176 +305,6 @@ def check_shared(workdir, token: str, wait_s: Optional[float] = None) -> None:
         time.sleep(0.5)
     missing = failed_processes(seen)
     if missing:
-        raise cli.UserError(
+        raise UserError(
             f"{workdir} is not shared: process(es) {missing} cannot see the lock file process 0 wrote there within "
             f"{wait_s:.0f} s; put the workdir on a filesystem that every process mounts at the same path")
-
-
-# ----------------------------------------------------------------------------- losing a process
-
-
-_BEFORE_HARD_EXIT: List[Callable[[], None]] = []  # e.g. releasing the workdir lock, so that a rerun can take it
-
-
-def is_collective_failure(err: BaseException) -> bool:
-    """Whether `err` (or an error it was raised from) is a collective or coordination-service failure."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if _COLLECTIVE_FAILURE.search(f"{type(err).__name__}: {err}"):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-
-def _coordination_client():
-    from jax._src import distributed as jax_distributed  # noqa: PLC0415 - the client JAX's own helpers use
-
-    return jax_distributed.global_state.client
-
-
-def heartbeat_lost(err: BaseException) -> List[int]:
-    """The processes a coordination-service error names as dead ("... unhealthy (stopped sending heartbeats): 1")."""
-    found, seen = [], set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        for ids in _UNHEALTHY.findall(str(err)):
-            found += [int(i) for i in re.findall(r"\d+", ids)]
-        err = err.__cause__ or err.__context__
-    return sorted(set(found))
-
-
-def _coordinator_listening() -> bool:
-    """Whether process 0's coordination service still accepts connections (False: refused or unreachable)."""
-    from jax._src import distributed as jax_distributed  # noqa: PLC0415
-
-    try:
-        host, port = split_address(jax_distributed.global_state.coordinator_address)
-        with socket.create_connection((host, port), timeout=1.0):
-            return True
-    except (OSError, cli.UserError, TypeError):
-        return False
-
-
-def missing_processes(reported: Dict[str, str], n: int) -> List[int]:
-    """The processes 0 .. n-1 without a roll-call key among `reported` (key -> value of the key-value store)."""
-    present = set()
-    for key in reported:
-        tail = str(key).rstrip("/").rsplit("/", 1)[-1]
-        if tail.isdigit():
-            present.add(int(tail))
-    return [i for i in range(n) if i not in present]
-
-
-def roll_call(timeout_s: float) -> List[int]:
-    """After a failed collective: every surviving process reports in the coordination service's key-value store
-    and waits up to `timeout_s` for the others; returns those that did not report (the lost ones)."""
-    client, me, n = _coordination_client(), jax.process_index(), jax.process_count()
-    client.key_value_set(f"{_ROLL_CALL_KEY}{me}", "alive")
-    deadline = time.monotonic() + timeout_s
-    while True:
-        missing = missing_processes(dict(client.key_value_dir_get(_ROLL_CALL_KEY)), n)
-        if not missing or time.monotonic() >= deadline:
-            return missing
-        time.sleep(0.1)
-
-
-def _end_progress_line() -> None:
-    """A newline on stderr if a progress bar is showing, so that the next line starts a line of its own."""
-    try:
-        from tqdm import tqdm  # noqa: PLC0415
-
-        active = bool(getattr(tqdm, "_instances", ()))
-    except ImportError:
-        active = False
-    if active:
-        sys.stderr.write("\n")
-
-
-def roll_call_seconds(heartbeat_timeout: int) -> float:
-    """The roll call's wait: ROLL_CALL_S, but at most a quarter of the heartbeat timeout: a heartbeat timeout after
-    the loss the coordination service aborts every process, and the line naming the lost one must come first."""
-    return float(max(1, min(ROLL_CALL_S, heartbeat_timeout / 4)))
-
-
-@contextlib.contextmanager
-def exit_on_lost_process(heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT_S,
-                         then: str = "Rerun the same commands to resume from the last checkpoint."):
-    """In a multi-process run, a failed collective ends this process at once with one line naming the lost
-    process(es) and status 75: without it the error would unwind to JAX's exit barrier, which waits a heartbeat
-    timeout for the dead process and then aborts. Errors of a single-process run pass through unchanged."""
-    try:
-        yield
-    except Exception as err:
-        if not (is_multiprocess() and is_collective_failure(err)):
-            raise
-        wait = roll_call_seconds(heartbeat_timeout)
-        me, n = jax.process_index(), jax.process_count()
-        cause = cli.one_line(str(err))[:300]
-        _end_progress_line()
-        if heartbeat_lost(err):  # the coordination service has declared them dead: JAX aborts us any moment
-            _hard_exit(me, n, heartbeat_lost(err), "no heartbeat", cause, then)
-        gone = "" if me == 0 else "; if process 0 is gone, its coordination service is too, and JAX ends this process"
-        _say(f"process {me} of {n}: a collective failed; asking the others to report (up to {wait:.0f} s{gone})")
-        try:
-            if me != 0 and not _coordinator_listening():
-                lost, how = [0], "its coordination service does not answer"
-            else:
-                lost, how = roll_call(wait), f"no answer within {wait:.0f} s"
-        except Exception as rc_err:  # noqa: BLE001 - the coordination service went away with process 0
-            lost, how = [0], f"the coordination service stopped answering: {cli.one_line(str(rc_err))[:200]}"
-        if not lost:
-            raise  # every process answered: not a lost process, an error of its own
-        _hard_exit(me, n, lost, how, cause, then)
-
-
-def _hard_exit(me: int, n: int, lost: List[int], how: str, cause: str, then: str) -> None:
-    """The one line naming the lost processes, then os._exit(75) (no exit barrier: it would wait for the dead)."""
-    sys.stdout.flush()
-    sys.stderr.write(f"{cli._program_name()}: error: process {me} of {n} lost process(es) {lost} ({how}) after a "
-                     f"collective failed ({cause}); stopping. {then}\n")
-    sys.stderr.flush()
-    for cleanup in list(_BEFORE_HARD_EXIT):
-        with contextlib.suppress(Exception):
-            cleanup()
-    os._exit(LOST_PROCESS_STATUS)
-
-
-# ----------------------------------------------------------------------------- stopping together
-
-
-class StopAgreement:
-    """All processes stop at the same step. Each step every process contributes its local stop flag to an
-    all-reduce that is read one step later, so agreeing costs no host sync of the running step; with one
-    process the local flag is the answer at once."""
-
-    def __init__(self, mesh):
-        self.mesh = mesh
-        self._pending = None
-        if jax.process_count() > 1:
-            from jax.sharding import PartitionSpec as P  # noqa: PLC0415
-
-            from mmard_jax import parallel  # noqa: PLC0415
-
-            self._parallel = parallel
-            self._reduce = jax.jit(jax.shard_map(lambda f: jax.lax.psum(f, parallel.AXIS)[0], mesh=mesh,
-                                                 in_specs=P(parallel.AXIS), out_specs=P()))
-
-    def _dispatch(self, flag: bool):
-        n = self.mesh.devices.size
-        return self._reduce(self._parallel.put_batch(np.full((n,), int(flag), np.int32), self.mesh))
-
-    def lagged(self, flag: bool) -> bool:
-        """The OR over processes of the flags given at the previous call (this call's flag is read at the next)."""
-        if jax.process_count() == 1:
-            return flag
-        previous, self._pending = self._pending, self._dispatch(flag)
-        return previous is not None and int(np.asarray(previous.addressable_data(0))) > 0
-
-    def now(self, flag: bool) -> bool:
-        """The OR over processes of this flag and any pending one, waiting for it (between epochs)."""
-        if jax.process_count() == 1:
-            return flag
-        pending, self._pending = self._pending, None
-        stop = int(np.asarray(self._dispatch(flag).addressable_data(0))) > 0
-        return stop or (pending is not None and int(np.asarray(pending.addressable_data(0))) > 0)

@@ -22,17 +22,13 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from mmard_jax import cli, data, distributed, evaluator, files, parallel, reporting, runtime, xla_env
+from mmard_jax import checkpoints, cli, data, distributed, evaluator, files, parallel, reporting, runtime, stopping
+from mmard_jax import xla_env
 from mmard_jax.attacks import autoattack, suite
 from mmard_jax.models import store
 
 FLAGS = flags.FLAGS
 DEFAULT_ATTACKS = ("clean", "fgsm", "pgd_s", "pgd_t", "cw", "aa")
-
-
-def parse_eps(text: str) -> float:
-    """'8/255' or '0.0314' -> a radius in (0, 1] (a UserError otherwise)."""
-    return cli.parse_eps(text)
 
 
 def aa_config_from(n_iter: int = 100, n_targets: int = 9, square_queries: int = 5000,
@@ -75,7 +71,7 @@ def evaluate_model(
     start = time.perf_counter()
     gradients = ev.gradient_health(variables)
     seconds["gradient_check"] = time.perf_counter() - start
-    accuracy = reporting.mean_accuracies(masks)
+    accuracy = evaluator.EvalResult(masks, aa_result, seconds).accuracies()
     report: Dict[str, Any] = {
         "masks": masks,
         "accuracy": accuracy,
@@ -157,6 +153,8 @@ def define_flags():
     flags.DEFINE_bool("tf32", False, "Allow TF32 matmuls/convolutions for float32 models on GPUs (faster; the report "
                       "then says 'custom', not 'standard'). Default: full float32 precision.")
     distributed.define_flags()
+    xla_env.define_flags()
+    runtime.define_flags()
     flags.mark_flags_as_required(["checkpoint"])
 
 
@@ -173,14 +171,15 @@ def check_flags() -> None:
 
 
 def main(argv):
+    xla_env.apply_cpu_defaults(FLAGS.xla_cpu_defaults)  # first: before anything may start a JAX backend
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     check_flags()
-    eps = parse_eps(FLAGS.eps)
+    eps = cli.parse_eps(FLAGS.eps)
     runtime.quiet_logging()  # before joining: jax.distributed logs at INFO level
     distributed.initialize_from_flags()
-    with distributed.exit_on_lost_process(FLAGS.heartbeat_timeout, then="Rerun the same commands."):
-        runtime.enable_compilation_cache()
+    with stopping.exit_on_lost_process(FLAGS.heartbeat_timeout, then="Rerun the same commands."):
+        runtime.enable_compilation_cache(FLAGS.compilation_cache)
         run_evaluation(
             FLAGS.checkpoint, FLAGS.dataset, FLAGS.attacks, n_examples=FLAGS.n_examples or -1,
             batch_size=FLAGS.batch_size, eps=eps, seed=FLAGS.seed, output=FLAGS.output, data_dir=FLAGS.data_dir,
@@ -210,18 +209,15 @@ def run_evaluation(
 ) -> Dict[str, Any]:
     """The CLI's work: load the checkpoint and the test split, evaluate, write and print the report."""
     checkpoint = pathlib.Path(checkpoint).absolute()
+    mesh = parallel.data_mesh()
+    parallel.check_divisible(batch_size, mesh, "--batch_size")  # the run's one check, before anything loads
     test = data.load_dataset(dataset, "test", data_dir=data_dir, source=source)
     images, labels = test.images, test.labels
     if n_examples > 0:
         images, labels = images[:n_examples], labels[:n_examples]
-    module, variables = store.load_model(checkpoint, dtype=dtype, input_shape=images.shape[1:])
+    module, variables = checkpoints.load_model(checkpoint, dtype=dtype, input_shape=images.shape[1:])
     if module.num_classes != test.num_classes:
         raise cli.UserError(f"{checkpoint} has {module.num_classes} classes, {dataset} has {test.num_classes}")
-    mesh = parallel.data_mesh()
-    try:
-        parallel.check_divisible(batch_size, mesh, "--batch_size")
-    except ValueError as err:
-        raise cli.UserError(str(err)) from None
     start = time.perf_counter()
     report = evaluate_model(module, variables, images, labels, attacks, eps=eps, batch_size=batch_size, seed=seed,
                             mesh=mesh, unroll=runtime.resolve_unroll(unroll), aa_config=aa_config,
@@ -251,7 +247,6 @@ def run_evaluation(
 
 def run():
     """Console-script entry point (`mmard-evaluate`)."""
-    xla_env.apply_cpu_defaults()
     define_flags()
     cli.run(main)
 

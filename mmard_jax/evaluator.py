@@ -201,7 +201,8 @@ def _square_chunk(apply_fn, x, y, keys, valid, carry, span, eps, aa_config):
 
 
 class Evaluator:
-    """Attacks a model on one split, data parallel over a mesh; build once, call with any variables."""
+    """Attacks a model on one split, data parallel over a mesh; build once, call with any variables. `batch_size`
+    divides by the mesh's devices (the entry point checked it once: `parallel.check_divisible`)."""
 
     def __init__(self, module, images: np.ndarray, labels: np.ndarray, *, mesh=None, batch_size: int = 500,
                  eps: float = 8 / 255, unroll=1, aa_config: autoattack.AutoAttackConfig = autoattack.STANDARD,
@@ -213,7 +214,6 @@ class Evaluator:
             raise TypeError(f"Evaluator expects uint8 images, got {images.dtype}")
         self.module, self.eps, self.unroll, self.aa_config = module, eps, unroll, aa_config
         self.mesh = mesh or parallel.data_mesh()
-        parallel.check_divisible(batch_size, self.mesh, "evaluation batch size")
         self.batch_size, self.n = batch_size, len(labels)
         self.shapes = batch_shapes(batch_size, self.mesh.devices.size)
         # CPUs: a batch costs its size (BATCH_OVERHEAD_EXAMPLES), so the points left may go in several batches,

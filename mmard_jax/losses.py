@@ -138,11 +138,16 @@ def _true_and_best_other(logits: Array, labels: Array) -> tuple[Array, Array]:
     return z_y, z_other
 
 
-def cw_margin(logits: Array, labels: Array, kappa: float = 50.0) -> Array:
-    """Per-example CW margin max(z_y - max_{j!=y} z_j, -kappa); CW_inf attacks minimize it."""
+def margin(logits: Array, labels: Array) -> Array:
+    """Per-example z_y - max_{j!=y} z_j, positive while correctly classified (Square's objective, CW's uncapped)."""
     _check(logits, labels)
     z_y, z_other = _true_and_best_other(logits, labels)
-    return jnp.maximum(z_y - z_other, -kappa)
+    return z_y - z_other
+
+
+def cw_margin(logits: Array, labels: Array, kappa: float = 50.0) -> Array:
+    """Per-example CW margin max(z_y - max_{j!=y} z_j, -kappa); CW_inf attacks minimize it."""
+    return jnp.maximum(margin(logits, labels), -kappa)
 
 
 def dlr_loss(logits: Array, labels: Array) -> Array:

@@ -14,6 +14,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mmard_jax.errors import ConfigError
+
 AXIS = "data"
 
 
@@ -25,10 +27,11 @@ def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
 
 
 def check_divisible(global_batch: int, mesh: Mesh, what: str = "batch size") -> int:
-    """Per-device batch size; a clear error at start if the global batch does not divide."""
+    """Per-device batch size; a ConfigError naming `what` if the global batch does not divide (entry points call
+    it once per run, before loading anything; the Evaluator and the train step assume it)."""
     n = mesh.devices.size
     if global_batch <= 0 or global_batch % n:
-        raise ValueError(
+        raise ConfigError(
             f"{what} {global_batch} does not divide by the {n} devices of the mesh; "
             f"choose a positive multiple of {n} (or run on fewer devices)"
         )

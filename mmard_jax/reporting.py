@@ -208,7 +208,3 @@ def finish_run(workdir: pathlib.Path, config, records, meta, final: Mapping[str,
         files.write_text_atomic(workdir / "summary.md", summary_markdown(summary) + "\n")
         files.write_json_atomic(workdir / "summary.json", summary)
     return summary
-
-
-def mean_accuracies(correct: Mapping[str, np.ndarray]) -> Dict[str, float]:
-    return {k: float(np.mean(v)) for k, v in correct.items()}

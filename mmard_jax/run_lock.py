@@ -26,16 +26,12 @@ import sys
 import uuid
 from typing import Any, Dict, Optional, Sequence
 
-from mmard_jax.cli import UserError
+from mmard_jax.errors import WorkdirLockedError
 
 LOCK_FILE = "run.lock"
 GUARD_FILE = ".run.lock.guard"
 FORMAT = "mmard_jax.run_lock/1"
 _NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS)
-
-
-class WorkdirLockedError(UserError):
-    """Another run holds the workdir's lock (the message names its host, PID, start time and what to do)."""
 
 
 # ---------------------------------------------------------------- this process and others

@@ -25,13 +25,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mmard_jax import checkpoints, cli, config_guard, config_lib, data, distributed, evaluator, files, methods, models
-from mmard_jax import parallel, preemption, reporting, runtime, train_step, xla_env
+from mmard_jax import parallel, preemption, reporting, runtime, stopping, train_step, xla_env
 from mmard_jax.attacks import autoattack, suite
+from mmard_jax.errors import ConfigError, NonFiniteLossError
 from mmard_jax.models import store
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss or a gradient became NaN/inf; the run stopped and kept its last good checkpoint."""
 
 
 def due(step: int, every: int, last: bool = False) -> bool:
@@ -44,15 +41,15 @@ def check_config(config) -> None:
     for field in ("attacks", "final_attacks"):
         unknown = [a for a in config.eval[field] if a not in suite.ATTACKS]
         if unknown:
-            raise cli.UserError(f"config.eval.{field}: unknown attack(s) {unknown}; known: {', '.join(suite.ATTACKS)}")
+            raise ConfigError(f"config.eval.{field}: unknown attack(s) {unknown}; known: {', '.join(suite.ATTACKS)}")
     if config.best_metric not in config.eval.attacks:
-        raise cli.UserError(f"config.best_metric={config.best_metric!r} is not evaluated during training "
-                            f"(config.eval.attacks={tuple(config.eval.attacks)}): the best checkpoint could never be chosen")
+        raise ConfigError(f"config.best_metric={config.best_metric!r} is not evaluated during training "
+                          f"(config.eval.attacks={tuple(config.eval.attacks)}): the best checkpoint could never be chosen")
     for name in ("batch_size", "num_epochs", "eval.batch_size"):
         cli.positive_int(f"config.{name}", _get(config, name))
     for name in ("dataset.n_train", "eval.n_examples"):  # -1 (or any negative) means the whole split
         if _get(config, name) == 0:
-            raise cli.UserError(f"--config.{name}=0: give a positive number of examples, or -1 for the whole split")
+            raise ConfigError(f"--config.{name}=0: give a positive number of examples, or -1 for the whole split")
     for name in ("attack.eps", "eval.eps"):
         cli.parse_eps(_get(config, name), f"config.{name}")
     cli.choice("config.dataset.name", config.dataset.name, data.DATASETS)
@@ -61,13 +58,10 @@ def check_config(config) -> None:
     try:
         config_lib.resolve_method(config.method)
     except ValueError as err:
-        raise cli.UserError(f"config.method: {err}") from None
+        raise ConfigError(f"config.method: {err}") from None
     mesh = parallel.data_mesh()
     for name in ("batch_size", "eval.batch_size"):
-        try:
-            parallel.check_divisible(_get(config, name), mesh, f"config.{name}")
-        except ValueError as err:
-            raise cli.UserError(str(err)) from None
+        parallel.check_divisible(_get(config, name), mesh, f"config.{name}")
 
 
 def _get(config, dotted: str):
@@ -99,7 +93,7 @@ class Run:
     ckpt: checkpoints.TrainCheckpoints
     sinks: reporting.MetricSinks
     guard: preemption.PreemptionGuard
-    agree: distributed.StopAgreement
+    agree: stopping.StopAgreement
     meta: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"best_value": -math.inf, "best_epoch": -1})
     step_fns: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -127,11 +121,11 @@ def load_data(config):
 def load_frozen(cfg, role: str, num_classes: int, input_shape):
     """(module, variables) of a teacher named in the config; clear errors for a missing or mismatched one."""
     if not cfg.checkpoint:
-        raise cli.UserError(f"this method needs a {role}: set --config.{role}.checkpoint to a model directory "
-                            f"(from `python -m mmard_jax.convert`) or a training workdir of this project")
-    module, variables = store.load_model(cfg.checkpoint, dtype=cfg.dtype, input_shape=input_shape)
+        raise ConfigError(f"this method needs a {role}: set --config.{role}.checkpoint to a model directory "
+                          f"(from `python -m mmard_jax.convert`) or a training workdir of this project")
+    module, variables = checkpoints.load_model(cfg.checkpoint, dtype=cfg.dtype, input_shape=input_shape)
     if module.num_classes != num_classes:
-        raise cli.UserError(f"{role} {cfg.checkpoint} has {module.num_classes} classes, the data set {num_classes}")
+        raise ConfigError(f"{role} {cfg.checkpoint} has {module.num_classes} classes, the data set {num_classes}")
     return module, variables
 
 
@@ -172,9 +166,7 @@ def step_settings(config) -> train_step.StepSettings:
 
 def setup(config, workdir: pathlib.Path, progress: bool, guard) -> Run:
     """Data, networks, optimizers, evaluator, checkpoints and metric sinks of a run (no state yet)."""
-    mesh = parallel.data_mesh()
-    parallel.check_divisible(config.batch_size, mesh, "batch_size")
-    parallel.check_divisible(config.eval.batch_size, mesh, "eval.batch_size")
+    mesh = parallel.data_mesh()  # its batch sizes divide: check_config ran first
     train, test = load_data(config)
     method = config_lib.resolve_method(config.method)
     nets, frozen, spec = build_networks(config, method, train.num_classes, train.images.shape[1:])
@@ -192,7 +184,7 @@ def setup(config, workdir: pathlib.Path, progress: bool, guard) -> Run:
     return Run(config, workdir, mesh, method, nets, parallel.put_replicated(frozen, mesh), txs, schedule,
                step_settings(config), images, labels, len(train), train.images.shape[1:], steps_per_epoch, ev,
                checkpoints.TrainCheckpoints(workdir, config.best_metric, say=sinks.say), sinks,
-               guard, distributed.StopAgreement(mesh))
+               guard, stopping.StopAgreement(mesh))
 
 
 def restore_or_init(run: Run):
@@ -263,8 +255,8 @@ def final_evaluation(run: Run, meta, records) -> Dict[str, float]:
     final = {a: best_record[f"test_{a}"] for a in attacks if f"test_{a}" in best_record}
     missing = [a for a in attacks if a not in final]
     if missing:
-        _, variables = store.load_model(run.workdir, dtype=run.config.student.dtype,
-                                        input_shape=run.input_shape)
+        _, variables = checkpoints.load_model(run.workdir, dtype=run.config.student.dtype,
+                                              input_shape=run.input_shape)
         result = run.evaluator.run(variables, missing, seed=eval_seed(run.config, meta["best_epoch"]))
         final.update(result.accuracies())
     return {a: final[a] for a in attacks}
@@ -285,7 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, progress: 
     workdir = pathlib.Path(workdir).absolute()
     check_config(config)
     workdir.mkdir(parents=True, exist_ok=True)
-    with distributed.workdir_lock(workdir), preemption.PreemptionGuard() as guard:
+    with distributed.workdir_lock(workdir) as lock, stopping.on_hard_exit(lock.release if lock else None), \
+            preemption.PreemptionGuard() as guard:
         record_start(workdir, config, extend_epochs)
         run = setup(config, workdir, progress, guard)
         state = restore_or_init(run)
@@ -328,10 +321,10 @@ def record_start(workdir: pathlib.Path, config, extend_epochs: bool) -> None:
 
 
 def teacher_fingerprints(config) -> Dict[str, str]:
-    """What the teachers the method uses hold (store.fingerprint), recorded in config.json: a resume whose teacher
+    """What the teachers the method uses hold (checkpoints.fingerprint), recorded in config.json: a resume whose teacher
     changed behind the same path is refused like any other change of what is trained."""
     used = config_lib.resolve_method(config.method).networks()
-    return {role: store.fingerprint(config[role].checkpoint) if pathlib.Path(config[role].checkpoint).is_dir()
+    return {role: checkpoints.fingerprint(config[role].checkpoint) if pathlib.Path(config[role].checkpoint).is_dir()
             else "missing" for role in ("teacher", "teacher2") if role in used}
 
 
@@ -371,16 +364,19 @@ def define_flags():
     flags.DEFINE_bool("extend_epochs", False, "Allow a resume with a larger --config.num_epochs (recorded in "
                       "history.jsonl; the learning-rate schedule is then that of the longer run).")
     distributed.define_flags()
+    xla_env.define_flags()
+    runtime.define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
+    xla_env.apply_cpu_defaults(FLAGS.xla_cpu_defaults)  # first: before anything may start a JAX backend
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     runtime.quiet_logging()  # before joining: jax.distributed logs at INFO level
     distributed.initialize_from_flags()
-    with distributed.exit_on_lost_process(FLAGS.heartbeat_timeout):
-        runtime.enable_compilation_cache()
+    with stopping.exit_on_lost_process(FLAGS.heartbeat_timeout):
+        runtime.enable_compilation_cache(FLAGS.compilation_cache)
         summary = train_and_evaluate(FLAGS.config, FLAGS.workdir, extend_epochs=FLAGS.extend_epochs)
         if parallel.is_primary():
             print(reporting.summary_markdown(summary))
@@ -388,7 +384,6 @@ def main(argv):
 
 def run():
     """Console-script entry point (`mmard-train`)."""
-    xla_env.apply_cpu_defaults()
     define_flags()
     cli.run(main)
 

@@ -432,13 +432,13 @@ def main(argv=None):
     xla_env.apply_cpu_defaults()
     import jax
 
-    from mmard_jax import data, evaluate, evaluator, parallel, runtime
+    from mmard_jax import cli, data, evaluator, parallel, runtime
     from mmard_jax.attacks import autoattack
 
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="mmard_aa_benchmark_xla_")
     cache_was_empty = not any(pathlib.Path(cache_dir).glob("*")) if pathlib.Path(cache_dir).exists() else True
     runtime.enable_compilation_cache(cache_dir)
-    eps = evaluate.parse_eps(args.eps)
+    eps = cli.parse_eps(args.eps)
     config = dataclasses.replace(autoattack.STANDARD, n_iter=args.n_iter, n_target_classes=args.targets,
                                  square_queries=args.queries)
 

@@ -63,6 +63,10 @@ def test_no_import_circle(graph):
     ("mmard_jax.methods", "mmard_jax.train_step"),
     ("mmard_jax.methods", "mmard_jax.models"),  # methods see logits only
     ("mmard_jax.attacks", "mmard_jax.methods"),  # attacks see apply_fn and labels
+    ("mmard_jax.errors", "mmard_jax"),  # errors.py imports nothing of the package
+    ("mmard_jax.tensorstore_errors", "mmard_jax"),
+    ("mmard_jax.distributed", "mmard_jax.stopping"),  # start-up knows nothing of stopping
+    ("mmard_jax.models.store", "mmard_jax.checkpoints"),  # model directories know no training layout
 ])
 def test_dependencies_point_one_way(graph, lower, higher):
     """Nothing in `lower` (a module or package) reaches anything in `higher`."""
@@ -77,3 +81,16 @@ def test_reporting_files_and_train_do_not_speak_orbax():
         names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         assert not any(n.startswith("orbax") for n in names), name
+
+
+def test_private_jax_api_only_behind_its_adapter():
+    """`jax._src` is imported by jax_internal.py alone (the one place that names the JAX version it was checked
+    against); every other module uses public JAX API."""
+    users = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n == "jax._src" or n.startswith("jax._src.") for n in names):
+                users.add(path.name)
+    assert users == {"jax_internal.py"}, users

@@ -6,12 +6,11 @@ import pathlib
 import subprocess
 import sys
 import textwrap
-import types
 
 import pytest
 from absl import app, flags
 
-from mmard_jax import cli
+from mmard_jax import cli, errors
 from mmard_jax.cli import UserError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -21,7 +20,7 @@ PROGRAM = textwrap.dedent('''
     import os
     from absl import app, flags
     from ml_collections import config_flags
-    from mmard_jax import cli, config_guard, run_lock
+    from mmard_jax import cli, config_guard, errors, run_lock
 
     config_flags.DEFINE_config_file("config", None, "Config file.")
     flags.DEFINE_integer("n", 1, "A number.")
@@ -49,9 +48,8 @@ PROGRAM = textwrap.dedent('''
         if case == "changed":
             config_guard.check_resume({"optim": {"lr": 0.1}, "seed": 0}, {"optim": {"lr": 0.2}, "seed": 1},
                                       workdir="runs/a")
-        if case == "project":  # a project error class, as defined in its module (matched by name)
-            CheckpointError = type("CheckpointError", (ValueError,), {"__module__": "mmard_jax.models.store"})
-            raise CheckpointError("runs/x is neither a model directory nor a training workdir")
+        if case == "project":  # a project error class: a subclass of errors.UserError
+            raise errors.CheckpointError("runs/x is neither a model directory nor a training workdir")
         if case == "keyerror":
             return {}["missing"]
         if case == "interrupt":
@@ -184,28 +182,51 @@ def test_keyboard_interrupt_is_status_130(program):
 # ---------------------------------------------------------------- in-process
 
 
-def test_user_error_table_names_classes_that_exist():
-    """Every project class in USER_ERRORS is defined under that name in that module's file (read, not imported)."""
-    for module, name in cli.USER_ERRORS:
-        if not module.startswith("mmard_jax."):
-            continue
-        path = REPO / (module.replace(".", "/") + ".py")
-        classes = {n.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef)}
-        assert name in classes, f"{path} defines no class {name}"
-
-
-def test_is_user_error_by_class_name_and_subclass(monkeypatch):
-    for module, name in cli.USER_ERRORS:
-        cls = type(name, (Exception,), {"__module__": module})
+def test_is_user_error_by_class():
+    """The project's UserError and its subclasses, absl's flag errors and UsageError are user errors; others bugs."""
+    assert cli.UserError is errors.UserError
+    for cls in (errors.UserError, errors.CheckpointWriteError, errors.NonFiniteLossError, errors.DownloadError):
         assert cli.is_user_error(cls("x")) and cli.is_user_error(type("Sub", (cls,), {})("x"))
     assert cli.is_user_error(flags.IllegalFlagValueError("x")) and cli.is_user_error(flags.UnrecognizedFlagError("x"))
-    assert cli.is_user_error(app.UsageError("x")) and cli.is_user_error(UserError("x"))
+    assert cli.is_user_error(app.UsageError("x"))
     assert not cli.is_user_error(ValueError("x")) and not cli.is_user_error(KeyError("x"))
-    # Under `python -m mmard_jax.interop.convert`, ConversionError is defined in __main__.
-    monkeypatch.setattr(sys.modules["__main__"], "__spec__", types.SimpleNamespace(name="mmard_jax.interop.convert"),
-                        raising=False)
-    main_cls = type("ConversionError", (ValueError,), {"__module__": "__main__"})
-    assert cli.is_user_error(main_cls("x"))
+    assert not cli.is_user_error(FileNotFoundError("x")) and not cli.is_user_error(FloatingPointError("x"))
+
+
+def _exception_classes(path: pathlib.Path):
+    """The names of the classes `path` defines whose bases look like exceptions (read, not imported)."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ClassDef):
+            bases = [ast.unparse(b) for b in node.bases]
+            if any(b.endswith(("Error", "Exception", "Interrupt")) for b in bases):
+                yield node.name
+
+
+def test_every_project_error_is_a_user_error_defined_in_errors():
+    """Every exception class of the package is defined in errors.py and subclasses UserError, so the CLI's one
+    `except` sees it; the one exception is PreemptedError (a stop, with its own exit status, not a mistake)."""
+    package = REPO / "mmard_jax"
+    elsewhere = {f"{p.relative_to(package)}:{name}" for p in package.rglob("*.py") if p.name != "errors.py"
+                 for name in _exception_classes(p)}
+    assert elsewhere == {"preemption.py:PreemptedError"}, elsewhere
+    defined = set(_exception_classes(package / "errors.py"))
+    assert defined == set(errors.__all__)
+    for name in errors.__all__:
+        assert issubclass(getattr(errors, name), errors.UserError), name
+    # Callers still catch the standard bases these errors had before there was one type.
+    assert issubclass(errors.DatasetNotFoundError, FileNotFoundError) and issubclass(errors.DownloadError, OSError)
+    assert issubclass(errors.NonFiniteLossError, FloatingPointError)
+
+
+def test_errors_module_imports_no_jax_nor_the_package():
+    tree = ast.parse((REPO / "mmard_jax" / "errors.py").read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not any(n.split(".")[0] in ("jax", "jaxlib", "flax", "mmard_jax") for n in names), names
+    code = "import sys, mmard_jax.errors; print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'absl')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_one_line():

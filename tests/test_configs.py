@@ -101,6 +101,23 @@ def test_paper_settings():
     assert load_config_file("table3").get_config("method=rslad").method.kl_scale == 1.0
 
 
+def test_parse_arg_types_values_like_their_defaults():
+    """As big_vision's parse_arg: the default's type parses the text (tuples '+'-separated), strings stay."""
+    a = config_lib.parse_arg("n=3,alpha=0.5,flag=true,plugins=igdm+x,name=mmard,sizes=1+2",
+                             n=1, alpha=1.0, flag=False, plugins=(), name="", sizes=(0,), other=True)
+    assert a == {"n": 3, "alpha": 0.5, "flag": True, "plugins": ("igdm", "x"), "name": "mmard", "sizes": (1, 2),
+                 "other": True}
+    assert type(a["n"]) is int and type(a["alpha"]) is float
+    assert config_lib.parse_arg("flag=0,plugins=", flag=True, plugins=("a",)) == {"flag": False, "plugins": ()}
+    assert config_lib.parse_arg(None, alpha=1.0) == {"alpha": 1.0}
+    for bad, spec in (("n=1.5", {"n": 1}), ("flag=maybe", {"flag": False}), ("alpha=x", {"alpha": 1.0})):
+        with pytest.raises(ValueError, match=f"config argument {bad.split('=')[0]}="):
+            config_lib.parse_arg(bad, **spec)
+    # The config files' own strings: Table 7's alpha is a float, SOTA's plug-ins a tuple.
+    assert load_config_file("table7").get_config("alpha=2").method.alpha == 2.0
+    assert tuple(load_config_file("sota").get_config("method=adaiad,plugins=igdm").method.plugins) == ("igdm",)
+
+
 def test_sota_runs_follow_their_published_recipes():
     sota = load_config_file("sota")
     ada = sota.get_config("method=adaad,setting=resnet18_cifar10")

@@ -477,13 +477,3 @@ def test_train_steps_drop_last_partial_batch():
     batches = data.train_batch_indices(0, 1, 1000, 128)
     assert batches.shape == (7, 128) and len(set(batches.ravel().tolist())) == 7 * 128
     np.testing.assert_array_equal(batches.ravel(), data.epoch_permutation(0, 1, 1000)[: 7 * 128])
-
-
-@pytest.mark.parametrize("n, batch_size", [(1000, 100), (1001, 100), (99, 100), (1, 7), (0, 4)])
-def test_eval_batches_cover_each_example_once(n, batch_size):
-    indices, mask = data.eval_batches(n, batch_size)
-    assert indices.shape == mask.shape == (-(-n // batch_size), batch_size)
-    assert indices.dtype == np.int32 and mask.dtype == bool
-    np.testing.assert_array_equal(np.sort(indices[mask]), np.arange(n))
-    assert mask.sum() == n and np.all(mask.ravel()[:n]) and not np.any(mask.ravel()[n:])
-    assert np.all((indices >= 0) & (indices < max(n, 1)))  # padding gathers a valid example

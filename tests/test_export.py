@@ -131,7 +131,7 @@ def test_training_workdir_exports_best_checkpoint_via_cli(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "WideResNet(depth=10, widen_factor=1, num_classes=10)" in done.stdout
     peer, _ = load_strict(lambda: rb("wide_resnet").WideResNet(depth=10, widen_factor=1), dst)
-    module, best = models.load_pretrained(workdir)
+    module, best = checkpoints.load_model(workdir)
     kernel = naming.flatten_variables(best)[("params", "conv1", "kernel")]
     np.testing.assert_array_equal(kernel, random_variables(arch, 10, kwargs, seed=2)["params"]["conv1"]["kernel"])
     assert_same_logits(module, best, peer)

@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mmard_jax import checkpoints, cli, distributed, evaluate, train
+from mmard_jax import checkpoints, cli, distributed, evaluate, stopping, train
 from mmard_jax.models import store
 import tolerances
 from multihost_worker import EVAL_ATTACKS, EVAL_BATCH, EVAL_N, SPEC, random_variables, tiny_config
@@ -269,7 +269,7 @@ def test_kill_of_one_process_stops_the_other_naming_it(runs):
     ours = re.search(r"\[0\] mmard_jax.train: error: process 0 of 2 lost process\(es\) \[1\] .*Rerun the same "
                      r"commands to resume", runs.first.text)
     jaxs = re.search(r"unhealthy \(stopped sending heartbeats\):\s*(\[0\] )?1\s", runs.first.text)
-    assert (runs.first_status == distributed.LOST_PROCESS_STATUS and ours) or (runs.first_status == 134 and jaxs), \
+    assert (runs.first_status == stopping.LOST_PROCESS_STATUS and ours) or (runs.first_status == 134 and jaxs), \
         runs.first.text
 
 

@@ -26,8 +26,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import load_script
-from mmard_jax import checkpoints, config_guard, train
-from mmard_jax.models import store
+from mmard_jax import checkpoints, config_guard, tensorstore_errors, train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TIMEOUT = 600  # seconds a trainer subprocess may take (a hang fails the test instead of blocking the suite)
@@ -342,7 +341,7 @@ def test_uninterrupted_run_writes_what_a_person_reads(reference):
     assert list((workdir / "tb").glob("events.out.tfevents.*"))
     assert set(json.loads((workdir / "summary.json").read_text())["final"]) == {"clean", "fgsm", "pgd_t"}
     assert "| best checkpoint, final attacks |" in (workdir / "summary.md").read_text()
-    module, variables = store.load_model(workdir, input_shape=(16, 16, 3))
+    module, variables = checkpoints.load_model(workdir, input_shape=(16, 16, 3))
     abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jax.numpy.zeros((1, 16, 16, 3))))
     assert jax.tree.structure(variables) == jax.tree.structure(abstract)
 
@@ -427,19 +426,19 @@ def test_error_summary_keeps_the_innermost_reason():
         except ValueError as inner:
             raise Exception("Encountered error while reading array index. See full TensorStore details") from inner
     except Exception as err:  # noqa: BLE001 - the shape of orbax's wrapped errors
-        summary = store.error_summary(err)
+        summary = tensorstore_errors.error_summary(err)
     assert summary.startswith("ValueError: OUT_OF_RANGE: Error reading \"w/0\"") and " ... " in summary
     assert summary.endswith("Requested byte range [0, 9) is not valid for value of size 5") and len(summary) < 330
     # The operating system's reason in the middle of a long line (before tensorstore's JSON spec) is kept too.
     mid = ValueError("OUT_OF_RANGE: Error opening \"zarr\" driver: Error writing \"a/.zarray\" in OCDBT database at "
                      "local file \"" + "x" * 200 + "\": File too large [os_error_code='27'] [spec='" + "{}" * 200 + "']")
-    summary = store.error_summary(mid)
+    summary = tensorstore_errors.error_summary(mid)
     assert "File too large [os_error_code='27']" in summary and len(summary) < 360, summary
     # Only the code, after the spec (as CI's tensorstore wrote it): the operating system's words are added.
     bare = ValueError("OUT_OF_RANGE: Error opening \"zarr\" driver: Error writing \"bad_step/.zarray\" in OCDBT "
                       "database at local file \"" + "x" * 200 + "\" [spec='" + "{\"a\":1}" * 40 + "'] [os_error_code='27']")
-    summary = store.error_summary(bare)
+    summary = tensorstore_errors.error_summary(bare)
     assert summary.endswith("[os_error_code='27'] [File too large, os error 27]") and len(summary) < 400, summary
-    assert store.error_summary(ValueError("x [os_error_code=2] No such file or directory")).count("No such file") == 1
+    assert tensorstore_errors.error_summary(ValueError("x [os_error_code=2] No such file or directory")).count("No such file") == 1
     assert not checkpoints.is_io_failure(ValueError("unsupported pytree leaf"))
     assert checkpoints.is_io_failure(ValueError("Failed to write 10 bytes: File too large [os_error_code='27']"))

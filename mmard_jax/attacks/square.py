@@ -36,6 +36,7 @@ from typing import Callable, NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from mmard_jax import losses
 from mmard_jax.attacks import counter_rng
 from mmard_jax.attacks.engine import project
 
@@ -68,13 +69,6 @@ def query_chunks(n_queries: int, chunks: Tuple[int, int] = CHUNKS) -> Tuple[Tupl
         bounds.append((start, stop))
         start, size = stop, min(2 * size, longest)
     return tuple(bounds)
-
-
-def margin(logits: Array, y: Array) -> Array:
-    """Per-example z_y - max_{j != y} z_j (positive while correctly classified)."""
-    z = logits.astype(jnp.float32)
-    onehot = jax.nn.one_hot(y, z.shape[-1], dtype=bool)
-    return jnp.sum(jnp.where(onehot, z, 0.0), axis=-1) - jnp.max(jnp.where(onehot, -jnp.inf, z), axis=-1)
 
 
 def window_fraction(i: Array, n_queries: int, p_init: float = P_INIT, rescale: bool = False) -> Array:
@@ -149,7 +143,7 @@ def square_start(apply_fn: ApplyFn, x: Array, y: Array, keys: Array, *, eps: flo
     if x.shape[-1] > 32:
         raise ValueError(f"square_linf draws one random word of channel signs: at most 32 channels, got {x.shape[-1]}")
     x_best = stripes_start(keys, x, eps)
-    return SquareState(x_best, margin(apply_fn(x_best), y))
+    return SquareState(x_best, losses.margin(apply_fn(x_best), y))
 
 
 def square_steps(
@@ -181,7 +175,7 @@ def square_steps(
         side = window_side(window_fraction(s.i, n_queries, p_init, rescale_schedule), h, w)
         delta = jax.vmap(lambda r: proposal(r, x.shape[1:], side, eps, x.dtype, full_range))(query_bits(keys, s.i))
         x_new = project(s.x_best + delta, x, eps)
-        m = margin(apply_fn(x_new), y)
+        m = losses.margin(apply_fn(x_new), y)
         accept = (s.margin_best > 0) & ((m < s.margin_best) | (m <= 0))
         return _Loop(
             s.i + 1,

@@ -2,7 +2,7 @@
 copy, neither needing TensorFlow) or scikit-learn's bundled digits, loaded into memory as uint8 NHWC so the
 trainer can put them on the device once; on-device augmentation (random crop after zero padding, horizontal
 flip) as a pure jittable function; and the example order: a deterministic shuffle keyed by (seed, epoch)
-that drops the last partial training batch, and masked evaluation batches that count every example once.
+that drops the last partial training batch.
 """
 
 from mmard_jax.data.augment import augment, to_float
@@ -16,9 +16,7 @@ from mmard_jax.data.datasets import (
     load_dataset,
 )
 from mmard_jax.data.pipeline import (
-    EvalBatches,
     epoch_permutation,
-    eval_batches,
     num_train_steps,
     train_batch_indices,
 )
@@ -29,11 +27,9 @@ __all__ = [
     "Dataset",
     "DatasetFormatError",
     "DatasetNotFoundError",
-    "EvalBatches",
     "augment",
     "default_data_dir",
     "epoch_permutation",
-    "eval_batches",
     "load_dataset",
     "num_train_steps",
     "to_float",

@@ -18,12 +18,10 @@ from typing import IO, Mapping
 
 import numpy as np
 
+from mmard_jax.errors import DatasetFormatError
+
 CIFAR_URL_BASE = "https://www.cs.toronto.edu/~kriz/"
 _ROW_LENGTH = 3 * 32 * 32  # one image as a channel-major row: 1024 red, 1024 green, 1024 blue values
-
-
-class DatasetFormatError(ValueError):
-    """A data file exists but its content is not what CIFAR's format promises (names the file and the key)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,17 +9,14 @@ import pathlib
 import numpy as np
 
 from mmard_jax.data import cifar, digits, tfds_source
-from mmard_jax.data.download import DownloadError, fetch_file
+from mmard_jax.data.download import fetch_file
+from mmard_jax.errors import DatasetNotFoundError, DownloadError
 
 DATASETS = ("cifar10", "cifar100", "digits")
 SPLITS = ("train", "test")
 SOURCES = ("auto", "pickle", "tfds")
 DATA_DIR_ENV = "MMARD_DATA_DIR"
 _DEFAULT_DATA_DIR = "~/.cache/mmard_jax/data"
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """No usable copy of a dataset was found (the message says what to download and where to put it)."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

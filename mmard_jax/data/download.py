@@ -8,11 +8,9 @@ import pathlib
 import tempfile
 import urllib.request
 
+from mmard_jax.errors import DownloadError
+
 _CHUNK = 1 << 20
-
-
-class DownloadError(OSError):
-    """A download failed or its md5 did not match; nothing was left at the destination."""
 
 
 def md5sum(path: os.PathLike) -> str:

@@ -1,20 +1,11 @@
-"""Example order: a deterministic per-epoch shuffle for training and complete, masked batches for evaluation.
+"""Example order for training: a deterministic per-epoch shuffle in full batches (the evaluator batches itself).
 
 All of it is host-side NumPy on index arrays; the trainer gathers from its device-resident images with them.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
-
-
-class EvalBatches(NamedTuple):
-    """Index batches int32 [num_batches, batch_size] and a bool mask of the same shape (False = padding)."""
-
-    indices: np.ndarray
-    mask: np.ndarray
 
 
 def _check_batch_size(batch_size: int) -> None:
@@ -46,15 +37,3 @@ def train_batch_indices(seed: int, epoch: int, n: int, batch_size: int) -> np.nd
     steps = num_train_steps(n, batch_size)
     return epoch_permutation(seed, epoch, n)[: steps * batch_size].reshape(steps, batch_size)
 
-
-def eval_batches(n: int, batch_size: int) -> EvalBatches:
-    """Batches covering range(n) once, in order; the tail is padded with index 0 and masked out.
-
-    Padding uses a valid index so a gather never goes out of bounds; count only where `mask` is True.
-    """
-    _check_batch_size(batch_size)
-    num_batches = -(-n // batch_size)
-    flat = np.arange(num_batches * batch_size, dtype=np.int32)
-    mask = flat < n
-    indices = np.where(mask, flat, 0).astype(np.int32)
-    return EvalBatches(indices.reshape(num_batches, batch_size), mask.reshape(num_batches, batch_size))

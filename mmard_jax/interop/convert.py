@@ -23,6 +23,7 @@ from absl import app, flags
 from flax import traverse_util
 
 from mmard_jax import cli, models, runtime, xla_env
+from mmard_jax.errors import ConversionError
 from mmard_jax.interop import naming, zoo
 from mmard_jax.models import dm_preact_resnet, store
 
@@ -41,10 +42,6 @@ UNUSED_PREFIXES = {
 }
 _LIST_LIMIT = 25  # keys shown per list in a mismatch error
 DEEPMIND_ARCHS = ("dm_wide_resnet", "dm_preact_resnet")  # activation and mean/std live in code, not in the file
-
-
-class ConversionError(ValueError):
-    """A checkpoint that cannot be read safely or does not fit the chosen architecture."""
 
 
 # ---------------------------------------------------------------- reading
@@ -418,6 +415,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_classes", None, "Number of classes, with --arch.")
     flags.DEFINE_bool("overwrite", False, "Replace --dst if it exists.")
     flags.DEFINE_bool("list", False, "Print the supported RobustBench names and exit.")
+    xla_env.define_flags()
 
 
 def _parse_kwargs(text: str) -> Dict[str, Any]:
@@ -439,6 +437,7 @@ def _print_table() -> None:
 
 def main(argv) -> None:
     """Runs one conversion from the flags; a ConversionError is one line on stderr and status 2 (`cli.run`)."""
+    xla_env.apply_cpu_defaults(flags.FLAGS.xla_cpu_defaults)  # first: before anything may start a JAX backend
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     runtime.quiet_logging()
@@ -460,7 +459,6 @@ def main(argv) -> None:
 
 def run() -> None:
     """Console-script entry point (`mmard-convert`)."""
-    xla_env.apply_cpu_defaults()
     define_flags()
     cli.run(main)
 

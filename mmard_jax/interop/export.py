@@ -16,17 +16,14 @@ from typing import Any, Dict, Mapping
 import numpy as np
 from absl import app, flags
 
-from mmard_jax import cli, models, runtime, xla_env
+from mmard_jax import checkpoints, cli, models, runtime, xla_env
+from mmard_jax.errors import ExportError
 from mmard_jax.interop import naming
 from mmard_jax.models import store
 
 SUB_BLOCK1 = "sub_block1."
 # Our DeepMind activation names -> the PyTorch class RobustBench passes as `activation_fn`.
 TORCH_ACTIVATIONS = {"swish": "Swish", "silu": "nn.SiLU", "relu": "nn.ReLU"}
-
-
-class ExportError(ValueError):
-    """A source that cannot be exported as asked."""
 
 
 def _torch():
@@ -113,7 +110,7 @@ def export_model(src, dst, sub_block1: bool = False, progress=None) -> pathlib.P
     spec = store.read_spec(src)
     if progress:
         progress(f"loading {src} ({spec['arch']}, {spec['num_classes']} classes)")
-    _, variables = store.load_model(src)
+    _, variables = checkpoints.load_model(src)
     state = to_torch_state_dict(variables, spec["arch"], sub_block1=sub_block1)
     out = save_state_dict(state, dst)
     if progress:
@@ -129,11 +126,13 @@ def define_flags() -> None:
     flags.DEFINE_string("src", None, "Model directory (from mmard_jax.convert) or training workdir (best checkpoint).")
     flags.DEFINE_string("dst", None, "Output file: .pt/.pth (torch.save of a plain dict) or .safetensors.")
     flags.DEFINE_bool("sub_block1", False, "Add TRADES's unused sub_block1.* (WideResNet(..., sub_block1=True)).")
+    xla_env.define_flags()
     flags.mark_flags_as_required(["src", "dst"])
 
 
 def main(argv) -> None:
     """Runs one export from the flags; a bad source is one line on stderr and status 2 (`cli.run`)."""
+    xla_env.apply_cpu_defaults(flags.FLAGS.xla_cpu_defaults)  # first: before anything may start a JAX backend
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     runtime.quiet_logging()
@@ -146,7 +145,6 @@ def main(argv) -> None:
 
 def run() -> None:
     """Console-script entry point (`mmard-export`)."""
-    xla_env.apply_cpu_defaults()
     define_flags()
     cli.run(main)
 

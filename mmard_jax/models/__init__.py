@@ -15,7 +15,8 @@ from mmard_jax.models import store  # noqa: E402 - after the registry it builds 
 
 
 def load_pretrained(directory, dtype: str = "float32", input_shape=(32, 32, 3)):
-    """(module, variables) of a converted teacher (model directory) or a training workdir's best student.
+    """(module, variables) of a converted teacher (model directory; a training workdir's best student:
+    `mmard_jax.checkpoints.load_model`).
 
     `module.apply(variables, x, train=False)` on NHWC x in [0, 1] gives the logits (`store.load_model`).
     """

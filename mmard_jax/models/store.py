@@ -3,76 +3,35 @@
     DIR/model.json   {"format": "mmard_jax.model/1", "arch": ..., "num_classes": ..., "kwargs": {...}}
     DIR/variables/   an orbax checkpoint of {"params": ..., "batch_stats": ...}
 
-This is what the converter writes and what a training config names as its teacher. A training workdir
-also holds a model.json (the student's spec) and its best student under `checkpoints/best/<step>/variables`
-(`mmard_jax.checkpoints` writes it); `load_model` reads either, so a finished run can be the next run's
-teacher. Every write is atomic: the directory is staged beside its destination and renamed into place.
+This is what the converter writes and what a training config names as its teacher. A training workdir keeps
+its variables elsewhere (its layout is `mmard_jax.checkpoints`'s): `load_model` and `fingerprint` take a `locate`
+function for that, `checkpoints.load_model` passes its own. Every write is atomic: the directory is staged beside
+its destination and renamed into place.
 """
 
 import hashlib
 import json
 import os
 import pathlib
-import re
 import shutil
 import tempfile
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from mmard_jax import distributed, files
+from mmard_jax.errors import CheckpointError
+from mmard_jax.tensorstore_errors import error_summary
 from mmard_jax.models.registry import create
 
 FORMAT = "mmard_jax.model/1"
 SPEC_FILE = "model.json"
 VARIABLES_DIR = "variables"
-BEST = "checkpoints/best"  # where a training workdir keeps its best student (an orbax CheckpointManager)
 COLLECTIONS = ("params", "batch_stats")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-class CheckpointError(ValueError):
-    """A directory that is not a usable model directory or training workdir (the message says what is wrong)."""
-
-
-def error_chain(err: Optional[BaseException]) -> List[BaseException]:
-    """`err` and the exceptions it was raised from, outermost first (as Python's traceback shows them)."""
-    chain = []
-    while err is not None and all(err is not e for e in chain):
-        chain.append(err)
-        err = err.__cause__ if err.__cause__ is not None else (None if err.__suppress_context__ else err.__context__)
-    return chain
-
-
-def with_os_reason(line: str, text: str) -> str:
-    """`line`, ending in the operating system's words for the error code in `text` when `line` lacks them
-    (tensorstore sometimes gives only `[os_error_code='27']`, after a long spec that a summary cuts)."""
-    code = re.search(r"os_error_code='?(\d+)", text)
-    if not code:
-        return line
-    reason = os.strerror(int(code.group(1)))
-    return line if reason in line else f"{line} [{reason}, os error {code.group(1)}]"
-
-
-def error_summary(err: BaseException, limit: int = 300) -> str:
-    """'Type: first line' of the innermost exception behind `err` (orbax wraps tensorstore's precise error,
-    'Error reading ... in OCDBT database ...: Requested byte range ... is not valid', in a generic one)."""
-    chain = error_chain(err)
-    for e in reversed(chain):
-        text = str(e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else e).strip()
-        if text:
-            line = text.splitlines()[0]
-            if len(line) > limit:  # keep the end too: tensorstore usually puts the operating system's reason there
-                short = f"{line[:limit - limit // 3]} ... {line[-(limit // 3):]}"
-                reason = re.search(r"[^:\"\[\]]{0,80}\[os_error_code='?\d+'?\]", line)  # or in the middle, before a spec
-                if reason and reason.group(0) not in short:
-                    short = f"{line[:limit // 2]} ... {reason.group(0).strip()} ... {line[-(limit // 6):]}"
-                line = short
-            return f"{type(e).__name__}: {with_os_reason(line, text)}"
-    return type(chain[0]).__name__
 
 
 def compute_dtype(name: str):
@@ -167,20 +126,22 @@ def read_spec(directory) -> Dict[str, Any]:
     return spec
 
 
-def best_step(directory: pathlib.Path) -> Optional[int]:
-    """The step of a workdir's best checkpoint (the highest finished step directory), None if there is none."""
-    steps = [int(p.name) for p in directory.glob("*") if p.name.isdigit() and (p / VARIABLES_DIR).is_dir()]
-    return max(steps) if steps else None
+def variables_dir(directory) -> pathlib.Path:
+    """Where a model directory keeps its variables (DIR/variables); a CheckpointError if it has none."""
+    directory = pathlib.Path(directory)
+    if (directory / VARIABLES_DIR).is_dir():
+        return directory / VARIABLES_DIR
+    raise CheckpointError(f"{directory}: found {SPEC_FILE} but no {VARIABLES_DIR}/")
 
 
-def fingerprint(directory) -> str:
-    """A short hash of what a model directory or workdir holds: model.json (which records the sha256 of the file a
-    converted teacher came from), where its variables are (a workdir's best step) and their files' names and sizes,
-    so a resume can tell that the teacher behind a path has changed without reading its weights."""
+def fingerprint(directory, locate: Callable[[pathlib.Path], pathlib.Path] = variables_dir) -> str:
+    """A short hash of what a model directory holds: model.json (which records the sha256 of the file a converted
+    teacher came from), where its variables are (`locate`: e.g. a workdir's best step) and their files' names and
+    sizes, so a resume can tell that the teacher behind a path has changed without reading its weights."""
     directory = pathlib.Path(directory).absolute()
     digest = hashlib.sha256((directory / SPEC_FILE).read_bytes() if (directory / SPEC_FILE).is_file() else b"")
     try:
-        variables = _variables_path(directory)
+        variables = locate(directory)
     except CheckpointError:
         return "unreadable"
     digest.update(str(variables.relative_to(directory)).encode())
@@ -189,27 +150,17 @@ def fingerprint(directory) -> str:
     return digest.hexdigest()[:16]
 
 
-def _variables_path(directory: pathlib.Path) -> pathlib.Path:
-    """Where a model directory or a workdir keeps the model's variables."""
-    if (directory / VARIABLES_DIR).is_dir():
-        return directory / VARIABLES_DIR
-    if (directory / BEST).is_dir():
-        step = best_step(directory / BEST)
-        if step is None:
-            raise CheckpointError(f"{directory / BEST} holds no checkpoint yet (no evaluation has finished)")
-        return directory / BEST / str(step) / VARIABLES_DIR
-    raise CheckpointError(f"{directory}: found {SPEC_FILE} but neither {VARIABLES_DIR}/ nor {BEST}/")
-
-
-def load_model(directory, dtype: str = "float32", input_shape=(32, 32, 3)) -> Tuple[Any, Dict[str, Any]]:
-    """(module, variables) from a model directory, or from a training workdir's best checkpoint.
+def load_model(directory, dtype: str = "float32", input_shape=(32, 32, 3),
+               locate: Callable[[pathlib.Path], pathlib.Path] = variables_dir) -> Tuple[Any, Dict[str, Any]]:
+    """(module, variables) from a model directory (`locate` finds its variables: `checkpoints.load_model` passes
+    one that also reads a training workdir's best student).
 
     `module.apply(variables, x, train=False)` on x in [0, 1] NHWC gives the logits.
     """
     directory = pathlib.Path(directory).absolute()
     spec = read_spec(directory)
     module = build_module(spec, dtype)
-    path = _variables_path(directory)
+    path = locate(directory)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             variables = checkpointer.restore(path, local_target(module, input_shape))

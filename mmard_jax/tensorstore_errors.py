@@ -1,0 +1,52 @@
+"""What orbax/tensorstore errors say, as one line: the innermost reason behind a failed checkpoint read or write,
+and whether it was the operating system refusing a write (full or read-only disk). Text only: no jax, no orbax."""
+
+import os
+import re
+from typing import List, Optional
+
+# How tensorstore words an operating-system failure inside the ValueError it raises for a failed write.
+_IO_FAILURE = re.compile(r"os_error_code|No space left|Read-only file system|File too large|Disk quota|"
+                         r"Permission denied|Input/output error", re.IGNORECASE)
+
+
+def error_chain(err: Optional[BaseException]) -> List[BaseException]:
+    """`err` and the exceptions it was raised from, outermost first (as Python's traceback shows them)."""
+    chain = []
+    while err is not None and all(err is not e for e in chain):
+        chain.append(err)
+        err = err.__cause__ if err.__cause__ is not None else (None if err.__suppress_context__ else err.__context__)
+    return chain
+
+
+def with_os_reason(line: str, text: str) -> str:
+    """`line`, ending in the operating system's words for the error code in `text` when `line` lacks them
+    (tensorstore sometimes gives only `[os_error_code='27']`, after a long spec that a summary cuts)."""
+    code = re.search(r"os_error_code='?(\d+)", text)
+    if not code:
+        return line
+    reason = os.strerror(int(code.group(1)))
+    return line if reason in line else f"{line} [{reason}, os error {code.group(1)}]"
+
+
+def error_summary(err: BaseException, limit: int = 300) -> str:
+    """'Type: first line' of the innermost exception behind `err` (orbax wraps tensorstore's precise error,
+    'Error reading ... in OCDBT database ...: Requested byte range ... is not valid', in a generic one)."""
+    chain = error_chain(err)
+    for e in reversed(chain):
+        text = str(e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else e).strip()
+        if text:
+            line = text.splitlines()[0]
+            if len(line) > limit:  # keep the end too: tensorstore usually puts the operating system's reason there
+                short = f"{line[:limit - limit // 3]} ... {line[-(limit // 3):]}"
+                reason = re.search(r"[^:\"\[\]]{0,80}\[os_error_code='?\d+'?\]", line)  # or in the middle, before a spec
+                if reason and reason.group(0) not in short:
+                    short = f"{line[:limit // 2]} ... {reason.group(0).strip()} ... {line[-(limit // 6):]}"
+                line = short
+            return f"{type(e).__name__}: {with_os_reason(line, text)}"
+    return type(chain[0]).__name__
+
+
+def is_io_failure(err: BaseException) -> bool:
+    """Whether an exception (or one it was raised from) is the operating system refusing a write."""
+    return any(isinstance(e, OSError) or _IO_FAILURE.search(str(e)) for e in error_chain(err))
