@@ -74,7 +74,7 @@ def step_settings(case: Case, pgd_steps: int, unroll: str):
                                    **methods.attack_defaults(case.method))
 
 
-def _jax_step_builder(case: Case, seed: int = 0):
+def jax_step_builder(case: Case, seed: int = 0):
     """(build(pgd_steps, unroll) -> jitted step, nets, method, txs, mesh) for `case`."""
     import jax.numpy as jnp
 
@@ -128,7 +128,7 @@ def jax_step_draws(seed: int, step: int, batch: int, image_shape, settings) -> D
             "noise": None if noise is None else np.asarray(noise)}
 
 
-def _frozen(case: Case, nets, init):
+def frozen_variables(case: Case, nets, init):
     """The teachers' variables: `init(module)` for each frozen network the case uses."""
     return {"teacher": init(nets.teacher)} if nets.teacher is not None else {}
 
@@ -141,7 +141,7 @@ def _abstract_args(case: Case, nets, method, txs, n_images: int):
     from mmard_jax import train_step
 
     shape = (case.size, case.size, 3)
-    frozen = _frozen(case, nets, lambda m: jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1,) + shape), train=False)))
+    frozen = frozen_variables(case, nets, lambda m: jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1,) + shape), train=False)))
     state = jax.eval_shape(lambda: train_step.init_state(nets, method, txs, jax.random.key(0), shape))
     return (state, frozen, jax.ShapeDtypeStruct((n_images,) + shape, jnp.uint8),
             jax.ShapeDtypeStruct((n_images,), jnp.int32), jax.ShapeDtypeStruct((case.batch,), jnp.int32),
@@ -154,7 +154,7 @@ def step_flops(case: Case) -> float:
     A `while` body is counted once however many times it runs, so the PGD iterations are counted by
     difference; the result does not depend on the loop's unrolling.
     """
-    build, nets, method, txs, _ = _jax_step_builder(case)
+    build, nets, method, txs, _ = jax_step_builder(case)
     args = _abstract_args(case, nets, method, txs, n_images=max(4 * case.batch, 512))
     f0, f1 = (build(k, "1").lower(*args).cost_analysis()["flops"] for k in (0, 1))
     return f0 + case.pgd_steps * (f1 - f0)
@@ -171,7 +171,7 @@ def _initial(case: Case, seed: int, mesh, nets, method, txs):
     rep = parallel.replicated(mesh)
     init = lambda m: jax.jit(lambda k: m.init(k, jnp.zeros((1,) + shape), train=False))(  # noqa: E731
         jax.random.key(seed + 1, impl="rbg"))
-    frozen = jax.device_put(_frozen(case, nets, init), rep)
+    frozen = jax.device_put(frozen_variables(case, nets, init), rep)
     state = jax.device_put(train_step.init_state(nets, method, txs, jax.random.key(seed, impl="rbg"), shape), rep)
     return state, frozen
 
@@ -189,7 +189,7 @@ def write_start(case: Case, path: str, state, frozen, seed: int = 0) -> None:
 def flops_worker(case: Case, start_file: Optional[str] = None, seed: int = 0) -> Dict[str, Any]:
     """The FLOP count alone (PyTorch-only runs), and the torch worker's start file if asked."""
     if start_file:
-        build, nets, method, txs, mesh = _jax_step_builder(case, seed)
+        build, nets, method, txs, mesh = jax_step_builder(case, seed)
         write_start(case, start_file, *_initial(case, seed, mesh, nets, method, txs), seed=seed)
     return {"impl": "flops", "form": "", "flops_per_step": step_flops(case)}
 
@@ -203,7 +203,7 @@ def jax_worker(case: Case, warmup: int, steps: int, unroll: str, seed: int = 0,
 
     from mmard_jax import parallel
 
-    build, nets, method, txs, mesh = _jax_step_builder(case, seed)
+    build, nets, method, txs, mesh = jax_step_builder(case, seed)
     state, frozen = _initial(case, seed, mesh, nets, method, txs)
     if start_file:
         write_start(case, start_file, state, frozen, seed)
