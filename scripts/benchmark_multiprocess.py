@@ -9,13 +9,12 @@ A layout PxD is P processes with D CPU devices each: P = 1 is one process (XLA_F
 jax.distributed run on loopback with gloo collectives. Every layout computes the same global batch (the
 case's), so the images/s are directly comparable; the first layout is the reference of the ratio column.
 Rounds are interleaved (--repeat) so that a change of load hits every layout alike; the median round is kept.
-The case, its step and its data come from scripts/benchmark.py (random weights and data, resident on the
-devices); the timing loop here feeds every process only its share (mmard_jax.parallel).
+The case, its step and its data come from mmard_jax.tools.bench_cases and bench_step (random weights and data,
+resident on the devices); the timing loop here feeds every process only its share (mmard_jax.parallel).
 """
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import pathlib
@@ -25,29 +24,12 @@ import time
 from typing import Any, Dict, List
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mmard_jax.tools import bench_cases, bench_step  # noqa: E402 - neither starts JAX
+from mmard_jax.tools.bench_layouts import merge_rounds, parse_layout, table  # noqa: E402
+
 RESULT = "BENCH_RESULT "
-
-
-def _benchmark():
-    """scripts/benchmark.py as a module (its cases, step builder and summary)."""
-    if "benchmark" in sys.modules:
-        return sys.modules["benchmark"]
-    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def parse_layout(text: str) -> tuple:
-    """'2x1' -> (2 processes, 1 device each)."""
-    try:
-        processes, devices = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise SystemExit(f"--layouts: {text!r} is not PxD (processes x devices per process), e.g. 2x1") from None
-    if processes < 1 or devices < 1:
-        raise SystemExit(f"--layouts: {text!r} needs at least one process and one device")
-    return processes, devices
 
 
 # ----------------------------------------------------------------------------- one process of a layout
@@ -61,13 +43,12 @@ def worker(case_name: str, warmup: int, steps: int, unroll: str, seed: int = 0) 
 
     from mmard_jax import parallel, train_step
 
-    bm = _benchmark()
-    case = bm.CASES[case_name]
-    build, nets, method, txs, mesh = bm._jax_step_builder(case, seed)
+    case = bench_cases.CASES[case_name]
+    build, nets, method, txs, mesh = bench_step.jax_step_builder(case, seed)
     shape = (case.size, case.size, 3)
     init = lambda m: jax.jit(lambda k: m.init(k, jnp.zeros((1,) + shape), train=False))(  # noqa: E731
         jax.random.key(seed + 1, impl="rbg"))
-    frozen = parallel.put_replicated(bm._frozen(case, nets, init), mesh)
+    frozen = parallel.put_replicated(bench_step.frozen_variables(case, nets, init), mesh)
     state = parallel.put_replicated(train_step.init_state(nets, method, txs, jax.random.key(seed, impl="rbg"), shape),
                                     mesh)
     rng = np.random.default_rng(seed)  # the same draws in every process
@@ -98,9 +79,9 @@ def worker(case_name: str, warmup: int, steps: int, unroll: str, seed: int = 0) 
         "processes": jax.process_count(), "devices_per_process": jax.local_device_count(),
         "n_devices": mesh.devices.size, "backend": jax.default_backend(), "compile_s": compile_s,
         "loss": float(metrics["loss"]), "versions": f"jax {jax.__version__}, jaxlib {jax.lib.__version__}",
-        "peak_rss_bytes": bm.peak_rss_bytes(),
+        "peak_rss_bytes": bench_step.peak_rss_bytes(),
     }
-    out.update(bm.summarize(times, case.batch, total_s, steps))
+    out.update(bench_step.summarize(times, case.batch, total_s, steps))
     return out
 
 
@@ -143,48 +124,13 @@ def run_layout(layout: str, args) -> Dict[str, Any]:
     return dict(json.loads(found[-1]), layout=layout, load_avg_before=load_before)
 
 
-def merge_rounds(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """The round with the median step time (the lower one of an even count, as benchmark.py), and every round's
-    images/s."""
-    good = sorted((r for r in rows if "error" not in r), key=lambda r: r["step_s"])
-    if not good:
-        return rows[-1]
-    row = dict(good[(len(good) - 1) // 2])
-    row["rounds"] = len(good)
-    row["images_per_s_rounds"] = [r.get("images_per_s") for r in rows]  # in round order (None: failed)
-    return row
-
-
-def round_ratios(rows: List[Dict[str, Any]]) -> List[List[float]]:
-    """Per layout, its images/s over the first layout's in each round: measured side by side, under the same load."""
-    ref = rows[0].get("images_per_s_rounds", [])
-    return [[a / b if a and b else float("nan") for a, b in zip(r.get("images_per_s_rounds", []), ref)]
-            for r in rows]
-
-
-def table(rows: List[Dict[str, Any]]) -> str:
-    """Markdown: one line per layout; ratios against the first layout, round by round."""
-    lines = ["| layout | processes x devices | step (s, median) | images/s (median) | images/s per round | "
-             "vs first, per round | compile (s) | load avg |", "|---|---|---:|---:|---|---|---:|---:|"]
-    for r, ratios in zip(rows, round_ratios(rows)):
-        if "error" in r:
-            lines.append(f"| {r['layout']} | - | - | FAILED: {r['error']} | - | - | - | - |")
-            continue
-        per_round = ", ".join("-" if v is None else f"{v:.1f}" for v in r["images_per_s_rounds"])
-        lines.append(f"| {r['layout']} | {r['processes']} x {r['devices_per_process']} | {r['step_s']:.3f} | "
-                     f"{r['images_per_s']:.1f} | {per_round} | {', '.join(f'{x:.2f}x' for x in ratios)} | "
-                     f"{r['compile_s']:.1f} | {r['load_avg_before']:.1f} / {r['load_avg_1min']:.1f} |")
-    return "\n".join(lines)
-
-
 def section(rows: List[Dict[str, Any]], args) -> str:
-    bm = _benchmark()
-    case = bm.CASES[args.cases]
+    case = bench_cases.CASES[args.cases]
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     good = next((r for r in rows if "error" not in r), {})
     return (f"\n## Process boundary: {args.cases} ({when})\n\n"
             f"`python scripts/benchmark_multiprocess.py --cases={args.cases} --layouts={args.layouts} "
-            f"--warmup={args.warmup} --steps={args.steps} --repeat={args.repeat}`: {bm.describe(case)}; "
+            f"--warmup={args.warmup} --steps={args.steps} --repeat={args.repeat}`: {bench_cases.describe(case)}; "
             f"{good.get('versions', '')}, {good.get('backend', '?')}, {good.get('cpus', '?')} CPU(s); gloo "
             f"collectives between processes. Rounds interleave the layouts; the ratio is taken within each round. Load "
             f"average: the 1-minute value before the median round's layout started / at its end.\n\n"
@@ -211,15 +157,15 @@ def parse_args(argv=None):
 
 def main(argv=None) -> List[Dict[str, Any]]:
     args = parse_args(argv)
-    if args.cases not in _benchmark().CASES:
-        raise SystemExit(f"unknown case {args.cases!r}; known: {', '.join(_benchmark().CASES)}")
+    if args.cases not in bench_cases.CASES:
+        raise SystemExit(f"unknown case {args.cases!r}; known: {', '.join(bench_cases.CASES)}")
     if args.worker:
         worker_main(args)
         return []
     layouts = [x for x in args.layouts.split(",") if x]
     for layout in layouts:
         processes, devices = parse_layout(layout)
-        if _benchmark().CASES[args.cases].batch % (processes * devices):
+        if bench_cases.CASES[args.cases].batch % (processes * devices):
             raise SystemExit(f"layout {layout}: the case's batch does not divide by {processes * devices} devices")
     rounds = {layout: [] for layout in layouts}
     for r in range(args.repeat):

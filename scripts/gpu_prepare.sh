@@ -6,7 +6,7 @@
 #
 #   scripts/gpu_prepare.sh        # from the repository root, with the project's virtual environment active
 #
-# Packages (versions as installed here): robustbench (torch_reference.py loads its architecture files by path),
+# Packages (versions as installed here): robustbench (tests/peers/robustbench.py loads its architecture files by path),
 # torchattacks and pyautoattack (scripts/benchmark_autoattack.py's peers; pyautoattack without its 44 MB
 # examples/), ml_collections (configs). Everything else gpu_check.sh uses is in the image (device README, KINDS.md).
 set -eu

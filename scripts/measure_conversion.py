@@ -10,8 +10,6 @@ Each step runs in its own process, measured with `os.wait4` (wall time, CPU time
 Needs torch and robustbench (installed with --no-deps; only its architecture files are loaded).
 """
 
-import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -21,7 +19,10 @@ import sys
 import tempfile
 import time
 
+from absl import app, flags
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
+TESTS = REPO / "tests"  # the PyTorch peers (`peers`)
 
 # name -> (RobustBench name, dataset, architecture file, constructor expression over that module)
 MODELS = {
@@ -33,9 +34,10 @@ MODELS = {
 }
 
 _SAVE = """
-import importlib.util, sys, torch
-spec = importlib.util.spec_from_file_location("rb_arch", {path!r})
-m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+import sys, torch
+sys.path.insert(0, {tests!r})
+from peers.robustbench import load_arch
+m = load_arch({arch_file!r})
 torch.manual_seed(0)
 model = {constructor}
 print(sum(p.numel() for p in model.parameters()))
@@ -47,14 +49,6 @@ from mmard_jax import models
 module, variables = models.load_pretrained({src!r})
 print(models.count_params(variables))
 """
-
-
-def robustbench_arch_file(module: str) -> pathlib.Path:
-    """Path of `robustbench/model_zoo/architectures/<module>.py` (robustbench itself is not imported)."""
-    spec = importlib.util.find_spec("robustbench")
-    if spec is None:
-        raise SystemExit("robustbench is not installed: pip install --no-deps robustbench")
-    return pathlib.Path(list(spec.submodule_search_locations)[0]) / "model_zoo" / "architectures" / f"{module}.py"
 
 
 def measured(command, env=None):
@@ -75,7 +69,7 @@ def measure(name: str, workdir: pathlib.Path) -> dict:
     robustbench, dataset, arch_file, constructor = MODELS[name]
     src, dst = workdir / f"{robustbench}.pt", workdir / f"{robustbench}_{dataset}"
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-    script = _SAVE.format(path=str(robustbench_arch_file(arch_file)), constructor=constructor, dst=str(src))
+    script = _SAVE.format(tests=str(TESTS), arch_file=arch_file, constructor=constructor, dst=str(src))
     out, save_wall, _, save_rss = measured([sys.executable, "-c", script], env)
     params = int(out.split()[-1])
     print(f"[{name}] PyTorch built and saved {params / 1e6:.1f}M parameters ({src.stat().st_size / 2**20:.0f} MiB) "
@@ -108,24 +102,24 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="wrn34_10,wrn70_16", help=f"comma-separated, from {sorted(MODELS)}")
-    parser.add_argument("--keep", default=None, help="directory for the files (kept); default: a temporary one")
-    parser.add_argument("--json", default=None, help="also write the numbers here")
-    args = parser.parse_args()
-    names = [n for n in args.models.split(",") if n]
-    unknown = sorted(set(names) - set(MODELS))
+flags.DEFINE_list("models", ["wrn34_10", "wrn70_16"], f"Comma-separated, from {sorted(MODELS)}.")
+flags.DEFINE_string("keep", None, "Directory for the files (kept); default: a temporary one.")
+flags.DEFINE_string("json", None, "Also write the numbers here.")
+FLAGS = flags.FLAGS
+
+
+def main(argv) -> None:
+    unknown = sorted(set(FLAGS.models) - set(MODELS))
     if unknown:
-        parser.error(f"unknown models {unknown}; known: {sorted(MODELS)}")
+        raise app.UsageError(f"unknown models {unknown}; known: {sorted(MODELS)}")
     with tempfile.TemporaryDirectory(prefix="measure_conversion_") as tmp:
-        workdir = pathlib.Path(args.keep or tmp)
+        workdir = pathlib.Path(FLAGS.keep or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        rows = [measure(n, workdir) for n in names]
+        rows = [measure(n, workdir) for n in FLAGS.models]
     print(markdown(rows))
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    if FLAGS.json:
+        pathlib.Path(FLAGS.json).write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

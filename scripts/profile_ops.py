@@ -18,7 +18,7 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # mmard_jax, and the PyTorch peers (`peers`)
 
 from mmard_jax import xla_env  # noqa: E402 - the entry point's CPU XLA defaults, before JAX starts
 
@@ -32,6 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from mmard_jax import models  # noqa: E402
 from mmard_jax.models import layers  # noqa: E402
+from peers.architectures import build_model  # noqa: E402
 
 
 def median_seconds(fn, repeat: int) -> float:
@@ -71,11 +72,8 @@ def jax_network(arch: str, depthwise: str, x: np.ndarray, labels: np.ndarray):
 
 
 def torch_network(arch: str, x: np.ndarray, labels: np.ndarray):
-    """The same pieces for the PyTorch peer (scripts/torch_reference.py's architectures), eager float32."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import torch_reference  # noqa: PLC0415
-
-    net = torch_reference.build_model(arch, 10)
+    """The same pieces for the PyTorch peer (`peers.architectures`), eager float32."""
+    net = build_model(arch, 10)
     xt, yt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), torch.from_numpy(labels).long()
 
     def forward():

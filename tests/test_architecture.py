@@ -1,6 +1,7 @@
 """The package's dependencies point one way (docs/design.md, "Direction of dependencies"): no import circle, and
 files <- models <- checkpoints <- train / evaluate / interop, read from the source (every import, also inside
-functions), so a new import that turns an arrow around fails here."""
+functions), so a new import that turns an arrow around fails here. Around the package: scripts import the package
+(and tests/peers), never the reverse; tests import the package and tests/peers, never a script."""
 
 import ast
 import pathlib
@@ -8,6 +9,9 @@ import pathlib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "mmard_jax"
+TESTS = pathlib.Path(__file__).resolve().parent
+SCRIPTS = PACKAGE.parent / "scripts"
+SCRIPT_MODULES = {p.stem for p in SCRIPTS.glob("*.py")}
 
 
 def module_name(path: pathlib.Path) -> str:
@@ -94,3 +98,65 @@ def test_private_jax_api_only_behind_its_adapter():
             if any(n == "jax._src" or n.startswith("jax._src.") for n in names):
                 users.add(path.name)
     assert users == {"jax_internal.py"}, users
+
+
+def top_level_imports(path: pathlib.Path) -> set:
+    """The first component of every absolute import in `path` (also inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_the_package_imports_no_script_and_no_test_peer():
+    """scripts/ and tests/ (tests/peers: PyTorch peers, test oracles) sit above the package: it never imports them."""
+    assert SCRIPT_MODULES and (TESTS / "peers" / "__init__.py").is_file()
+    outside = {"scripts", "tests", "peers", "conftest"} | SCRIPT_MODULES
+    wrong = {str(p.relative_to(PACKAGE)): sorted(top_level_imports(p) & outside) for p in PACKAGE.rglob("*.py")}
+    assert not any(wrong.values()), {k: v for k, v in wrong.items() if v}
+
+
+def test_the_package_never_imports_torch_at_module_level():
+    """PyTorch is optional for the package (convert/export import it where they need it)."""
+    wrong = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            wrong += [f"{path.relative_to(PACKAGE)}: {n}" for n in names if n.split(".")[0] == "torch"]
+    assert not wrong, wrong
+
+
+def test_tests_import_no_script():
+    """Tests use the package and tests/peers; a script is a program (a test may run one as a subprocess)."""
+    files = list(TESTS.rglob("*.py"))
+    assert any(p.parent.name == "peers" for p in files)
+    wrong = {str(p.relative_to(TESTS)): sorted(top_level_imports(p) & (SCRIPT_MODULES | {"scripts"})) for p in files}
+    assert not any(wrong.values()), {k: v for k, v in wrong.items() if v}
+
+
+LOADERS = ("spec_from_file_location", "SourceFileLoader", "load_source", "run_path")
+
+
+def test_no_test_loads_a_script_by_file_path():
+    """No call in tests/ that executes a file (importlib, runpy) names scripts/; the RobustBench loader of tests/peers
+    is the one file loader there."""
+    wrong = []
+    for path in TESTS.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                if name in LOADERS and "scripts" in ast.unparse(node):
+                    wrong.append(f"{path.relative_to(TESTS)}:{node.lineno}: {ast.unparse(node)}")
+    assert not wrong, wrong
+
+
+def test_no_script_loads_a_file_by_path():
+    """A script is a thin program: it imports the package and tests/peers, and loads no script or other file by
+    path (RobustBench's architecture files: peers.robustbench)."""
+    for path in SCRIPTS.glob("*.py"):
+        text = path.read_text()
+        assert "spec_from_file_location" not in text and "load_script" not in text, path.name

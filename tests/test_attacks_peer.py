@@ -25,7 +25,7 @@ import torchattacks
 
 from mmard_jax import data, evaluate, losses
 from mmard_jax.attacks import autoattack, engine, suite
-from mmard_jax.interop.testing import copy_into_torch
+from peers.interop import copy_into_torch
 
 EPS = 32 / 255  # the demo's radius on digits: at 8/255 even a natural model stays robust
 PGD_STEP = EPS / 4

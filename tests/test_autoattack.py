@@ -16,8 +16,8 @@ from scipy.optimize import linprog
 
 from mmard_jax import evaluate, evaluator, parallel
 from mmard_jax.attacks import apgd, autoattack, fab, square, suite
+from mmard_jax.tools import aa_bench
 import tolerances
-from conftest import load_script
 from test_attacks_peer import EPS, TinyMLP, digits_test_split, our_report, robust_mlp
 
 # Few iterations: these tests check mechanics; the standard settings run in test_attacks_peer.py.
@@ -306,12 +306,12 @@ def test_cpu_batches_fit_the_last_level_cache(tmp_path, monkeypatch):
 
 
 def test_benchmark_batch_curve_times_each_shape_per_example():
-    """scripts/benchmark_autoattack.py --batch_curve: a row per batch shape, APGD-T and FAB-T times per example."""
-    bench = load_script("benchmark_autoattack")
+    """scripts/benchmark_autoattack.py --batch_curve (aa_bench.batch_curve): a row per batch shape, APGD-T and FAB-T
+    times per example."""
     module = TinyMLP()
     variables = module.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
     images = np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
     labels = np.asarray(jnp.argmax(module.apply(variables, images / 255.0), -1))  # every image correct
-    rows = bench.batch_curve(module, variables, images, labels, [2], eps=EPS, n_iter=2, rounds=1)
+    rows = aa_bench.batch_curve(module, variables, images, labels, [2], eps=EPS, n_iter=2, rounds=1)
     assert [r["batch"] for r in rows] == [2]
     assert all(r["apgd_t"] > 0 and r["fab_t"] > 0 for r in rows)

@@ -38,11 +38,11 @@ import optax
 import pytest
 import torch
 
-from conftest import import_peer
 from mmard_jax import data, evaluator, losses
 from mmard_jax.attacks import autoattack, engine, square
 from mmard_jax.models import layers
-from mmard_jax.interop.testing import copy_into_torch
+from peers.interop import copy_into_torch
+from peers.packages import import_peer
 from test_attacks_peer import digits_8x8, run_epochs
 
 pyautoattack = import_peer("pyautoattack")

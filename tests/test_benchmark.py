@@ -1,4 +1,5 @@
-"""Its PyTorch step computes what ours does; the flop count and the same-work check of scripts/benchmark.py.
+"""The PyTorch step (peers.torch_step) computes what ours does; the flop count and the same-work check of
+scripts/benchmark.py (mmard_jax.tools.bench_*).
 
 No timing assertions: performance numbers come from `scripts/benchmark.py` runs recorded in BENCHMARKS.md.
 """
@@ -12,19 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_script
 from mmard_jax import methods, models, parallel, train_step
 from mmard_jax.data.augment import crop_and_flip, to_float
 from mmard_jax.interop import naming
-from mmard_jax.interop.testing import copy_into_torch
+from mmard_jax.tools import bench_report, bench_step
+from mmard_jax.tools.bench_cases import CASES
+from peers import torch_step
+from peers.architectures import build_model
+from peers.interop import copy_into_torch
+from peers.published_losses import kl_loss_rslad
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 IMG = (8, 8, 3)
-
-
-@pytest.fixture(scope="module")
-def tr():
-    return load_script("torch_reference")
 
 
 def to_torch(flax_variables, module):
@@ -39,20 +39,18 @@ def to_torch(flax_variables, module):
 def test_same_work_flags_a_differing_loss():
     """A PyTorch row whose first-step loss is off by more than the dtypes' rounding, or that did not start from the
     JAX row's weights, is marked not comparable."""
-    bench = load_script("benchmark")
     jax_row = {"first_loss": 1.0, "dtype": "float32", "backend": "cpu"}
     row = {"first_loss": 1.0 + 5e-5, "dtype": "float32", "backend": "cpu", "weights": "the JAX row's"}
-    assert bench.same_work(row, jax_row)["comparable"] is True
-    assert bench.same_work(dict(row, first_loss=1.001), jax_row)["comparable"] is False
-    assert bench.same_work(dict(row, weights="own (random)"), jax_row)["comparable"] is False
-    assert bench.same_work(dict(row, first_loss=1.01, dtype="bfloat16"), jax_row)["comparable"] is True
-    assert bench.same_work(dict(row, first_loss=1.005, backend="cuda"), jax_row)["comparable"] is True
+    assert bench_report.same_work(row, jax_row)["comparable"] is True
+    assert bench_report.same_work(dict(row, first_loss=1.001), jax_row)["comparable"] is False
+    assert bench_report.same_work(dict(row, weights="own (random)"), jax_row)["comparable"] is False
+    assert bench_report.same_work(dict(row, first_loss=1.01, dtype="bfloat16"), jax_row)["comparable"] is True
+    assert bench_report.same_work(dict(row, first_loss=1.005, backend="cuda"), jax_row)["comparable"] is True
 
 
 def test_flop_count_matches_unrolled_program():
     """f(0) + steps * (f(1) - f(0)) equals the cost analysis of the fully unrolled step."""
-    bench = load_script("benchmark")
-    case = bench.CASES["tiny"]
+    case = CASES["tiny"]
     mesh = parallel.data_mesh(jax.devices()[:1])
     student = models.create(case.student, 10, bn_axis_name=parallel.AXIS, **case.student_kwargs)
     teacher = models.create(case.teacher, 10, **case.teacher_kwargs)
@@ -77,14 +75,14 @@ def test_flop_count_matches_unrolled_program():
     np.testing.assert_allclose(flops(3, True), extrapolated, rtol=1e-5)  # the loop counter's few flops
 
 
-def test_augment_equals_ours(tr):
+def test_augment_equals_ours():
     """The PyTorch crop + flip equals data.augment's on the same offsets and flips."""
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (6,) + IMG, dtype=np.uint8)
     offsets = rng.integers(0, 5, (6, 2)).astype(np.int32)
     flips = np.array([True, False, True, True, False, False])
     ours = np.asarray(to_float(crop_and_flip(jnp.asarray(images), jnp.asarray(offsets), jnp.asarray(flips), padding=2)))
-    theirs = tr.augment(torch.from_numpy(images).permute(0, 3, 1, 2), torch.arange(6), torch.from_numpy(offsets).long(),
+    theirs = torch_step.augment(torch.from_numpy(images).permute(0, 3, 1, 2), torch.arange(6), torch.from_numpy(offsets).long(),
                         torch.from_numpy(flips), padding=2)
     np.testing.assert_array_equal(ours, theirs.permute(0, 2, 3, 1).numpy())
 
@@ -94,7 +92,7 @@ def test_augment_equals_ours(tr):
 
 WRN10_1 = {"depth": 10, "width": 1}
 # The published form of each method where ours has several: IAD-I.py's loss (ours defaults to the MMARD paper's
-# Table 1 form, which scripts/torch_reference.py does not transcribe).
+# Table 1 form, which peers.published_steps does not transcribe).
 JAX_OVERRIDES = {"iad": {"iad_form": "iad1"}}
 STEPS = 2  # train steps per case: the second one starts from moved running statistics and momentum (and MTARD's
 #            weights move only from the second batch on: its first batch sets the reference losses)
@@ -201,23 +199,22 @@ def _flip(images, offsets, flips, *, padding):
 
 
 @pytest.mark.parametrize("method_name,phase", _cases())
-def test_torch_step_equals_ours(tr, method_name, phase, capsys, monkeypatch):
+def test_torch_step_equals_ours(method_name, phase, capsys, monkeypatch):
     """Two train steps of every method on the same weights, batch and random draws, ours vs the PyTorch
     transcription of the published script: the losses, the updated parameters of every trained network (PeerAiD's
     peer too), the BatchNorm running statistics (moved by train-mode attacks and by the published sequence of
     train-mode forwards) and MTARD's weights.
 
-    Deterministic on both sides: our step's own crop/flip and start draws (`benchmark.jax_step_draws`) are passed
+    Deterministic on both sides: our step's own crop/flip and start draws (`bench_step.jax_step_draws`) are passed
     to the PyTorch step; no crop padding, and images in [24, 231] / 255 so that no start leaves [0, 1] (the
     published starts are not clipped, ours are projected: the same point here).
     """
     monkeypatch.setattr(train_step, "crop_and_flip", _flip)
     with jax.enable_x64(True):
-        _step_equals_ours(tr, method_name, phase, capsys)
+        _step_equals_ours(method_name, phase, capsys)
 
 
-def _step_equals_ours(tr, method_name, phase, capsys):
-    bench = load_script("benchmark")
+def _step_equals_ours(method_name, phase, capsys):
     batch, n = 8, 16
     method = methods.get_method(method_name, **JAX_OVERRIDES.get(method_name, {}))
     epoch = 0 if phase == "warmup" else 60  # IAD/AdaIAD: `epoch >= begin` (60) is past the warm-up
@@ -244,13 +241,13 @@ def _step_equals_ours(tr, method_name, phase, capsys):
         method_state=method.init_state(), bad_step=np.full((), -1, np.int32))
     frozen = {k: variables[k] for k in ("teacher", "teacher2") if k in variables}
 
-    torch_nets = {k: to_torch(v, tr.build_model("wide_resnet", 10, WRN10_1)) for k, v in variables.items()}
+    torch_nets = {k: to_torch(v, build_model("wide_resnet", 10, WRN10_1)) for k, v in variables.items()}
     for k in nets.trained():
         biased_running_var(torch_nets[k])
-    t_step = tr.TorchTrainStep(
+    t_step = torch_step.TorchTrainStep(
         torch_nets["student"], torch_nets.get("teacher"),
-        tr.Settings(method=method_name, steps=2, crop_padding=0, flip=True, steps_per_epoch=4,
-                    num_epochs=2, kl_form="exact"), tr.Form(f64=True),
+        torch_step.Settings(method=method_name, steps=2, crop_padding=0, flip=True, steps_per_epoch=4,
+                    num_epochs=2, kl_form="exact"), torch_step.Form(f64=True),
         teacher2=torch_nets.get("teacher2"), peer=torch_nets.get("peer"))
 
     rng = np.random.default_rng(0)
@@ -264,7 +261,7 @@ def _step_equals_ours(tr, method_name, phase, capsys):
         args = (state, frozen, images, labels, idx, np.int32(epoch))
         compiled = compiled or step.lower(*args).compile(compiler_options=FAST_COMPILE)
         state, metrics = compiled(*args)
-        draws = bench.jax_step_draws(0, i, batch, IMG, settings)
+        draws = bench_step.jax_step_draws(0, i, batch, IMG, settings)
         noise = None if draws["noise"] is None else torch.from_numpy(np.array(draws["noise"])).permute(0, 3, 1, 2)
         offsets, flips = (torch.from_numpy(np.array(draws[k])) for k in ("offsets", "flips"))
         out = t_step(t_images, t_labels, torch.from_numpy(idx).long(), offsets.long(), flips, noise, epoch=epoch)
@@ -285,13 +282,13 @@ def _step_equals_ours(tr, method_name, phase, capsys):
         print(f"\n[{method_name}-{phase}] max differences: " + ", ".join(f"{k} {v:.2e}" for k, v in report.items()))
 
 
-def test_rslad_kl_loss_is_the_kl_plus_a_constant(tr):
+def test_rslad_kl_loss_is_the_kl_plus_a_constant():
     """RSLAD's published kl_loss (1e-5 inside the teacher's log) is the exact KL plus b * log(1 + 1e-5 / b), with the
     same gradient: why `kl_form='exact'` (ours) changes the reported loss and nothing else."""
     gen = torch.Generator().manual_seed(0)
     a = torch.log_softmax(torch.randn(4, 10, generator=gen, dtype=torch.float64), 1).requires_grad_(True)
     b = torch.softmax(3 * torch.randn(4, 10, generator=gen, dtype=torch.float64), 1)
-    published, exact = tr.kl_loss_rslad(a, b), tr.kl_loss_rslad(a, b, exact=True)
+    published, exact = kl_loss_rslad(a, b), kl_loss_rslad(a, b, exact=True)
     torch.testing.assert_close(published - exact, b * torch.log1p(1e-5 / b), rtol=1e-9, atol=1e-15)
     g_pub, = torch.autograd.grad(published.sum(), a)
     g_exact, = torch.autograd.grad(exact.sum(), a)

@@ -16,10 +16,9 @@ import sys
 
 import pytest
 
-from conftest import load_script
+from mmard_jax.tools import fault_injection as fault
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-fault = load_script("fault_injection")
 
 RUNNER = r'''
 import json, os, runpy, selectors, signal, sys

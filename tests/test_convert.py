@@ -1,6 +1,6 @@
 """Converter against its peers: RobustBench's model table (parsed, not imported) and RobustBench's own modules.
 
-Every exactness test builds the peer with RobustBench's architecture code (or tests/torch_refs), randomizes its
+Every exactness test builds the peer with RobustBench's architecture code (or tests/peers/mobilenetv2.py), randomizes its
 weights and BatchNorm statistics, writes the state_dict in one of the shapes published checkpoints come in,
 converts the file through the public API (one test through the CLI) and compares logits in float32.
 """
@@ -27,11 +27,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import load_robustbench_arch, torch_mobilenet_v2
 from mmard_jax import config_lib, models
 from mmard_jax.interop import convert, naming
 from mmard_jax.interop import zoo as robustbench_zoo
-from mmard_jax.interop.testing import randomize_batch_norm
+from peers.interop import randomize_batch_norm
+from peers.mobilenetv2 import MobileNetV2
+from peers.robustbench import load_arch
 
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -45,7 +46,7 @@ REPO = TESTS.parent
 
 def rb(module):
     """RobustBench architecture module, loaded by path."""
-    return load_robustbench_arch(module)
+    return load_arch(module)
 
 
 def randomize(peer, seed=0):
@@ -335,8 +336,8 @@ def _dm_preact(*args, **kwargs):
     return rb("dm_wide_resnet").DMPreActResNet(*args, **kwargs)
 
 
-C100_MEAN = load_robustbench_arch("dm_wide_resnet").CIFAR100_MEAN
-C100_STD = load_robustbench_arch("dm_wide_resnet").CIFAR100_STD
+C100_MEAN = load_arch("dm_wide_resnet").CIFAR100_MEAN
+C100_STD = load_arch("dm_wide_resnet").CIFAR100_STD
 
 # case -> (peer constructor, conversion arguments, how the file is written, precision of the stored weights)
 CASES = {
@@ -369,7 +370,7 @@ CASES = {
          "kwargs": {"depth": 10, "width": 2, "activation": "relu", "padding": 2}},
         "bfloat16.pt", torch.bfloat16),
     # Our students' PyTorch layout (RSLAD/kuangliu MobileNetV2), half precision.
-    "mobilenet_v2_fp16": (lambda: torch_mobilenet_v2().MobileNetV2(10), {"arch": "mobilenet_v2", "num_classes": 10},
+    "mobilenet_v2_fp16": (lambda: MobileNetV2(10), {"arch": "mobilenet_v2", "num_classes": 10},
                           "float16.pt", torch.float16),
 }
 
@@ -519,7 +520,7 @@ def test_wrong_architecture_fails_before_writing(tmp_path):
     (lambda: _resnet18(10), ("resnet18", 10, {})),
     (lambda: rb("resnet").PreActResNet(rb("resnet").PreActBlockV2, [2, 2, 2, 2], 100, bn_before_fc=True),
      ("preact_resnet18", 100, {"bn_before_fc": True})),
-    (lambda: torch_mobilenet_v2().MobileNetV2(100), ("mobilenet_v2", 100, {})),
+    (lambda: MobileNetV2(100), ("mobilenet_v2", 100, {})),
 ])
 def test_infer_architecture_reads_peer_state_dicts(constructor, expected):
     """Shapes only (meta device): the names and shapes of RobustBench's modules give back their settings."""

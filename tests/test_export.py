@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from mmard_jax import checkpoints, files, models
 from mmard_jax.interop import convert, export, naming
 from mmard_jax.models import store
-from test_convert import REPO, assert_same_logits, randomize, rb, state_of, torch_mobilenet_v2
+from peers.mobilenetv2 import MobileNetV2
+from test_convert import REPO, assert_same_logits, randomize, rb, state_of
 
 C100_MEAN, C100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
@@ -47,7 +48,7 @@ CASES = {
                                                     mean=C100_MEAN, std=C100_STD),
         False,
     ),
-    "mobilenet_v2": ("mobilenet_v2", 10, {}, lambda: torch_mobilenet_v2().MobileNetV2(10), False),
+    "mobilenet_v2": ("mobilenet_v2", 10, {}, lambda: MobileNetV2(10), False),
 }
 SLOW_CASES = {"dm_preact_resnet18_c100"}
 

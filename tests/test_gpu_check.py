@@ -12,6 +12,7 @@ import pytest
 from flax import linen as nn
 
 from mmard_jax.models import layers
+from mmard_jax.tools.bench_cases import CASES
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -86,7 +87,7 @@ def test_gpu_check_dry_run_writes_every_part(tmp_path):
     """`scripts/gpu_check.sh --dry` runs parts (a)-(c) with tiny cases on the CPU and summarizes all of them; part
     (d) (AutoAttack: four attacks to compile, over a minute here) is skipped in the dry mode, and the summary says
     so. The dry parts are smaller than the GPU ones (benchmark: the tiny case, PyTorch eager only; settings: one
-    row), so the test stays near a minute; the GPU cases' names and forms are checked by `--list` below.
+    row), so the test stays near a minute; the GPU cases' names and forms are checked against bench_cases.CASES below.
 
     Two simulated CPU devices: the smoke test's shard_map then runs on two devices against one."""
     out, work = tmp_path / "out", tmp_path / "work"
@@ -122,11 +123,9 @@ def test_gpu_check_dry_run_writes_every_part(tmp_path):
 
 
 def test_gpu_check_cases_exist():
-    """The cases and forms gpu_check.sh asks scripts/benchmark.py for on the GPU are ones it has."""
+    """The cases and forms gpu_check.sh asks scripts/benchmark.py for on the GPU are ones it has (bench_cases.CASES)."""
     text = (ROOT / "scripts" / "gpu_check.sh").read_text()
-    listed = subprocess.run(["python", str(ROOT / "scripts" / "benchmark.py"), "--list"], capture_output=True,
-                            text=True, timeout=60, cwd=ROOT).stdout
-    names = {line.split(":")[0] for line in listed.splitlines() if line and not line.startswith("group")}
+    names = set(CASES)  # scripts/benchmark.py's cases (--list)
     gpu = text[text.index("else\n  CAP_A"):text.index("\nfi\n")]
     wanted = set()
     for line in gpu.splitlines():

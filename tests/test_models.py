@@ -1,7 +1,7 @@
 """Model zoo against its PyTorch peers: parameter counts, names and shapes, logits, BatchNorm modes, dtypes.
 
-The peers are RobustBench's own architecture files (loaded by `conftest.load_robustbench_arch`) and
-`torch_refs/mobilenetv2.py`. Big models are only traced (`jax.eval_shape`, torch on the meta device);
+The peers are RobustBench's own architecture files (loaded by `peers.robustbench.load_arch`) and
+`peers/mobilenetv2.py`. Big models are only traced (`jax.eval_shape`, torch on the meta device);
 numerical comparisons use small configurations, so the file runs in seconds on a CPU.
 """
 
@@ -16,11 +16,12 @@ import torch
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import load_robustbench_arch, torch_mobilenet_v2
 from mmard_jax import models
 from mmard_jax.interop import naming
 from mmard_jax.models import dm_preact_resnet, dm_wide_resnet, layers
-from mmard_jax.interop.testing import randomize_batch_norm
+from peers.interop import randomize_batch_norm
+from peers.mobilenetv2 import MobileNetV2
+from peers.robustbench import load_arch
 
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -28,7 +29,7 @@ torch.backends.cuda.matmul.allow_tf32 = False
 
 def rb(module):
     """RobustBench architecture module."""
-    return load_robustbench_arch(module)
+    return load_arch(module)
 
 
 def dm_activation(name):
@@ -52,7 +53,7 @@ PEERS = {
             rb("resnet").PreActBlock, [2, 2, 2, 2], num_classes=nc, bn_before_fc=True, out_shortcut=True
         ),
     ),
-    "mobilenet_v2": ("mobilenet_v2", {}, lambda nc: torch_mobilenet_v2().MobileNetV2(num_classes=nc)),
+    "mobilenet_v2": ("mobilenet_v2", {}, lambda nc: MobileNetV2(num_classes=nc)),
     "wrn_34_10": (
         "wide_resnet", {"depth": 34, "width": 10},
         lambda nc: rb("wide_resnet").WideResNet(depth=34, widen_factor=10, num_classes=nc),

@@ -25,15 +25,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import load_script
 from mmard_jax import checkpoints, config_guard, tensorstore_errors, train
+from mmard_jax.tools import fault_injection as fault
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TIMEOUT = 600  # seconds a trainer subprocess may take (a hang fails the test instead of blocking the suite)
 STEPS_PER_EPOCH = 8
 
-
-fault = load_script("fault_injection")
 
 # Runs the trainer with orbax's final rename of each checkpoint item held back for 60 s while $SLOW_SAVE exists
 # (writing SLOW_SAVE.saving first): a save that is surely in progress when the second signal comes.

@@ -1,14 +1,11 @@
-"""scripts/run_table.py: runs a (tiny) table in sequence, skips finished runs, and lays results out like the paper."""
+"""mmard_jax.tools.run_table (scripts/run_table.py): runs a (tiny) table in sequence, skips finished runs, and lays
+results out like the paper."""
 
 import json
 
 import pytest
 
-from conftest import load_script
-
-
-def load_runner():
-    return load_script("run_table")
+from mmard_jax.tools import run_table as runner
 
 
 TINY_TABLE = '''
@@ -37,7 +34,6 @@ def get_config(arg=None):
 
 
 def test_runs_a_table_and_resumes(tmp_path):
-    runner = load_runner()
     table = tmp_path / "tiny_table.py"
     table.write_text(TINY_TABLE)
     text = runner.run_table(table, tmp_path / "runs", overrides=["--config.seed=3"], progress=False)
@@ -57,7 +53,6 @@ def test_runs_a_table_and_resumes(tmp_path):
 
 
 def test_layout_metric_major_with_average():
-    runner = load_runner()
     runs = [f"method={m},teacher={t}" for m in ("ard", "mmard") for t in ("rn18", "wrn70_16")]
     results = {r: {"clean": 0.1 * (i + 1), "aa": 0.05 * (i + 1)} for i, r in enumerate(runs)}
     results.pop(runs[1])  # an unfinished run shows as '-' and leaves its row's average blank
@@ -70,7 +65,6 @@ def test_layout_metric_major_with_average():
 
 
 def test_bad_inputs(tmp_path):
-    runner = load_runner()
     (tmp_path / "not_a_table.py").write_text("def get_config(arg=None):\n    return None\n")
     with pytest.raises(ValueError, match="defines no RUNS"):
         runner.load_table(tmp_path / "not_a_table.py")

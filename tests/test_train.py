@@ -13,13 +13,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import load_script
 from mmard_jax import checkpoints, train
 from mmard_jax.cli import UserError
 from mmard_jax.models import store
+from mmard_jax.tools import fault_injection as fault  # its tiny run (WRN-10-1 on digits, 2 epochs) is this file's too
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-fault = load_script("fault_injection")  # its tiny run (WRN-10-1 on digits, 2 epochs) is this file's too
 
 
 def tiny_config(teacher):

@@ -1,4 +1,4 @@
-"""Helpers for checking our models and attacks against PyTorch peers (used by tests/ and scripts/).
+"""Flax variables into a PyTorch peer, and seeded BatchNorm statistics for one (used by tests/ and scripts/).
 
 Both need the same two moves: give a PyTorch module non-trivial BatchNorm statistics (so eval-mode
 BatchNorm is really compared), and copy Flax variables into a PyTorch module by the naming rule of

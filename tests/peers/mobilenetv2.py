@@ -3,7 +3,7 @@
 Written from the definition in kuangliu/pytorch-cifar `models/mobilenetv2.py` and zibojia/RSLAD
 `cifar10_models/mobilenet_v2.py` (same module names, so the same state_dict keys): stride-1 stem,
 stride 1 in the second stage, a residual only at stride 1, 4x4 average pool on 32x32 inputs.
-Only the test suite imports this file.
+Only tests and scripts import this file (`peers.architectures` runs a global-pool copy of it).
 """
 
 import torch

@@ -1,0 +1,118 @@
+"""The benchmarked train-step cases (method, student, teacher, batch, image size, compute dtype) and their data.
+
+Used by scripts/benchmark.py and scripts/benchmark_multiprocess.py (`mmard_jax.tools.bench_driver`), and by the
+PyTorch rows (tests/peers/torch_bench.py): both implementations draw the same batches from `bench_data`.
+"""
+
+import dataclasses
+from typing import Any, Dict, List
+
+# Epoch given to both steps: past IAD's/AdaIAD's 60-epoch warm-up (the full sequence of forwards); the IGDM term's
+# weight is then (100 + 1) / 200.
+EPOCH = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One benchmarked step: method, student and teacher (arch, kwargs; none for PeerAiD, whose peer is the
+    student's architecture), batch, image size, compute dtype."""
+
+    method: str
+    student: str
+    student_kwargs: Dict[str, Any]
+    teacher: str
+    teacher_kwargs: Dict[str, Any]
+    batch: int = 128
+    size: int = 32
+    dtype: str = "float32"
+    pgd_steps: int = 10
+    note: str = ""
+
+
+WRN34_10 = ("wide_resnet", {"depth": 34, "width": 10})
+WRN16_2 = ("wide_resnet", {"depth": 16, "width": 2})
+WRN10_1 = ("wide_resnet", {"depth": 10, "width": 1})
+RN18 = ("resnet18", {})
+MNV2 = ("mobilenet_v2", {})
+NO_TEACHER = ("", {})
+
+
+def _case(method, student, teacher, **kw) -> Case:
+    return Case(method, student[0], student[1], teacher[0], teacher[1], **kw)
+
+
+def _paper_cases(method: str, student, teacher, name: str) -> Dict[str, Case]:
+    """The bfloat16 case and its float32 twin (what the paper's RTX 3090 ran)."""
+    return {name: _case(method, student, teacher, dtype="bfloat16"), f"{name}_f32": _case(method, student, teacher)}
+
+
+CASES = {
+    # The paper's setting (GPU targets).
+    **_paper_cases("mmard", RN18, WRN34_10, "mmard_rn18_wrn34_10"),
+    **_paper_cases("mmard", MNV2, WRN34_10, "mmard_mnv2_wrn34_10"),
+    **_paper_cases("rslad", RN18, WRN34_10, "rslad_rn18_wrn34_10"),
+    # The methods after the paper: they call the teacher at every attack step as MMARD does (PeerAiD: its peer,
+    # a second ResNet-18, trained jointly).
+    **_paper_cases("adaad", RN18, WRN34_10, "adaad_rn18_wrn34_10"),
+    **_paper_cases("adaiad", RN18, WRN34_10, "adaiad_rn18_wrn34_10"),
+    **_paper_cases("igdm", RN18, WRN34_10, "igdm_rn18_wrn34_10"),
+    **_paper_cases("peeraid", RN18, NO_TEACHER, "peeraid_rn18"),
+    # CPU-sized cases: a WRN-16-2 teacher, small students, 16x16 or 32x32 images.
+    "cpu_mmard_wrn16_2_wrn10_1_16px": _case("mmard", WRN10_1, WRN16_2, size=16, note="docs/design.md, \"Performance choices\" case"),
+    "cpu_mmard_wrn16_2_wrn10_1_16px_bf16": _case("mmard", WRN10_1, WRN16_2, size=16, dtype="bfloat16"),
+    "cpu_mmard_wrn16_2_wrn10_1_32px": _case("mmard", WRN10_1, WRN16_2),
+    "cpu_rslad_wrn16_2_wrn10_1_16px": _case("rslad", WRN10_1, WRN16_2, size=16),
+    "cpu_mmard_wrn16_2_mnv2_16px": _case("mmard", MNV2, WRN16_2, size=16),
+    "cpu_mmard_wrn16_2_rn18_16px": _case("mmard", RN18, WRN16_2, size=16),
+    "cpu_adaad_wrn16_2_wrn10_1_16px": _case("adaad", WRN10_1, WRN16_2, size=16),
+    "cpu_adaiad_wrn16_2_wrn10_1_16px": _case("adaiad", WRN10_1, WRN16_2, size=16),
+    "cpu_igdm_wrn16_2_wrn10_1_16px": _case("igdm", WRN10_1, WRN16_2, size=16),
+    "cpu_peeraid_wrn10_1_16px": _case("peeraid", WRN10_1, NO_TEACHER, size=16),
+    # scripts/gpu_check.sh part (c): a GPU case that compiles in seconds (the loop and conv settings).
+    "probe_mmard_rn18_wrn16_2_bf16": _case("mmard", RN18, WRN16_2, dtype="bfloat16"),
+    # For tests: seconds, not minutes.
+    "tiny": _case("mmard", WRN10_1, WRN10_1, batch=8, size=8, pgd_steps=2),
+    "tiny_bf16": _case("mmard", WRN10_1, WRN10_1, batch=8, size=8, pgd_steps=2, dtype="bfloat16"),
+    "tiny_peeraid": _case("peeraid", WRN10_1, NO_TEACHER, batch=8, size=8, pgd_steps=2),
+}
+
+
+# Named groups for --cases.
+GROUPS = {
+    "paper": "mmard_rn18_wrn34_10,mmard_mnv2_wrn34_10,rslad_rn18_wrn34_10",
+    "paper_f32": "mmard_rn18_wrn34_10_f32,mmard_mnv2_wrn34_10_f32,rslad_rn18_wrn34_10_f32",
+    "paper_sota": "adaad_rn18_wrn34_10,adaiad_rn18_wrn34_10,igdm_rn18_wrn34_10,peeraid_rn18",
+    "paper_sota_f32": "adaad_rn18_wrn34_10_f32,adaiad_rn18_wrn34_10_f32,igdm_rn18_wrn34_10_f32,peeraid_rn18_f32",
+    "cpu": "cpu_mmard_wrn16_2_wrn10_1_16px,cpu_mmard_wrn16_2_mnv2_16px,cpu_rslad_wrn16_2_wrn10_1_16px",
+    "cpu_sota": "cpu_adaad_wrn16_2_wrn10_1_16px,cpu_adaiad_wrn16_2_wrn10_1_16px,cpu_igdm_wrn16_2_wrn10_1_16px,"
+                "cpu_peeraid_wrn10_1_16px",
+}
+
+
+def case_names(text: str) -> List[str]:
+    """Comma-separated case names and GROUPS -> the case names; ValueError naming the unknown ones."""
+    names = [n for g in text.split(",") if g for n in GROUPS.get(g, g).split(",")]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise ValueError(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
+    return names
+
+
+def describe(case: Case) -> str:
+    """'MMARD, student resnet18 {...} <- teacher wide_resnet {...}, batch 128, 32x32, bfloat16, PGD-10'."""
+    kw = lambda d: (" " + ",".join(f"{k}={v}" for k, v in d.items())) if d else ""  # noqa: E731
+    source = f"teacher {case.teacher}{kw(case.teacher_kwargs)}" if case.teacher else "peer = the student's architecture"
+    return (f"{case.method.upper()}, student {case.student}{kw(case.student_kwargs)} <- {source}, batch {case.batch}, "
+            f"{case.size}x{case.size}, {case.dtype}, PGD-{case.pgd_steps}" + (f" ({case.note})" if case.note else ""))
+
+
+def bench_data(case: Case, total: int, seed: int = 0):
+    """The split and the batches both workers use: uint8 images [N, H, W, 3], labels [N], indices [total, B]."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n_images = max(4 * case.batch, 512)
+    images = rng.integers(0, 256, (n_images, case.size, case.size, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, n_images).astype(np.int32)
+    idx = np.stack([rng.permutation(n_images)[: case.batch] for _ in range(total)]).astype(np.int32)
+    return images, labels, idx

@@ -1,0 +1,295 @@
+"""One training step of every method as its published script runs it: hyper-parameters, attack starts, the
+sequence of forwards and the outer loss (file and line cited at each step); `peers.torch_step` runs them."""
+
+import dataclasses
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+
+from peers.published_losses import iad_trust, ce_mean, ce_sum, kl_batchmean, kl_loss_rslad, kl_mean, kl_none, trd_loss
+
+# Outer hyper-parameters per method: the published scripts' defaults (CIFAR-10).
+HPARAMS = {
+    "nature": {},
+    "sat": {},
+    "trades": {"beta": 6.0},  # train_trades_cifar10.py:36
+    "ard": {"tau": 30.0, "alpha": 1.0},  # ARD main.py:23, :26
+    "iad": {"tau": 1.0, "alpha": 1.0, "beta": 0.1, "begin": 60},  # IAD-I.py:26, :29, :34, :35
+    "rslad": {"alpha": 5.0 / 6.0},  # resnet18_rslad_cifar10.py:63
+    "mtard": {"weight_lr": 0.025, "bert": 1.0, "w_nat_init": 0.5},  # mtard_resnet18_cifar10.py:19-20, :44-47
+    "mmard": {"alpha": 1.0, "delta": 1.0},  # the MMARD paper, section 4.1 (no published code)
+    "adaad": {"alpha": 1.0},  # AdaAD main.py:41 (--AdaAD_alpha)
+    "adaiad": {"tau": 30.0, "alpha": 1.0, "beta": 0.1, "begin": 60},  # AdaAD main.py:38, :44-46
+    "igdm": {"igdm_alpha": 1.0, "igdm_epochs": 200.0},  # saad main.sh:8, igdm.py:59
+    # PeerAiD README.md:31 (ResNet-18, CIFAR-10): T 5, lambda (0, 1, 1), gamma (1, 0.1), tau 1.
+    "peeraid": {"temperature": 5.0, "lambda1": 0.0, "lambda2": 1.0, "lambda3": 1.0, "gamma1": 1.0, "gamma2": 0.1,
+                "tau": 1.0},
+}
+METHODS = tuple(HPARAMS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Attack:
+    """A method's inner maximization: its start and whether that start is clipped to [0, 1], and the student's
+    BatchNorm mode while it runs."""
+
+    start: str  # "none" | "uniform" (U(-eps, eps)) | "gaussian" (gaussian_scale * N(0, 1))
+    student_bn: str  # "eval" | "train"
+    clip_start: bool = False
+
+
+ATTACKS = {
+    "nature": Attack("none", "eval"),
+    # cifar10_challenge pgd_attack.py:46-48 (uniform, clipped); one train-mode graph (train.py:41, 57-62).
+    "sat": Attack("uniform", "train", clip_start=True),
+    "trades": Attack("gaussian", "eval"),  # trades.py:28, :31
+    "ard": Attack("uniform", "train"),  # ARD main.py:70 (not clamped), :118 net.train()
+    "iad": Attack("uniform", "train"),  # IAD-I.py:97, :159
+    "rslad": Attack("gaussian", "eval"),  # rslad_loss.py:37, :40
+    "mtard": Attack("gaussian", "eval"),  # mtard_loss.py:38, :40
+    "mmard": Attack("gaussian", "eval"),  # paper section 4.1 (random start 0.001), eval as AdaAD
+    "adaad": Attack("gaussian", "eval"),  # AdaAD AT_helper.py:14, :20-21, :26-27
+    "adaiad": Attack("gaussian", "eval"),  # AdaAD main.py:357-358 (the same attack)
+    "igdm": Attack("gaussian", "eval"),  # saad igdm.py:49 -> AdaAD's attack
+    "peeraid": Attack("gaussian", "eval"),  # PeerAiD attack_function.py:68, :71-72
+}
+
+# What each published script's optimizer is (not used by default: see the module docstring).
+PUBLISHED_OPTIMIZER = {
+    "sat": "momentum 0.9, 0.0002 * sum ||W||^2 / 2 on conv/FC kernels only; lr 0.1 -> 0.01 @40k -> 0.001 @60k steps "
+           "(cifar10_challenge config.json:16-18, model.py:145-151)",
+    "trades": "SGD 0.1, momentum 0.9, wd 2e-4; x0.1 at epoch 75 of 76 (train_trades_cifar10.py:20-26, 137-147)",
+    "ard": "SGD 0.1, momentum 0.9, wd 2e-4; 0.01 from epoch 100 (main.py:32-36, 168)",
+    "iad": "as ARD (IAD-I.py:49-53, 224)",
+    "rslad": "SGD 0.1, momentum 0.9, wd 2e-4; x0.1 after epochs 215/260/285 of 300 (resnet18_rslad_cifar10.py)",
+    "mtard": "as RSLAD; weight lr 0.025 decays with it (mtard_resnet18_cifar10.py:39-42, 135-138)",
+    "adaad": "SGD 0.1, momentum 0.9, wd 5e-4; x0.1 at epochs 100, 150 of 200 (AdaAD main.py:246-248, 113-128)",
+    "adaiad": "as AdaAD",
+    "igdm": "SGD 0.1, momentum 0.9, wd 2e-4; x0.1 after epochs 100, 150 of 200 (saad igdm.py:38, 95-97)",
+    "peeraid": "two SGD, lr 0.1, momentum 0.9, wd 2e-4; /10 at epochs 214/259/284 of 300 (PeerAiD main.py:219-220)",
+}
+
+
+# Each function runs the published sequence for one batch and returns (loss, metrics). `n` gives the networks
+# (`n.S`, `n.T`, `n.T2`, `n.P` run a forward; `n.train(...)`/`n.eval(...)` set BatchNorm modes), `n.pgd`, the
+# hyper-parameters `n.hp` and the settings `n.s`. x, y: the augmented batch; epoch: 0-based.
+
+
+def _nature(n, x, y, epoch):
+    n.train("student")
+    s_nat = n.S(x)
+    loss = ce_mean(s_nat, y)
+    return loss, {"ce_nat": loss}
+
+
+def _sat(n, x, y, epoch):
+    # One train-mode graph (cifar10_challenge train.py:41): 10x S(x'_k) with the summed xent (pgd_attack.py:26-27,
+    # 53-59), then the train step on S(x') with the mean xent (train.py:51, 137).
+    n.train("student")
+    x_adv = n.pgd(lambda z: ce_sum(n.S(z), y), x)
+    loss = ce_mean(n.S(x_adv), y)
+    return loss, {"ce_adv": loss}
+
+
+def _trades(n, x, y, epoch):
+    # trades.py:28 eval; :31-41 the attack on sum KL(S(x) || S(x')); :73 train; :79-83 the loss.
+    n.eval("student")
+    with torch.no_grad():
+        s_nat_eval = n.S(x)
+    x_adv = n.pgd(lambda z: kl_none(n.S(z), s_nat_eval).sum(), x)
+    n.train("student")
+    logits = n.S(x)  # :79
+    s_adv = n.S(x_adv)  # :81
+    s_nat = n.S(x)  # :82, the KL target, not detached
+    ce = ce_mean(logits, y)
+    kl = kl_none(s_adv, s_nat).sum() / x.shape[0]  # (1 / batch_size) * KLDivLoss(size_average=False)
+    return ce + n.hp["beta"] * kl, {"ce_nat": ce, "kl_adv_nat": kl}
+
+
+def _ard(n, x, y, epoch):
+    # ARD main.py:118 net.train(); AttackPGD.forward :68-79; :125 T(x); :126 S(x) (always); :127 the loss.
+    tau, a = n.hp["tau"], n.hp["alpha"]
+    n.train("student")
+    x_adv = n.pgd(lambda z: ce_sum(n.S(z), y), x)
+    s_adv = n.S(x_adv)  # :79, AttackPGD's last forward
+    with torch.no_grad():
+        t_nat = n.T(x)
+    s_nat = n.S(x)
+    kl = kl_mean(s_adv, t_nat, tau)
+    loss = a * tau * tau * kl + (1.0 - a) * ce_mean(s_nat, y)
+    return loss, {"kl_adv_tnat": kl}
+
+
+def _iad(n, x, y, epoch):
+    # IAD-I.py:159 net.train(); :165 T(x); :166 the attack (ARD's AttackPGD) + S(x'); :169 S(x') again (`basicop`,
+    # detached, unused); :170 T(x'); :174-178 the trust; :179 after `begin` (terms evaluated left to right), :181 before.
+    tau, a, hp = n.hp["tau"], n.hp["alpha"], n.hp
+    n.train("student")
+    with torch.no_grad():
+        t_nat = n.T(x)
+    x_adv = n.pgd(lambda z: ce_sum(n.S(z), y), x)
+    s_adv = n.S(x_adv)
+    n.S(x_adv).detach()  # basicop
+    with torch.no_grad():
+        guide = n.T(x_adv)
+    b = x.shape[0]
+    kl_t = kl_none(s_adv, t_nat, tau).sum(1).sum() / b
+    if epoch >= hp["begin"]:
+        trust = iad_trust(guide, y, hp["beta"])
+        kl_s = ((1.0 - trust) * kl_none(s_adv, n.S(x)).sum(1)).sum() / b
+        loss = a * tau * tau * kl_t + a * kl_s + (1.0 - a) * ce_mean(n.S(x), y)
+        return loss, {"kl_adv_teacher": kl_t, "trust": trust.mean()}
+    loss = a * tau * tau * kl_t + (1.0 - a) * ce_mean(n.S(x), y)
+    return loss, {"kl_adv_teacher": kl_t}
+
+
+def _rslad(n, x, y, epoch):
+    # resnet18_rslad_cifar10.py:55-56 T(x) (no_grad); rslad_loss.py:37 eval, :40-51 the attack on
+    # sum KL(T(x) || S(x')), :53 train, :58 S(x'); the script's :57-58 S(x), :59-63 the loss.
+    exact = n.s.kl_form == "exact"
+    with torch.no_grad():
+        t_nat = n.T(x)
+    n.eval("student")
+    x_adv = n.pgd(lambda z: kl_none(n.S(z), t_nat).sum(), x)
+    n.train("student")
+    s_adv = n.S(x_adv)
+    s_nat = n.S(x)
+    p_t = F.softmax(t_nat, dim=1)
+    kl_adv = kl_loss_rslad(F.log_softmax(s_adv, dim=1), p_t, exact).mean()  # torch.mean over B*C
+    kl_nat = kl_loss_rslad(F.log_softmax(s_nat, dim=1), p_t, exact).mean()
+    a = n.hp["alpha"]
+    return a * kl_adv + (1.0 - a) * kl_nat, {"kl_adv_tnat": kl_adv, "kl_nat_tnat": kl_nat}
+
+
+def _mtard(n, x, y, epoch):
+    # mtard_resnet18_cifar10.py:72-73 T_nat(x); mtard_loss.py:38 eval, :40-49 the attack on CE mean, :51 train,
+    # :55 S(x'), :56-57 T_adv(x'); the script's :75-76 S(x), :77-80 the KLs, :82-98 the weights, :100 the loss.
+    exact, hp, st = n.s.kl_form == "exact", n.hp, n.state
+    with torch.no_grad():
+        t_nat = n.T2(x)
+    n.eval("student")
+    x_adv = n.pgd(lambda z: ce_mean(n.S(z), y), x)
+    n.train("student")
+    s_adv = n.S(x_adv)
+    with torch.no_grad():
+        t_adv = n.T(x_adv)
+    s_nat = n.S(x)
+    kl_adv = kl_loss_rslad(F.log_softmax(s_adv, dim=1), F.softmax(t_adv, dim=1), exact).mean()
+    kl_nat = kl_loss_rslad(F.log_softmax(s_nat, dim=1), F.softmax(t_nat, dim=1), exact).mean()
+    if st.get("init_adv") is None:  # :82-85, from the very first batch
+        st["init_adv"], st["init_nat"] = kl_adv.item(), kl_nat.item()
+    r_adv = (kl_adv.item() / st["init_adv"]) ** hp["bert"]
+    r_nat = (kl_nat.item() / st["init_nat"]) ** hp["bert"]
+    weight_lr = hp["weight_lr"] * n.lr / n.s.lr  # decayed with the learning rate (:135-138)
+    st["w_nat"] = st["w_nat"] - weight_lr * (st["w_nat"] - r_nat / (r_adv + r_nat))
+    w_adv = 1.0 - st["w_nat"]
+    loss = w_adv * kl_adv + st["w_nat"] * kl_nat
+    return loss, {"kl_adv_tadv": kl_adv, "kl_nat_t2nat": kl_nat, "w_nat": st["w_nat"]}
+
+
+def _adaad_attack(n, x):
+    """AdaAD AT_helper.py:8-48: student and teacher in eval, sum KL(T(x') || S(x')) differentiated through both."""
+    n.eval("student")
+    return n.pgd(lambda z: kl_none(n.S(z), n.T(z)).sum(), x)
+
+
+def _mmard(n, x, y, epoch):
+    # The MMARD paper (Eq. 3, 7; section 4.1), no published code: AdaAD's attack, then S(x), S(x') in train mode
+    # as AdaAD main.py:333-334; KL(S(x'), T(x')) summed over classes / B, plus alpha L_TRD.
+    x_adv = _adaad_attack(n, x)
+    with torch.no_grad():
+        t_nat, t_adv = n.T(x), n.T(x_adv)
+    n.train("student")
+    s_nat = n.S(x)
+    s_adv = n.S(x_adv)
+    kl = kl_batchmean(s_adv, t_adv)
+    trd = trd_loss(s_nat, s_adv, t_nat, t_adv, y, n.hp["delta"])
+    return kl + n.hp["alpha"] * trd, {"kl_adv_tadv": kl, "trd": trd}
+
+
+def _adaad(n, x, y, epoch):
+    # AdaAD main.py:326-353: the attack, net.train(), S(x), S(x'), T(x), T(x') (no_grad); nn.KLDivLoss() (mean over
+    # B*C) on CIFAR-10 (:341-345); alpha * kl1 + (1 - alpha) * kl2 (:353).
+    x_adv = _adaad_attack(n, x)
+    n.train("student")
+    s_nat = n.S(x)
+    s_adv = n.S(x_adv)
+    with torch.no_grad():
+        t_nat, t_adv = n.T(x), n.T(x_adv)
+    kl_adv, kl_nat = kl_mean(s_adv, t_adv), kl_mean(s_nat, t_nat)
+    a = n.hp["alpha"]
+    return a * kl_adv + (1.0 - a) * kl_nat, {"kl_adv_tadv": kl_adv}
+
+
+def _adaiad(n, x, y, epoch):
+    # AdaAD main.py:355-381 (--method AdaAD_with_IAD1): the attack; S(x), S(x') (:360-361); T(x') twice (:365-366,
+    # eval); after IAD_begin (:371-378) the KL target S(x) and the CE's S(x), before it (:380-381) the CE's S(x).
+    tau, a, hp = n.hp["tau"], n.hp["alpha"], n.hp
+    x_adv = _adaad_attack(n, x)
+    n.train("student")
+    n.S(x)  # ori_outputs, unused by this loss
+    s_adv = n.S(x_adv)
+    with torch.no_grad():
+        guide = n.T(x_adv)
+        t_adv = n.T(x_adv)
+    b = x.shape[0]
+    kl_t = kl_none(s_adv, t_adv, tau).sum(1).sum() / b
+    if epoch >= hp["begin"]:
+        trust = iad_trust(guide, y, hp["beta"])
+        kl_s = ((1.0 - trust) * kl_none(s_adv, n.S(x)).sum(1)).sum() / b  # softmax(S(x)) not detached
+        loss = a * tau * tau * kl_t + a * kl_s + (1.0 - a) * ce_mean(n.S(x), y)
+        return loss, {"kl_adv_teacher": kl_t, "trust": trust.mean()}
+    return a * tau * tau * kl_t + (1.0 - a) * ce_mean(n.S(x), y), {"kl_adv_teacher": kl_t}
+
+
+def _igdm(n, x, y, epoch):
+    # HongsinLee/saad igdm.py:49-59 (AdaAD + IGDM, CIFAR-10; eps/step as IG/WR, see the docstring): the AdaAD
+    # attack; delta = x' - x; T(x+d), T(x-d) (no_grad); S(x+d), S(x-d) in train mode (no clean forward);
+    # KL_batchmean(S(x+d) || T(x')) + igdm_alpha * (epoch / 200) * KL_batchmean(S(x+d) - S(x-d) || T(x+d) - T(x-d)),
+    # the epoch counted from 1 (igdm.py:43); the mirrored point is not clipped.
+    x_adv = _adaad_attack(n, x)
+    with torch.no_grad():
+        delta = x_adv - x
+        t_plus, t_minus = n.T(x + delta), n.T(x - delta)
+    n.train("student")
+    s_plus = n.S(x + delta)
+    s_minus = n.S(x - delta)
+    kl = kl_batchmean(s_plus, t_plus)
+    term = kl_batchmean(s_plus - s_minus, t_plus - t_minus)
+    weight = n.hp["igdm_alpha"] * (epoch + 1) / n.hp["igdm_epochs"]
+    return kl + weight * term, {"kl_adv_tadv": kl, "igdm": term}
+
+
+def _peeraid(n, x, y, epoch):
+    # PeerAiD main.py:342-404: P(x) in eval (no_grad, :346-350); the attack on the student against it
+    # (attack_function.py:59-84, sum KL); :359 P(x'), :361 S(x'), :363 the peer loss (S(x') not detached),
+    # :376 S(x') again, :387 S(x), :393-397 the student loss (P(x') detached, S(x) not); one backward of the sum.
+    hp, t, tau = n.hp, n.hp["temperature"], n.hp["tau"]
+    n.eval("peer")
+    with torch.no_grad():
+        p_nat = n.P(x)
+    n.train("peer")
+    n.eval("student")
+    x_adv = n.pgd(lambda z: kl_none(n.S(z), p_nat).sum(), x)
+    n.train("student")
+    p_adv = n.P(x_adv)
+    s_target = n.S(x_adv)
+    loss_peer = hp["gamma1"] * ce_mean(p_adv, y) + hp["gamma2"] * tau * tau * kl_mean(p_adv, s_target, tau)
+    p_detached = p_adv.detach()
+    s_adv = n.S(x_adv)
+    s_nat = n.S(x)
+    loss_student = (hp["lambda1"] * ce_mean(s_adv, y) + hp["lambda2"] * t * t * kl_mean(s_adv, p_detached, t)
+                    + hp["lambda3"] * t * t * kl_mean(s_adv, s_nat, t))
+    return loss_peer + loss_student, {"peer_loss": loss_peer, "student_loss": loss_student}
+
+
+STEPS: Dict[str, Callable] = {
+    "nature": _nature, "sat": _sat, "trades": _trades, "ard": _ard, "iad": _iad, "rslad": _rslad, "mtard": _mtard,
+    "mmard": _mmard, "adaad": _adaad, "adaiad": _adaiad, "igdm": _igdm, "peeraid": _peeraid,
+}
+# The networks each method uses besides the student.
+NETWORKS = {"ard": ("teacher",), "iad": ("teacher",), "rslad": ("teacher",), "mtard": ("teacher", "teacher2"),
+            "mmard": ("teacher",), "adaad": ("teacher",), "adaiad": ("teacher",), "igdm": ("teacher",),
+            "peeraid": ("peer",)}
+TRAINED = ("student", "peer")
