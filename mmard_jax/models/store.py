@@ -201,14 +201,16 @@ def _variables_path(directory: pathlib.Path) -> pathlib.Path:
     raise CheckpointError(f"{directory}: found {SPEC_FILE} but neither {VARIABLES_DIR}/ nor {BEST}/")
 
 
-def load_model(directory, dtype: str = "float32", input_shape=(32, 32, 3)) -> Tuple[Any, Dict[str, Any]]:
+def load_model(directory, dtype: str = "float32", input_shape=(32, 32, 3),
+               conv_grad: str = "auto") -> Tuple[Any, Dict[str, Any]]:
     """(module, variables) from a model directory, or from a training workdir's best checkpoint.
 
-    `module.apply(variables, x, train=False)` on x in [0, 1] NHWC gives the logits.
+    `module.apply(variables, x, train=False)` on x in [0, 1] NHWC gives the logits; `conv_grad` is the module's
+    convolution input gradient (`layers.resolve_conv_grad`), a setting of the run, not of the directory.
     """
     directory = pathlib.Path(directory).absolute()
     spec = read_spec(directory)
-    module = build_module(spec, dtype)
+    module = build_module(spec, dtype, conv_grad=conv_grad)
     path = _variables_path(directory)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
