@@ -86,7 +86,8 @@ def bn_act(x: jax.Array, norm: ModuleDef, name: str, act: Activation = nn.relu) 
 
 
 def needs_projection(x: jax.Array, features: int, strides: int) -> bool:
-    """Whether a residual block's shortcut must be a conv: its stride or its width changes the shape."""
+    """Whether a residual block's shortcut must be a conv: its stride or its width changes the shape (the wide
+    families' stride-2 blocks always widen, so for them this is PyTorch's `not equalInOut`)."""
     return strides != 1 or x.shape[-1] != features
 
 
@@ -158,6 +159,15 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
+def pre_act_block(act: Activation, conv: ModuleDef, norm: ModuleDef, layout: PreActLayout,
+                  out_shortcut: Optional[bool] = None) -> ModuleDef:
+    """`PreActBlock` with everything but (features, strides, name) fixed; `out_shortcut` overrides where the
+    layout's shortcut reads (RobustBench `PreActResNet(out_shortcut=...)`)."""
+    if out_shortcut is not None:
+        layout = layout._replace(shortcut_reads="activated" if out_shortcut else "input")
+    return functools.partial(PreActBlock, act=act, conv=conv, norm=norm, layout=layout)
+
+
 class BlockGroup(nn.Module):
     """One stage as one submodule (TRADES `NetworkBlock`, DeepMind `_BlockGroup`): `num_blocks` blocks named
     `<prefix><i>`, the first one changing width and stride; `block(features, strides, name=...)` builds one."""
@@ -175,6 +185,13 @@ class BlockGroup(nn.Module):
         return x
 
 
+def blocks_per_stage(depth: int) -> int:
+    """Residual blocks in each of the three stages of a WRN-`depth` ((depth - 4) / 6, depth = 6n + 4)."""
+    if depth < 10 or (depth - 4) % 6:
+        raise ValueError(f"WideResNet depth must be 6n + 4 with n >= 1, got {depth}")
+    return (depth - 4) // 6
+
+
 def wide_stages(x: jax.Array, depth: int, width: int, block: ModuleDef, group_name: Callable[[int], str],
                 prefix: str) -> jax.Array:
     """The three widened stages of a WRN-`depth` (`WIDE_STAGES`), each a `BlockGroup` named `group_name(i)`."""
@@ -182,13 +199,6 @@ def wide_stages(x: jax.Array, depth: int, width: int, block: ModuleDef, group_na
     for i, (channels, strides) in enumerate(WIDE_STAGES):
         x = BlockGroup(n, channels * width, strides, block, prefix, name=group_name(i))(x)
     return x
-
-
-def blocks_per_stage(depth: int) -> int:
-    """Residual blocks in each of the three stages of a WRN-`depth` ((depth - 4) / 6, depth = 6n + 4)."""
-    if depth < 10 or (depth - 4) % 6:
-        raise ValueError(f"WideResNet depth must be 6n + 4 with n >= 1, got {depth}")
-    return (depth - 4) // 6
 
 
 def stage_plan(stages: Sequence[Tuple[int, int]], counts: Sequence[int], prefix: str,
@@ -200,12 +210,3 @@ def stage_plan(stages: Sequence[Tuple[int, int]], counts: Sequence[int], prefix:
         for stage, ((features, strides), count) in enumerate(zip(stages, counts), first)
         for i in range(count)
     )
-
-
-def pre_act_block(act: Activation, conv: ModuleDef, norm: ModuleDef, layout: PreActLayout,
-                  out_shortcut: Optional[bool] = None) -> ModuleDef:
-    """`PreActBlock` with everything but (features, strides, name) fixed; `out_shortcut` overrides where the
-    layout's shortcut reads (RobustBench `PreActResNet(out_shortcut=...)`)."""
-    if out_shortcut is not None:
-        layout = layout._replace(shortcut_reads="activated" if out_shortcut else "input")
-    return functools.partial(PreActBlock, act=act, conv=conv, norm=norm, layout=layout)

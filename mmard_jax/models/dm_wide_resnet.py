@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mmard_jax.models import blocks
-from mmard_jax.models.blocks import activation_fn  # noqa: F401 - the DeepMind activations, by name
+from mmard_jax.models.blocks import activation_fn
 from mmard_jax.models.layers import Dtype, classifier, global_avg_pool
 
 # RobustBench dm_wide_resnet.py:25-28.
