@@ -81,9 +81,10 @@ def variables_dir(directory) -> pathlib.Path:
     raise CheckpointError(f"{directory}: found {store.SPEC_FILE} but neither {store.VARIABLES_DIR}/ nor {BEST}/")
 
 
-def load_model(directory, dtype: str = "float32", input_shape=(32, 32, 3)) -> Tuple[Any, Dict[str, Any]]:
+def load_model(directory, dtype: str = "float32", input_shape=(32, 32, 3),
+               conv_grad: str = "auto") -> Tuple[Any, Dict[str, Any]]:
     """(module, variables) of a model directory or of a training workdir's best student (`store.load_model`)."""
-    return store.load_model(directory, dtype, input_shape, locate=variables_dir)
+    return store.load_model(directory, dtype, input_shape, locate=variables_dir, conv_grad=conv_grad)
 
 
 def fingerprint(directory) -> str:

@@ -9,6 +9,7 @@ from typing import Any, Dict, Optional
 import ml_collections
 
 from mmard_jax import methods
+from mmard_jax.models.layers import default_conv_grad
 
 # Table 2 of the paper: the RobustBench teachers, as model directories made by `mmard_jax.convert`; then the
 # teachers of the later methods' papers (configs/sota.py).
@@ -159,12 +160,17 @@ def base_config(method: str = "mmard", student: str = "resnet18", dataset: str =
         {"name": dataset, "data_dir": "", "source": "auto", "download": False, "crop_padding": 4, "flip": True,
          "n_train": -1}  # n_train > 0: train on the first n_train examples only (smoke runs)
     )
-    c.student = ml_collections.ConfigDict({"arch": student, "kwargs": ml_collections.ConfigDict(), "dtype": "float32"})
+    # conv_grad: how the convolutions' input gradient is computed, 'auto' | 'custom' | 'lax'
+    # (layers.resolve_conv_grad; default $MMARD_JAX_CONV_GRAD or 'auto'); the student's also serves the peer.
+    c.student = ml_collections.ConfigDict({"arch": student, "kwargs": ml_collections.ConfigDict(), "dtype": "float32",
+                                           "conv_grad": default_conv_grad()})
     c.method = method_block(method, inner=inner, plugins=plugins, dataset=dataset)
     networks = resolve_method(c.method).networks()
     needs_teacher = "teacher" in networks and dataset in DEFAULT_TEACHER
+    # teacher.conv_grad also serves teacher2.
     c.teacher = ml_collections.ConfigDict(
-        {"checkpoint": teacher_dir(dataset, teacher) if needs_teacher else "", "dtype": "float32"}
+        {"checkpoint": teacher_dir(dataset, teacher) if needs_teacher else "", "dtype": "float32",
+         "conv_grad": default_conv_grad()}
     )
     # MTARD's second (naturally trained) teacher; the paper reports MTARD's published numbers because
     # the clean teachers are unpublished. Train one with configs/default.py:method=nature,student=wide_resnet.

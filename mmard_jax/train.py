@@ -28,7 +28,7 @@ from mmard_jax import checkpoints, cli, config_guard, config_lib, data, distribu
 from mmard_jax import parallel, preemption, reporting, runtime, stopping, train_step, xla_env
 from mmard_jax.attacks import autoattack, suite
 from mmard_jax.errors import ConfigError, NonFiniteLossError
-from mmard_jax.models import store
+from mmard_jax.models import layers, store
 
 
 def due(step: int, every: int, last: bool = False) -> bool:
@@ -55,6 +55,8 @@ def check_config(config) -> None:
     cli.choice("config.dataset.name", config.dataset.name, data.DATASETS)
     for name in ("student.arch",) + (("peer.arch",) if config.peer.arch else ()):
         cli.choice(f"config.{name}", _get(config, name), sorted(models.MODELS))
+    for name in ("student.conv_grad", "teacher.conv_grad"):
+        cli.choice(f"config.{name}", _get(config, name), layers.CONV_GRAD_MODES)
     try:
         config_lib.resolve_method(config.method)
     except ValueError as err:
@@ -118,12 +120,14 @@ def load_data(config):
     return train, test
 
 
-def load_frozen(cfg, role: str, num_classes: int, input_shape):
-    """(module, variables) of a teacher named in the config; clear errors for a missing or mismatched one."""
+def load_frozen(cfg, role: str, num_classes: int, input_shape, conv_grad: str = "auto"):
+    """(module, variables) of a teacher named in the config, its convolutions' input gradient by `conv_grad`;
+    clear errors for a missing or mismatched one."""
     if not cfg.checkpoint:
         raise ConfigError(f"this method needs a {role}: set --config.{role}.checkpoint to a model directory "
                           f"(from `python -m mmard_jax.convert`) or a training workdir of this project")
-    module, variables = checkpoints.load_model(cfg.checkpoint, dtype=cfg.dtype, input_shape=input_shape)
+    module, variables = checkpoints.load_model(cfg.checkpoint, dtype=cfg.dtype, input_shape=input_shape,
+                                                conv_grad=conv_grad)
     if module.num_classes != num_classes:
         raise ConfigError(f"{role} {cfg.checkpoint} has {module.num_classes} classes, the data set {num_classes}")
     return module, variables
@@ -132,15 +136,17 @@ def load_frozen(cfg, role: str, num_classes: int, input_shape):
 def build_networks(config, method: methods.Method, num_classes: int, input_shape):
     """The step's modules (trained ones with cross-device BatchNorm), the teachers' variables, the student's spec."""
     spec = store.model_spec(config.student.arch, num_classes, dict(config.student.kwargs))
-    nets, frozen = {"student": store.build_module(spec, config.student.dtype, bn_axis_name=parallel.AXIS)}, {}
+    trained = {"bn_axis_name": parallel.AXIS, "conv_grad": config.student.conv_grad}
+    nets, frozen = {"student": store.build_module(spec, config.student.dtype, **trained)}, {}
     used = method.networks()
     if "peer" in used:
         peer_spec = store.model_spec(config.peer.arch or config.student.arch, num_classes,
                                      dict(config.peer.kwargs) if config.peer.arch else dict(config.student.kwargs))
-        nets["peer"] = store.build_module(peer_spec, config.peer.dtype, bn_axis_name=parallel.AXIS)
+        nets["peer"] = store.build_module(peer_spec, config.peer.dtype, **trained)
     for role in ("teacher", "teacher2"):
         if role in used:
-            nets[role], frozen[role] = load_frozen(config[role], role, num_classes, input_shape)
+            nets[role], frozen[role] = load_frozen(config[role], role, num_classes, input_shape,
+                                                   config.teacher.conv_grad)
     return train_step.Networks(**nets), frozen, spec
 
 
@@ -172,7 +178,7 @@ def setup(config, workdir: pathlib.Path, progress: bool, guard) -> Run:
     nets, frozen, spec = build_networks(config, method, train.num_classes, train.images.shape[1:])
     steps_per_epoch = data.num_train_steps(len(train), config.batch_size)
     txs, schedule = build_optimizers(config, nets, steps_per_epoch)
-    eval_student = store.build_module(spec, config.student.dtype)
+    eval_student = store.build_module(spec, config.student.dtype, conv_grad=config.student.conv_grad)
     ev = evaluator.Evaluator(eval_student, test.images, test.labels, mesh=mesh, batch_size=config.eval.batch_size,
                              eps=config.eval.eps, unroll=runtime.resolve_unroll(config.eval.unroll),
                              matmul_precision=config.eval.get("matmul_precision", "highest"), progress=progress)

@@ -1,4 +1,5 @@
-"""GPU readiness without a GPU: the conv2d gradient switch, and scripts/gpu_check.sh's dry mode (so it cannot rot)."""
+"""GPU readiness without a GPU: scripts/gpu_check.sh's dry mode (so it cannot rot) and the CPU-only defaults
+(the conv2d gradient switch itself: tests/test_conv_grad.py)."""
 
 import json
 import os
@@ -8,79 +9,11 @@ import subprocess
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-from flax import linen as nn
 
 from mmard_jax.models import layers
 from mmard_jax.tools.bench_cases import CASES
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def _conv_fn():
-    """A fresh jitted (values, input gradient, kernel gradient) of three `nn.Conv`s of the zoo (stride 1 and 2,
-    torch padding, a 1x1), traced at its first call: the switch is read at trace time."""
-    conv = layers.conv_factory(jnp.float32)
-
-    class Net(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            x = conv(8, (3, 3), padding=layers.PAD_SAME_TORCH)(x)
-            x = conv(8, (3, 3), strides=(2, 2), padding=layers.PAD_SAME_TORCH)(jnp.tanh(x))
-            return conv(4, (1, 1))(x)
-
-    net = Net()
-    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
-    variables = net.init(jax.random.key(1), x)
-
-    def loss(v, z):
-        return jnp.sum(jnp.sin(net.apply(v, z)))
-
-    def run(v, z):
-        return net.apply(v, z), jax.grad(loss, argnums=(0, 1))(v, z)
-
-    return jax.jit(run), variables, x
-
-
-def _uses_custom_vjp(monkeypatch, mode, backend=None):
-    """Whether `nn.Conv` traces through conv2d's custom VJP under $MMARD_JAX_CONV_GRAD=mode (and a faked backend)."""
-    monkeypatch.setenv(layers.CONV_GRAD_ENV, mode)
-    if backend:
-        monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    conv = layers.conv_factory(jnp.float32)(4, (3, 3), padding=layers.PAD_SAME_TORCH)
-    x = jnp.ones((1, 5, 5, 2))
-    v = jax.eval_shape(lambda: conv.init(jax.random.key(0), x))
-    return "custom_vjp" in str(jax.make_jaxpr(lambda v, z: conv.apply(v, z))(v, x))
-
-
-def test_conv_grad_switch_values_and_gradients_equal(monkeypatch):
-    """On the CPU the hand-written input gradient and the library's give the same values and gradients."""
-    out = {}
-    for mode in ("custom", "lax"):
-        monkeypatch.setenv(layers.CONV_GRAD_ENV, mode)
-        fn, variables, x = _conv_fn()
-        out[mode] = jax.device_get(fn(variables, x))
-    flat_custom, flat_lax = jax.tree.leaves(out["custom"]), jax.tree.leaves(out["lax"])
-    assert len(flat_custom) == len(flat_lax) == 1 + 3 + 1  # values, three kernels, the input gradient
-    for a, b in zip(flat_custom, flat_lax):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_conv_grad_auto_is_custom_on_cpu_only(monkeypatch):
-    """'auto' (the default) resolves per backend; a faked non-CPU backend traces the library convolution."""
-    monkeypatch.delenv(layers.CONV_GRAD_ENV, raising=False)
-    assert layers.conv_grad_mode("cpu") == "custom"
-    assert layers.conv_grad_mode("gpu") == "lax" and layers.conv_grad_mode("tpu") == "lax"
-    assert _uses_custom_vjp(monkeypatch, "auto")  # this test runs on the CPU
-    assert not _uses_custom_vjp(monkeypatch, "auto", backend="gpu")
-    assert _uses_custom_vjp(monkeypatch, "custom", backend="gpu")  # the explicit switch wins
-    assert not _uses_custom_vjp(monkeypatch, "lax")
-
-
-def test_conv_grad_rejects_unknown_mode(monkeypatch):
-    monkeypatch.setenv(layers.CONV_GRAD_ENV, "fast")
-    with pytest.raises(ValueError, match="MMARD_JAX_CONV_GRAD must be one of auto, custom, lax"):
-        layers.conv_grad_mode()
 
 
 def test_gpu_check_dry_run_writes_every_part(tmp_path):
@@ -152,4 +85,4 @@ def test_cpu_tuned_choices_are_cpu_only_by_default(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert runtime.resolve_unroll("auto") == 1 and runtime.resolve_unroll("full") is True
     assert "feature_group_count=4" in depthwise_jaxpr("auto") and "conv_general_dilated" not in depthwise_jaxpr("taps")
-    assert layers.conv_grad_mode() == "lax"
+    assert layers.resolve_conv_grad("auto") == "lax"

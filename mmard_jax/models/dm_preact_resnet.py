@@ -8,22 +8,15 @@ the shortcut is a 3x3 conv of the block's raw input (not of act(bn(x))); BN-act 
 Names follow the state_dict: `layer_1.0.conv_2d_1.weight` -> `layer_1_0/conv_2d_1/kernel`.
 """
 
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mmard_jax.models.dm_wide_resnet import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    Stats,
-    activation_fn,
-    dm_conv0_padding,
-    final_pool,
-    normalize_input,
-)
-from mmard_jax.models.layers import PAD_SAME_TORCH, Dtype, ModuleDef, batch_norm_factory, classifier, conv_factory
+from mmard_jax.models import blocks
+from mmard_jax.models.dm_wide_resnet import CIFAR10_MEAN, CIFAR10_STD, Stats, deepmind_head, normalize_input
+from mmard_jax.models.layers import Dtype
 
 # Blocks per stage of the supported depths: RobustBench dm_wide_resnet.py:262-267.
 BLOCKS_PER_DEPTH = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
@@ -40,26 +33,10 @@ def blocks_of_depth(depth: int) -> Tuple[int, ...]:
     return BLOCKS_PER_DEPTH[depth]
 
 
-class DMPreActBlock(nn.Module):
+class DMPreActBlock(blocks.PreActBlock):
     """RobustBench `_PreActBlock`: conv(act(bn0(x))), act(bn1), conv, plus x or a hand-padded 3x3 conv of x."""
 
-    features: int
-    strides: int
-    act: Callable[[jax.Array], jax.Array]
-    conv: ModuleDef
-    norm: ModuleDef
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        padding = dm_conv0_padding(self.strides)
-        shortcut = x
-        if self.strides != 1 or x.shape[-1] != self.features:
-            shortcut = self.conv(self.features, (3, 3), self.strides, padding=padding, name="shortcut")(x)
-        out = self.act(self.norm(name="batchnorm_0")(x))
-        out = self.conv(self.features, (3, 3), self.strides, padding=padding, name="conv_2d_1")(out)
-        out = self.act(self.norm(name="batchnorm_1")(out))
-        out = self.conv(self.features, (3, 3), 1, padding=PAD_SAME_TORCH, name="conv_2d_2")(out)
-        return out + shortcut
+    layout: blocks.PreActLayout = blocks.DEEPMIND_PREACT
 
 
 class DMPreActResNet(nn.Module):
@@ -78,19 +55,15 @@ class DMPreActResNet(nn.Module):
     padding: int = 0
     dtype: Dtype = jnp.float32
     bn_axis_name: Optional[str] = None
+    conv_grad: str = "auto"  # the convolutions' input gradient: 'auto' | 'custom' | 'lax' (layers.resolve_conv_grad)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        blocks = blocks_of_depth(self.depth)
-        act = activation_fn(self.activation)
-        conv = conv_factory(self.dtype)
-        norm = batch_norm_factory(train, self.dtype, self.bn_axis_name)
+        plan = blocks.stage_plan(STAGES, blocks_of_depth(self.depth), "layer_")
+        act = blocks.activation_fn(self.activation)
+        conv, norm = blocks.factories(self, train)
         x = normalize_input(x, self.mean, self.std, self.padding, self.dtype)
-        x = conv(STEM_CHANNELS, (3, 3), 1, padding=PAD_SAME_TORCH, name="conv_2d")(x)
-        for stage, ((features, strides), count) in enumerate(zip(STAGES, blocks)):
-            for i in range(count):
-                block = DMPreActBlock(features, strides if i == 0 else 1, act, conv=conv, norm=norm,
-                                      name=f"layer_{stage}_{i}")
-                x = block(x)
-        x = act(norm(name="batchnorm")(x))
-        return classifier(final_pool(x, self.padding, POOL_WINDOW), self.num_classes, self.dtype, name="logits")
+        x = blocks.stem(x, conv, STEM_CHANNELS, "conv_2d")
+        for name, features, strides in plan:
+            x = DMPreActBlock(features, strides, act, conv=conv, norm=norm, name=name)(x)
+        return deepmind_head(x, norm, act, self.padding, POOL_WINDOW, self.num_classes, self.dtype)

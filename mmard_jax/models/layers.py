@@ -39,11 +39,12 @@ def torch_bias_init(fan_in: int) -> Callable:
     return init
 
 
-def conv_factory(dtype: Dtype, kernel_init: Callable = TORCH_DEFAULT_KERNEL_INIT) -> ModuleDef:
-    """Bias-free Conv computing in `dtype` with float32 parameters, as every conv of the zoo."""
+def conv_factory(dtype: Dtype, kernel_init: Callable = TORCH_DEFAULT_KERNEL_INIT, conv_grad: str = "auto") -> ModuleDef:
+    """Bias-free Conv computing in `dtype` with float32 parameters, as every conv of the zoo; `conv_grad` picks how
+    its input gradient is computed ('auto' | 'custom' | 'lax', see `resolve_conv_grad`)."""
     return functools.partial(
         nn.Conv, use_bias=False, dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
-        conv_general_dilated=conv_general_dilated,
+        conv_general_dilated=CONV_GENERAL_DILATED[check_conv_grad(conv_grad)],
     )
 
 
@@ -143,18 +144,28 @@ CONV_GRAD_ENV = "MMARD_JAX_CONV_GRAD"
 CONV_GRAD_MODES = ("auto", "custom", "lax")
 
 
-def conv_grad_mode(backend: Optional[str] = None) -> str:
-    """How `nn.Conv`'s plain 2-D convolutions are differentiated: 'custom' (`conv2d`'s hand-written input
-    gradient, measured faster on XLA:CPU only) or 'lax' (the library convolution and JAX's own transpose rule).
+def check_conv_grad(setting: str, key: str = "conv_grad") -> str:
+    """`setting` if it is a conv_grad mode; else a one-line ValueError naming `key`."""
+    if setting not in CONV_GRAD_MODES:
+        raise ValueError(f"{key} must be one of {', '.join(CONV_GRAD_MODES)}, got {setting!r}")
+    return setting
 
-    Read at trace time from $MMARD_JAX_CONV_GRAD: 'auto' (default) is 'custom' on the CPU backend and 'lax' on
-    every other (`backend`, default `jax.default_backend()`); 'custom' or 'lax' force one, so that a GPU run can
-    time both. A program traced under one setting keeps it: set the variable before the first trace.
+
+def default_conv_grad() -> str:
+    """The default of the configs' `conv_grad` fields: $MMARD_JAX_CONV_GRAD if set, else 'auto'.
+
+    Read when a config is built (never while tracing), so that a GPU run can time both modes without editing it.
     """
     setting = os.environ.get(CONV_GRAD_ENV, "auto").strip().lower() or "auto"
-    if setting not in CONV_GRAD_MODES:
-        raise ValueError(f"${CONV_GRAD_ENV} must be one of {', '.join(CONV_GRAD_MODES)}, got {setting!r}")
-    if setting != "auto":
+    return check_conv_grad(setting, f"${CONV_GRAD_ENV}")
+
+
+def resolve_conv_grad(setting: str, backend: Optional[str] = None) -> str:
+    """How a model's plain 2-D convolutions are differentiated under its `conv_grad` setting: 'custom' (`conv2d`'s
+    hand-written input gradient, measured faster on XLA:CPU only) or 'lax' (the library convolution and JAX's own
+    transpose rule). 'auto' is 'custom' on the CPU backend and 'lax' on every other (`backend`, default
+    `jax.default_backend()` at trace time); 'custom' or 'lax' force one, so that a GPU run can time both."""
+    if check_conv_grad(setting) != "auto":
         return setting
     return "custom" if (backend or jax.default_backend()) == "cpu" else "lax"
 
@@ -196,12 +207,12 @@ conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+                         dimension_numbers=None, feature_group_count=1, precision=None, conv_grad="auto", **kwargs):
     """`lax.conv_general_dilated` for `nn.Conv`: plain 2-D NHWC/HWIO convolutions go through `conv2d`
-    (fast input gradient on XLA:CPU) where `conv_grad_mode()` is 'custom', anything else (dilation, groups,
-    other layouts, or mode 'lax') to lax unchanged."""
+    (fast input gradient on XLA:CPU) where `resolve_conv_grad(conv_grad)` is 'custom', anything else (dilation,
+    groups, other layouts, or mode 'lax') to lax unchanged."""
     simple = (
-        conv_grad_mode() == "custom"
+        resolve_conv_grad(conv_grad) == "custom"
         and lhs.ndim == 4 and feature_group_count == 1 and not kwargs
         and all(d == 1 for d in (lhs_dilation or (1, 1))) and all(d == 1 for d in (rhs_dilation or (1, 1)))
         and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC_HWIO)
@@ -213,3 +224,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
     padding = tuple(tuple(int(p) for p in pair) for pair in padding)
     return conv2d(lhs, rhs, tuple(int(s) for s in window_strides), padding, precision)
+
+
+# `nn.Conv`'s convolution for each conv_grad setting: one function object per mode, so equal modules compare equal.
+CONV_GENERAL_DILATED = {mode: functools.partial(conv_general_dilated, conv_grad=mode) for mode in CONV_GRAD_MODES}

@@ -11,16 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mmard_jax.models.layers import (
-    PAD_SAME_TORCH,
-    DepthwiseConv,
-    Dtype,
-    ModuleDef,
-    batch_norm_factory,
-    classifier,
-    conv_factory,
-    global_avg_pool,
-)
+from mmard_jax.models import blocks
+from mmard_jax.models.layers import PAD_SAME_TORCH, DepthwiseConv, Dtype, ModuleDef, classifier, global_avg_pool
 
 # (expansion, out_planes, num_blocks, stride) of each stage.
 CFG = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
@@ -48,18 +40,16 @@ class InvertedResidual(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         in_planes = x.shape[-1]
-        planes = self.expansion * in_planes
-        out = nn.relu(self.norm(name="bn1")(self.conv(planes, (1, 1), 1, padding="VALID", name="conv1")(x)))
+        out = blocks.conv_bn_act(x, self.conv, self.norm, self.expansion * in_planes, 1, ("conv1", "bn1"))
         out = DepthwiseConv((3, 3), self.strides, PAD_SAME_TORCH, dtype=self.conv.keywords["dtype"],
                             impl=self.depthwise, name="conv2")(out)
-        out = nn.relu(self.norm(name="bn2")(out))
-        out = self.norm(name="bn3")(self.conv(self.features, (1, 1), 1, padding="VALID", name="conv3")(out))
+        out = blocks.bn_act(out, self.norm, "bn2")
+        out = blocks.conv_bn(out, self.conv, self.norm, self.features, 1, ("conv3", "bn3"))
         if self.strides != 1:
             return out
         shortcut = x
         if in_planes != self.features:
-            shortcut = self.conv(self.features, (1, 1), 1, padding="VALID", name="shortcut_0")(x)
-            shortcut = self.norm(name="shortcut_1")(shortcut)
+            shortcut = blocks.conv_bn(x, self.conv, self.norm, self.features, 1, blocks.SHORTCUT_CONV_BN)
         return out + shortcut
 
 
@@ -70,15 +60,14 @@ class MobileNetV2(nn.Module):
     dtype: Dtype = jnp.float32
     bn_axis_name: Optional[str] = None
     depthwise: str = "auto"  # how the depthwise convs compute: 'auto' | 'taps' | 'conv' (layers.DepthwiseConv)
+    conv_grad: str = "auto"  # the convolutions' input gradient: 'auto' | 'custom' | 'lax' (layers.resolve_conv_grad)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        conv = conv_factory(self.dtype)
-        norm = batch_norm_factory(train, self.dtype, self.bn_axis_name)
-        x = jnp.asarray(x, self.dtype)
-        x = nn.relu(norm(name="bn1")(conv(STEM_CHANNELS, (3, 3), 1, padding=PAD_SAME_TORCH, name="conv1")(x)))
+        conv, norm = blocks.factories(self, train)
+        x = blocks.conv_bn_act(jnp.asarray(x, self.dtype), conv, norm, STEM_CHANNELS, 3, ("conv1", "bn1"))
         for i, (expansion, features, strides) in enumerate(block_plan()):
             x = InvertedResidual(expansion, features, strides, conv=conv, norm=norm, depthwise=self.depthwise,
                                  name=f"layers_{i}")(x)
-        x = nn.relu(norm(name="bn2")(conv(HEAD_CHANNELS, (1, 1), 1, padding="VALID", name="conv2")(x)))
+        x = blocks.conv_bn_act(x, conv, norm, HEAD_CHANNELS, 1, ("conv2", "bn2"))
         return classifier(global_avg_pool(x), self.num_classes, self.dtype, name="linear")

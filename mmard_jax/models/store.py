@@ -151,15 +151,17 @@ def fingerprint(directory, locate: Callable[[pathlib.Path], pathlib.Path] = vari
 
 
 def load_model(directory, dtype: str = "float32", input_shape=(32, 32, 3),
-               locate: Callable[[pathlib.Path], pathlib.Path] = variables_dir) -> Tuple[Any, Dict[str, Any]]:
+               locate: Callable[[pathlib.Path], pathlib.Path] = variables_dir,
+               conv_grad: str = "auto") -> Tuple[Any, Dict[str, Any]]:
     """(module, variables) from a model directory (`locate` finds its variables: `checkpoints.load_model` passes
     one that also reads a training workdir's best student).
 
-    `module.apply(variables, x, train=False)` on x in [0, 1] NHWC gives the logits.
+    `module.apply(variables, x, train=False)` on x in [0, 1] NHWC gives the logits; `conv_grad` is the module's
+    convolution input gradient (`layers.resolve_conv_grad`), a setting of the run, not of the directory.
     """
     directory = pathlib.Path(directory).absolute()
     spec = read_spec(directory)
-    module = build_module(spec, dtype)
+    module = build_module(spec, dtype, conv_grad=conv_grad)
     path = locate(directory)
     try:
         with ocp.StandardCheckpointer() as checkpointer:

@@ -79,15 +79,17 @@ def jax_step_builder(case: Case, seed: int = 0):
     import jax.numpy as jnp
 
     from mmard_jax import methods, models, parallel, train_step
+    from mmard_jax.models import layers
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[case.dtype]
     mesh = parallel.data_mesh()
     parallel.check_divisible(case.batch, mesh)
     method = methods.get_method(case.method)
-    student = models.create(case.student, 10, dtype=dtype, bn_axis_name=parallel.AXIS, **case.student_kwargs)
+    common = {"dtype": dtype, "conv_grad": layers.default_conv_grad()}  # a row's --conv_grad: $MMARD_JAX_CONV_GRAD
+    student = models.create(case.student, 10, bn_axis_name=parallel.AXIS, **common, **case.student_kwargs)
     used = method.networks()
-    teacher = models.create(case.teacher, 10, dtype=dtype, **case.teacher_kwargs) if "teacher" in used else None
-    peer = models.create(case.student, 10, dtype=dtype, bn_axis_name=parallel.AXIS, **case.student_kwargs) \
+    teacher = models.create(case.teacher, 10, **common, **case.teacher_kwargs) if "teacher" in used else None
+    peer = models.create(case.student, 10, bn_axis_name=parallel.AXIS, **common, **case.student_kwargs) \
         if "peer" in used else None
     nets = train_step.Networks(student, teacher, None, peer)
     schedule = train_step.make_lr_schedule(0.1, 390, 300)

@@ -1,0 +1,154 @@
+"""The convolution input gradient switch: a module attribute (`conv_grad`) of every family, set through
+`models.create` and `config.student` / `config.teacher`, resolved by backend at trace time ('auto')."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from mmard_jax import cli, config_lib, models, train
+from mmard_jax.models import layers
+
+# A small instance of every registered family (the switch is the same attribute in each).
+SMALL = {
+    "resnet18": {"base_width": 4},
+    "preact_resnet18": {"base_width": 4, "out_shortcut": True},
+    "mobilenet_v2": {"depthwise": "taps"},
+    "wide_resnet": {"depth": 10, "width": 1},
+    "dm_wide_resnet": {"depth": 10, "width": 1},
+    "dm_preact_resnet": {},
+}
+
+
+def _conv_fn(conv_grad):
+    """A jitted (values, input gradient, kernel gradients) of three `nn.Conv`s of the zoo (stride 1 and 2, torch
+    padding, a 1x1) whose factory has `conv_grad`."""
+    conv = layers.conv_factory(jnp.float32, conv_grad=conv_grad)
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = conv(8, (3, 3), padding=layers.PAD_SAME_TORCH)(x)
+            x = conv(8, (3, 3), strides=(2, 2), padding=layers.PAD_SAME_TORCH)(jnp.tanh(x))
+            return conv(4, (1, 1))(x)
+
+    net = Net()
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
+    variables = net.init(jax.random.key(1), x)
+
+    def loss(v, z):
+        return jnp.sum(jnp.sin(net.apply(v, z)))
+
+    def run(v, z):
+        return net.apply(v, z), jax.grad(loss, argnums=(0, 1))(v, z)
+
+    return jax.jit(run), variables, x
+
+
+def _custom_vjp_calls(module, size=8) -> int:
+    """How many conv2d custom-VJP calls the module's forward traces to (a faked backend is honoured)."""
+    x = jnp.ones((1, size, size, 3))
+    v = jax.eval_shape(lambda: module.init(jax.random.key(0), x))
+    return str(jax.make_jaxpr(lambda v, z: module.apply(v, z))(v, x)).count("custom_vjp_call")
+
+
+def _plain_conv_kernels(module, size=8) -> int:
+    """The module's plain (not depthwise) conv kernels: each should go through the switch."""
+    v = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.ones((1, size, size, 3))))
+    return sum(1 for a in jax.tree.leaves(v["params"]) if a.ndim == 4 and a.shape[2] != 1)
+
+
+@pytest.mark.parametrize("arch", sorted(models.MODELS))
+def test_every_family_passes_its_conv_grad_to_every_conv(arch):
+    """'custom' sends each plain conv of the model through conv2d's custom VJP, 'lax' none."""
+    assert set(SMALL) == set(models.MODELS)
+    custom = models.create(arch, **SMALL[arch], conv_grad="custom")
+    lax = models.create(arch, **SMALL[arch], conv_grad="lax")
+    assert custom.conv_grad == "custom" and "conv_grad" in models.accepted_arguments(arch)
+    n = _plain_conv_kernels(custom)
+    assert n > 0 and _custom_vjp_calls(custom) == n
+    assert _custom_vjp_calls(lax) == 0
+
+
+def test_conv_grad_auto_resolves_by_backend(monkeypatch):
+    """'auto' (the default) is 'custom' on the CPU backend and 'lax' on any other, decided at trace time; an
+    explicit setting wins on every backend."""
+    assert layers.resolve_conv_grad("auto", "cpu") == "custom"
+    assert layers.resolve_conv_grad("auto", "gpu") == "lax" and layers.resolve_conv_grad("auto", "tpu") == "lax"
+    assert layers.resolve_conv_grad("custom", "gpu") == "custom" and layers.resolve_conv_grad("lax", "cpu") == "lax"
+    model = models.create("wide_resnet", depth=10, width=1)
+    assert model.conv_grad == "auto" and _custom_vjp_calls(model) > 0  # this test runs on the CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert layers.resolve_conv_grad("auto") == "lax"
+    assert _custom_vjp_calls(model) == 0
+    assert _custom_vjp_calls(models.create("wide_resnet", depth=10, width=1, conv_grad="custom")) > 0
+
+
+def test_environment_is_the_config_default_only(monkeypatch):
+    """$MMARD_JAX_CONV_GRAD is read when a config is built (both blocks' default), never while tracing."""
+    monkeypatch.delenv(layers.CONV_GRAD_ENV, raising=False)
+    c = config_lib.base_config("mmard", "resnet18", "cifar10")
+    assert c.student.conv_grad == "auto" and c.teacher.conv_grad == "auto"
+    monkeypatch.setenv(layers.CONV_GRAD_ENV, " LAX ")
+    c = config_lib.base_config("mmard", "resnet18", "cifar10")
+    assert c.student.conv_grad == "lax" and c.teacher.conv_grad == "lax"
+    # A model traced now keeps its own attribute: 'auto' on the CPU is still the custom gradient.
+    assert _custom_vjp_calls(models.create("wide_resnet", depth=10, width=1)) > 0
+
+
+def test_conv_grad_rejects_unknown_values(monkeypatch):
+    """A bad value is a one-line error naming where it came from: the attribute, the variable, the config key."""
+    with pytest.raises(ValueError) as err:  # (JAX adds a note on its filtered traceback: not the message)
+        models.create("resnet18", base_width=4, conv_grad="fast").init(jax.random.key(0), jnp.ones((1, 8, 8, 3)))
+    assert str(err.value) == "conv_grad must be one of auto, custom, lax, got 'fast'"
+    monkeypatch.setenv(layers.CONV_GRAD_ENV, "fast")
+    with pytest.raises(ValueError, match=r"^\$MMARD_JAX_CONV_GRAD must be one of auto, custom, lax, got 'fast'$"):
+        config_lib.base_config("mmard", "resnet18", "cifar10")
+    monkeypatch.delenv(layers.CONV_GRAD_ENV)
+    for block in ("student", "teacher"):
+        config = config_lib.base_config("mmard", "resnet18", "cifar10")
+        config[block].conv_grad = "fast"
+        with pytest.raises(cli.UserError) as err:
+            train.check_config(config)
+        assert str(err.value) == f"--config.{block}.conv_grad='fast' is not one of: auto, custom, lax"
+
+
+def test_build_networks_passes_the_config_blocks_conv_grad():
+    """The student and its peer take config.student.conv_grad (also for evaluation)."""
+    config = config_lib.base_config("peeraid", "resnet18", "cifar10")
+    config.student.kwargs = {"base_width": 4}
+    config.student.conv_grad = "lax"
+    nets, frozen, spec = train.build_networks(config, config_lib.resolve_method(config.method), 10, (8, 8, 3))
+    assert nets.student.conv_grad == nets.peer.conv_grad == "lax" and not frozen
+    assert "conv_grad" not in spec["kwargs"]  # a run's setting, not the model directory's
+
+
+def test_conv_grad_modes_agree_on_values_and_gradients():
+    """On the CPU the hand-written input gradient and the library's give the same values and gradients."""
+    out = {}
+    for mode in ("custom", "lax"):
+        fn, variables, x = _conv_fn(mode)
+        out[mode] = jax.device_get(fn(variables, x))
+    flat_custom, flat_lax = jax.tree.leaves(out["custom"]), jax.tree.leaves(out["lax"])
+    assert len(flat_custom) == len(flat_lax) == 1 + 3 + 1  # values, three kernels, the input gradient
+    for a, b in zip(flat_custom, flat_lax):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_conv_grad_modes_agree_on_a_model():
+    """A whole model (stride-2 convs, 1x1 shortcuts, BatchNorm in training mode): same logits, same parameter
+    and input gradients under either mode."""
+    x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 3))
+    results = []
+    for mode in ("custom", "lax"):
+        model = models.create("wide_resnet", depth=10, width=1, conv_grad=mode)
+        variables = model.init(jax.random.key(1), x)
+
+        def loss(params, z, model=model, variables=variables):
+            logits, _ = model.apply({**variables, "params": params}, z, train=True, mutable=["batch_stats"])
+            return jnp.sum(jnp.sin(logits)), logits
+
+        results.append(jax.device_get(jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(variables["params"], x)))
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
