@@ -181,7 +181,7 @@ def _per_device(module, kind: str, name: str, eps: float, unroll, aa_config) -> 
         if kind == "aa":  # `name` is a program (autoattack.PROGRAMS), `run` its traced argument
             x_adv, _ = autoattack.run_program(name, apply_fn, x, y, keys, run, eps=eps, config=aa_config,
                                               active=valid)
-            return valid & autoattack.fooled_check(apply_fn, x, x_adv, y, eps)
+            return valid & autoattack.fooled_check(apply_fn, x, x_adv, y, eps, aa_config.norm)
         return suite.correct_under(name, apply_fn, x, y, eps=eps, rng=keys, unroll=unroll)
 
     return body
@@ -190,14 +190,15 @@ def _per_device(module, kind: str, name: str, eps: float, unroll, aa_config) -> 
 def _square_chunk(apply_fn, x, y, keys, valid, carry, span, eps, aa_config):
     """Square's queries span[0] .. span[1] - 1 from `carry` (from the stripes when span[0] == 0):
     (x_best, margin_best, fooled and verified)."""
-    state = jax.lax.cond(span[0] == 0, lambda: square.square_start(apply_fn, x, y, keys, eps=eps),
+    norm = aa_config.norm
+    state = jax.lax.cond(span[0] == 0, lambda: square.square_start(apply_fn, x, y, keys, eps=eps, norm=norm),
                          lambda: square.SquareState(*carry))
     state = square.square_steps(apply_fn, x, y, keys, state, span[0], span[1], eps=eps,
                                 n_queries=aa_config.square_queries, p_init=aa_config.square_p_init,
                                 rescale_schedule=aa_config.square_rescale_schedule,
-                                full_range=aa_config.square_full_range, active=valid)
+                                full_range=aa_config.square_full_range, active=valid, norm=norm)
     x_adv, _ = square.square_outcome(x, state)
-    return state.x_best, state.margin_best, valid & autoattack.fooled_check(apply_fn, x, x_adv, y, eps)
+    return state.x_best, state.margin_best, valid & autoattack.fooled_check(apply_fn, x, x_adv, y, eps, norm)
 
 
 class Evaluator:

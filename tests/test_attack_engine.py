@@ -153,3 +153,61 @@ def test_carry_threads_state_through_the_iterates():
         z = engine.pgd(lambda z: jnp.sum(jnp.sin(3 * z)), x, eps=EPS, step_size=STEP, steps=k)
         tolerances.assert_clear_of_zero(3 * jnp.cos(3 * z), 1e-4, f"gradient at iterate {k}")
     np.testing.assert_array_equal(x_adv, plain)  # the same iterates with or without a carry
+
+
+# L2 ------------------------------------------------------------------------------------------------------------
+
+EPS_L2 = 0.5
+
+
+def l2(v) -> np.ndarray:
+    """Per-example L2 norms of a batch, in float64."""
+    v = np.asarray(v, np.float64)
+    return np.sqrt(np.sum(v.reshape(len(v), -1) ** 2, axis=1))
+
+
+@pytest.mark.parametrize("init", engine.INITS)
+@pytest.mark.parametrize("per_example_keys", [False, True])
+def test_l2_iterates_stay_feasible(init, per_example_keys):
+    x = images(jax.random.key(0))
+    w = jax.random.normal(jax.random.key(1), x.shape)
+    objective = lambda z: jnp.sum(jnp.sin(10 * z) * w)  # noqa: E731
+    rng = jax.random.split(jax.random.key(2), len(x)) if per_example_keys else jax.random.key(2)
+    x_adv = engine.pgd(objective, x, eps=EPS_L2, step_size=0.2, steps=7, init=init, rng=rng, norm="L2")
+    for x_out in (x_adv, engine.initial_point(rng, x, EPS_L2, init, norm="L2")):
+        assert x_out.shape == x.shape and x_out.dtype == x.dtype
+        assert l2(x_out - x).max() <= EPS_L2 + 1e-6
+        assert float(x_out.min()) >= 0.0 and float(x_out.max()) <= 1.0
+    assert l2(x_adv - x).min() > 0.1  # the ascent moved every example
+
+
+@pytest.mark.parametrize("step_size", [0.2, 0.9], ids=["inside", "projected"])
+def test_l2_step_matches_numpy_reference(step_size):
+    """One L2 step from x: x + step * g / ||g||_2, its offset scaled back to norm eps when longer, then clipped
+    to [0, 1]; g of sum(cos(3z) w) is -3 sin(3x) w."""
+    x = images(jax.random.key(5))
+    w = jax.random.normal(jax.random.key(6), x.shape)
+    got = engine.pgd(lambda z: jnp.sum(jnp.cos(3 * z) * w), x, eps=EPS_L2, step_size=step_size, steps=1, norm="L2")
+    xn, wn = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    g = -3 * np.sin(3 * xn) * wn
+    d = step_size * g / l2(g).reshape(-1, 1, 1, 1)
+    d *= np.minimum(1.0, EPS_L2 / l2(d)).reshape(-1, 1, 1, 1)
+    want = np.clip(xn + d, 0, 1)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert (l2(d) < EPS_L2 - 1e-3).all() == (step_size < EPS_L2)  # both branches of the projection exercised
+
+
+def test_l2_uniform_start_is_uniform_in_the_ball():
+    """In 2-D (no clipping: x = 0.5, eps 0.4), a uniform point of the disc falls within half the radius with
+    probability 1/4, and in each quadrant with probability 1/4."""
+    x = jnp.full((4000, 2), 0.5)
+    noise = np.asarray(engine.initial_point(jax.random.key(3), x, 0.4, "uniform", norm="L2")) - 0.5
+    radius = np.hypot(noise[:, 0], noise[:, 1])
+    assert radius.max() <= 0.4 + 1e-6
+    assert abs(np.mean(radius < 0.2) - 0.25) < 0.03
+    assert abs(np.mean((noise[:, 0] > 0) & (noise[:, 1] > 0)) - 0.25) < 0.03
+
+
+def test_bad_norm():
+    with pytest.raises(ValueError, match="norm must be one of"):
+        engine.pgd(jnp.sum, jnp.zeros((1, 2)), eps=EPS, step_size=STEP, steps=1, norm="L1")

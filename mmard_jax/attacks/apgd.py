@@ -1,4 +1,4 @@
-"""Auto-PGD under L-inf (Croce & Hein, ICML 2020, "Reliable evaluation of adversarial robustness with an
+"""Auto-PGD under L-inf and L2 (Croce & Hein, ICML 2020, "Reliable evaluation of adversarial robustness with an
 ensemble of diverse parameter-free attacks", Algorithm 1), untargeted (APGD-CE) and targeted (APGD-T, DLR).
 
 Written from the paper and checked against the reference implementation (fra31/auto-attack
@@ -7,6 +7,11 @@ the first step), checkpoints after 22%, then windows shrinking by 3% of the iter
 oscillation test "at most rho * window increases in the window" and the no-improvement test
 (rho = 0.75), restart from the best point with half the step after a failed checkpoint, the start point
 x + eps * u / max|u| with u uniform in [-1, 1], and targets chosen as the k-th largest clean logits.
+
+L2 (`norm="L2"`, the reference's L2 branch): the step follows the gradient normalised to unit L2 norm
+(pyautoattack 0.2.0 autopgd_base.py line 337), both projections are the radial one onto the L2 ball then the
+box clip (lines 338-344; `engine.project`), the start is x + eps * n / ||n||_2 with n standard normal, clipped
+(lines 210-213, 228), and everything else (step size 2 eps, line 293; momentum; checkpoints) is shared.
 
 Everything is per example and batched: one `lax.while_loop`, static shapes, per-example step sizes and
 per-example random keys, so an example's result does not depend on the rest of its batch. The loop stops
@@ -22,7 +27,7 @@ import numpy as np
 
 from mmard_jax import losses
 from mmard_jax.attacks import counter_rng
-from mmard_jax.attacks.engine import project
+from mmard_jax.attacks.engine import ascent_direction, check_norm, l2_normalize, project
 
 Array = jax.Array
 ApplyFn = Callable[[Array], Array]
@@ -50,9 +55,12 @@ def checkpoint_schedule(n_iter: int) -> Tuple[np.ndarray, np.ndarray]:
     return is_check, window
 
 
-def random_start(keys: Array, x: Array, eps: float) -> Array:
+def random_start(keys: Array, x: Array, eps: float, norm: str = "Linf") -> Array:
     """x + eps * u / max|u| (u uniform in [-1, 1] per pixel, hashed from the example's key: counter_rng),
-    clipped to [0, 1]."""
+    clipped to [0, 1]; under L2 x + eps * n / (||n||_2 + 1e-12), n standard normal (autopgd_base.py lines 210-213)."""
+    if check_norm(norm) == "L2":
+        n = counter_rng.normal(keys, counter_rng.APGD_START_L2, x.shape[1:], x.dtype)
+        return jnp.clip(x + eps * l2_normalize(n), 0.0, 1.0)
     u = counter_rng.uniform(keys, counter_rng.APGD_START, x.shape[1:], x.dtype, -1.0, 1.0)
     scale = jnp.max(jnp.abs(u).reshape(u.shape[0], -1), axis=1)
     return jnp.clip(x + eps * u / (scale.reshape((-1,) + (1,) * (x.ndim - 1)) + 1e-12), 0.0, 1.0)
@@ -95,8 +103,10 @@ def apgd(
     n_iter: int = 100,
     rho: float = RHO,
     active: Optional[Array] = None,
+    norm: str = "Linf",
 ) -> Tuple[Array, Array]:
-    """Maximizes the per-example `loss_fn(logits)` over the eps-ball by APGD; returns (x_adv, fooled [B]).
+    """Maximizes the per-example `loss_fn(logits)` over the eps-ball (L-inf or L2: `norm`) by APGD; returns
+    (x_adv, fooled [B]).
 
     x_adv is the last misclassified iterate where fooled, else x. `keys` are per-example PRNG keys for
     the start point; `active` (bool [B], default all) marks the examples that keep the loop running
@@ -117,7 +127,7 @@ def apgd(
         (_, (per_example, logits)), g = jax.value_and_grad(total, has_aux=True)(z)
         return per_example, jnp.argmax(logits, axis=-1) != y, g
 
-    x0 = random_start(keys, x, eps)
+    x0 = random_start(keys, x, eps, norm)
     loss0, wrong0, g0 = loss_grad(x0)
     zeros_b = jnp.zeros_like(loss0)
     state = _State(
@@ -132,8 +142,8 @@ def apgd(
 
     def body(s: _State) -> _State:
         a = jnp.where(s.i > 0, MOMENTUM, 1.0).astype(x.dtype)
-        z = project(s.x_adv + _bcast(s.step, x).astype(x.dtype) * jnp.sign(s.grad), x, eps)
-        x_new = project(s.x_adv + a * (z - s.x_adv) + (1 - a) * (s.x_adv - s.x_prev), x, eps)
+        z = project(s.x_adv + _bcast(s.step, x).astype(x.dtype) * ascent_direction(s.grad, norm), x, eps, norm)
+        x_new = project(s.x_adv + a * (z - s.x_adv) + (1 - a) * (s.x_adv - s.x_prev), x, eps, norm)
         loss, wrong, g = loss_grad(x_new)
         history = s.history.at[s.i + 1].set(loss)
         improved = loss > s.loss_best
@@ -175,28 +185,30 @@ def target_classes(logits: Array, rank: Array) -> Array:
 
 
 def apgd_ce(apply_fn: ApplyFn, x: Array, y: Array, keys: Array, *, eps: float, n_iter: int = 100,
-            rho: float = RHO, active: Optional[Array] = None) -> Tuple[Array, Array]:
+            rho: float = RHO, active: Optional[Array] = None, norm: str = "Linf") -> Tuple[Array, Array]:
     """APGD on the cross-entropy loss."""
     return apgd(lambda logits: losses.cross_entropy(logits, y), apply_fn, x, y, keys,
-                eps=eps, n_iter=n_iter, rho=rho, active=active)
+                eps=eps, n_iter=n_iter, rho=rho, active=active, norm=norm)
 
 
 def apgd_targeted(apply_fn: ApplyFn, x: Array, y: Array, keys: Array, rank: Array, *, eps: float,
-                  n_iter: int = 100, rho: float = RHO, active: Optional[Array] = None) -> Tuple[Array, Array]:
+                  n_iter: int = 100, rho: float = RHO, active: Optional[Array] = None,
+                  norm: str = "Linf") -> Tuple[Array, Array]:
     """APGD on the targeted DLR loss towards the class of the `rank`-th largest clean logit (rank 2..C)."""
     target = target_classes(apply_fn(x), rank)
     return apgd(lambda logits: losses.dlr_loss_targeted(logits, y, target), apply_fn, x, y, keys,
-                eps=eps, n_iter=n_iter, rho=rho, active=active)
+                eps=eps, n_iter=n_iter, rho=rho, active=active, norm=norm)
 
 
 def apgd_ce_or_targeted(apply_fn: ApplyFn, x: Array, y: Array, keys: Array, rank: Array, *, eps: float,
-                        n_iter: int = 100, rho: float = RHO, active: Optional[Array] = None) -> Tuple[Array, Array]:
+                        n_iter: int = 100, rho: float = RHO, active: Optional[Array] = None,
+                        norm: str = "Linf") -> Tuple[Array, Array]:
     """APGD-CE where `rank` (traced int) is 0, APGD-T towards the `rank`-th largest clean logit elsewhere: one
     compiled program for both components (each compilation costs seconds on a CPU). The per-example loss is
     a select between the two, so each example follows exactly the loss of its component."""
     logits_x = apply_fn(x)
     if logits_x.shape[-1] < 4:  # the targeted DLR loss needs 4 classes: only APGD-CE can run (autoattack.num_runs)
-        return apgd_ce(apply_fn, x, y, keys, eps=eps, n_iter=n_iter, rho=rho, active=active)
+        return apgd_ce(apply_fn, x, y, keys, eps=eps, n_iter=n_iter, rho=rho, active=active, norm=norm)
     target = target_classes(logits_x, jnp.maximum(rank, 2))
 
     def loss_fn(logits):
@@ -204,5 +216,5 @@ def apgd_ce_or_targeted(apply_fn: ApplyFn, x: Array, y: Array, keys: Array, rank
         dlr = losses.dlr_loss_targeted(logits, y, target).astype(jnp.float32)
         return jnp.where(rank == 0, ce, dlr)
 
-    return apgd(loss_fn, apply_fn, x, y, keys, eps=eps, n_iter=n_iter, rho=rho, active=active)
+    return apgd(loss_fn, apply_fn, x, y, keys, eps=eps, n_iter=n_iter, rho=rho, active=active, norm=norm)
 

@@ -1,4 +1,4 @@
-"""AutoAttack 'standard' for L-inf (Croce & Hein, ICML 2020): APGD-CE, APGD-T, FAB-T and Square, run in
+"""AutoAttack 'standard' for L-inf and L2 (Croce & Hein, ICML 2020): APGD-CE, APGD-T, FAB-T and Square, run in
 cascade, each on the examples that every earlier attack left correctly classified; an example counts as
 robust only if no component fools it (worst case per example).
 
@@ -6,6 +6,9 @@ Standard settings (fra31/auto-attack `autoattack.py`, `set_version('standard')`)
 1 restart; APGD-T 100 iterations on the targeted DLR loss, 9 target classes, 1 restart each; FAB-T 100
 iterations, 9 target classes; Square 5000 queries, p_init 0.8, 1 restart, window corners drawn as the
 original code draws them (never the last offset; `square_full_range` for all of them, see square.py).
+The L2 version (`AutoAttackConfig.norm = "L2"`) has the same components and settings (pyautoattack 0.2.0
+autoattack.py lines 301-315: the 'standard' branch sets them alike for 'Linf' and 'L2'); each component runs
+its L2 form (apgd.py, fab.py, square.py) and the final check measures the L2 distance.
 
 Speed and exactness: `cascade` runs at split level. Before every run (a restart or a target class) the
 indices of the still-robust examples go to `run_points` (`mmard_jax.evaluator.Evaluator`), which batches
@@ -28,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from mmard_jax.attacks import apgd, fab, square
+from mmard_jax.attacks import apgd, engine, fab, square
 
 Array = jax.Array
 ApplyFn = Callable[[Array], Array]
@@ -37,6 +40,9 @@ COMPONENTS = ("apgd_ce", "apgd_t", "fab_t", "square")
 TITLES = {"apgd_ce": "APGD-CE", "apgd_t": "APGD-T", "fab_t": "FAB-T", "square": "Square"}
 # Slack for the final feasibility check: the iterates are projected, so |x' - x| exceeds eps only by rounding.
 FEASIBILITY_SLACK = 1e-6
+# L2: the norm sums the rounding of every pixel's x' - x (up to ~6e-8 each in float32, about sqrt(D) of them
+# adding up at random), so the slack grows with the image: 1e-5 covers 3 x 32 x 32 with margin.
+FEASIBILITY_SLACK_L2 = 1e-5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +64,12 @@ class AutoAttackConfig:
     fab_alpha_max: float = fab.ALPHA_MAX
     fab_eta: float = fab.ETA
     fab_beta: float = fab.BETA
+    # The threat model, 'Linf' or 'L2' (engine.NORMS): which form of every component runs, and the final check's
+    # distance. Not a setting of the version: 'standard' is 'standard' under either (`describe`).
+    norm: str = "Linf"
 
     def __post_init__(self):
+        engine.check_norm(self.norm)
         unknown = [c for c in self.components if c not in COMPONENTS]
         if unknown:
             raise ValueError(f"unknown AutoAttack component(s) {unknown}; known: {', '.join(COMPONENTS)}")
@@ -70,9 +80,11 @@ STANDARD = AutoAttackConfig()
 
 def describe(config: AutoAttackConfig, compute_dtype: str = "float32", matmul_precision: Optional[str] = "highest") -> str:
     """'standard', or 'custom' followed by what differs from the standard version: settings, a compute dtype
-    other than float32, or float32 matmuls below full precision (TF32 on GPUs)."""
+    other than float32, or float32 matmuls below full precision (TF32 on GPUs). The norm is the threat model,
+    not a setting: the standard version of each norm has the same settings (it is reported beside eps)."""
+    standard = dataclasses.replace(STANDARD, norm=config.norm)
     diffs = [f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config)
-             if getattr(config, f.name) != getattr(STANDARD, f.name)]
+             if getattr(config, f.name) != getattr(standard, f.name)]
     if compute_dtype != "float32":
         diffs.append(f"{compute_dtype} compute")
     if matmul_precision not in ("highest", "float32"):
@@ -105,21 +117,24 @@ def run_component(
     config: AutoAttackConfig = STANDARD,
     active: Optional[Array] = None,
 ) -> Tuple[Array, Array]:
-    """One run of one component on a batch: (x_adv, fooled [B]). `run` (traced int) is the restart or the
-    target index (0 = the best wrong class); `keys` are per-example keys already specific to this run."""
+    """One run of one component on a batch under `config.norm`: (x_adv, fooled [B]). `run` (traced int) is the
+    restart or the target index (0 = the best wrong class); `keys` are per-example keys already specific to
+    this run."""
+    norm = config.norm
     if name == "apgd_ce":
-        return apgd.apgd_ce(apply_fn, x, y, keys, eps=eps, n_iter=config.n_iter, rho=config.rho, active=active)
+        return apgd.apgd_ce(apply_fn, x, y, keys, eps=eps, n_iter=config.n_iter, rho=config.rho, active=active,
+                            norm=norm)
     if name == "apgd_t":
         return apgd.apgd_targeted(apply_fn, x, y, keys, run + 2, eps=eps, n_iter=config.n_iter, rho=config.rho,
-                                  active=active)
+                                  active=active, norm=norm)
     if name == "fab_t":
         target = apgd.target_classes(apply_fn(x), run + 2)
         return fab.fab_targeted(apply_fn, x, y, target, eps=eps, n_iter=config.n_iter, alpha_max=config.fab_alpha_max,
-                                eta=config.fab_eta, beta=config.fab_beta, active=active)
+                                eta=config.fab_eta, beta=config.fab_beta, active=active, norm=norm)
     if name == "square":
-        return square.square_linf(apply_fn, x, y, keys, eps=eps, n_queries=config.square_queries,
-                                  p_init=config.square_p_init, rescale_schedule=config.square_rescale_schedule,
-                                  full_range=config.square_full_range, active=active)
+        return square.square_attack(apply_fn, x, y, keys, eps=eps, n_queries=config.square_queries,
+                                    p_init=config.square_p_init, rescale_schedule=config.square_rescale_schedule,
+                                    full_range=config.square_full_range, active=active, norm=norm)
     raise ValueError(f"unknown AutoAttack component {name!r}; known: {', '.join(COMPONENTS)}")
 
 
@@ -142,7 +157,7 @@ def run_program(program: str, apply_fn: ApplyFn, x: Array, y: Array, keys: Array
     """One run of a program (PROGRAMS) on a batch with its traced `arg` (`program_arg`): (x_adv, fooled [B])."""
     if program == "apgd":
         return apgd.apgd_ce_or_targeted(apply_fn, x, y, keys, arg, eps=eps, n_iter=config.n_iter, rho=config.rho,
-                                        active=active)
+                                        active=active, norm=config.norm)
     if program == "fab_t":
         return run_component("fab_t", apply_fn, x, y, keys, arg - 2, eps=eps, config=config, active=active)
     if program == "square":
@@ -150,11 +165,14 @@ def run_program(program: str, apply_fn: ApplyFn, x: Array, y: Array, keys: Array
     raise ValueError(f"unknown AutoAttack program {program!r}; known: {', '.join(sorted(set(PROGRAMS.values())))}")
 
 
-def fooled_check(apply_fn: ApplyFn, x: Array, x_adv: Array, y: Array, eps: float) -> Array:
-    """bool [B]: x_adv is misclassified, within the eps-ball (up to rounding) and in [0, 1] (AutoAttack's
-    final check)."""
-    dist = jnp.max(jnp.abs(x_adv - x).reshape(x.shape[0], -1), axis=1)
-    inside = (dist <= eps + FEASIBILITY_SLACK) & jnp.all((x_adv >= 0) & (x_adv <= 1), axis=tuple(range(1, x.ndim)))
+def fooled_check(apply_fn: ApplyFn, x: Array, x_adv: Array, y: Array, eps: float, norm: str = "Linf") -> Array:
+    """bool [B]: x_adv is misclassified, within the eps-ball of `norm` (up to rounding: FEASIBILITY_SLACK,
+    FEASIBILITY_SLACK_L2) and in [0, 1] (AutoAttack's final check)."""
+    if engine.check_norm(norm) == "L2":
+        dist, slack = engine.l2_norm(x_adv - x), FEASIBILITY_SLACK_L2
+    else:
+        dist, slack = jnp.max(jnp.abs(x_adv - x).reshape(x.shape[0], -1), axis=1), FEASIBILITY_SLACK
+    inside = (dist <= eps + slack) & jnp.all((x_adv >= 0) & (x_adv <= 1), axis=tuple(range(1, x.ndim)))
     return inside & (jnp.argmax(apply_fn(x_adv), axis=-1) != y)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 Array = jax.Array
 
 # Streams: one id per use, so that two uses of the same example key never share numbers.
-APGD_START, SQUARE_STRIPES, SQUARE_QUERY, EXAMPLE = 1, 2, 3, 4
+APGD_START, SQUARE_STRIPES, SQUARE_QUERY, EXAMPLE, APGD_START_L2, SQUARE_START_L2 = 1, 2, 3, 4, 5, 6
 _GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: spreads small stream ids before mixing
 
 
@@ -56,6 +56,17 @@ def uniform(keys: Array, stream: int, shape, dtype=jnp.float32, minval: float = 
     bits = words(keys, stream, jnp.arange(n, dtype=jnp.uint32)).reshape((-1,) + tuple(shape))
     unit = (bits >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
     return (minval + (maxval - minval) * unit).astype(dtype)
+
+
+def normal(keys: Array, stream: int, shape, dtype=jnp.float32) -> Array:
+    """[B, *shape] standard normal by Box-Muller from two hashed 24-bit uniforms per element (the first in (0, 1],
+    so its logarithm is finite)."""
+    n = int(np.prod(shape))
+    bits = words(keys, stream, jnp.arange(2 * n, dtype=jnp.uint32)) >> 8
+    u1 = ((bits[:, :n] + 1).astype(jnp.float32) * (1.0 / (1 << 24)))
+    u2 = bits[:, n:].astype(jnp.float32) * (1.0 / (1 << 24))
+    z = jnp.sqrt(-2.0 * jnp.log(u1)) * jnp.cos(2.0 * jnp.pi * u2)
+    return z.reshape((-1,) + tuple(shape)).astype(dtype)
 
 
 def rademacher(keys: Array, stream: int, shape, dtype=jnp.float32) -> Array:

@@ -1,4 +1,4 @@
-"""FAB-T under L-inf: the targeted Fast Adaptive Boundary attack (Croce & Hein, ICML 2020, "Minimally
+"""FAB-T under L-inf and L2: the targeted Fast Adaptive Boundary attack (Croce & Hein, ICML 2020, "Minimally
 distorted adversarial examples with a fast adaptive boundary attack"), as AutoAttack runs it.
 
 Each step linearizes the decision boundary between the true class y and the target t at the current
@@ -13,12 +13,20 @@ the 2nd..10th largest clean logits, success only when the closest adversarial po
 The L-inf projection onto {z : <w, z> = b, 0 <= z <= 1} is our own: a bisection on the common radius
 followed by an exact solve on the linear piece it finds (the reference sorts and bisects over indices;
 XLA's sort is slow on CPU); it is checked against a linear program in tests/test_autoattack.py.
+
+L2 (`norm="L2"`, the reference's L2 branch): the projections are the smallest-L2 steps onto the same set
+(`project_l2_box`, the counterpart of pyautoattack 0.2.0 fab_projections.py `projection_l2`, lines 62-114; a
+bisection again instead of its sort, checked against it in tests/test_autoattack_original_l2.py), and every
+distance (the weight alpha, fab_base.py lines 210-212; the closest adversarial point, lines 236-238; the
+final test against eps, lines 315-319) is the L2 norm.
 """
 
 from typing import Callable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+
+from mmard_jax.attacks.engine import check_norm, l2_norm
 
 Array = jax.Array
 ApplyFn = Callable[[Array], Array]
@@ -66,16 +74,68 @@ def project_linf_box(t: Array, w: Array, b: Array, bisection_steps: int = 32) ->
     return direction * jnp.minimum(lam[:, None], cap)
 
 
+# Coordinates whose hyperplane weight is at most this do not move in the L2 projection: fab_projections.py line 114.
+TINY_WEIGHT = 1e-8
+
+
+def project_l2_box(t: Array, w: Array, b: Array, bisection_steps: int = 32) -> Array:
+    """Smallest-L2 step d with <w, t + d> = b and t + d in [0, 1], per row of t, w [B, D], b [B].
+
+    The minimiser moves coordinate i by alpha |w_i| towards the hyperplane, capped at its room to the box side
+    (cap_i): g(alpha) = sum_i |w_i| min(alpha |w_i|, cap_i) is continuous, piecewise linear and nondecreasing,
+    with breakpoints cap_i / |w_i|, and the answer is the smallest alpha with g(alpha) = |<w, t> - b|. alpha
+    lies between need / ||w||^2 (no coordinate capped) and the largest breakpoint; a bisection on the
+    geometric mean brackets it to float precision over that wide range (no sort, as in `project_linf_box`),
+    then alpha is solved exactly on the linear piece the bracket identifies. Where even the whole box cannot
+    reach the hyperplane, every coordinate moves to its box side; coordinates with |w_i| <= 1e-8 stay (both as
+    the reference does: fab_projections.py lines 87, 114).
+    """
+    residual = jnp.sum(w * t, axis=1) - b
+    side = jnp.where(residual >= 0, 1.0, -1.0).astype(t.dtype)
+    moves = jnp.abs(w) > TINY_WEIGHT
+    direction = -side[:, None] * jnp.sign(w) * moves
+    cap = jnp.where(direction > 0, 1.0 - t, t) * moves
+    need = jnp.abs(residual)
+    aw = jnp.abs(w) * moves
+
+    def reach(alpha):
+        return jnp.sum(aw * jnp.minimum(alpha[:, None] * aw, cap), axis=1)
+
+    knee = jnp.where(moves, cap / jnp.where(moves, aw, 1.0), 0.0)
+    hi = jnp.max(knee, axis=1)
+    feasible = reach(hi) >= need
+    lo = jnp.minimum(need / jnp.maximum(jnp.sum(aw * aw, axis=1), jnp.finfo(t.dtype).tiny), hi)
+
+    def bisect(_, bracket):
+        lo, hi = bracket
+        mid = jnp.sqrt(lo) * jnp.sqrt(hi)
+        below = reach(mid) < need
+        return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, bisection_steps, bisect, (lo, hi))
+    # On the piece above lo: g(alpha) = sum_{knee <= lo} |w| cap + alpha * sum_{knee > lo} w^2 (knee: breakpoint).
+    saturated = knee <= lo[:, None]
+    fixed = jnp.sum(jnp.where(saturated, aw * cap, 0.0), axis=1)
+    slope = jnp.sum(jnp.where(saturated, 0.0, aw * aw), axis=1)
+    alpha = jnp.clip((need - fixed) / jnp.where(slope > 0, slope, 1.0), lo, hi)
+    step = jnp.where(feasible[:, None], jnp.minimum(alpha[:, None] * aw, cap), cap)
+    return direction * step
+
+
 def _linf(v: Array) -> Array:
     """Per-example L-inf norm of [B, ...]."""
     return jnp.max(jnp.abs(v.reshape(v.shape[0], -1)), axis=1)
+
+
+DISTANCES = {"Linf": _linf, "L2": l2_norm}
+PROJECTIONS = {"Linf": project_linf_box, "L2": project_l2_box}
 
 
 class _State(NamedTuple):
     i: Array
     x1: Array  # current iterate
     adv: Array  # closest adversarial point so far
-    dist: Array  # its L-inf distance (NO_ADVERSARIAL until one is found)
+    dist: Array  # its distance (L-inf or L2; NO_ADVERSARIAL until one is found)
 
 
 def fab_targeted(
@@ -90,8 +150,9 @@ def fab_targeted(
     eta: float = ETA,
     beta: float = BETA,
     active: Optional[Array] = None,
+    norm: str = "Linf",
 ) -> Tuple[Array, Array]:
-    """FAB towards `target` [B] from x (no random start); returns (x_adv, fooled [B]).
+    """FAB towards `target` [B] from x (no random start) under `norm`; returns (x_adv, fooled [B]).
 
     fooled: a misclassified point within eps was found; x_adv is the closest one found (x elsewhere).
     The loop stops early once every active example has one within eps (later steps only shrink it).
@@ -101,6 +162,7 @@ def fab_targeted(
     active = jnp.ones((b,), bool) if active is None else active
     x0 = x.reshape(b, -1)
     rows = jnp.arange(b)
+    distance, projection = DISTANCES[check_norm(norm)], PROJECTIONS[norm]
 
     def diff_and_grad(z):
         def total(z):
@@ -120,15 +182,15 @@ def fab_targeted(
         # Linearized boundary: diff + <w, z - x1> = 0, i.e. <w, z> = <w, x1> - diff.
         hb = jnp.sum(w * x1, axis=1) - diff
         # Both projections in one call (one compiled bisection; rows are independent), as the reference does
-        # (pyautoattack/fab_base.py lines 191-194: `projection_linf(torch.cat((x1, x0), 0), ...)`).
-        d1, d2 = jnp.split(project_linf_box(jnp.concatenate([x1, x0]), jnp.concatenate([w, w]),
-                                            jnp.concatenate([hb, hb])), 2)
-        a1 = jnp.maximum(_linf(d1), 1e-8)
-        a2 = jnp.maximum(_linf(d2), 1e-8)
+        # (pyautoattack/fab_base.py lines 191-199: `projection_linf(torch.cat((x1, x0), 0), ...)`).
+        d1, d2 = jnp.split(projection(jnp.concatenate([x1, x0]), jnp.concatenate([w, w]),
+                                      jnp.concatenate([hb, hb])), 2)
+        a1 = jnp.maximum(distance(d1), 1e-8)
+        a2 = jnp.maximum(distance(d2), 1e-8)
         alpha = jnp.clip(a1 / (a1 + a2), 0.0, alpha_max)[:, None]
         x_new = jnp.clip((x1 + eta * d1) * (1 - alpha) + (x0 + eta * d2) * alpha, 0.0, 1.0).reshape(x.shape)
         is_adv = jnp.argmax(apply_fn(x_new), axis=-1) != y
-        dist = _linf(x_new - x)
+        dist = distance(x_new - x)
         closer = is_adv & (dist < s.dist)
         adv = jnp.where(closer.reshape((-1,) + (1,) * (x.ndim - 1)), x_new, s.adv)
         x_next = jnp.where(is_adv.reshape((-1,) + (1,) * (x.ndim - 1)), x + (x_new - x) * beta, x_new)
