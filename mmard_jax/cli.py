@@ -231,8 +231,9 @@ def _flag(name: str) -> str:
     return "--" + str(name).lstrip("-")
 
 
-def parse_eps(text: Any, name: str = "eps") -> float:
-    """'8/255' or '0.0314' -> a radius in (0, 1]; anything else is a UserError naming the flag."""
+def parse_eps(text: Any, name: str = "eps", upper: Optional[float] = 1.0) -> float:
+    """'8/255' or '0.0314' -> a radius in (0, upper] (L-inf: 1; an L2 radius has no such bound: upper=None);
+    anything else is a UserError naming the flag."""
     raw = str(text).strip()
     try:
         if "/" in raw:
@@ -242,8 +243,9 @@ def parse_eps(text: Any, name: str = "eps") -> float:
             value = float(raw)
     except (ValueError, ZeroDivisionError):
         raise UserError(f"{_flag(name)}={raw!r} is not a number or a fraction like 8/255") from None
-    if not math.isfinite(value) or not 0 < value <= 1:
-        raise UserError(f"{_flag(name)}={raw!r} = {value:g} is outside (0, 1]: images are in [0, 1], e.g. 8/255")
+    if not math.isfinite(value) or not 0 < value <= (math.inf if upper is None else upper):
+        bound = "(0, inf)" if upper is None else f"(0, {upper:g}]"
+        raise UserError(f"{_flag(name)}={raw!r} = {value:g} is outside {bound}: images are in [0, 1], e.g. 8/255")
     return value
 
 

@@ -22,8 +22,8 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from mmard_jax import checkpoints, cli, data, distributed, evaluator, files, parallel, reporting, runtime, stopping
-from mmard_jax import xla_env
+from mmard_jax import checkpoints, cli, data, distributed, files, parallel, reporting, robustness, runtime
+from mmard_jax import stopping, xla_env
 from mmard_jax.attacks import autoattack, suite
 from mmard_jax.models import store
 
@@ -32,10 +32,10 @@ DEFAULT_ATTACKS = ("clean", "fgsm", "pgd_s", "pgd_t", "cw", "aa")
 
 
 def aa_config_from(n_iter: int = 100, n_targets: int = 9, square_queries: int = 5000,
-                   restarts: int = 1) -> autoattack.AutoAttackConfig:
-    """AutoAttack settings from the CLI's budget flags (the defaults give the standard version)."""
-    return dataclasses.replace(autoattack.STANDARD, n_iter=n_iter, n_target_classes=n_targets,
-                               square_queries=square_queries, apgd_restarts=restarts)
+                   restarts: int = 1, norm: str = "Linf") -> autoattack.AutoAttackConfig:
+    """AutoAttack settings from the CLI's budget flags (the defaults give the standard version of the norm)."""
+    return dataclasses.replace(robustness.standard_config("standard", norm), n_iter=n_iter,
+                               n_target_classes=n_targets, square_queries=square_queries, apgd_restarts=restarts)
 
 
 def evaluate_model(
@@ -46,52 +46,29 @@ def evaluate_model(
     attacks: Sequence[str] = DEFAULT_ATTACKS,
     *,
     eps: float = 8 / 255,
+    norm: str = "Linf",
     batch_size: int = 500,
     seed: int = 0,
     mesh=None,
     unroll=1,
-    aa_config: autoattack.AutoAttackConfig = autoattack.STANDARD,
+    aa_config: Optional[autoattack.AutoAttackConfig] = None,
     matmul_precision: Optional[str] = "highest",
     compute_dtype: str = "float32",
     progress: bool = True,
 ) -> Dict[str, Any]:
-    """Runs the attacks over the split and the trust checks: {'masks', 'accuracy', 'counts', 'seconds',
-    'autoattack' (when 'aa' ran), 'gradients', 'flags'}. Library form of the CLI (no files written)."""
-    progress = progress and parallel.is_primary()  # a multi-process run prints once, from process 0
-    ev = evaluator.Evaluator(module, images, labels, mesh=mesh, batch_size=batch_size, eps=eps, unroll=unroll,
-                             aa_config=aa_config, matmul_precision=matmul_precision, progress=progress)
-    variables = parallel.put_replicated(variables, ev.mesh)
-    masks, seconds, aa_result = {}, {}, None
-    for name in attacks:  # one at a time, to print each result as it comes
-        result = ev.run(variables, [name], seed=seed)
-        masks[name], seconds[name] = result.masks[name], result.seconds[name]
-        aa_result = result.autoattack or aa_result
-        if progress:
-            print(f"{name}: {masks[name].mean():.2%} ({seconds[name]:.1f} s)", flush=True)
-    start = time.perf_counter()
-    gradients = ev.gradient_health(variables)
-    seconds["gradient_check"] = time.perf_counter() - start
-    accuracy = evaluator.EvalResult(masks, aa_result, seconds).accuracies()
-    report: Dict[str, Any] = {
-        "masks": masks,
-        "accuracy": accuracy,
-        "counts": {k: int(v.sum()) for k, v in masks.items()},
-        "seconds": seconds,
-        "gradients": {k: float(v.mean()) for k, v in gradients.items()},
-    }
-    aa_after = None
-    if aa_result is not None:
-        aa_after = aa_result.accuracies()
-        report["autoattack"] = {
-            "version": autoattack.describe(aa_config, compute_dtype=compute_dtype, matmul_precision=matmul_precision),
-            "settings": dataclasses.asdict(aa_config),
-            "accuracy_after": aa_after,
-            "fooled_by": {c: int(np.sum(aa_result.fooled_by == i)) for i, c in enumerate(autoattack.COMPONENTS)
-                          if c in aa_config.components},
-        }
-        masks["aa_fooled_by"] = aa_result.fooled_by
-    report["flags"] = suite.trust_flags(accuracy, gradients=gradients, aa_after=aa_after)
-    return report
+    """The CLI's evaluation through `robustness` (a Flax module or any apply_fn), as the report's dict:
+    {'masks' (with AutoAttack's 'aa_fooled_by'), 'accuracy', 'counts', 'per_class', 'seconds', 'autoattack'
+    (when 'aa' ran), 'gradients', 'flags', 'norm', 'eps'}. No files written."""
+    ev = robustness.make_evaluator(module, images, labels, norm=norm, eps=eps, batch_size=batch_size, mesh=mesh,
+                                   progress=progress, unroll=unroll, aa_config=aa_config,
+                                   matmul_precision=matmul_precision)
+    say = (lambda name, acc, s: print(f"{name}: {acc:.2%} ({s:.1f} s)", flush=True)) if ev.progress else None
+    report = robustness.run(ev, variables, attacks, seed=seed, compute_dtype=compute_dtype, on_result=say)
+    body = report.as_dict()
+    body["masks"] = dict(report.masks)
+    if report.autoattack is not None:
+        body["masks"]["aa_fooled_by"] = report.autoattack["fooled_by_example"]
+    return body
 
 
 def markdown_report(title: str, setup: Dict[str, Any], report: Dict[str, Any]) -> str:
@@ -139,7 +116,8 @@ def define_flags():
     flags.DEFINE_list("attacks", list(DEFAULT_ATTACKS), f"Attacks, from: {', '.join(suite.ATTACKS)}.")
     flags.DEFINE_integer("n_examples", None, "Evaluate the first N test examples (default: the whole split).")
     flags.DEFINE_integer("batch_size", 500, "Global batch size (a multiple of the device count).")
-    flags.DEFINE_string("eps", "8/255", "L-inf radius, e.g. 8/255 or 0.0314.")
+    flags.DEFINE_enum("norm", "Linf", list(robustness.NORMS), "Threat model of every attack.")
+    flags.DEFINE_string("eps", None, "Radius, e.g. 8/255 or 0.0314 (default: 8/255 for Linf, 0.5 for L2).")
     flags.DEFINE_integer("seed", 0, "Seed of every random start (per-example keys).")
     flags.DEFINE_string("output", None, "Output directory (default: CHECKPOINT/robustness_<dataset>).")
     flags.DEFINE_string("data_dir", None, "Data directory (default: $MMARD_DATA_DIR or ~/.cache/mmard_jax/data).")
@@ -175,17 +153,19 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     check_flags()
-    eps = cli.parse_eps(FLAGS.eps)
+    eps = robustness.DEFAULT_EPS[FLAGS.norm] if FLAGS.eps is None else \
+        cli.parse_eps(FLAGS.eps, upper=1.0 if FLAGS.norm == "Linf" else None)
     runtime.quiet_logging()  # before joining: jax.distributed logs at INFO level
     distributed.initialize_from_flags()
     with stopping.exit_on_lost_process(FLAGS.heartbeat_timeout, then="Rerun the same commands."):
         runtime.enable_compilation_cache(FLAGS.compilation_cache)
         run_evaluation(
             FLAGS.checkpoint, FLAGS.dataset, FLAGS.attacks, n_examples=FLAGS.n_examples or -1,
-            batch_size=FLAGS.batch_size, eps=eps, seed=FLAGS.seed, output=FLAGS.output, data_dir=FLAGS.data_dir,
+            batch_size=FLAGS.batch_size, eps=eps, norm=FLAGS.norm, seed=FLAGS.seed, output=FLAGS.output, data_dir=FLAGS.data_dir,
             source=FLAGS.source, dtype=FLAGS.dtype, unroll=FLAGS.unroll,
             matmul_precision=None if FLAGS.tf32 else "highest",
-            aa_config=aa_config_from(FLAGS.aa_iters, FLAGS.aa_targets, FLAGS.aa_queries, FLAGS.aa_restarts),
+            aa_config=aa_config_from(FLAGS.aa_iters, FLAGS.aa_targets, FLAGS.aa_queries, FLAGS.aa_restarts,
+                                     FLAGS.norm),
         )
 
 
@@ -203,8 +183,9 @@ def run_evaluation(
     source: str = "auto",
     dtype: str = "float32",
     unroll="auto",
-    aa_config: autoattack.AutoAttackConfig = autoattack.STANDARD,
+    aa_config: Optional[autoattack.AutoAttackConfig] = None,
     matmul_precision: Optional[str] = "highest",
+    norm: str = "Linf",
     progress: bool = True,
 ) -> Dict[str, Any]:
     """The CLI's work: load the checkpoint and the test split, evaluate, write and print the report."""
@@ -219,7 +200,8 @@ def run_evaluation(
     if module.num_classes != test.num_classes:
         raise cli.UserError(f"{checkpoint} has {module.num_classes} classes, {dataset} has {test.num_classes}")
     start = time.perf_counter()
-    report = evaluate_model(module, variables, images, labels, attacks, eps=eps, batch_size=batch_size, seed=seed,
+    report = evaluate_model(module, variables, images, labels, attacks, eps=eps, norm=norm, batch_size=batch_size,
+                            seed=seed,
                             mesh=mesh, unroll=runtime.resolve_unroll(unroll), aa_config=aa_config,
                             matmul_precision=matmul_precision, compute_dtype=dtype, progress=progress)
     report["seconds"]["total"] = time.perf_counter() - start
@@ -229,7 +211,8 @@ def run_evaluation(
         "checkpoint": str(checkpoint),
         "arch": spec["arch"],
         "dataset": f"{dataset} test ({len(labels)} of {len(test)} examples)",
-        "eps": f"{eps:.6g} ({eps * 255:.4g}/255)",
+        "norm": norm,
+        "eps": f"{eps:.6g} ({eps * 255:.4g}/255)" if norm == "Linf" else f"{eps:.6g}",
         "seed": seed,
         "batch size": batch_size,
         "devices": f"{mesh.devices.size} x {jax.devices()[0].platform}",

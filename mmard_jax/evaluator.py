@@ -17,12 +17,15 @@ on GPUs) unless `matmul_precision` says otherwise.
 """
 
 import dataclasses
+import functools
+import inspect
 import math
 import pathlib
 import time
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,15 +131,19 @@ def cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> Optional[in
     return sizes[max(sizes)] if sizes else None
 
 
-def activation_bytes(module, image_shape) -> int:
-    """Bytes of every module's output in one example's forward pass: an attack step's working set per example."""
-    x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+# The operations whose outputs XLA writes to memory in a forward pass; elementwise work (BatchNorm in inference,
+# additions) fuses into them. Custom calls are the layers' own VJP/JVP wrappers (conv2d, ReLU).
+MATERIALISED = frozenset({"conv_general_dilated", "dot_general", "custom_vjp_call", "custom_jvp_call", "pjit",
+                          "reduce_sum", "reduce_max", "reduce_window_sum", "reduce_window_max", "cumsum"})
 
-    def outputs():  # traced only (`jax.eval_shape`): no variables are allocated, nothing is computed
-        variables = module.init(jax.random.key(0), x, train=False)
-        return module.apply(variables, x, train=False, capture_intermediates=True, mutable=["intermediates"])[1]
 
-    return sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(jax.eval_shape(outputs)))
+def activation_bytes(apply_fn: Callable, variables, image_shape) -> int:
+    """Bytes one example's forward pass materialises (outputs of MATERIALISED operations, read off the jaxpr):
+    an attack step's working set per example. Works for any JAX function of (variables, x)."""
+    x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
+    jaxpr = jax.make_jaxpr(apply_fn)(variables, x).jaxpr
+    return sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize
+               for eqn in jaxpr.eqns if eqn.primitive.name in MATERIALISED for v in eqn.outvars)
 
 
 def cache_cap(shapes: Sequence[int], per_example: int, cache: Optional[int]) -> int:
@@ -149,27 +156,48 @@ def cache_cap(shapes: Sequence[int], per_example: int, cache: Optional[int]) -> 
 
 
 class _CompileClock:
-    """Seconds JAX has spent compiling in this process (tracing, lowering, XLA), from its monitoring events."""
+    """Seconds JAX has spent compiling in this process (tracing, lowering, XLA), from its monitoring events;
+    the listener is registered by the first evaluator, not at import."""
 
     seconds = 0.0
+    registered = False
 
     @classmethod
     def listener(cls, event: str, duration: float, **_) -> None:
         if event.startswith("/jax/core/compile/"):
             cls.seconds += duration
 
+    @classmethod
+    def start(cls) -> None:
+        if not cls.registered:
+            jax.monitoring.register_event_duration_secs_listener(cls.listener)
+            cls.registered = True
 
-jax.monitoring.register_event_duration_secs_listener(_CompileClock.listener)
+
+def as_apply_fn(model) -> Callable:
+    """`apply_fn(variables, x) -> logits`: a Flax module in inference mode (`train=False` where its call takes
+    it), or any JAX function of (variables, x) as it is."""
+    if isinstance(model, nn.Module):
+        takes_train = "train" in inspect.signature(type(model).__call__).parameters
+        return functools.partial(model.apply, train=False) if takes_train else model.apply
+    if not callable(model):
+        raise TypeError(f"expected a Flax module or a function apply_fn(variables, x) -> logits, got {type(model)}")
+    return model
 
 
-def _per_device(module, kind: str, name: str, eps: float, unroll, aa_config) -> Callable:
+def input_floats(images: Array) -> Array:
+    """Images as float32 in [0, 1]: uint8 exactly x / 255, float images as they are."""
+    return to_float(images) if images.dtype == jnp.uint8 else images.astype(jnp.float32)
+
+
+def _per_device(apply: Callable, kind: str, name: str, eps: float, unroll, aa_config) -> Callable:
     """The per-device body `(variables, images, labels, idx, valid, key, run, carry, span) -> per-example
     outputs`; `carry` (per example) and `span` (start, stop) are Square's state and query range, () and
     unused elsewhere."""
 
     def body(variables, images, labels, idx, valid, key, run, carry, span):
-        x, y = to_float(images[idx]), labels[idx]
-        apply_fn = lambda z: module.apply(variables, z, train=False)  # noqa: E731
+        x, y = input_floats(images[idx]), labels[idx]
+        apply_fn = functools.partial(apply, variables)
         if kind == "gradients":
             return suite.input_gradient_health(apply_fn, x, y)
         if kind == "aa":  # `key` is already this run's (map_points); hashed, not drawn: counter_rng.py
@@ -181,8 +209,8 @@ def _per_device(module, kind: str, name: str, eps: float, unroll, aa_config) -> 
         if kind == "aa":  # `name` is a program (autoattack.PROGRAMS), `run` its traced argument
             x_adv, _ = autoattack.run_program(name, apply_fn, x, y, keys, run, eps=eps, config=aa_config,
                                               active=valid)
-            return valid & autoattack.fooled_check(apply_fn, x, x_adv, y, eps, aa_config.norm)
-        return suite.correct_under(name, apply_fn, x, y, eps=eps, rng=keys, unroll=unroll)
+            return valid & autoattack.fooled_check(apply_fn, x, x_adv, y, eps, aa_config.norm), x_adv
+        return suite.correct_under(name, apply_fn, x, y, eps=eps, rng=keys, unroll=unroll, norm=aa_config.norm)
 
     return body
 
@@ -198,22 +226,30 @@ def _square_chunk(apply_fn, x, y, keys, valid, carry, span, eps, aa_config):
                                 rescale_schedule=aa_config.square_rescale_schedule,
                                 full_range=aa_config.square_full_range, active=valid, norm=norm)
     x_adv, _ = square.square_outcome(x, state)
-    return state.x_best, state.margin_best, valid & autoattack.fooled_check(apply_fn, x, x_adv, y, eps, norm)
+    return state.x_best, state.margin_best, valid & autoattack.fooled_check(apply_fn, x, x_adv, y, eps, norm), x_adv
 
 
 class Evaluator:
     """Attacks a model on one split, data parallel over a mesh; build once, call with any variables. `batch_size`
     divides by the mesh's devices (the entry point checked it once: `parallel.check_divisible`)."""
 
-    def __init__(self, module, images: np.ndarray, labels: np.ndarray, *, mesh=None, batch_size: int = 500,
-                 eps: float = 8 / 255, unroll=1, aa_config: autoattack.AutoAttackConfig = autoattack.STANDARD,
+    def __init__(self, model, images: np.ndarray, labels: np.ndarray, *, mesh=None, batch_size: int = 500,
+                 eps: float = 8 / 255, norm: str = "Linf", unroll=1,
+                 aa_config: autoattack.AutoAttackConfig = autoattack.STANDARD,
                  matmul_precision: Optional[str] = "highest", progress: bool = True,
                  square_chunks: Tuple[int, int] = square.CHUNKS):
+        """`model`: a Flax module or any `apply_fn(variables, x) -> logits` (`as_apply_fn`); `images`: uint8, or
+        float NHWC in [0, 1]; `norm`: the threat model ('Linf' or 'L2') of every attack, eps its radius."""
         chex.assert_rank(images, 4)
         chex.assert_shape(labels, (images.shape[0],))
+        if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
+            raise TypeError(f"Evaluator expects uint8 or float images in [0, 1], got {images.dtype}")
         if images.dtype != np.uint8:
-            raise TypeError(f"Evaluator expects uint8 images, got {images.dtype}")
-        self.module, self.eps, self.unroll, self.aa_config = module, eps, unroll, aa_config
+            images = np.asarray(images, np.float32)
+        _CompileClock.start()
+        if aa_config.norm != norm:
+            raise ValueError(f"the AutoAttack config's norm {aa_config.norm!r} is not the evaluator's {norm!r}")
+        self.apply, self.eps, self.norm, self.unroll, self.aa_config = as_apply_fn(model), eps, norm, unroll, aa_config
         self.mesh = mesh or parallel.data_mesh()
         self.batch_size, self.n = batch_size, len(labels)
         self.shapes = batch_shapes(batch_size, self.mesh.devices.size)
@@ -230,12 +266,12 @@ class Evaluator:
         self._fns: Dict[Tuple[str, str], Callable] = {}
         self._compiled: Dict[Tuple[str, str], set] = {}
         self._costs: Dict[Tuple[str, str], Tuple[float, float]] = {}  # (s per example and unit of work, s per compile)
-        self._images_host = images[:1]
+        self._images_host, self._split_host, self.labels_host = images[:1], images, np.asarray(labels)
 
     def _fn(self, kind: str, name: str) -> Callable:
         """The jitted, data-parallel function of one attack (one per kind and name; jit caches its shapes)."""
         if (kind, name) not in self._fns:
-            body = _per_device(self.module, kind, name, self.eps, self.unroll, self.aa_config)
+            body = _per_device(self.apply, kind, name, self.eps, self.unroll, self.aa_config)
             sharded = P(parallel.AXIS)
             mapped = jax.shard_map(body, mesh=self.mesh,
                                    in_specs=(P(), P(), P(), sharded, sharded, P(), P(), sharded, P()),
@@ -244,15 +280,18 @@ class Evaluator:
             self._compiled[kind, name] = set()
         return self._fns[kind, name]
 
-    def plan_shapes(self) -> Tuple[int, ...]:
+    def plan_shapes(self, variables=None) -> Tuple[int, ...]:
         """The shapes a plan draws from: all of them, but on a CPU (`split_batches`) only those whose activations
-        fit the last-level cache (`cache_cap`). Measured on the AutoAttack benchmark's WRN-10-1 (0.87 MB of
-        activations per example, 32 MiB L3; cap 32): APGD-T 0.62-0.71 ms per example and iteration in batches of
-        8 to 128, 0.87-0.91 in one of 163 (BENCHMARKS.md)."""
+        fit the last-level cache (`cache_cap`). Measured on the AutoAttack benchmark's WRN-10-1 (32 MiB L3):
+        APGD-T 0.62-0.71 ms per example and iteration in batches of 8 to 128, 0.87-0.91 in one of 163
+        (BENCHMARKS.md); `activation_bytes` counts 0.64 MB per example for it (cap 48)."""
         if not self.split_batches:
             return self.shapes
         if self._cpu_shapes is None:
-            cap = cache_cap(self.shapes, activation_bytes(self.module, self._images_host.shape[1:]), cache_bytes())
+            if variables is None:
+                raise ValueError("plan_shapes: the first call on a CPU needs the variables (to size the activations)")
+            per_example = activation_bytes(self.apply, variables, self._images_host.shape[1:])
+            cap = cache_cap(self.shapes, per_example, cache_bytes())
             self._cpu_shapes = tuple(s for s in self.shapes if s <= cap)
         return self._cpu_shapes
 
@@ -275,7 +314,7 @@ class Evaluator:
         # plan without them (reuse within 2x).
         timed = rate is not None and jax.process_count() == 1
         cost = (rate * (work if work_left is None else work_left), compile_s) if timed else None
-        sizes = plan_batches(len(indices), self.plan_shapes(), compiled, cost, split=self.split_batches)
+        sizes = plan_batches(len(indices), self.plan_shapes(variables), compiled, cost, split=self.split_batches)
         key = jax.random.key(0) if key is None else key  # aa: folded with the run outside the program (a threefry
         # draw inside costs compile time: counter_rng.py)
         span = jnp.asarray(span, jnp.int32)
@@ -309,8 +348,8 @@ class Evaluator:
             self._costs[kind, name] = (rate, last_compile if last_compile is not None else 0.0)
 
     def square_points(self, variables, indices: np.ndarray, key, run: int = 0,
-                      progress: Optional[Callable[[int, str], None]] = None) -> Tuple[np.ndarray, np.ndarray]:
-        """(fooled bool [len(indices)], final margin float32 [len(indices)]) of one Square run. It runs in
+                      progress: Optional[Callable[[int, str], None]] = None) -> "SquareOutcome":
+        """fooled bool, final margin float32 and x_adv [len(indices)] of one Square run. It runs in
         chunks of queries (`square.query_chunks(n, self.square_chunks)`); between chunks the examples fooled
         so far are dropped and the rest re-batched in the evaluator's shapes, so the work follows the
         examples left, as the original's does (per-example results are unchanged: square.py).
@@ -319,20 +358,21 @@ class Evaluator:
         n = len(indices)
         fooled = np.zeros(n, bool)
         x_best = np.zeros((n,) + self._images_host.shape[1:], np.float32)
+        x_adv = np.zeros_like(x_best)
         margin = np.full(n, np.inf, np.float32)
         live = np.arange(n)
         for begin, end in square.query_chunks(config.square_queries, self.square_chunks):
             if live.size == 0:
                 break
-            xb, mb, hit = self.map_points("aa", "square", variables, indices[live], key, run,
-                                          carry=(x_best[live], margin[live]), span=(begin, end),
-                                          work=max(end - begin, 1), work_left=max(config.square_queries - begin, 1))
-            x_best[live], margin[live] = xb, mb
-            fooled[live] = hit
+            xb, mb, hit, xa = self.map_points("aa", "square", variables, indices[live], key, run,
+                                              carry=(x_best[live], margin[live]), span=(begin, end),
+                                              work=max(end - begin, 1),
+                                              work_left=max(config.square_queries - begin, 1))
+            x_best[live], margin[live], fooled[live], x_adv[live] = xb, mb, hit, xa
             live = live[mb > 0]
             if progress is not None:
                 progress(int(fooled.sum()), f"{end}/{config.square_queries} queries")
-        return fooled, margin
+        return SquareOutcome(fooled, margin, x_adv)
 
     def correct(self, variables, attack: str, seed: int = 0) -> np.ndarray:
         """bool [N]: each example is correctly classified on x ('clean') or under a white-box attack."""
@@ -340,33 +380,53 @@ class Evaluator:
             raise ValueError(f"unknown per-batch attack {attack!r}; known: {', '.join(suite.PER_BATCH)}")
         return self.map_points("white_box", attack, variables, np.arange(self.n), suite.attack_key(seed, attack))
 
-    def autoattack(self, variables, clean: np.ndarray, seed: int = 0,
-                   components: Optional[Sequence[str]] = None) -> autoattack.AutoAttackResult:
-        """The AutoAttack cascade from the clean-correct examples (`components`: a subset, e.g. one run alone)."""
+    def autoattack(self, variables, clean: np.ndarray, seed: int = 0, components: Optional[Sequence[str]] = None,
+                   keep_adversarial: bool = False) -> autoattack.AutoAttackResult:
+        """The AutoAttack cascade from the clean-correct examples (`components`: a subset, e.g. one run alone);
+        with `keep_adversarial`, `result.x_adv` holds each fooled example's adversarial image (x elsewhere)."""
         key = suite.aa_key(seed)
-        num_classes = autoattack.infer_num_classes(self.module, variables, self._images_host)
+        num_classes = self.num_classes(variables)
+        x_adv = np.array(self._input_floats_host(), copy=True) if keep_adversarial else None
 
         def run_points(name, run, todo, progress=None):
             component_key = jax.random.fold_in(key, autoattack.COMPONENTS.index(name))
             if name == "square":
-                return self.square_points(variables, todo, component_key, run, progress)[0]
-            runs_left = autoattack.num_runs(name, self.aa_config, num_classes) - run
-            return self.map_points("aa", name, variables, todo, component_key, run, work_left=runs_left)
+                fooled, _, adv = self.square_points(variables, todo, component_key, run, progress)
+            else:
+                runs_left = autoattack.num_runs(name, self.aa_config, num_classes) - run
+                fooled, adv = self.map_points("aa", name, variables, todo, component_key, run, work_left=runs_left)
+            if x_adv is not None:
+                x_adv[todo[fooled]] = adv[fooled]
+            return fooled
 
-        return autoattack.cascade(run_points, clean, config=self.aa_config, num_classes=num_classes,
-                                  components=components, progress=self.progress)
+        result = autoattack.cascade(run_points, clean, config=self.aa_config, num_classes=num_classes,
+                                    components=components, progress=self.progress)
+        return dataclasses.replace(result, x_adv=x_adv)
+
+    def num_classes(self, variables) -> int:
+        """The width of the model's logits (shape inference only)."""
+        x = jax.ShapeDtypeStruct((1,) + self._images_host.shape[1:], jnp.float32)
+        return int(jax.eval_shape(self.apply, variables, x).shape[-1])
+
+    def _input_floats_host(self) -> np.ndarray:
+        """The whole split as float32 in [0, 1] on the host (the model's inputs)."""
+        return np.asarray(input_floats(jnp.asarray(self._split_host)))
 
     def gradient_health(self, variables) -> Dict[str, np.ndarray]:
         """bool [N] 'zero' / 'nonfinite': the cross-entropy input gradient at x is all zero / not finite."""
         zero, nonfinite = self.map_points("gradients", "ce", variables, np.arange(self.n))
         return {"zero": zero, "nonfinite": nonfinite}
 
+    def place(self, variables):
+        """The variables replicated on the evaluator's mesh (as they are when they already are there)."""
+        return variables if _on_mesh(variables, self.mesh) else parallel.put_replicated(variables, self.mesh)
+
     def run(self, variables, attacks: Sequence[str], seed: int = 0) -> EvalResult:
         """Every attack of `attacks` over the whole split (AutoAttack and its components from the clean mask)."""
         unknown = [a for a in attacks if a not in suite.ATTACKS]
         if unknown:
             raise ValueError(f"unknown attack(s) {unknown}; known: {', '.join(suite.ATTACKS)}")
-        variables = parallel.put_replicated(variables, self.mesh) if not _on_mesh(variables, self.mesh) else variables
+        variables = self.place(variables)
         masks, seconds, aa_result = {}, {}, None
         for name in tqdm(attacks, desc="evaluation", disable=not self.progress or len(attacks) < 2, leave=False):
             start = time.perf_counter()
@@ -380,6 +440,14 @@ class Evaluator:
                 aa_result = result if name == "aa" else aa_result
             seconds[name] = time.perf_counter() - start
         return EvalResult({a: masks[a] for a in attacks}, aa_result, seconds)
+
+
+class SquareOutcome(NamedTuple):
+    """One Square run over some points: fooled, the final margin and the adversarial images (x where unfooled)."""
+
+    fooled: np.ndarray
+    margin: np.ndarray
+    x_adv: np.ndarray
 
 
 def _on_mesh(tree, mesh) -> bool:

@@ -25,7 +25,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mmard_jax import checkpoints, cli, config_guard, config_lib, data, distributed, evaluator, files, methods, models
-from mmard_jax import parallel, preemption, reporting, runtime, stopping, train_step, xla_env
+from mmard_jax import parallel, preemption, reporting, robustness, runtime, stopping, train_step, xla_env
 from mmard_jax.attacks import autoattack, suite
 from mmard_jax.errors import ConfigError, NonFiniteLossError
 from mmard_jax.models import layers, store
@@ -179,9 +179,10 @@ def setup(config, workdir: pathlib.Path, progress: bool, guard) -> Run:
     steps_per_epoch = data.num_train_steps(len(train), config.batch_size)
     txs, schedule = build_optimizers(config, nets, steps_per_epoch)
     eval_student = store.build_module(spec, config.student.dtype, conv_grad=config.student.conv_grad)
-    ev = evaluator.Evaluator(eval_student, test.images, test.labels, mesh=mesh, batch_size=config.eval.batch_size,
-                             eps=config.eval.eps, unroll=runtime.resolve_unroll(config.eval.unroll),
-                             matmul_precision=config.eval.get("matmul_precision", "highest"), progress=progress)
+    ev = robustness.make_evaluator(eval_student, test.images, test.labels, mesh=mesh,
+                                   batch_size=config.eval.batch_size, eps=config.eval.eps,
+                                   unroll=runtime.resolve_unroll(config.eval.unroll),
+                                   matmul_precision=config.eval.get("matmul_precision", "highest"), progress=progress)
     # Every process holds the whole training split on every device and gathers its batches from it (CIFAR: 150 MB).
     images, labels = parallel.put_replicated((train.images, train.labels), mesh)
     if parallel.is_primary():
@@ -239,8 +240,9 @@ def train_epoch(run: Run, state, epoch: int):
 def evaluate_epoch(run: Run, state, epoch: int) -> Dict[str, float]:
     """Test accuracies of the student after `epoch` (1-based) under the training-time attacks."""
     variables = {"params": state.student.params, "batch_stats": state.student.batch_stats}
-    result = run.evaluator.run(variables, run.config.eval.attacks, seed=eval_seed(run.config, epoch))
-    return {f"test_{k}": v for k, v in result.accuracies().items()}
+    report = robustness.run(run.evaluator, variables, run.config.eval.attacks, seed=eval_seed(run.config, epoch),
+                            checks=False)
+    return {f"test_{k}": v for k, v in report.accuracy.items()}
 
 
 def update_best(run: Run, state, meta, record) -> Dict[str, Any]:
@@ -263,8 +265,9 @@ def final_evaluation(run: Run, meta, records) -> Dict[str, float]:
     if missing:
         _, variables = checkpoints.load_model(run.workdir, dtype=run.config.student.dtype,
                                               input_shape=run.input_shape)
-        result = run.evaluator.run(variables, missing, seed=eval_seed(run.config, meta["best_epoch"]))
-        final.update(result.accuracies())
+        report = robustness.run(run.evaluator, variables, missing, seed=eval_seed(run.config, meta["best_epoch"]),
+                                checks=False)
+        final.update(report.accuracy)
     return {a: final[a] for a in attacks}
 
 

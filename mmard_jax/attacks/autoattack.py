@@ -176,16 +176,6 @@ def fooled_check(apply_fn: ApplyFn, x: Array, x_adv: Array, y: Array, eps: float
     return inside & (jnp.argmax(apply_fn(x_adv), axis=-1) != y)
 
 
-def infer_num_classes(module, variables=None, images=None) -> int:
-    """The module's `num_classes`, else the width of its logits (shape inference only, no compute)."""
-    if getattr(module, "num_classes", None):
-        return int(module.num_classes)
-    if variables is None or images is None:
-        raise ValueError("the module has no num_classes attribute: pass its variables and images to infer it")
-    x = jax.ShapeDtypeStruct((1,) + tuple(images.shape[1:]), jnp.float32)
-    return int(jax.eval_shape(lambda v, z: module.apply(v, z, train=False), variables, x).shape[-1])
-
-
 @dataclasses.dataclass
 class AutoAttackResult:
     """Per-example outcome of the cascade over a split.
@@ -195,12 +185,14 @@ class AutoAttackResult:
     fooled_by: int8 [N], index in COMPONENTS of the component that fooled the example; -1 never fooled,
     -2 misclassified already on x.
     seconds: component -> wall-clock seconds it took (compilation included).
+    x_adv: when asked for (the evaluator's keep_adversarial), the worst-case adversarial images.
     """
 
     robust: np.ndarray
     after: Dict[str, np.ndarray]
     fooled_by: np.ndarray
     seconds: Dict[str, float] = dataclasses.field(default_factory=dict)
+    x_adv: Optional[np.ndarray] = None  # float32 [N, ...]: the adversarial image of each fooled example, x elsewhere
 
     def accuracies(self) -> Dict[str, float]:
         """Robust accuracy after each component, in cascade order, and overall ('aa')."""

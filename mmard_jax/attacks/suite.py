@@ -23,7 +23,7 @@ ApplyFn = Callable[[Array], Array]
 
 @dataclasses.dataclass(frozen=True)
 class PGDAttack:
-    """A white-box L-inf attack run by the engine: objective, steps, step size as a fraction of eps, start.
+    """A white-box attack run by the engine (L-inf or L2): objective, steps, step size as a fraction of eps, start.
 
     Step sizes scale with eps so the attacks stay meaningful at other radii (the demo uses 32/255);
     at eps = 8/255 they are the published absolute values.
@@ -44,11 +44,12 @@ class PGDAttack:
             return lambda z: -jnp.sum(losses.cw_margin(apply_fn(z), y, self.kappa))
         raise ValueError(f"attack {self.name}: unknown loss {self.loss!r}")
 
-    def perturb(self, apply_fn: ApplyFn, x: Array, y: Array, *, eps: float, rng=None, unroll=1) -> Array:
+    def perturb(self, apply_fn: ApplyFn, x: Array, y: Array, *, eps: float, rng=None, unroll=1,
+                norm: str = "Linf") -> Array:
         step = self.step_fraction * eps
         return engine.pgd(
             self.objective(apply_fn, y), x, eps=eps, step_size=step, steps=self.steps,
-            init=self.init, rng=rng, unroll=unroll,
+            init=self.init, rng=rng, unroll=unroll, norm=norm,
         )
 
 
@@ -69,12 +70,14 @@ ATTACKS = ("clean",) + tuple(WHITE_BOX) + ("aa",) + AA_COMPONENTS
 PER_BATCH = ("clean",) + tuple(WHITE_BOX)  # attacks decided per example in one pass (the rest: a cascade)
 
 
-def correct_under(name: str, apply_fn: ApplyFn, x: Array, y: Array, *, eps: float, rng=None, unroll=1) -> Array:
-    """Boolean [B]: the model's prediction on x (clean) or on the attacked x' is the label."""
+def correct_under(name: str, apply_fn: ApplyFn, x: Array, y: Array, *, eps: float, rng=None, unroll=1,
+                  norm: str = "Linf") -> Array:
+    """Boolean [B]: the model's prediction on x (clean) or on the attacked x' is the label. Under L2 the same
+    attacks take normalised-gradient steps of the same fraction of eps (engine.pgd)."""
     if name == "clean":
         x_adv = x
     elif name in WHITE_BOX:
-        x_adv = WHITE_BOX[name].perturb(apply_fn, x, y, eps=eps, rng=rng, unroll=unroll)
+        x_adv = WHITE_BOX[name].perturb(apply_fn, x, y, eps=eps, rng=rng, unroll=unroll, norm=norm)
     else:
         raise ValueError(f"unknown per-batch attack {name!r}; known: clean, {', '.join(WHITE_BOX)} "
                          f"(AutoAttack runs as a cascade over a split: evaluator.Evaluator.autoattack)")
