@@ -183,7 +183,7 @@ def base_config(method: str = "mmard", student: str = "resnet18", dataset: str =
     # Inner maximization: PGD-10, eps 8/255, step 2/255; the start and the student's BatchNorm mode follow
     # the method's published code (methods.ROWS), the Gaussian start has scale 0.001.
     c.attack = ml_collections.ConfigDict(
-        {"eps": 8 / 255, "step_size": 2 / 255, "steps": 10, "gaussian_scale": 1e-3, "unroll": "auto",
+        {"norm": "Linf", "eps": 8 / 255, "step_size": 2 / 255, "steps": 10, "gaussian_scale": 1e-3, "unroll": "auto",
          **methods.attack_defaults(method, inner or None)}
     )
     c.optim = optim_block()
@@ -197,6 +197,7 @@ def base_config(method: str = "mmard", student: str = "resnet18", dataset: str =
         "every_epochs": 1,
         "attacks": ("clean", "pgd_s", "pgd_t"),
         "final_attacks": ("clean", "fgsm", "pgd_s", "pgd_t", "cw"),
+        "norm": "Linf",
         "eps": 8 / 255,
         "batch_size": 500,
         "n_examples": -1,
@@ -206,6 +207,26 @@ def base_config(method: str = "mmard", student: str = "resnet18", dataset: str =
     c.best_metric = "pgd_t"  # paper section 4.2: best checkpoint by PGD_T robust accuracy
     c.checkpoint_every_steps = 1000
     c.log_every_steps = 50
+    return c
+
+
+# The L2 threat model of adversarial training on CIFAR (Rice et al. 2020, "Overfitting in adversarially robust
+# deep learning", Table 1: eps 128/255, 10 steps of 15/255; locuslab/robust_overfitting @263b826 train_cifar.py,
+# `attack_pgd`'s l_2 branch: the normalised-gradient step, then the ball and the box), RobustBench's L2 radius
+# 0.5 for evaluation.
+L2_ATTACK = {"eps": 128 / 255, "step_size": 15 / 255, "steps": 10}
+L2_EVAL_EPS = 0.5
+
+
+def threat_model(c: ml_collections.ConfigDict, norm: str) -> ml_collections.ConfigDict:
+    """`c` trained and evaluated under `norm`: 'Linf' leaves it as it is; 'L2' sets the inner maximization of
+    every method to L2 PGD with the published L2 step rule (L2_ATTACK) and the evaluation to L2 at L2_EVAL_EPS."""
+    if norm == "Linf":
+        return c
+    if norm != "L2":
+        raise ValueError(f"unknown norm {norm!r}; known: Linf, L2")
+    c.attack.update(norm="L2", **L2_ATTACK)
+    c.eval.update(norm="L2", eps=L2_EVAL_EPS)
     return c
 
 

@@ -50,8 +50,9 @@ def check_config(config) -> None:
     for name in ("dataset.n_train", "eval.n_examples"):  # -1 (or any negative) means the whole split
         if _get(config, name) == 0:
             raise ConfigError(f"--config.{name}=0: give a positive number of examples, or -1 for the whole split")
-    for name in ("attack.eps", "eval.eps"):
-        cli.parse_eps(_get(config, name), f"config.{name}")
+    for block in ("attack", "eval"):
+        norm = cli.choice(f"config.{block}.norm", config[block].norm, robustness.NORMS)
+        cli.parse_eps(config[block].eps, f"config.{block}.eps", upper=1.0 if norm == "Linf" else None)
     cli.choice("config.dataset.name", config.dataset.name, data.DATASETS)
     for name in ("student.arch",) + (("peer.arch",) if config.peer.arch else ()):
         cli.choice(f"config.{name}", _get(config, name), sorted(models.MODELS))
@@ -165,7 +166,7 @@ def build_optimizers(config, nets: train_step.Networks, steps_per_epoch: int):
 def step_settings(config) -> train_step.StepSettings:
     a = config.attack
     return train_step.StepSettings(
-        eps=a.eps, step_size=a.step_size, steps=a.steps, gaussian_scale=a.gaussian_scale, init=a.init,
+        eps=a.eps, step_size=a.step_size, steps=a.steps, norm=a.norm, gaussian_scale=a.gaussian_scale, init=a.init,
         student_bn=a.student_bn, unroll=runtime.resolve_unroll(a.unroll), crop_padding=config.dataset.crop_padding,
         flip=config.dataset.flip, base_lr=config.optim.lr)
 
@@ -180,7 +181,7 @@ def setup(config, workdir: pathlib.Path, progress: bool, guard) -> Run:
     txs, schedule = build_optimizers(config, nets, steps_per_epoch)
     eval_student = store.build_module(spec, config.student.dtype, conv_grad=config.student.conv_grad)
     ev = robustness.make_evaluator(eval_student, test.images, test.labels, mesh=mesh,
-                                   batch_size=config.eval.batch_size, eps=config.eval.eps,
+                                   batch_size=config.eval.batch_size, eps=config.eval.eps, norm=config.eval.norm,
                                    unroll=runtime.resolve_unroll(config.eval.unroll),
                                    matmul_precision=config.eval.get("matmul_precision", "highest"), progress=progress)
     # Every process holds the whole training split on every device and gathers its batches from it (CIFAR: 150 MB).

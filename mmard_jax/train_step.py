@@ -69,6 +69,7 @@ class StepSettings:
     eps: float = 8 / 255
     step_size: float = 2 / 255
     steps: int = 10
+    norm: str = "Linf"  # the inner maximization's ball (engine.NORMS): eps and step_size are in its units
     gaussian_scale: float = 1e-3
     init: str = "gaussian"  # start of x' (engine.INITS)
     student_bn: str = "eval"  # the student's BatchNorm mode during the attack: 'eval' | 'train'
@@ -178,7 +179,7 @@ def adversarial_input(nets: Networks, method: methods.Method, settings: StepSett
 
     return engine.pgd(objective, x, eps=settings.eps, step_size=settings.step_size, steps=settings.steps,
                       init=settings.init, rng=keys, gaussian_scale=settings.gaussian_scale, unroll=settings.unroll,
-                      carry=state.student.batch_stats)
+                      carry=state.student.batch_stats, norm=settings.norm)
 
 
 def points(x, x_adv, needed) -> Dict[str, Array]:

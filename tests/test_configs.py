@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mmard_jax import config_lib, parallel, train, train_step
+from mmard_jax import cli, config_lib, parallel, train, train_step
 from mmard_jax.interop import zoo as robustbench_zoo
 from mmard_jax.models import create
 
@@ -192,3 +192,17 @@ def test_every_run_builds_abstractly(table, arg):
         assert jax.tree.structure(new_state) == jax.tree.structure(state)
         assert metrics["loss"].shape == () and "lr" in metrics
     _TRACED[key] = state
+
+
+def test_l2_threat_model_config():
+    """`configs/default.py:norm=L2` trains with L2 PGD at Rice et al.'s eps 128/255 and step 15/255 and evaluates
+    at RobustBench's L2 radius; the trainer's checks accept an L2 eps above 1 and refuse an unknown norm."""
+    c = load_config_file("default").get_config("norm=L2")
+    assert (c.attack.norm, c.attack.eps, c.attack.step_size, c.attack.steps) == ("L2", 128 / 255, 15 / 255, 10)
+    assert (c.eval.norm, c.eval.eps) == ("L2", 0.5)
+    assert load_config_file("default").get_config().attack.norm == "Linf"
+    c.attack.eps = 1.5  # an L2 radius may exceed 1
+    train.check_config(c)
+    c.eval.norm = "L1"
+    with pytest.raises(cli.UserError, match="config.eval.norm='L1' is not one of: Linf, L2"):
+        train.check_config(c)

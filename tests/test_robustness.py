@@ -48,7 +48,7 @@ def model():
 
 
 def small(norm):
-    return dataclasses.replace(robustness.standard_config("standard", norm), **SMALL)
+    return dataclasses.replace(autoattack.STANDARD, norm=norm, **SMALL)
 
 
 def check_report(report, labels, attacks):

@@ -278,3 +278,33 @@ def test_peer_is_saved_and_resumed_bitwise_with_the_student(split, tmp_path):
     for a, b in zip(jax.tree.leaves(jax.device_get(uninterrupted)), jax.tree.leaves(jax.device_get(after_restore)),
                     strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("method_name", ["sat", "mmard"])
+def test_l2_inner_maximization_stays_in_the_l2_ball(method_name, split):
+    """config.attack.norm='L2': x' of the method's inner maximization lies in the L2 ball of radius eps and in
+    [0, 1], moves out towards its border (normalised steps of 15/255, Rice et al.'s rule), and is not the L-inf
+    attack's point (some pixel moves past 8/255)."""
+    method = config_lib.resolve_method(config_lib.method_block(method_name))
+    student, teacher = SmallNet(), SmallNet(width=16)
+    nets = train_step.Networks(student, teacher if "teacher" in method.networks() else None, None, None)
+    state = train_step.init_state(nets, method, {"student": train_step.make_optimizer(0.1)},
+                                  jax.random.key(1, impl="rbg"), IMG)
+    frozen = {"teacher": init_vars(teacher, 7)}
+    images, labels = split
+    x, y = jnp.asarray(images[:8] / 255.0, jnp.float32), jnp.asarray(labels[:8])
+    keys = parallel.example_keys(jax.random.key(2), jnp.arange(8))
+    consts = train_step.inner_constants(nets, method.forwards(method.phase(10**6)), state, frozen, x)
+    attack = dict(methods.attack_defaults(method_name), **config_lib.L2_ATTACK)
+    runs = {}
+    for norm in ("L2", "Linf"):
+        eps = attack["eps"] if norm == "L2" else 8 / 255
+        step = attack["step_size"] if norm == "L2" else 2 / 255
+        settings = train_step.StepSettings(**dict(attack, eps=eps, step_size=step), norm=norm, unroll=1)
+        runs[norm] = np.asarray(train_step.adversarial_input(nets, method, settings, state, frozen, x, y, consts,
+                                                             keys)[0])
+    dist = lambda a: np.sqrt(((a - np.asarray(x)).reshape(8, -1).astype(np.float64) ** 2).sum(1))  # noqa: E731
+    assert dist(runs["L2"]).max() <= attack["eps"] + 1e-5 and dist(runs["L2"]).min() > 0.5 * attack["eps"]
+    assert runs["L2"].min() >= 0 and runs["L2"].max() <= 1
+    linf = lambda a: np.abs(a - np.asarray(x)).reshape(8, -1).max(1)  # noqa: E731
+    assert linf(runs["Linf"]).max() <= 8 / 255 + 1e-6 < linf(runs["L2"]).max()  # not the L-inf attack's point
