@@ -143,7 +143,7 @@ def compare(name: str):
 
 
 def test_clean_accuracy_is_equal_and_the_model_robust_but_not_perfectly():
-    mine, theirs, differing = compare("clean")
+    mine, _, differing = compare("clean")
     assert differing == 0
     aa = ours()[0]["aa"]
     assert 0.2 < aa.mean() < mine.mean() - 0.1
@@ -151,7 +151,7 @@ def test_clean_accuracy_is_equal_and_the_model_robust_but_not_perfectly():
 
 def test_fab_targeted_l2_agrees_per_example():
     """FAB-T is deterministic in 'standard' (no random start): the same examples fooled up to ties."""
-    mine, theirs, differing = compare("fab_t")
+    _, theirs, differing = compare("fab_t")
     assert differing <= FAB_MAX_DIFFERING
     assert theirs.mean() < ours()[0]["clean"].mean() - 0.1  # the attack does something
 

@@ -33,7 +33,7 @@ so chunking and the batch an example lands in do not change its result (tests/te
 L2 (`norm="L2"`, pyautoattack 0.2.0 square.py lines 305-420, Algorithm 3 of the paper): the start is a grid
 of s0 x s0 windows (s0 = h // 5, from offset (h - 5 s0) // 2), each holding the `eta` pattern (two
 opposite-signed stacks of nested rectangles, randomly transposed) times a random sign per channel, the whole
-scaled to L2 norm eps (lines 306-320). Each query picks two windows of odd side s >= 3 (line 341-344); on the
+scaled to L2 norm eps (lines 306-320). Each query picks two windows of odd side s >= 3 (lines 341-344); on the
 first it puts eta(s) times a random sign per channel plus the current perturbation there, normalised, scaled
 so that the mass of both windows plus the unused budget eps^2 - ||delta||^2 is spread over it (lines 350-374),
 zeroes the second (line 375), and rescales the whole perturbation to norm eps before the box clip (line 378).
@@ -235,7 +235,7 @@ def l2_proposal(bits: Array, x: Array, x_best: Array, level: Array, tables: L2Ta
     def channel_norm(v):  # [c]: the L2 norm of each channel over the image
         return jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 1)))
 
-    pattern = jnp.where(bits[5] & 1, jnp.asarray(tables.transposed)[level], jnp.asarray(tables.patterns)[level])
+    pattern = jnp.where((bits[5] & 1) == 1, jnp.asarray(tables.transposed)[level], jnp.asarray(tables.patterns)[level])
     signs = jnp.where((bits[4] >> jnp.arange(c, dtype=jnp.uint32)) & 1, 1.0, -1.0).astype(x.dtype)
     fresh = jnp.roll(pattern, (row, col), axis=(0, 1))[..., None] * signs
     new = jnp.where(win1, fresh + delta / (NORM_FLOOR + channel_norm(jnp.where(win1, delta, 0.0))), 0.0)
@@ -297,7 +297,7 @@ def square_steps(
     active = jnp.ones(y.shape, bool) if active is None else active
     tables = l2_tables(p_init, h, w) if check_norm(norm) == "L2" else None
 
-    def candidate(s: "_Loop") -> Array:
+    def candidate(s: _Loop) -> Array:
         """Every example's proposal at query s.i: L-inf `proposal` added and projected, or `l2_proposal`."""
         if tables is not None:
             level = halvings(s.i, n_queries, rescale_schedule)
