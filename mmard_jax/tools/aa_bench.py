@@ -15,8 +15,10 @@ import time
 
 CONTRAST = 0.25  # digits pixels mapped to 0.5 + CONTRAST * (p - 0.5)
 # PGD adversarial training (Madry et al.; method 'sat': PGD-5, step 2/255, eps 8/255, uniform start, BatchNorm in train
-# mode in the attack) of the WRN-10-1, sized for a few minutes on a CPU; the paper's SGD recipe, cosine over the run.
-TRAIN = {"epochs": 6, "batch": 32, "pgd_steps": 5, "pgd_step": 2 / 255, "eps": 8 / 255, "seed": 0}
+# mode in the attack) of the WRN-10-1, sized for a few minutes on a CPU: the paper's SGD (momentum 0.9, wd 2e-4,
+# cosine over the run) at lr 0.3, measured (first 200 test images): clean 76.5%, PGD_T 39% (lr 0.1: 52% / 31.5%;
+# 0.025: clean 46%), the CIFAR-like model the benchmark wants.
+TRAIN = {"epochs": 6, "batch": 32, "lr": 0.3, "pgd_steps": 5, "pgd_step": 2 / 255, "eps": 8 / 255, "seed": 0}
 TITLES = {"clean": "clean", "apgd_ce": "APGD-CE", "apgd_t": "APGD-T", "fab_t": "FAB-T", "square": "Square"}
 
 
@@ -57,7 +59,7 @@ def train_config(data_dir, settings=TRAIN):
     c.seed = settings["seed"]
     c.student.kwargs = {"depth": 10, "width": 1}
     c.dataset.update(data_dir=str(data_dir), source="pickle", crop_padding=0, flip=False)
-    c.batch_size, c.num_epochs = settings["batch"], settings["epochs"]
+    c.batch_size, c.num_epochs, c.optim.lr = settings["batch"], settings["epochs"], settings["lr"]
     c.attack.update(eps=settings["eps"], step_size=settings["pgd_step"], steps=settings["pgd_steps"])
     c.eval.update(every_epochs=settings["epochs"], attacks=("clean",), final_attacks=("clean",))
     c.best_metric = "clean"
