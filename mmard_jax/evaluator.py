@@ -19,8 +19,6 @@ on GPUs) unless `matmul_precision` says otherwise.
 import dataclasses
 import functools
 import inspect
-import math
-import pathlib
 import time
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
@@ -32,7 +30,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from mmard_jax import parallel
+from mmard_jax import batch_plan, parallel
 from mmard_jax.attacks import autoattack, counter_rng, square, suite
 from mmard_jax.data.augment import to_float
 
@@ -50,128 +48,6 @@ class EvalResult:
 
     def accuracies(self) -> Dict[str, float]:
         return {k: float(v.mean()) for k, v in self.masks.items()}
-
-
-def batch_shapes(batch_size: int, n_devices: int) -> Tuple[int, ...]:
-    """The batch shapes an evaluator runs, largest first: the batch size and, below it, n_devices times
-    1, 2, 3, 4, 6, 8, 12, 16, ... (2^k and 3 * 2^k): a set of points is padded by less than 1.5x."""
-    shapes = {batch_size}
-    size = 1
-    while n_devices * size < batch_size:
-        shapes.add(n_devices * size)
-        if size >= 2 and n_devices * size * 3 // 2 < batch_size:
-            shapes.add(n_devices * size * 3 // 2)
-        size *= 2
-    return tuple(sorted(shapes, reverse=True))
-
-
-# On a CPU a batch's time is proportional to its size from 4 examples up (the AutoAttack benchmark's WRN-10-1,
-# `scripts/benchmark_autoattack.py --batch_curve`, BENCHMARKS.md), so points split into several batches cost
-# their own examples plus about this many examples' time per extra batch.
-BATCH_OVERHEAD_EXAMPLES = 2
-
-
-def greedy_splits(rest: int, pieces: Sequence[int], shapes: Sequence[int]) -> Tuple[Tuple[int, ...], ...]:
-    """Covers of `rest` points by the largest of `pieces` that fit, one after another, each prefix closed by the
-    smallest of `shapes` that holds what is left (the last cover is exact when the pieces reach it)."""
-    covers, taken, left = [], (), rest
-    while left > 0:
-        covers.append(taken + (min(s for s in shapes if s >= left),))
-        below = [s for s in pieces if s <= left]
-        if not below:
-            break
-        taken, left = taken + (max(below),), left - max(below)
-    else:
-        covers.append(taken)
-    return tuple(covers)
-
-
-def plan_batches(n: int, shapes: Sequence[int], compiled: Sequence[int] = (),
-                 cost: Optional[Tuple[float, float]] = None, split: bool = False) -> Tuple[int, ...]:
-    """Batch sizes covering n points: full batches of the largest shape, then the rest in the cheapest cover.
-
-    Without `cost`: the smallest shape that holds the rest, or a larger shape compiled already (no new
-    compilation) while the padded total stays within 2n. With cost = (seconds per padded example of all the
-    work left, seconds one compilation takes): the cover of least padded work plus compilations, among one
-    batch (a fitting shape, or a compiled one within 2n) and, with `split` (CPUs: BATCH_OVERHEAD_EXAMPLES),
-    the rest split into several batches of the shapes (`greedy_splits`), each extra batch priced as
-    BATCH_OVERHEAD_EXAMPLES more examples."""
-    largest = max(shapes)
-    sizes = [largest] * (n // largest)
-    rest = n - sum(sizes)
-    if not rest:
-        return tuple(sizes)
-    fit = min(s for s in shapes if s >= rest)
-    known = set(compiled) | ({largest} if sizes else set())
-    reuse = sorted(s for s in known if s >= rest and sum(sizes) + s <= 2 * n)
-    if cost is None:
-        return tuple(sizes + [reuse[0] if reuse else fit])
-    covers = [(fit,)] + [(s,) for s in reuse]
-    if split:
-        covers += greedy_splits(rest, shapes, shapes) + greedy_splits(rest, sorted(known), shapes)
-
-    def price(cover):
-        per_example, compile_s = cost
-        extra = BATCH_OVERHEAD_EXAMPLES * (len(cover) - 1)
-        return per_example * (sum(cover) + extra) + compile_s * len(set(cover) - known)
-
-    return tuple(sizes + list(min(covers, key=price)))
-
-
-def cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> Optional[int]:
-    """Bytes of the CPU's last-level cache (Linux sysfs), or None where it cannot be read."""
-    sizes: Dict[int, int] = {}
-    for index in pathlib.Path(root).glob("index*"):
-        try:
-            level, text = int((index / "level").read_text()), (index / "size").read_text().strip()
-            size = int(text.rstrip("KMG")) * {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}.get(text[-1], 1)
-        except (OSError, ValueError, IndexError):
-            continue
-        sizes[level] = max(size, sizes.get(level, 0))
-    return sizes[max(sizes)] if sizes else None
-
-
-# The operations whose outputs XLA writes to memory in a forward pass; elementwise work (BatchNorm in inference,
-# additions) fuses into them. Custom calls are the layers' own VJP/JVP wrappers (conv2d, ReLU).
-MATERIALISED = frozenset({"conv_general_dilated", "dot_general", "custom_vjp_call", "custom_jvp_call", "pjit",
-                          "reduce_sum", "reduce_max", "reduce_window_sum", "reduce_window_max", "cumsum"})
-
-
-def activation_bytes(apply_fn: Callable, variables, image_shape) -> int:
-    """Bytes one example's forward pass materialises (outputs of MATERIALISED operations, read off the jaxpr):
-    an attack step's working set per example. Works for any JAX function of (variables, x)."""
-    x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
-    jaxpr = jax.make_jaxpr(apply_fn)(variables, x).jaxpr
-    return sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize
-               for eqn in jaxpr.eqns if eqn.primitive.name in MATERIALISED for v in eqn.outvars)
-
-
-def cache_cap(shapes: Sequence[int], per_example: int, cache: Optional[int]) -> int:
-    """The largest shape whose batch of activations fits the cache (the smallest shape if none does; every shape
-    when the cache is unknown)."""
-    if not cache:
-        return max(shapes)
-    fitting = [s for s in shapes if s * per_example <= cache]
-    return max(fitting) if fitting else min(shapes)
-
-
-class _CompileClock:
-    """Seconds JAX has spent compiling in this process (tracing, lowering, XLA), from its monitoring events;
-    the listener is registered by the first evaluator, not at import."""
-
-    seconds = 0.0
-    registered = False
-
-    @classmethod
-    def listener(cls, event: str, duration: float, **_) -> None:
-        if event.startswith("/jax/core/compile/"):
-            cls.seconds += duration
-
-    @classmethod
-    def start(cls) -> None:
-        if not cls.registered:
-            jax.monitoring.register_event_duration_secs_listener(cls.listener)
-            cls.registered = True
 
 
 def as_apply_fn(model) -> Callable:
@@ -218,13 +94,11 @@ def _per_device(apply: Callable, kind: str, name: str, eps: float, unroll, aa_co
 def _square_chunk(apply_fn, x, y, keys, valid, carry, span, eps, aa_config):
     """Square's queries span[0] .. span[1] - 1 from `carry` (from the stripes when span[0] == 0):
     (x_best, margin_best, fooled and verified)."""
-    norm = aa_config.norm
+    settings = autoattack.square_settings(aa_config)
+    norm = settings["norm"]
     state = jax.lax.cond(span[0] == 0, lambda: square.square_start(apply_fn, x, y, keys, eps=eps, norm=norm),
                          lambda: square.SquareState(*carry))
-    state = square.square_steps(apply_fn, x, y, keys, state, span[0], span[1], eps=eps,
-                                n_queries=aa_config.square_queries, p_init=aa_config.square_p_init,
-                                rescale_schedule=aa_config.square_rescale_schedule,
-                                full_range=aa_config.square_full_range, active=valid, norm=norm)
+    state = square.square_steps(apply_fn, x, y, keys, state, span[0], span[1], eps=eps, active=valid, **settings)
     x_adv, _ = square.square_outcome(x, state)
     return state.x_best, state.margin_best, valid & autoattack.fooled_check(apply_fn, x, x_adv, y, eps, norm), x_adv
 
@@ -246,13 +120,13 @@ class Evaluator:
             raise TypeError(f"Evaluator expects uint8 or float images in [0, 1], got {images.dtype}")
         if images.dtype != np.uint8:
             images = np.asarray(images, np.float32)
-        _CompileClock.start()
+        batch_plan.CompileClock.start()
         if aa_config.norm != norm:
             raise ValueError(f"the AutoAttack config's norm {aa_config.norm!r} is not the evaluator's {norm!r}")
         self.apply, self.eps, self.norm, self.unroll, self.aa_config = as_apply_fn(model), eps, norm, unroll, aa_config
         self.mesh = mesh or parallel.data_mesh()
         self.batch_size, self.n = batch_size, len(labels)
-        self.shapes = batch_shapes(batch_size, self.mesh.devices.size)
+        self.shapes = batch_plan.batch_shapes(batch_size, self.mesh.devices.size)
         # CPUs: a batch costs its size (BATCH_OVERHEAD_EXAMPLES), so the points left may go in several batches,
         # and batches whose activations outgrow the last-level cache cost more per example (`plan_shapes`); on
         # an accelerator a small batch costs about a full one, so the points go in one padded batch. Several
@@ -290,8 +164,8 @@ class Evaluator:
         if self._cpu_shapes is None:
             if variables is None:
                 raise ValueError("plan_shapes: the first call on a CPU needs the variables (to size the activations)")
-            per_example = activation_bytes(self.apply, variables, self._images_host.shape[1:])
-            cap = cache_cap(self.shapes, per_example, cache_bytes())
+            per_example = batch_plan.activation_bytes(self.apply, variables, self._images_host.shape[1:])
+            cap = batch_plan.cache_cap(self.shapes, per_example, batch_plan.cache_bytes())
             self._cpu_shapes = tuple(s for s in self.shapes if s <= cap)
         return self._cpu_shapes
 
@@ -314,12 +188,12 @@ class Evaluator:
         # plan without them (reuse within 2x).
         timed = rate is not None and jax.process_count() == 1
         cost = (rate * (work if work_left is None else work_left), compile_s) if timed else None
-        sizes = plan_batches(len(indices), self.plan_shapes(variables), compiled, cost, split=self.split_batches)
+        sizes = batch_plan.plan_batches(len(indices), self.plan_shapes(variables), compiled, cost, split=self.split_batches)
         key = jax.random.key(0) if key is None else key  # aa: folded with the run outside the program (a threefry
         # draw inside costs compile time: counter_rng.py)
         span = jnp.asarray(span, jnp.int32)
         outs, start, fresh = [], 0, any(size not in compiled for size in sizes)
-        began, compiling = time.perf_counter(), _CompileClock.seconds
+        began, compiling = time.perf_counter(), batch_plan.CompileClock.seconds
         with jax.default_matmul_precision(self.precision):
             for size in sizes:
                 chunk = indices[start:start + size]
@@ -333,7 +207,7 @@ class Evaluator:
                 compiled.add(size)
                 start += size
         host = [jax.tree.map(lambda a, k=k: a[:k], parallel.to_host(o)) for k, o in outs]
-        self._measure(kind, name, time.perf_counter() - began, _CompileClock.seconds - compiling, fresh,
+        self._measure(kind, name, time.perf_counter() - began, batch_plan.CompileClock.seconds - compiling, fresh,
                       sum(sizes) * work)
         return jax.tree.map(lambda *parts: np.concatenate(parts), *host)
 
@@ -399,8 +273,13 @@ class Evaluator:
                 x_adv[todo[fooled]] = adv[fooled]
             return fooled
 
-        result = autoattack.cascade(run_points, clean, config=self.aa_config, num_classes=num_classes,
-                                    components=components, progress=self.progress)
+        bars = CascadeBars() if self.progress else None
+        try:
+            result = autoattack.cascade(run_points, clean, config=self.aa_config, num_classes=num_classes,
+                                        components=components, report=bars)
+        finally:
+            if bars is not None:
+                bars.close()
         return dataclasses.replace(result, x_adv=x_adv)
 
     def num_classes(self, variables) -> int:
@@ -440,6 +319,29 @@ class Evaluator:
                 aa_result = result if name == "aa" else aa_result
             seconds[name] = time.perf_counter() - start
         return EvalResult({a: masks[a] for a in attacks}, aa_result, seconds)
+
+
+class CascadeBars:
+    """AutoAttack's progress display: one bar per component, its runs done, the examples still robust and the
+    runs left (`autoattack.Report`)."""
+
+    def __init__(self):
+        self.bars: Dict[str, tqdm] = {}
+
+    def __call__(self, name: str, robust: int, total: int, runs_left: int, now: str = "") -> None:
+        if name not in self.bars:
+            self.bars[name] = tqdm(total=runs_left, desc=f"aa {autoattack.TITLES.get(name, name)}", leave=False,
+                                   dynamic_ncols=True, unit="run")
+        bar = self.bars[name]
+        bar.n = bar.total - runs_left
+        bar.set_postfix(robust=f"{robust}/{total}", runs_left=runs_left, **({"now": now} if now else {}))
+        if runs_left == 0:
+            self.bars.pop(name).close()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()
 
 
 class SquareOutcome(NamedTuple):

@@ -29,7 +29,7 @@ few examples may differ). A Markdown table is printed; `--output` appends the re
 
 `--batch_curve`: only the time per example and iteration of our APGD-T and FAB-T programs in one exact batch of
 each of the evaluator's shapes from 4 up (20 iterations, one target): the measurement behind the CPU plans
-(`evaluator.BATCH_OVERHEAD_EXAMPLES`, `evaluator.cache_cap`: on a CPU a batch costs about its size until its
+(`batch_plan.BATCH_OVERHEAD_EXAMPLES`, `batch_plan.cache_cap`: on a CPU a batch costs about its size until its
 activations outgrow the last-level cache, so the points still robust go in several cache-sized batches).
 
 `--worst_case`: the old contrived case, kept as a labelled worst case: RobustBench's ResNet-18 with random
@@ -69,7 +69,7 @@ flags.DEFINE_bool("worst_case", False, "The contrived worst case (random ResNet-
 flags.DEFINE_bool("skip_original", False, "Do not run the original AutoAttack.")
 flags.DEFINE_bool("skip_fresh_process", False, "Do not run ours in a fresh process.")
 flags.DEFINE_bool("batch_curve", False, "Only time our APGD-T and FAB-T per example and iteration at the "
-                  "evaluator's batch shapes (the CPU plans of evaluator.plan_batches).")
+                  "evaluator's batch shapes (the CPU plans of batch_plan.plan_batches).")
 flags.DEFINE_bool("child", False, "(internal) The fresh-process run: ours only, its summary as JSON.")
 FLAGS = flags.FLAGS
 

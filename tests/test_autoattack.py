@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linprog
 
-from mmard_jax import evaluate, evaluator, parallel
+from mmard_jax import batch_plan, evaluate, evaluator, parallel
 from mmard_jax.attacks import apgd, autoattack, fab, square, suite
 from mmard_jax.tools import aa_bench
 import tolerances
@@ -199,47 +199,47 @@ def test_batch_shapes_bound_padding_and_compilations():
     """The evaluator's batch shapes: the batch size and n_devices * (2^k, 3 * 2^k) below it; a plan covers n
     points with less than 1.5x padded work in a fresh shape (2x when it reuses a compiled one), and reuses a
     compiled shape only when compiling costs more than the extra padded work (the measured costs)."""
-    assert evaluator.batch_shapes(200, 2) == (200, 192, 128, 96, 64, 48, 32, 24, 16, 12, 8, 6, 4, 2)
-    assert evaluator.batch_shapes(200, 1)[-5:] == (6, 4, 3, 2, 1)
-    assert evaluator.batch_shapes(8, 8) == (8,)
-    shapes = evaluator.batch_shapes(200, 2)
+    assert batch_plan.batch_shapes(200, 2) == (200, 192, 128, 96, 64, 48, 32, 24, 16, 12, 8, 6, 4, 2)
+    assert batch_plan.batch_shapes(200, 1)[-5:] == (6, 4, 3, 2, 1)
+    assert batch_plan.batch_shapes(8, 8) == (8,)
+    shapes = batch_plan.batch_shapes(200, 2)
     assert all(s % 2 == 0 for s in shapes)
     for n in range(1, 700):
-        fresh = evaluator.plan_batches(n, shapes)
+        fresh = batch_plan.plan_batches(n, shapes)
         assert sum(fresh) >= n and sum(fresh) - fresh[-1] < n  # covers n; only the last batch is partial
         assert sum(fresh) <= 2 * n or n == 1  # (2 devices: at least one example each)
         assert n >= 200 or n < 3 or sum(fresh) < 1.5 * n  # a fresh shape pads less than 1.5x
         assert all(p in shapes for p in fresh)
-        assert sum(evaluator.plan_batches(n, shapes, compiled=shapes)) <= 2 * n or n == 1
-    assert evaluator.plan_batches(40, shapes) == (48,)
-    assert evaluator.plan_batches(33, shapes, compiled=(64,)) == (64,)  # reuse: 64 <= 2 * 33
-    assert evaluator.plan_batches(31, shapes, compiled=(64,)) == (32,)  # 64 > 62: a new, smaller shape
-    assert evaluator.plan_batches(450, shapes) == (200, 200, 200)  # the full shape again: 600 <= 900
-    assert evaluator.plan_batches(450, shapes, cost=(1.0, 10.0)) == (200, 200, 64)  # compiling 64 is cheaper
+        assert sum(batch_plan.plan_batches(n, shapes, compiled=shapes)) <= 2 * n or n == 1
+    assert batch_plan.plan_batches(40, shapes) == (48,)
+    assert batch_plan.plan_batches(33, shapes, compiled=(64,)) == (64,)  # reuse: 64 <= 2 * 33
+    assert batch_plan.plan_batches(31, shapes, compiled=(64,)) == (32,)  # 64 > 62: a new, smaller shape
+    assert batch_plan.plan_batches(450, shapes) == (200, 200, 200)  # the full shape again: 600 <= 900
+    assert batch_plan.plan_batches(450, shapes, cost=(1.0, 10.0)) == (200, 200, 64)  # compiling 64 is cheaper
     # 85 points, 128 compiled, 96 would fit: reuse when compiling (10 s) costs more than 32 padded examples.
-    assert evaluator.plan_batches(85, shapes, compiled=(128,), cost=(0.1, 10.0)) == (128,)  # 3.2 s of padding
-    assert evaluator.plan_batches(85, shapes, compiled=(128,), cost=(1.0, 10.0)) == (96,)  # 32 s of padding
+    assert batch_plan.plan_batches(85, shapes, compiled=(128,), cost=(0.1, 10.0)) == (128,)  # 3.2 s of padding
+    assert batch_plan.plan_batches(85, shapes, compiled=(128,), cost=(1.0, 10.0)) == (96,)  # 32 s of padding
 
 
 def test_cpu_plans_split_the_rest_when_the_measured_costs_say_so():
     """split=True (CPUs): the rest may go in several batches of the shapes, each extra batch priced as
     BATCH_OVERHEAD_EXAMPLES examples, when that saves more padded work than its compilations cost."""
-    one = evaluator.batch_shapes(200, 1)
-    extra = evaluator.BATCH_OVERHEAD_EXAMPLES
-    assert evaluator.greedy_splits(81, one, one) == ((96,), (64, 24), (64, 16, 1), (64, 16, 1))
-    assert evaluator.greedy_splits(7, (8, 4, 2), (8, 4, 2)) == ((8,), (4, 4), (4, 2, 2))  # the 1 left pads to 2
+    one = batch_plan.batch_shapes(200, 1)
+    extra = batch_plan.BATCH_OVERHEAD_EXAMPLES
+    assert batch_plan.greedy_splits(81, one, one) == ((96,), (64, 24), (64, 16, 1), (64, 16, 1))
+    assert batch_plan.greedy_splits(7, (8, 4, 2), (8, 4, 2)) == ((8,), (4, 4), (4, 2, 2))  # the 1 left pads to 2
     # 104 points (the benchmark's APGD-T): 96 + 8 pads nothing, 128 pads 24 examples.
-    assert evaluator.plan_batches(104, one, cost=(1.0, 3.0)) == (128,)  # split=False: one batch, as on a GPU
-    assert evaluator.plan_batches(104, one, cost=(1.0, 3.0), split=True) == (96, 8)  # 104 + extra + 6 < 128 + 3
-    assert evaluator.plan_batches(104, one, compiled=(128,), cost=(0.1, 3.0), split=True) == (128,)  # 2.4 < 6.2
-    assert evaluator.plan_batches(104, one, compiled=(96, 8), cost=(0.1, 3.0), split=True) == (96, 8)  # compiled
-    assert evaluator.plan_batches(104, one, split=True) == (128,)  # no measured times: never split
-    assert evaluator.plan_batches(304, one, cost=(1.0, 0.0), split=True) == (200, 96, 8)  # after the full batches
+    assert batch_plan.plan_batches(104, one, cost=(1.0, 3.0)) == (128,)  # split=False: one batch, as on a GPU
+    assert batch_plan.plan_batches(104, one, cost=(1.0, 3.0), split=True) == (96, 8)  # 104 + extra + 6 < 128 + 3
+    assert batch_plan.plan_batches(104, one, compiled=(128,), cost=(0.1, 3.0), split=True) == (128,)  # 2.4 < 6.2
+    assert batch_plan.plan_batches(104, one, compiled=(96, 8), cost=(0.1, 3.0), split=True) == (96, 8)  # compiled
+    assert batch_plan.plan_batches(104, one, split=True) == (128,)  # no measured times: never split
+    assert batch_plan.plan_batches(304, one, cost=(1.0, 0.0), split=True) == (200, 96, 8)  # after the full batches
     for n in range(1, 400):  # a split covers n, pads less than one closing shape, and prices no worse
-        plan = evaluator.plan_batches(n, one, cost=(1.0, 0.0), split=True)
+        plan = batch_plan.plan_batches(n, one, cost=(1.0, 0.0), split=True)
         assert n <= sum(plan) and sum(plan) - plan[-1] < n and all(p in one for p in plan)
         rest = plan[n // 200:]  # the cover after the full batches, priced with its extra batches
-        assert sum(rest) + extra * (len(rest) - 1) <= sum(evaluator.plan_batches(n, one, cost=(1.0, 0.0))[n // 200:])
+        assert sum(rest) + extra * (len(rest) - 1) <= sum(batch_plan.plan_batches(n, one, cost=(1.0, 0.0))[n // 200:])
 
 
 def test_evaluator_counts_every_example_once_in_any_order():
@@ -265,7 +265,8 @@ def test_cascade_progress_shows_points_still_robust_and_runs_left(capsys):
         return np.arange(indices.size) == 0  # each run fools the first example still robust
 
     clean = np.array([True, True, False, True, True, True])
-    result = autoattack.cascade(run_points, clean, num_classes=10, components=("apgd_t",))
+    bars = evaluator.CascadeBars()  # the evaluator's display; the cascade itself only reports
+    result = autoattack.cascade(run_points, clean, num_classes=10, components=("apgd_t",), report=bars)
     assert [s[2] for s in seen[:3]] == [[0, 1, 3, 4, 5], [1, 3, 4, 5], [3, 4, 5]] and len(seen) == 5
     assert result.robust.tolist() == [False] * 6 and result.fooled_by.tolist() == [1, 1, -2, 1, 1, 1]
     err = capsys.readouterr().err
@@ -280,17 +281,17 @@ def test_cpu_batches_fit_the_last_level_cache(tmp_path, monkeypatch):
         (tmp_path / f"index{index}").mkdir()
         (tmp_path / f"index{index}" / "level").write_text(f"{level}\n")
         (tmp_path / f"index{index}" / "size").write_text(f"{size}\n")
-    assert evaluator.cache_bytes(str(tmp_path)) == 32 * 2 ** 20
-    assert evaluator.cache_bytes(str(tmp_path / "none")) is None
-    shapes = evaluator.batch_shapes(200, 1)
-    assert evaluator.cache_cap(shapes, 639272, 32 * 2 ** 20) == 48  # the benchmark's WRN-10-1: 0.64 MB each
-    assert evaluator.cache_cap(shapes, 10, None) == 200 and evaluator.cache_cap(shapes, 2 ** 30, 2 ** 20) == 1
+    assert batch_plan.cache_bytes(str(tmp_path)) == 32 * 2 ** 20
+    assert batch_plan.cache_bytes(str(tmp_path / "none")) is None
+    shapes = batch_plan.batch_shapes(200, 1)
+    assert batch_plan.cache_cap(shapes, 639272, 32 * 2 ** 20) == 48  # the benchmark's WRN-10-1: 0.64 MB each
+    assert batch_plan.cache_cap(shapes, 10, None) == 200 and batch_plan.cache_cap(shapes, 2 ** 30, 2 ** 20) == 1
 
     module, variables = robust_mlp()
     images, labels, *_ = digits_test_split()
-    per_example = evaluator.activation_bytes(evaluator.as_apply_fn(module), variables, images.shape[1:])
+    per_example = batch_plan.activation_bytes(evaluator.as_apply_fn(module), variables, images.shape[1:])
     assert per_example == 4 * (module.hidden + module.hidden + 10)  # fc1's product, its ReLU, fc2's product
-    monkeypatch.setattr(evaluator, "cache_bytes", lambda: 40 * per_example)  # a 40-example cache
+    monkeypatch.setattr(batch_plan, "cache_bytes", lambda: 40 * per_example)  # a 40-example cache
     config = dataclasses.replace(SMALL, components=("apgd_ce", "square"))
     capped = evaluator.Evaluator(module, images, labels, eps=EPS, batch_size=120, progress=False, aa_config=config)
     plain = evaluator.Evaluator(module, images, labels, eps=EPS, batch_size=120, progress=False, aa_config=config)

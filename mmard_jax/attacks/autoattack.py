@@ -24,12 +24,11 @@ alone.
 
 import dataclasses
 import time
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from mmard_jax.attacks import apgd, engine, fab, square
 
@@ -92,6 +91,14 @@ def describe(config: AutoAttackConfig, compute_dtype: str = "float32", matmul_pr
     return "standard" if not diffs else "custom (" + ", ".join(diffs) + ")"
 
 
+def square_settings(config: AutoAttackConfig) -> Dict[str, Any]:
+    """Square's keyword settings from the config: the one place they are read (a whole run and the evaluator's
+    chunks of queries take the same)."""
+    return {"n_queries": config.square_queries, "p_init": config.square_p_init,
+            "rescale_schedule": config.square_rescale_schedule, "full_range": config.square_full_range,
+            "norm": config.norm}
+
+
 def num_runs(name: str, config: AutoAttackConfig, num_classes: int) -> int:
     """How many runs a component makes: its restarts, or one per target class."""
     if name == "apgd_ce":
@@ -132,9 +139,7 @@ def run_component(
         return fab.fab_targeted(apply_fn, x, y, target, eps=eps, n_iter=config.n_iter, alpha_max=config.fab_alpha_max,
                                 eta=config.fab_eta, beta=config.fab_beta, active=active, norm=norm)
     if name == "square":
-        return square.square_attack(apply_fn, x, y, keys, eps=eps, n_queries=config.square_queries,
-                                    p_init=config.square_p_init, rescale_schedule=config.square_rescale_schedule,
-                                    full_range=config.square_full_range, active=active, norm=norm)
+        return square.square_attack(apply_fn, x, y, keys, eps=eps, active=active, **square_settings(config))
     raise ValueError(f"unknown AutoAttack component {name!r}; known: {', '.join(COMPONENTS)}")
 
 
@@ -204,6 +209,9 @@ class AutoAttackResult:
 # run_points(component, run, indices, progress) -> bool [len(indices)]: which of those examples the run fooled;
 # it may call progress(fooled so far, text) while it runs (Square does, between its chunks of queries).
 RunPoints = Callable[..., np.ndarray]
+# report(component, robust, total, runs_left, now) as the cascade goes: the examples still robust, out of all, and
+# the runs of that component left (0 when it is done); `now` says where a run is ('' between runs).
+Report = Callable[[str, int, int, int, str], None]
 
 
 def cascade(
@@ -213,11 +221,12 @@ def cascade(
     config: AutoAttackConfig = STANDARD,
     num_classes: int,
     components: Optional[Sequence[str]] = None,
-    progress: bool = True,
+    report: Optional[Report] = None,
 ) -> AutoAttackResult:
     """Runs `components` (default: the config's) in cascade from `clean_correct`: each run of each component
-    attacks only the examples still robust, through `run_points` (the evaluator batches them). One progress
-    bar per component shows the examples still robust and the runs left."""
+    attacks only the examples still robust, through `run_points` (the evaluator batches them), telling `report`
+    (the caller's progress display) how many examples are still robust and how many runs are left."""
+    say = report or (lambda *_: None)
     components = tuple(config.components if components is None else components)
     robust = np.array(clean_correct, bool)
     fooled_by = np.where(robust, -1, -2).astype(np.int8)
@@ -225,23 +234,19 @@ def cascade(
     for name in components:
         start = time.perf_counter()
         runs = num_runs(name, config, num_classes)
-        bar = tqdm(total=runs, desc=f"aa {TITLES.get(name, name)}", disable=not progress, leave=False,
-                   dynamic_ncols=True, unit="run")
         for run in range(runs):
             todo = np.flatnonzero(robust)
-            bar.set_postfix(robust=f"{todo.size}/{robust.size}", runs_left=runs - run)
+            say(name, todo.size, robust.size, runs - run, "")
             if todo.size == 0:
                 break
 
-            def report(fooled: int, text: str, todo=todo, run=run) -> None:
-                bar.set_postfix(robust=f"{todo.size - fooled}/{robust.size}", runs_left=runs - run, now=text)
+            def progress(fooled: int, text: str, todo=todo, run=run) -> None:
+                say(name, todo.size - fooled, robust.size, runs - run, text)
 
-            hit = todo[np.asarray(run_points(name, run, todo, report), bool)]
+            hit = todo[np.asarray(run_points(name, run, todo, progress), bool)]
             robust[hit] = False
             fooled_by[hit] = COMPONENTS.index(name)
-            bar.update(1)
-        bar.set_postfix(robust=f"{int(robust.sum())}/{robust.size}", runs_left=0)
-        bar.close()
+        say(name, int(robust.sum()), robust.size, 0, "")
         after[name] = robust.copy()
         seconds[name] = time.perf_counter() - start
     return AutoAttackResult(robust=robust, after=after, fooled_by=fooled_by, seconds=seconds)

@@ -1,0 +1,138 @@
+"""How the evaluator batches points: its batch shapes, the plan that covers n points with them (padding weighed
+against compiling, from measured times), the CPU's last-level-cache cap on a batch, and the compile-time clock.
+
+The evaluator runs every attack in a few fixed shapes (`batch_shapes`: the batch size and 2^k and 3 * 2^k times
+the device count below it), so a set of points is padded less than 1.5x and compilations stay few. A plan
+(`plan_batches`) takes full batches of the largest shape, then covers the rest in the cheapest way given the
+seconds per example and per compilation measured so far; on a CPU, where a batch costs about its size, the rest
+may be split into several batches, and shapes whose activations outgrow the last-level cache are left out.
+"""
+
+import math
+import pathlib
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+
+
+def batch_shapes(batch_size: int, n_devices: int) -> Tuple[int, ...]:
+    """The batch shapes an evaluator runs, largest first: the batch size and, below it, n_devices times
+    1, 2, 3, 4, 6, 8, 12, 16, ... (2^k and 3 * 2^k): a set of points is padded by less than 1.5x."""
+    shapes = {batch_size}
+    size = 1
+    while n_devices * size < batch_size:
+        shapes.add(n_devices * size)
+        if size >= 2 and n_devices * size * 3 // 2 < batch_size:
+            shapes.add(n_devices * size * 3 // 2)
+        size *= 2
+    return tuple(sorted(shapes, reverse=True))
+
+
+# On a CPU a batch's time is proportional to its size from 4 examples up (the AutoAttack benchmark's WRN-10-1,
+# `scripts/benchmark_autoattack.py --batch_curve`, BENCHMARKS.md), so points split into several batches cost
+# their own examples plus about this many examples' time per extra batch.
+BATCH_OVERHEAD_EXAMPLES = 2
+
+
+def greedy_splits(rest: int, pieces: Sequence[int], shapes: Sequence[int]) -> Tuple[Tuple[int, ...], ...]:
+    """Covers of `rest` points by the largest of `pieces` that fit, one after another, each prefix closed by the
+    smallest of `shapes` that holds what is left (the last cover is exact when the pieces reach it)."""
+    covers, taken, left = [], (), rest
+    while left > 0:
+        covers.append(taken + (min(s for s in shapes if s >= left),))
+        below = [s for s in pieces if s <= left]
+        if not below:
+            break
+        taken, left = taken + (max(below),), left - max(below)
+    else:
+        covers.append(taken)
+    return tuple(covers)
+
+
+def plan_batches(n: int, shapes: Sequence[int], compiled: Sequence[int] = (),
+                 cost: Optional[Tuple[float, float]] = None, split: bool = False) -> Tuple[int, ...]:
+    """Batch sizes covering n points: full batches of the largest shape, then the rest in the cheapest cover.
+
+    Without `cost`: the smallest shape that holds the rest, or a larger shape compiled already (no new
+    compilation) while the padded total stays within 2n. With cost = (seconds per padded example of all the
+    work left, seconds one compilation takes): the cover of least padded work plus compilations, among one
+    batch (a fitting shape, or a compiled one within 2n) and, with `split` (CPUs: BATCH_OVERHEAD_EXAMPLES),
+    the rest split into several batches of the shapes (`greedy_splits`), each extra batch priced as
+    BATCH_OVERHEAD_EXAMPLES more examples."""
+    largest = max(shapes)
+    sizes = [largest] * (n // largest)
+    rest = n - sum(sizes)
+    if not rest:
+        return tuple(sizes)
+    fit = min(s for s in shapes if s >= rest)
+    known = set(compiled) | ({largest} if sizes else set())
+    reuse = sorted(s for s in known if s >= rest and sum(sizes) + s <= 2 * n)
+    if cost is None:
+        return tuple(sizes + [reuse[0] if reuse else fit])
+    covers = [(fit,)] + [(s,) for s in reuse]
+    if split:
+        covers += greedy_splits(rest, shapes, shapes) + greedy_splits(rest, sorted(known), shapes)
+
+    def price(cover):
+        per_example, compile_s = cost
+        extra = BATCH_OVERHEAD_EXAMPLES * (len(cover) - 1)
+        return per_example * (sum(cover) + extra) + compile_s * len(set(cover) - known)
+
+    return tuple(sizes + list(min(covers, key=price)))
+
+
+def cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> Optional[int]:
+    """Bytes of the CPU's last-level cache (Linux sysfs), or None where it cannot be read."""
+    sizes: Dict[int, int] = {}
+    for index in pathlib.Path(root).glob("index*"):
+        try:
+            level, text = int((index / "level").read_text()), (index / "size").read_text().strip()
+            size = int(text.rstrip("KMG")) * {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}.get(text[-1], 1)
+        except (OSError, ValueError, IndexError):
+            continue
+        sizes[level] = max(size, sizes.get(level, 0))
+    return sizes[max(sizes)] if sizes else None
+
+
+# The operations whose outputs XLA writes to memory in a forward pass; elementwise work (BatchNorm in inference,
+# additions) fuses into them. Custom calls are the layers' own VJP/JVP wrappers (conv2d, ReLU).
+MATERIALISED = frozenset({"conv_general_dilated", "dot_general", "custom_vjp_call", "custom_jvp_call", "pjit",
+                          "reduce_sum", "reduce_max", "reduce_window_sum", "reduce_window_max", "cumsum"})
+
+
+def activation_bytes(apply_fn: Callable, variables, image_shape) -> int:
+    """Bytes one example's forward pass materialises (outputs of MATERIALISED operations, read off the jaxpr):
+    an attack step's working set per example. Works for any JAX function of (variables, x)."""
+    x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
+    jaxpr = jax.make_jaxpr(apply_fn)(variables, x).jaxpr
+    return sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize
+               for eqn in jaxpr.eqns if eqn.primitive.name in MATERIALISED for v in eqn.outvars)
+
+
+def cache_cap(shapes: Sequence[int], per_example: int, cache: Optional[int]) -> int:
+    """The largest shape whose batch of activations fits the cache (the smallest shape if none does; every shape
+    when the cache is unknown)."""
+    if not cache:
+        return max(shapes)
+    fitting = [s for s in shapes if s * per_example <= cache]
+    return max(fitting) if fitting else min(shapes)
+
+
+class CompileClock:
+    """Seconds JAX has spent compiling in this process (tracing, lowering, XLA), from its monitoring events;
+    the listener is registered by the first evaluator, not at import."""
+
+    seconds = 0.0
+    registered = False
+
+    @classmethod
+    def listener(cls, event: str, duration: float, **_) -> None:
+        if event.startswith("/jax/core/compile/"):
+            cls.seconds += duration
+
+    @classmethod
+    def start(cls) -> None:
+        if not cls.registered:
+            jax.monitoring.register_event_duration_secs_listener(cls.listener)
+            cls.registered = True
