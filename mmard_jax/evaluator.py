@@ -259,7 +259,8 @@ class Evaluator:
         # processes must plan alike (their caches may differ): neither there.
         self.split_batches = self.mesh.devices.flat[0].platform == "cpu" and jax.process_count() == 1
         self._cpu_shapes: Optional[Tuple[int, ...]] = None
-        self.images, self.labels = parallel.put_replicated((np.asarray(images), np.asarray(labels, np.int32)), self.mesh)
+        self.images, self.labels = parallel.put_replicated(
+            (np.asarray(images), np.asarray(labels, np.int32)), self.mesh)
         self.precision = matmul_precision
         self.progress = progress and parallel.is_primary()  # one progress display per run, process 0's
         self.square_chunks = square_chunks
