@@ -1,6 +1,7 @@
 """MMARD, ResNet-18 student, CIFAR-10, WRN-34-10 teacher (the paper's main setting).
 
-Any (method, student, dataset) of the paper: `--config=configs/default.py:method=rslad,student=mobilenet_v2,dataset=cifar100`;
+Any (method, student, dataset) of the paper:
+`--config=configs/default.py:method=rslad,student=mobilenet_v2,dataset=cifar100`;
 `norm=L2` trains and evaluates under the L2 threat model (config_lib.threat_model), e.g. from RobustBench's L2 teachers.
 """
 

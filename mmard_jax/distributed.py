@@ -155,8 +155,9 @@ def wait_reachable(address: str, deadline: float) -> None:
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise DistributedStartError(f"the coordinator at {address} did not answer ({last}) within the --init_timeout: "
-                                        f"is process 0 running there, and is the port open between the machines?")
+            raise DistributedStartError(f"the coordinator at {address} did not answer ({last}) within the "
+                                        "--init_timeout: is process 0 running there, and is the port open between "
+                                        "the machines?")
         try:
             with socket.create_connection((host, port), timeout=min(2.0, max(left, 0.1))):
                 return

@@ -22,8 +22,19 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from mmard_jax import checkpoints, cli, data, distributed, files, parallel, reporting, robustness, runtime
-from mmard_jax import stopping, xla_env
+from mmard_jax import (
+    checkpoints,
+    cli,
+    data,
+    distributed,
+    files,
+    parallel,
+    reporting,
+    robustness,
+    runtime,
+    stopping,
+    xla_env,
+)
 from mmard_jax.attacks import autoattack, suite
 from mmard_jax.models import store
 
@@ -161,8 +172,8 @@ def main(argv):
         runtime.enable_compilation_cache(FLAGS.compilation_cache)
         run_evaluation(
             FLAGS.checkpoint, FLAGS.dataset, FLAGS.attacks, n_examples=FLAGS.n_examples or -1,
-            batch_size=FLAGS.batch_size, eps=eps, norm=FLAGS.norm, seed=FLAGS.seed, output=FLAGS.output, data_dir=FLAGS.data_dir,
-            source=FLAGS.source, dtype=FLAGS.dtype, unroll=FLAGS.unroll,
+            batch_size=FLAGS.batch_size, eps=eps, norm=FLAGS.norm, seed=FLAGS.seed, output=FLAGS.output,
+            data_dir=FLAGS.data_dir, source=FLAGS.source, dtype=FLAGS.dtype, unroll=FLAGS.unroll,
             matmul_precision=None if FLAGS.tf32 else "highest",
             aa_config=aa_config_from(FLAGS.aa_iters, FLAGS.aa_targets, FLAGS.aa_queries, FLAGS.aa_restarts,
                                      FLAGS.norm),

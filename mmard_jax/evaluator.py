@@ -133,7 +133,8 @@ class Evaluator:
         # processes must plan alike (their caches may differ): neither there.
         self.split_batches = self.mesh.devices.flat[0].platform == "cpu" and jax.process_count() == 1
         self._cpu_shapes: Optional[Tuple[int, ...]] = None
-        self.images, self.labels = parallel.put_replicated((np.asarray(images), np.asarray(labels, np.int32)), self.mesh)
+        self.images, self.labels = parallel.put_replicated(
+            (np.asarray(images), np.asarray(labels, np.int32)), self.mesh)
         self.precision = matmul_precision
         self.progress = progress and parallel.is_primary()  # one progress display per run, process 0's
         self.square_chunks = square_chunks
@@ -188,9 +189,10 @@ class Evaluator:
         # plan without them (reuse within 2x).
         timed = rate is not None and jax.process_count() == 1
         cost = (rate * (work if work_left is None else work_left), compile_s) if timed else None
-        sizes = batch_plan.plan_batches(len(indices), self.plan_shapes(variables), compiled, cost, split=self.split_batches)
-        key = jax.random.key(0) if key is None else key  # aa: folded with the run outside the program (a threefry
-        # draw inside costs compile time: counter_rng.py)
+        sizes = batch_plan.plan_batches(len(indices), self.plan_shapes(variables), compiled, cost,
+                                        split=self.split_batches)
+        # aa: folded with the run outside the program (a threefry draw inside costs compile time: counter_rng.py)
+        key = jax.random.key(0) if key is None else key
         span = jnp.asarray(span, jnp.int32)
         outs, start, fresh = [], 0, any(size not in compiled for size in sizes)
         began, compiling = time.perf_counter(), batch_plan.CompileClock.seconds

@@ -7,7 +7,6 @@ from typing import Optional, Union
 import jax
 from absl import flags, logging
 
-
 CACHE_ENV = "MMARD_XLA_CACHE"  # the documented default of --compilation_cache
 
 

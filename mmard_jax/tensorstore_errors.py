@@ -39,7 +39,8 @@ def error_summary(err: BaseException, limit: int = 300) -> str:
             line = text.splitlines()[0]
             if len(line) > limit:  # keep the end too: tensorstore usually puts the operating system's reason there
                 short = f"{line[:limit - limit // 3]} ... {line[-(limit // 3):]}"
-                reason = re.search(r"[^:\"\[\]]{0,80}\[os_error_code='?\d+'?\]", line)  # or in the middle, before a spec
+                # or in the middle, before a spec
+                reason = re.search(r"[^:\"\[\]]{0,80}\[os_error_code='?\d+'?\]", line)
                 if reason and reason.group(0) not in short:
                     short = f"{line[:limit // 2]} ... {reason.group(0).strip()} ... {line[-(limit // 6):]}"
                 line = short

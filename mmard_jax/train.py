@@ -24,8 +24,26 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmard_jax import checkpoints, cli, config_guard, config_lib, data, distributed, evaluator, files, methods, models
-from mmard_jax import parallel, preemption, reporting, robustness, runtime, stopping, train_step, xla_env
+from mmard_jax import (
+    checkpoints,
+    cli,
+    config_guard,
+    config_lib,
+    data,
+    distributed,
+    evaluator,
+    files,
+    methods,
+    models,
+    parallel,
+    preemption,
+    reporting,
+    robustness,
+    runtime,
+    stopping,
+    train_step,
+    xla_env,
+)
 from mmard_jax.attacks import autoattack, suite
 from mmard_jax.errors import ConfigError, NonFiniteLossError
 from mmard_jax.models import layers, store
@@ -44,7 +62,8 @@ def check_config(config) -> None:
             raise ConfigError(f"config.eval.{field}: unknown attack(s) {unknown}; known: {', '.join(suite.ATTACKS)}")
     if config.best_metric not in config.eval.attacks:
         raise ConfigError(f"config.best_metric={config.best_metric!r} is not evaluated during training "
-                          f"(config.eval.attacks={tuple(config.eval.attacks)}): the best checkpoint could never be chosen")
+                          f"(config.eval.attacks={tuple(config.eval.attacks)}): the best checkpoint could never be "
+                          "chosen")
     for name in ("batch_size", "num_epochs", "eval.batch_size"):
         cli.positive_int(f"config.{name}", _get(config, name))
     for name in ("dataset.n_train", "eval.n_examples"):  # -1 (or any negative) means the whole split
@@ -213,7 +232,8 @@ def train_epoch(run: Run, state, epoch: int):
     """One epoch of steps from wherever the state is; returns the state and the epoch's mean training metrics."""
     cfg, spe = run.config, run.steps_per_epoch
     step_fn = run.step_fn(run.method.phase(epoch))
-    batches = parallel.put_batch(data.train_batch_indices(cfg.seed, epoch, run.n_train, cfg.batch_size), run.mesh, axis=1)
+    batches = parallel.put_batch(
+        data.train_batch_indices(cfg.seed, epoch, run.n_train, cfg.batch_size), run.mesh, axis=1)
     epoch_t = np.asarray(epoch, np.int32)
     first = int(state.step) - epoch * spe
     run.sinks.start_epoch(epoch, cfg.num_epochs, spe, first)
@@ -295,7 +315,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, progress: 
         run.sinks.open(int(state.step))
         run.sinks.say(f"{config.method.name}: {config.student.arch} on {config.dataset.name} ({run.n_train} train / "
                       f"{run.evaluator.n} test), {run.steps_per_epoch} steps/epoch x {config.num_epochs} epochs, "
-                      f"batch {config.batch_size} on {run.mesh.devices.size} device(s), {jax.process_count()} process(es)")
+                      f"batch {config.batch_size} on {run.mesh.devices.size} device(s), "
+                      f"{jax.process_count()} process(es)")
         for epoch in range(int(state.step) // run.steps_per_epoch, config.num_epochs):
             start = time.perf_counter()
             state, train_means = train_epoch(run, state, epoch)

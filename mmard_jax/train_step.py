@@ -168,7 +168,8 @@ def adversarial_input(nets: Networks, method: methods.Method, settings: StepSett
 
     def objective(z, batch_stats):
         if settings.student_bn == "train":
-            s_adv, upd = nets.student.apply(_variables(state.student, batch_stats), z, train=True, mutable=["batch_stats"])
+            s_adv, upd = nets.student.apply(_variables(state.student, batch_stats), z, train=True,
+                                            mutable=["batch_stats"])
             batch_stats = upd["batch_stats"]
         else:
             s_adv = nets.student.apply(_variables(state.student), z, train=False)
@@ -210,7 +211,8 @@ def frozen_forwards(nets: Networks, needed, frozen, at, consts) -> Dict[str, Arr
         net, point = methods.OUTER_FORWARDS[name]
         if net in methods.core.TRAINED:
             continue
-        out[name] = consts["t_nat"] if name == "t_nat" else getattr(nets, net).apply(frozen[net], at[point], train=False)
+        out[name] = (consts["t_nat"] if name == "t_nat"
+                     else getattr(nets, net).apply(frozen[net], at[point], train=False))
     return out
 
 
@@ -219,7 +221,8 @@ def guarded_update(state: TrainState, nets: Dict[str, NetState], method_state, o
 
     Hand-written rather than optax's `apply_if_finite`: that one guards parameters only, and a non-finite step
     must not reach the BatchNorm statistics or the method's state either."""
-    kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), (nets, method_state), (state.nets, state.method_state))
+    kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), (nets, method_state),
+                        (state.nets, state.method_state))
     bad = jnp.where((state.bad_step < 0) & ~ok, state.step, state.bad_step)
     return TrainState(step=state.step + 1, nets=kept[0], method_state=kept[1], bad_step=bad)
 

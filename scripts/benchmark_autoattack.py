@@ -11,8 +11,8 @@ weights of an adversarially trained model, standard budget, in one run, as a use
 Model: RobustBench's WideResNet-10-1 architecture (`peers.robustbench`) and its Flax twin (mmard_jax
 `wide_resnet`, depth 10, width 1), trained here by the library's trainer with PGD adversarial training (method
 'sat': PGD-5, step 2/255, eps 8/255, 6 epochs, SGD lr 0.3, seeded; `mmard_jax.tools.aa_bench.train_config`),
-then copied into the PyTorch module (`peers.interop.copy_into_torch`; the logits are checked to agree). The training workdir
-(`--model_dir`) is kept, so a rerun skips training.
+then copied into the PyTorch module (`peers.interop.copy_into_torch`; the logits are checked to agree). The
+training workdir (`--model_dir`) is kept, so a rerun skips training.
 
 Data: scikit-learn's bundled digits upsampled to 32x32 at a quarter of the contrast (`aa_bench`'s docstring says
 why). `--n_examples` test images are attacked.

@@ -107,7 +107,8 @@ def run_layout(layout: str, args) -> Dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
                JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"), PYTHON=sys.executable)
     if processes == 1:
-        flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+        flags = [f for f in env.get("XLA_FLAGS", "").split()
+                 if not f.startswith("--xla_force_host_platform_device_count")]
         env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
         cmd = worker_cmd
     else:

@@ -67,7 +67,8 @@ def jax_network(arch: str, depthwise: str, x: np.ndarray, labels: np.ndarray):
     return {
         "forward (eval BN)": lambda: forward(variables, x).block_until_ready(),
         "forward + input gradient (eval BN, one PGD step)": lambda: input_grad(x, variables).block_until_ready(),
-        "train forward + parameter gradient": lambda: jax.block_until_ready(param_grad(variables["params"], variables, x)),
+        "train forward + parameter gradient": lambda: jax.block_until_ready(
+            param_grad(variables["params"], variables, x)),
     }
 
 
@@ -135,9 +136,11 @@ def layer_pieces(batch: int, size: int, channels: int):
                         "kernel gradient": lambda g=tgrad: g(1)}
         for impl, (fn, x, w) in impls.items():
             xj, wj = jnp.asarray(x), jnp.asarray(w)
-            jax_pieces = {"forward": jax.jit(fn),
-                          "input gradient": jax.jit(jax.grad(lambda a, b, fn=fn: jnp.sum(jnp.sin(fn(a, b))), argnums=0)),
-                          "kernel gradient": jax.jit(jax.grad(lambda a, b, fn=fn: jnp.sum(jnp.sin(fn(a, b))), argnums=1))}
+            jax_pieces = {
+                "forward": jax.jit(fn),
+                "input gradient": jax.jit(jax.grad(lambda a, b, fn=fn: jnp.sum(jnp.sin(fn(a, b))), argnums=0)),
+                "kernel gradient": jax.jit(jax.grad(lambda a, b, fn=fn: jnp.sum(jnp.sin(fn(a, b))), argnums=1)),
+            }
             name = f"{layer} ({impl})" if impl else layer
             for piece, jfn in jax_pieces.items():
                 out[(name, piece)] = (lambda f=jfn, a=xj, b=wj: f(a, b).block_until_ready(), torch_pieces[piece])

@@ -1,4 +1,5 @@
-"""Our attacks against torchattacks 3.5.1 on the same weights (docs/design.md, "Evaluation": the JAX AutoAttack needs a peer).
+"""Our attacks against torchattacks 3.5.1 on the same weights (docs/design.md, "Evaluation": the JAX AutoAttack
+needs a peer).
 
 Model: a small MLP trained adversarially (PGD, eps 32/255) on the digits set, so robust accuracy is far from
 0 and from clean accuracy; its weights are copied into a PyTorch twin with the naming helpers. Data: the
@@ -101,7 +102,8 @@ def robust_mlp(epochs: int = 12, batch: int = 64, seed: int = 0):
         updates, opt = tx.update(grads, opt, variables)
         return optax.apply_updates(variables, updates), opt
 
-    return module, run_epochs(step, variables, opt, xs, labels, epochs, batch, seed, jax.random.key(seed + 1, impl="rbg"))
+    return module, run_epochs(step, variables, opt, xs, labels, epochs, batch, seed,
+                              jax.random.key(seed + 1, impl="rbg"))
 
 
 def torch_twin(module, variables) -> torch.nn.Module:

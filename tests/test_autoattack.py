@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from scipy.optimize import linprog
 
+import tolerances
 from mmard_jax import batch_plan, evaluate, evaluator, parallel
 from mmard_jax.attacks import apgd, autoattack, fab, square, suite
 from mmard_jax.tools import aa_bench
-import tolerances
 from test_attacks_peer import EPS, TinyMLP, digits_test_split, our_report, robust_mlp
 
 # Few iterations: these tests check mechanics; the standard settings run in test_attacks_peer.py.

@@ -1,6 +1,6 @@
 """Our AutoAttack against the original (Croce & Hein's code, PyPI `pyautoattack` 0.2.0) on the same weights
-of a small convolutional network (docs/design.md, "Evaluation": the JAX AutoAttack needs a peer; test_attacks_peer.py checks
-it against torchattacks on an MLP).
+of a small convolutional network (docs/design.md, "Evaluation": the JAX AutoAttack needs a peer;
+test_attacks_peer.py checks it against torchattacks on an MLP).
 
 Model: two 3x3 convolutions with BatchNorm (eval mode) and ReLU, then a linear layer, trained adversarially
 in the test (PGD-5 at EPS on the digits training split at 8x8) so that robust accuracy is far from 0 and
@@ -8,8 +8,9 @@ from clean accuracy; its weights go into a PyTorch twin by the naming rule. Data
 images of the digits test split at 8x8. Both sides run each component of AutoAttack 'standard' alone
 (APGD-CE, APGD-T with 9 targets, FAB-T with 9 targets, Square with 5000 queries) on the first EXAMPLES[name]
 examples, as the original's `run_standard_evaluation_individual` does; AutoAttack's result is the worst case
-per example over them ('aa': clean AND every component, on the first AA_EXAMPLES). Ours equals our cascade exactly (test_autoattack.py checks the
-cascade against the components alone, over batch shapes, chunks and device counts), and the original's
+per example over them ('aa': clean AND every component, on the first AA_EXAMPLES). Ours equals our cascade
+exactly (test_autoattack.py checks the cascade against the components alone, over batch shapes, chunks and
+device counts), and the original's
 cascade is the same attack on the points left by the earlier components, with other random draws. The
 original runs on a second thread while ours runs (torch on one thread beside XLA: the test's wall time
 is the longer of the two, not their sum).

@@ -82,8 +82,8 @@ def test_augment_equals_ours():
     offsets = rng.integers(0, 5, (6, 2)).astype(np.int32)
     flips = np.array([True, False, True, True, False, False])
     ours = np.asarray(to_float(crop_and_flip(jnp.asarray(images), jnp.asarray(offsets), jnp.asarray(flips), padding=2)))
-    theirs = torch_step.augment(torch.from_numpy(images).permute(0, 3, 1, 2), torch.arange(6), torch.from_numpy(offsets).long(),
-                        torch.from_numpy(flips), padding=2)
+    theirs = torch_step.augment(torch.from_numpy(images).permute(0, 3, 1, 2), torch.arange(6),
+                                torch.from_numpy(offsets).long(), torch.from_numpy(flips), padding=2)
     np.testing.assert_array_equal(ours, theirs.permute(0, 2, 3, 1).numpy())
 
 

@@ -63,7 +63,8 @@ def test_tables_cover_the_paper():
 
 def test_paper_settings():
     c = load_config_file("table3").get_config("method=mmard,student=resnet18")
-    assert (c.batch_size, c.num_epochs, c.optim.lr, c.optim.momentum, c.optim.weight_decay) == (128, 300, 0.1, 0.9, 2e-4)
+    assert (c.batch_size, c.num_epochs, c.optim.lr, c.optim.momentum, c.optim.weight_decay) == (
+        128, 300, 0.1, 0.9, 2e-4)
     # The baselines of Tables 3/4 train with their published recipes (paper section 4.1, "Baselines").
     t3 = load_config_file("table3")
     ard, ard100 = t3.get_config("method=ard"), load_config_file("table4").get_config("method=ard")
@@ -124,9 +125,11 @@ def test_sota_runs_follow_their_published_recipes():
     assert (ada.num_epochs, ada.optim.weight_decay, ada.optim.schedule, tuple(ada.optim.boundaries)) == (
         200, 5e-4, "piecewise", (100, 150))
     assert ada.teacher.checkpoint == "teachers/Chen2021LTD_WRN34_20_cifar10" and ada.method.kl_class_mean
-    assert sota.get_config("method=adaiad,setting=resnet18_cifar100").teacher.checkpoint.endswith("Chen2021LTD_WRN34_10_cifar100")
+    assert sota.get_config("method=adaiad,setting=resnet18_cifar100").teacher.checkpoint.endswith(
+        "Chen2021LTD_WRN34_10_cifar100")
     peer = sota.get_config("method=peeraid,setting=resnet18_cifar10")
-    assert peer.teacher.checkpoint == "" and tuple(peer.optim.boundaries) == tuple(peer.peer.optim.boundaries) == (214, 259, 284)
+    assert peer.teacher.checkpoint == "" and (
+        tuple(peer.optim.boundaries) == tuple(peer.peer.optim.boundaries) == (214, 259, 284))
     assert sota.get_config("method=igdm,setting=resnet18_cifar100").method.igdm_alpha == 20.0
     for base in ("adaad", "adaiad", "rslad", "mmard"):  # IGDM is a plug-in of each, by configuration
         c = sota.get_config(f"method={base},setting=resnet18_cifar10,plugins=igdm")
@@ -150,7 +153,8 @@ def phases(method, num_epochs):
 def structure_key(config, method):
     """What decides the traced step: runs equal in this differ only in values (alpha, epochs, class count, batch size)
     or in the frozen teacher's architecture, whose forward each run traces anyway (`abstract_teacher` inits it)."""
-    forwards = tuple((p, tuple(sorted(method.forwards(p))), method.train_order(p)) for p in phases(method, config.num_epochs))
+    forwards = tuple((p, tuple(sorted(method.forwards(p))), method.train_order(p))
+                     for p in phases(method, config.num_epochs))
     return (config.student.arch, tuple(sorted(config.student.kwargs.items())), tuple(sorted(method.networks())),
             method.inner.name, method.outer.name, tuple(p.name for p in method.plugins), forwards,
             config.attack.student_bn)

@@ -1,7 +1,8 @@
 """Converter against its peers: RobustBench's model table (parsed, not imported) and RobustBench's own modules.
 
-Every exactness test builds the peer with RobustBench's architecture code (or tests/peers/mobilenetv2.py), randomizes its
-weights and BatchNorm statistics, writes the state_dict in one of the shapes published checkpoints come in,
+Every exactness test builds the peer with RobustBench's architecture code (or tests/peers/mobilenetv2.py),
+randomizes its weights and BatchNorm statistics, writes the state_dict in one of the shapes published checkpoints
+come in,
 converts the file through the public API (one test through the CLI) and compares logits in float32.
 """
 

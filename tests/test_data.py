@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from mmard_jax import data
-from mmard_jax.data.augment import crop_flip_params
 from mmard_jax.data import cifar, digits
+from mmard_jax.data.augment import crop_flip_params
 
 # ---------------------------------------------------------------- CIFAR in its own pickle format
 

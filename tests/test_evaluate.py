@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tolerances
 from mmard_jax import checkpoints, data, evaluate, files, reporting
 from mmard_jax.models import store
-import tolerances
 from test_attacks_peer import EPS, our_report
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

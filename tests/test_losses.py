@@ -51,7 +51,8 @@ def test_kl_div_matches_torch_kldivloss(data):
     ref = torch.nn.KLDivLoss(reduction="none")(
         torch.log_softmax(torch.tensor(s), 1), torch.softmax(torch.tensor(t), 1)
     ).sum(1).numpy()
-    np.testing.assert_allclose(losses.kl_div(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32)), ref, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(losses.kl_div(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32)), ref,
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_kl_div_is_zero_for_equal_inputs_and_finite_when_saturated():
@@ -74,7 +75,8 @@ def test_triangular_cos_matches_eq5(data):
     got = losses.triangular_cos(jnp.asarray(s_nat, jnp.float32), jnp.asarray(s_adv, jnp.float32), jnp.asarray(y))
     np.testing.assert_allclose(got, np_psi(s_nat, s_adv, y), rtol=1e-5, atol=1e-6)
     # Same inputs give cos 0 = 1.
-    np.testing.assert_allclose(losses.triangular_cos(jnp.asarray(s_nat), jnp.asarray(s_nat), jnp.asarray(y)), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(losses.triangular_cos(jnp.asarray(s_nat), jnp.asarray(s_nat), jnp.asarray(y)), 1.0,
+                               rtol=1e-6)
 
 
 def test_triangular_cos_logit_option_matches_numpy(data):
@@ -120,7 +122,8 @@ def test_trd_loss_matches_numpy(data, delta):
 def test_huber_is_smooth_l1():
     torch = pytest.importorskip("torch")
     r = np.linspace(-3, 3, 41)
-    ref = torch.nn.functional.smooth_l1_loss(torch.tensor(r), torch.zeros(41, dtype=torch.float64), reduction="none", beta=1.0)
+    ref = torch.nn.functional.smooth_l1_loss(torch.tensor(r), torch.zeros(41, dtype=torch.float64), reduction="none",
+                                             beta=1.0)
     np.testing.assert_allclose(losses.huber(jnp.asarray(r), 1.0), ref.numpy(), rtol=1e-6, atol=1e-7)
 
 

@@ -121,7 +121,8 @@ def test_iad_warmup_phase_and_published_variant(lg):
     m = methods.get_method("iad")
     assert m.phase(59) == "warmup" and m.phase(60) == "main"
     assert m.outer_needs("warmup") == {"s_adv", "t_nat"}
-    np.testing.assert_allclose(run_outer(m, arrays, y, "warmup")[0], kl(arrays["s_adv"], arrays["t_nat"]).mean(), rtol=2e-5)
+    np.testing.assert_allclose(run_outer(m, arrays, y, "warmup")[0], kl(arrays["s_adv"], arrays["t_nat"]).mean(),
+                               rtol=2e-5)
     # IAD-I.py:179: the teacher term is not weighted by the trust; alpha scales both KL terms, 1 - alpha the CE.
     m1 = methods.get_method("iad", iad_form="iad1", alpha=0.8)
     trust = sm(arrays["t_adv"])[np.arange(B), y] ** 0.1
@@ -223,12 +224,14 @@ def test_peeraid_gradient_reaches_the_student_through_the_peer_loss(lg):
                         )._replace(s_adv=s_adv, p_adv=p_adv)
         return m.loss(logits, jnp.asarray(y), {}, INFO)[0]
 
-    g_s, g_p = jax.grad(total, argnums=(0, 1))(jnp.asarray(arrays["s_adv"], jnp.float32), jnp.asarray(arrays["p_adv"], jnp.float32))
+    g_s, g_p = jax.grad(total, argnums=(0, 1))(jnp.asarray(arrays["s_adv"], jnp.float32),
+                                               jnp.asarray(arrays["p_adv"], jnp.float32))
     assert np.abs(g_s).sum() > 0 and np.abs(g_p).sum() > 0
     only_peer_target = methods.get_method("peeraid", peer_kl=0.0, student_self=0.0)
 
     def student_only(p_adv):
-        logits = Logits(**{k: (jnp.asarray(v, jnp.float32) if k in needs else None) for k, v in arrays.items()})._replace(p_adv=p_adv)
+        logits = Logits(**{k: (jnp.asarray(v, jnp.float32) if k in needs else None)
+                           for k, v in arrays.items()})._replace(p_adv=p_adv)
         full, metrics, _ = only_peer_target.loss(logits, jnp.asarray(y), {}, INFO)
         return metrics["student_loss"]
 

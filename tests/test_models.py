@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 from flax import traverse_util
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mmard_jax import models
 from mmard_jax.interop import naming

@@ -23,10 +23,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import tolerances
 from mmard_jax import checkpoints, cli, distributed, evaluate, stopping, train
 from mmard_jax.models import store
 from mmard_jax.tools import bench_layouts as bmp
-import tolerances
 from multihost_worker import EVAL_ATTACKS, EVAL_BATCH, EVAL_N, SPEC, random_variables, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent

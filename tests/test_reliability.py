@@ -381,7 +381,8 @@ def test_partly_deleted_newest_checkpoint_falls_back_and_is_written_again(tmp_pa
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tiny_state(0))
     state, meta = ckpt.restore(abstract)
     assert int(state.step) == 1 and float(state.w[0, 0]) == 1.0 and meta == {"best_value": 0.1, "best_epoch": 1}
-    assert said[0].startswith(f"checkpoint {tmp_path}/checkpoints/latest/2 is unreadable: KeyError: ") and "state" in said[0]
+    assert (said[0].startswith(f"checkpoint {tmp_path}/checkpoints/latest/2 is unreadable: KeyError: ")
+            and "state" in said[0])
     assert said[1].startswith(f"moved the unreadable checkpoint of step 2 to {tmp_path}/checkpoints/unreadable/2-")
     assert said[2] == "resuming from the previous good checkpoint, step 1"
     assert [p.name for p in (tmp_path / checkpoints.UNREADABLE).iterdir()][0].startswith("2-")
@@ -429,14 +430,17 @@ def test_error_summary_keeps_the_innermost_reason():
     assert summary.endswith("Requested byte range [0, 9) is not valid for value of size 5") and len(summary) < 330
     # The operating system's reason in the middle of a long line (before tensorstore's JSON spec) is kept too.
     mid = ValueError("OUT_OF_RANGE: Error opening \"zarr\" driver: Error writing \"a/.zarray\" in OCDBT database at "
-                     "local file \"" + "x" * 200 + "\": File too large [os_error_code='27'] [spec='" + "{}" * 200 + "']")
+                     "local file \"" + "x" * 200 + "\": File too large [os_error_code='27'] [spec='"
+                     + "{}" * 200 + "']")
     summary = tensorstore_errors.error_summary(mid)
     assert "File too large [os_error_code='27']" in summary and len(summary) < 360, summary
     # Only the code, after the spec (as CI's tensorstore wrote it): the operating system's words are added.
     bare = ValueError("OUT_OF_RANGE: Error opening \"zarr\" driver: Error writing \"bad_step/.zarray\" in OCDBT "
-                      "database at local file \"" + "x" * 200 + "\" [spec='" + "{\"a\":1}" * 40 + "'] [os_error_code='27']")
+                      "database at local file \"" + "x" * 200 + "\" [spec='" + "{\"a\":1}" * 40
+                      + "'] [os_error_code='27']")
     summary = tensorstore_errors.error_summary(bare)
     assert summary.endswith("[os_error_code='27'] [File too large, os error 27]") and len(summary) < 400, summary
-    assert tensorstore_errors.error_summary(ValueError("x [os_error_code=2] No such file or directory")).count("No such file") == 1
+    assert tensorstore_errors.error_summary(
+        ValueError("x [os_error_code=2] No such file or directory")).count("No such file") == 1
     assert not checkpoints.is_io_failure(ValueError("unsupported pytree leaf"))
     assert checkpoints.is_io_failure(ValueError("Failed to write 10 bytes: File too large [os_error_code='27']"))

@@ -7,7 +7,6 @@ import pytest
 
 from mmard_jax.tools import run_table as runner
 
-
 TINY_TABLE = '''
 from mmard_jax import config_lib
 

@@ -59,7 +59,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path):
     config.optim.schedule = "piecewise"
     config.optim.boundaries = (1,)
     config.optim.decay = 1e30
-    with pytest.raises(train.NonFiniteLossError, match=r"NaN/inf at step \d+.*last good checkpoint \(step \d+\)") as err:
+    with pytest.raises(train.NonFiniteLossError,
+                       match=r"NaN/inf at step \d+.*last good checkpoint \(step \d+\)") as err:
         train.train_and_evaluate(config, tmp_path, progress=False)
     bad, kept = map(int, re.search(r"at step (\d+).*\(step (\d+)\)", str(err.value)).groups())
     assert 8 <= bad < 16 and 8 <= kept <= bad  # broke in epoch 1; the checkpoint precedes the bad update

@@ -174,7 +174,8 @@ def test_iad_warmup_skips_the_teacher_at_x_adv(split):
         schedule = train_step.make_lr_schedule(0.1, 4, 2)
         nets = train_step.Networks(tiny(parallel.AXIS), teacher)
         txs = {"student": train_step.make_optimizer(schedule)}
-        fn = train_step.make_train_step(nets, method, phase, txs, schedule, train_step.StepSettings(steps=2), mesh, seed=0)
+        fn = train_step.make_train_step(nets, method, phase, txs, schedule, train_step.StepSettings(steps=2), mesh,
+                                        seed=0)
         state = train_step.init_state(nets, method, txs, jax.random.key(0, impl="rbg"), IMG)
         frozen = {"teacher": init_vars(tiny(), 3)}
         jax.eval_shape(fn, state, frozen, *(jnp.asarray(a) for a in split), jnp.arange(16), jnp.asarray(0))

@@ -35,7 +35,8 @@ def _xla_flags_in_child(env_extra, apply=True):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "MMARD_JAX_XLA_DEFAULTS")}
     env.update(env_extra)
     setup = "from mmard_jax import xla_env; xla_env.apply_cpu_defaults(); " if apply else ""
-    code = setup + "import os, mmard_jax, jax; jax.numpy.ones(2).block_until_ready(); print(os.environ.get('XLA_FLAGS', ''))"
+    code = setup + ("import os, mmard_jax, jax; jax.numpy.ones(2).block_until_ready(); "
+                    "print(os.environ.get('XLA_FLAGS', ''))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
 

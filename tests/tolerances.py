@@ -14,9 +14,10 @@ import numpy as np
 
 EPS = float(np.finfo(np.float32).eps)  # 2^-23: one unit in the last place of a float32 in [1, 2)
 # Reordering a float32 dot product of n terms moves it by at most (n - 1) * EPS * sum|terms| (Higham, "Accuracy and
-# Stability of Numerical Algorithms", 2nd ed., section 3.1); in practice the error is a random walk of ~sqrt(n) roundings
-# of the partial sums. 64 units of the result's scale covers a random walk over 768 features (sqrt(768) = 28) with
-# room for a second layer, and stays far below the differences a changed decision inside an attack would cause.
+# Stability of Numerical Algorithms", 2nd ed., section 3.1); in practice the error is a random walk of ~sqrt(n)
+# roundings of the partial sums. 64 units of the result's scale covers a random walk over 768 features
+# (sqrt(768) = 28) with room for a second layer, and stays far below the differences a changed decision inside an
+# attack would cause.
 REORDER_ULPS = 64
 
 

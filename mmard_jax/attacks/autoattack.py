@@ -77,7 +77,8 @@ class AutoAttackConfig:
 STANDARD = AutoAttackConfig()
 
 
-def describe(config: AutoAttackConfig, compute_dtype: str = "float32", matmul_precision: Optional[str] = "highest") -> str:
+def describe(config: AutoAttackConfig, compute_dtype: str = "float32",
+             matmul_precision: Optional[str] = "highest") -> str:
     """'standard', or 'custom' followed by what differs from the standard version: settings, a compute dtype
     other than float32, or float32 matmuls below full precision (TF32 on GPUs). The norm is the threat model,
     not a setting: the standard version of each norm has the same settings (it is reported beside eps)."""

@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
 # x / 255 for every uint8 value, divided exactly in NumPy. XLA's simplifier turns a division by a constant
 # into a multiplication by its reciprocal, one ulp off for about half the values (seen on XLA:CPU); a
 # 256-entry lookup keeps the inputs bit-identical to NumPy's and PyTorch's `x / 255` on any backend, for the

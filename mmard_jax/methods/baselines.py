@@ -9,8 +9,17 @@ import jax
 import jax.numpy as jnp
 
 from mmard_jax import losses
-from mmard_jax.methods.core import (KL_REDUCTION, Logits, MethodRow, Objective, as_global_sum, global_mean, kl,
-                                    needs_of, order_of)
+from mmard_jax.methods.core import (
+    KL_REDUCTION,
+    Logits,
+    MethodRow,
+    Objective,
+    as_global_sum,
+    global_mean,
+    kl,
+    needs_of,
+    order_of,
+)
 
 
 def _nature(lg: Logits, y, state, hp, info):

@@ -5,13 +5,13 @@ statistics and needs `mutable=['batch_stats']`. Variable names mirror the PyTorc
 (`mmard_jax/interop/naming.py`), so checkpoints convert by name.
 """
 
+from mmard_jax.models import store
 from mmard_jax.models.dm_preact_resnet import DMPreActResNet
 from mmard_jax.models.dm_wide_resnet import DMWideResNet
 from mmard_jax.models.mobilenet_v2 import MobileNetV2
 from mmard_jax.models.registry import MODELS, ModelSpec, accepted_arguments, count_params, create
 from mmard_jax.models.resnet import PreActResNet, ResNet
 from mmard_jax.models.wide_resnet import WideResNet
-from mmard_jax.models import store  # noqa: E402 - after the registry it builds on
 
 
 def load_pretrained(directory, dtype: str = "float32", input_shape=(32, 32, 3)):

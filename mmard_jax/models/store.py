@@ -23,8 +23,8 @@ import orbax.checkpoint as ocp
 
 from mmard_jax import distributed, files
 from mmard_jax.errors import CheckpointError
-from mmard_jax.tensorstore_errors import error_summary
 from mmard_jax.models.registry import create
+from mmard_jax.tensorstore_errors import error_summary
 
 FORMAT = "mmard_jax.model/1"
 SPEC_FILE = "model.json"

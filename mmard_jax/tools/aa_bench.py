@@ -44,7 +44,8 @@ def write_cifar_batches(root, train, test) -> pathlib.Path:
     empty = (np.zeros((0, 32, 32, 3), np.uint8), np.zeros((0,), np.int32))
     parts = {"data_batch_1": train, **{f"data_batch_{i}": empty for i in range(2, 6)}, "test_batch": test}
     for name, (images, labels) in parts.items():
-        rows = np.ascontiguousarray(images.transpose(0, 3, 1, 2)).reshape(len(images), 3 * 32 * 32)  # NHWC -> channel-major
+        # NHWC -> channel-major
+        rows = np.ascontiguousarray(images.transpose(0, 3, 1, 2)).reshape(len(images), 3 * 32 * 32)
         with open(folder / name, "wb") as f:
             pickle.dump({b"data": rows, b"labels": np.asarray(labels, np.int64)}, f)
     return pathlib.Path(root)

@@ -58,7 +58,8 @@ CASES = {
     **_paper_cases("igdm", RN18, WRN34_10, "igdm_rn18_wrn34_10"),
     **_paper_cases("peeraid", RN18, NO_TEACHER, "peeraid_rn18"),
     # CPU-sized cases: a WRN-16-2 teacher, small students, 16x16 or 32x32 images.
-    "cpu_mmard_wrn16_2_wrn10_1_16px": _case("mmard", WRN10_1, WRN16_2, size=16, note="docs/design.md, \"Performance choices\" case"),
+    "cpu_mmard_wrn16_2_wrn10_1_16px": _case("mmard", WRN10_1, WRN16_2, size=16,
+                                            note="docs/design.md, \"Performance choices\" case"),
     "cpu_mmard_wrn16_2_wrn10_1_16px_bf16": _case("mmard", WRN10_1, WRN16_2, size=16, dtype="bfloat16"),
     "cpu_mmard_wrn16_2_wrn10_1_32px": _case("mmard", WRN10_1, WRN16_2),
     "cpu_rslad_wrn16_2_wrn10_1_16px": _case("rslad", WRN10_1, WRN16_2, size=16),

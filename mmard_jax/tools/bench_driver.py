@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from mmard_jax.tools import bench_report
 from mmard_jax.tools.bench_cases import CASES
 
+
 @dataclasses.dataclass
 class Options:
     """What scripts/benchmark.py's flags choose for a run (see their help there)."""

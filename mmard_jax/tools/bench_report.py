@@ -108,7 +108,8 @@ def table(results: List[Dict[str, Any]]) -> str:
         ratio = f"{jax_rate / r['images_per_s']:.2f}x" if jax_rate and r["impl"] == "torch" else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "- (no peak)"
         spread = r.get("step_s_rounds", [])
-        step = f"{r['step_s']:.3f}" + (f" ({min(spread):.2f}-{max(spread):.2f} over {len(spread)} rounds)" if len(spread) > 1 else "")
+        step = f"{r['step_s']:.3f}" + (f" ({min(spread):.2f}-{max(spread):.2f} over {len(spread)} rounds)"
+                                       if len(spread) > 1 else "")
         first = f"{r['first_loss']:.6g}" if r.get("first_loss") is not None else "-"
         lines.append(
             f"| {r['case']} | {r['impl']} | {r['form']} | {step} | {r['images_per_s']:.1f} "

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 
 from mmard_jax.tools.bench_cases import EPOCH, Case, bench_data
 
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -143,7 +144,8 @@ def _abstract_args(case: Case, nets, method, txs, n_images: int):
     from mmard_jax import train_step
 
     shape = (case.size, case.size, 3)
-    frozen = frozen_variables(case, nets, lambda m: jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1,) + shape), train=False)))
+    frozen = frozen_variables(
+        case, nets, lambda m: jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1,) + shape), train=False)))
     state = jax.eval_shape(lambda: train_step.init_state(nets, method, txs, jax.random.key(0), shape))
     return (state, frozen, jax.ShapeDtypeStruct((n_images,) + shape, jnp.uint8),
             jax.ShapeDtypeStruct((n_images,), jnp.int32), jax.ShapeDtypeStruct((case.batch,), jnp.int32),

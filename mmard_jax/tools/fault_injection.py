@@ -38,7 +38,8 @@ CHECKPOINT_DIRS = ("checkpoints/latest", "checkpoints/best")
 # tqdm's bar: "epoch 1/2:  38%|███▊      | 3/8 [00:06<00:30, ...]"
 PROGRESS = re.compile(rb"epoch (\d+)/\d+: +\d+%\|[^|]*\| *(\d+)/(\d+)")
 
-TINY_CONFIG = '''"""The tiny run of mmard_jax/tools/fault_injection.py, tests/test_train.py and tests/test_reliability.py."""
+TINY_CONFIG = '''"""The tiny run of mmard_jax/tools/fault_injection.py, tests/test_train.py and \
+tests/test_reliability.py."""
 from mmard_jax import config_lib
 
 

@@ -1,8 +1,8 @@
 """Runs one table (or figure) of the paper in sequence and collects the results into one Markdown table.
 
 The library of `scripts/run_table.py`. Each run of the config file's RUNS goes to WORKROOT/<run>, resumes if
-interrupted, and is skipped when its summary.json exists. The table (shaped by the file's LAYOUT: rows, column groups, attacks)
-is written to WORKROOT/table.md. Overrides (`apply_overrides`) apply to every run, e.g.
+interrupted, and is skipped when its summary.json exists. The table (shaped by the file's LAYOUT: rows, column
+groups, attacks) is written to WORKROOT/table.md. Overrides (`apply_overrides`) apply to every run, e.g.
 `--config.num_epochs=1 --config.dataset.n_train=512`.
 """
 
@@ -20,7 +20,8 @@ def load_table(path) -> object:
     path = cli.existing_path("table", path, kind="file")
     spec = importlib.util.spec_from_file_location(f"table_{path.stem}", path)
     if spec is None:
-        raise cli.UserError(f"--table={str(path)!r} is not a Python file (expected a table config like configs/table3.py)")
+        raise cli.UserError(f"--table={str(path)!r} is not a Python file "
+                            "(expected a table config like configs/table3.py)")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     for name in ("RUNS", "LAYOUT", "get_config"):

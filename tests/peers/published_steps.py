@@ -7,7 +7,7 @@ from typing import Callable, Dict
 import torch
 import torch.nn.functional as F
 
-from peers.published_losses import iad_trust, ce_mean, ce_sum, kl_batchmean, kl_loss_rslad, kl_mean, kl_none, trd_loss
+from peers.published_losses import ce_mean, ce_sum, iad_trust, kl_batchmean, kl_loss_rslad, kl_mean, kl_none, trd_loss
 
 # Outer hyper-parameters per method: the published scripts' defaults (CIFAR-10).
 HPARAMS = {
@@ -123,7 +123,8 @@ def _ard(n, x, y, epoch):
 
 def _iad(n, x, y, epoch):
     # IAD-I.py:159 net.train(); :165 T(x); :166 the attack (ARD's AttackPGD) + S(x'); :169 S(x') again (`basicop`,
-    # detached, unused); :170 T(x'); :174-178 the trust; :179 after `begin` (terms evaluated left to right), :181 before.
+    # detached, unused); :170 T(x'); :174-178 the trust; :179 after `begin` (terms evaluated left to right), :181
+    # before.
     tau, a, hp = n.hp["tau"], n.hp["alpha"], n.hp
     n.train("student")
     with torch.no_grad():

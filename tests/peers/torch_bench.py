@@ -45,7 +45,8 @@ def torch_worker(case: Case, warmup: int, steps: int, form_text: str, seed: int 
     # Our semantics where the published scripts differ in value only: the start projected (the random images hold
     # 0 and 255) and the exact KL (RSLAD's/MTARD's 1e-5); see peers.torch_step's docstring.
     settings = torch_step.Settings(method=case.method, steps=case.pgd_steps, kl_form="exact", project_start=True)
-    step = torch_step.TorchTrainStep(nets["student"], nets.get("teacher"), settings, form, seed=seed, peer=nets.get("peer"))
+    step = torch_step.TorchTrainStep(nets["student"], nets.get("teacher"), settings, form, seed=seed,
+                                     peer=nets.get("peer"))
     total = warmup + steps
     images_np, labels_np, idx_np = bench_data(case, total, seed)
     images = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(device)
@@ -56,7 +57,8 @@ def torch_worker(case: Case, warmup: int, steps: int, form_text: str, seed: int 
         noise = draws.get("noise")
         first = {"offsets": torch.from_numpy(draws["offsets"]).long().to(device),
                  "flips": torch.from_numpy(draws["flips"]).to(device),
-                 "noise": None if noise is None else torch.from_numpy(noise).permute(0, 3, 1, 2).contiguous().to(device)}
+                 "noise": (None if noise is None
+                           else torch.from_numpy(noise).permute(0, 3, 1, 2).contiguous().to(device))}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

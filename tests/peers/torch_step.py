@@ -17,8 +17,9 @@ What the published scripts do and this file does differently, each on purpose:
 - Architectures are the peers of the Flax zoo (`peers.architectures`: RobustBench's `wide_resnet.py` /
   `resnet.py`, `peers/mobilenetv2.py`), with a global mean pool so that 8x8 and 16x16 inputs work.
 - The optimizer and schedule are the MMARD paper's recipe for every method (section 4.1: SGD lr 0.1, momentum
-  0.9, weight decay 2e-4 on every parameter, cosine), as ours trains them; `published_steps.PUBLISHED_OPTIMIZER` records what
-  each script used, and `Settings(weight_decay=..., decay_params='kernels')` reproduces SAT's kernel-only decay.
+  0.9, weight decay 2e-4 on every parameter, cosine), as ours trains them; `published_steps.PUBLISHED_OPTIMIZER`
+  records what each script used, and `Settings(weight_decay=..., decay_params='kernels')` reproduces SAT's
+  kernel-only decay.
 - TRADES recomputes S(x) in eval mode at every PGD step (trades.py:36-37); it is computed once here (the same
   value: eval mode, the same parameters).
 - IGDM (HongsinLee/saad igdm.py:49) passes the attack's epsilon and step size swapped; the IG/WR values
