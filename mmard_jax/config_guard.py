@@ -34,6 +34,14 @@ RESUMABLE: Mapping[str, str] = {
     "dataset.download": "whether a missing data set may be downloaded",
     "progress": "progress display",
 }
+# Keys added to the config after runs were started with it, and the value that does what those runs did: a run
+# saved without the key resumes when the new config holds that value (its resume is still bitwise).
+ADDED_SINCE: Mapping[str, Any] = {
+    "student.conv_grad": "auto",  # the models' conv_grad attribute (was $MMARD_JAX_CONV_GRAD, default auto)
+    "teacher.conv_grad": "auto",
+    "attack.norm": "Linf",  # the L2 threat model
+    "eval.norm": "Linf",
+}
 # Keys that may only grow, and only when the caller allows it (the flag that allows it, for messages).
 EXTENDABLE: Mapping[str, str] = {"num_epochs": "--extend_epochs"}
 
@@ -123,6 +131,8 @@ def diff_configs(old: Any, new: Any) -> List[Change]:
 def _refusal_reason(change: Change, allow_extend: bool) -> Optional[str]:
     """Why a change may not happen on resume (None: it may)."""
     if change.key in RESUMABLE:
+        return None
+    if change.kind == "added" and change.key in ADDED_SINCE and _same(change.new, ADDED_SINCE[change.key]):
         return None
     if change.key in EXTENDABLE and change.kind == "changed":
         flag = EXTENDABLE[change.key]

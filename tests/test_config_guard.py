@@ -136,3 +136,17 @@ def test_append_history_and_load_saved_config(tmp_path):
         config_guard.append_history(tmp_path, {"kind": "resume", "i": i})
     lines = (tmp_path / "history.jsonl").read_text().splitlines()
     assert [json.loads(line)["i"] for line in lines] == [0, 1]
+
+
+def test_a_run_saved_before_a_key_existed_resumes_with_its_old_behaviour(base):
+    """A workdir whose config.json predates student/teacher.conv_grad and attack/eval.norm resumes when the new
+    config holds the values those runs used (auto, Linf), and is refused with any other value."""
+    old = _saved(base)
+    for block, key in (("student", "conv_grad"), ("teacher", "conv_grad"), ("attack", "norm"), ("eval", "norm")):
+        del old[block][key]
+    allowed = check_resume(old, base)
+    assert {c.key for c in allowed} == set(config_guard.ADDED_SINCE) and {c.kind for c in allowed} == {"added"}
+    with pytest.raises(ConfigChangedError, match=r"attack.norm: \(absent\) -> \"L2\""):
+        check_resume(old, _new(base, attack__norm="L2"))
+    with pytest.raises(ConfigChangedError, match=r"student.conv_grad: \(absent\) -> \"lax\""):
+        check_resume(old, _new(base, student__conv_grad="lax"))
