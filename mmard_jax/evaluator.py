@@ -66,34 +66,66 @@ def input_floats(images: Array) -> Array:
     return to_float(images) if images.dtype == jnp.uint8 else images.astype(jnp.float32)
 
 
-def _per_device(apply: Callable, kind: str, name: str, eps: float, unroll, aa_config) -> Callable:
-    """The per-device body `(variables, images, labels, idx, valid, key, run, carry, span) -> per-example
-    outputs`; `carry` (per example) and `span` (start, stop) are Square's state and query range, () and
-    unused elsewhere."""
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """One compiled attack: its per-device `body(variables, images, labels, idx, valid, *args)` -> per-example
+    outputs, and where each of its own `args` lives: 'example' (a row per point, batched with them) or 'shared'."""
 
-    def body(variables, images, labels, idx, valid, key, run, carry, span):
+    key: Tuple[str, str]
+    body: Callable
+    args: Tuple[str, ...] = ()
+
+
+def white_box_program(apply: Callable, name: str, eps: float, norm: str, unroll) -> Program:
+    """Clean or a white-box attack (suite.PER_BATCH): correct [B]; arg: the attack's key."""
+
+    def body(variables, images, labels, idx, valid, key):
+        x, y = input_floats(images[idx]), labels[idx]
+        return suite.correct_under(name, functools.partial(apply, variables), x, y, eps=eps,
+                                   rng=parallel.example_keys(key, idx), unroll=unroll, norm=norm)
+
+    return Program(("white_box", name), body, ("shared",))
+
+
+def component_program(apply: Callable, program: str, eps: float, config: autoattack.AutoAttackConfig) -> Program:
+    """One run of an AutoAttack program (autoattack.PROGRAMS): (fooled and verified [B], x_adv); args: the run's key
+    (hashed per example, not drawn: counter_rng.py) and the program's traced argument (autoattack.program_arg)."""
+
+    def body(variables, images, labels, idx, valid, key, arg):
         x, y = input_floats(images[idx]), labels[idx]
         apply_fn = functools.partial(apply, variables)
-        if kind == "gradients":
-            return suite.input_gradient_health(apply_fn, x, y)
-        if kind == "aa":  # `key` is already this run's (map_points); hashed, not drawn: counter_rng.py
-            keys = counter_rng.example_keys(key, idx)
-        else:
-            keys = parallel.example_keys(key, idx)
-        if kind == "aa" and name == "square":
-            return _square_chunk(apply_fn, x, y, keys, valid, carry, span, eps, aa_config)
-        if kind == "aa":  # `name` is a program (autoattack.PROGRAMS), `run` its traced argument
-            x_adv, _ = autoattack.run_program(name, apply_fn, x, y, keys, run, eps=eps, config=aa_config,
-                                              active=valid)
-            return valid & autoattack.fooled_check(apply_fn, x, x_adv, y, eps, aa_config.norm), x_adv
-        return suite.correct_under(name, apply_fn, x, y, eps=eps, rng=keys, unroll=unroll, norm=aa_config.norm)
+        keys = counter_rng.example_keys(key, idx)
+        x_adv, _ = autoattack.run_program(program, apply_fn, x, y, keys, arg, eps=eps, config=config, active=valid)
+        return valid & autoattack.fooled_check(apply_fn, x, x_adv, y, eps, config.norm), x_adv
 
-    return body
+    return Program(("aa", program), body, ("shared", "shared"))
+
+
+def square_program(apply: Callable, eps: float, config: autoattack.AutoAttackConfig) -> Program:
+    """A chunk of Square's queries: (x_best, margin_best, fooled and verified, x_adv); args: the run's key, the
+    per-example carry (x_best, margin_best) and the query span (start, stop)."""
+
+    def body(variables, images, labels, idx, valid, key, carry, span):
+        x, y = input_floats(images[idx]), labels[idx]
+        keys = counter_rng.example_keys(key, idx)
+        return _square_chunk(functools.partial(apply, variables), x, y, keys, valid, carry, span, eps, config)
+
+    return Program(("aa", "square"), body, ("shared", "example", "shared"))
+
+
+def gradient_program(apply: Callable) -> Program:
+    """The cross-entropy input gradient's health at x: (all zero [B], not finite [B])."""
+
+    def body(variables, images, labels, idx, valid):
+        x, y = input_floats(images[idx]), labels[idx]
+        return suite.input_gradient_health(functools.partial(apply, variables), x, y)
+
+    return Program(("gradients", "ce"), body)
 
 
 def _square_chunk(apply_fn, x, y, keys, valid, carry, span, eps, aa_config):
     """Square's queries span[0] .. span[1] - 1 from `carry` (from the stripes when span[0] == 0):
-    (x_best, margin_best, fooled and verified)."""
+    (x_best, margin_best, fooled and verified, x_adv)."""
     settings = autoattack.square_settings(aa_config)
     norm = settings["norm"]
     state = jax.lax.cond(span[0] == 0, lambda: square.square_start(apply_fn, x, y, keys, eps=eps, norm=norm),
@@ -143,17 +175,22 @@ class Evaluator:
         self._costs: Dict[Tuple[str, str], Tuple[float, float]] = {}  # (s per example and unit of work, s per compile)
         self._images_host, self._split_host, self.labels_host = images[:1], images, np.asarray(labels)
 
-    def _fn(self, kind: str, name: str) -> Callable:
-        """The jitted, data-parallel function of one attack (one per kind and name; jit caches its shapes)."""
-        if (kind, name) not in self._fns:
-            body = _per_device(self.apply, kind, name, self.eps, self.unroll, self.aa_config)
+    def _jitted(self, program: Program) -> Callable:
+        """The jitted, data-parallel function of one program (one per program key; jit caches its shapes)."""
+        if program.key not in self._fns:
             sharded = P(parallel.AXIS)
-            mapped = jax.shard_map(body, mesh=self.mesh,
-                                   in_specs=(P(), P(), P(), sharded, sharded, P(), P(), sharded, P()),
-                                   out_specs=sharded, check_vma=False)  # loop carries become per-device inside
-            self._fns[kind, name] = jax.jit(mapped)
-            self._compiled[kind, name] = set()
-        return self._fns[kind, name]
+            specs = (P(), P(), P(), sharded, sharded) + tuple(sharded if a == "example" else P() for a in program.args)
+            mapped = jax.shard_map(program.body, mesh=self.mesh, in_specs=specs, out_specs=sharded,
+                                   check_vma=False)  # loop carries become per-device inside
+            self._fns[program.key] = jax.jit(mapped)
+            self._compiled[program.key] = set()
+        return self._fns[program.key]
+
+    def white_box(self, name: str) -> Program:
+        return white_box_program(self.apply, name, self.eps, self.norm, self.unroll)
+
+    def component(self, name: str) -> Program:
+        return component_program(self.apply, autoattack.PROGRAMS[name], self.eps, self.aa_config)
 
     def plan_shapes(self, variables=None) -> Tuple[int, ...]:
         """The shapes a plan draws from: all of them, but on a CPU (`split_batches`) only those whose activations
@@ -170,30 +207,24 @@ class Evaluator:
             self._cpu_shapes = tuple(s for s in self.shapes if s <= cap)
         return self._cpu_shapes
 
-    def map_points(self, kind: str, name: str, variables, indices: np.ndarray, key=None, run: int = 0,
-                   carry=(), span=(0, 0), work: float = 1.0, work_left: Optional[float] = None):
-        """Runs one attack on the split's examples `indices` (in the evaluator's batch shapes); per-example
-        outputs in the order of `indices`, as NumPy arrays on every process. `carry`: per-example host
-        arrays (leading axis along `indices`) passed through to the attack, `span` a pair of ints (Square's).
+    def map_points(self, program: Program, variables, indices: np.ndarray, *args, work: float = 1.0,
+                   work_left: Optional[float] = None):
+        """Runs `program` on the split's examples `indices` (in the evaluator's batch shapes); per-example outputs
+        in the order of `indices`, as NumPy arrays on every process. `args` are the program's own, in its order:
+        its 'example' ones as host arrays (pytrees) with a leading axis along `indices`, its 'shared' ones as is.
 
         `work` (this call's work per example, e.g. Square's queries) and `work_left` (the work per example
         still to come from this call on, in the same unit; default `work`) let it weigh padding against
-        compiling a smaller shape, with the times it measured for this attack (`plan_batches`)."""
-        if kind == "aa":  # one program per AutoAttack component but APGD's (shared); the key is the run's
-            key = jax.random.fold_in(jax.random.key(0) if key is None else key, run)
-            name, run = autoattack.PROGRAMS[name], autoattack.program_arg(name, run)
-        fn = self._fn(kind, name)
-        compiled = self._compiled[kind, name]
-        rate, compile_s = self._costs.get((kind, name), (None, None))
+        compiling a smaller shape, with the times it measured for this program (`plan_batches`)."""
+        fn = self._jitted(program)
+        compiled = self._compiled[program.key]
+        rate, compile_s = self._costs.get(program.key, (None, None))
         # Timings differ between processes, and every process must run the same shapes: several processes
         # plan without them (reuse within 2x).
         timed = rate is not None and jax.process_count() == 1
         cost = (rate * (work if work_left is None else work_left), compile_s) if timed else None
         sizes = batch_plan.plan_batches(len(indices), self.plan_shapes(variables), compiled, cost,
                                         split=self.split_batches)
-        # aa: folded with the run outside the program (a threefry draw inside costs compile time: counter_rng.py)
-        key = jax.random.key(0) if key is None else key
-        span = jnp.asarray(span, jnp.int32)
         outs, start, fresh = [], 0, any(size not in compiled for size in sizes)
         began, compiling = time.perf_counter(), batch_plan.CompileClock.seconds
         with jax.default_matmul_precision(self.precision):
@@ -202,26 +233,33 @@ class Evaluator:
                 rows = np.minimum(np.arange(size), len(chunk) - 1)  # padding repeats the last real example
                 idx = chunk[rows].astype(np.int32)
                 valid = np.arange(size) < len(chunk)
-                part = jax.tree.map(lambda a: parallel.put_batch(np.asarray(a)[start:start + size][rows], self.mesh),
-                                    carry)
+                own = [jax.tree.map(lambda a: parallel.put_batch(np.asarray(a)[start:start + size][rows], self.mesh),
+                                    arg) if where == "example" else arg for arg, where in zip(args, program.args)]
                 outs.append((len(chunk), fn(variables, self.images, self.labels, parallel.put_batch(idx, self.mesh),
-                                            parallel.put_batch(valid, self.mesh), key, jnp.int32(run), part, span)))
+                                            parallel.put_batch(valid, self.mesh), *own)))
                 compiled.add(size)
                 start += size
         host = [jax.tree.map(lambda a, k=k: a[:k], parallel.to_host(o)) for k, o in outs]
-        self._measure(kind, name, time.perf_counter() - began, batch_plan.CompileClock.seconds - compiling, fresh,
+        self._measure(program.key, time.perf_counter() - began, batch_plan.CompileClock.seconds - compiling, fresh,
                       sum(sizes) * work)
         return jax.tree.map(lambda *parts: np.concatenate(parts), *host)
 
-    def _measure(self, kind: str, name: str, wall: float, compile_s: float, fresh: bool, work: float) -> None:
-        """Keeps the latest (seconds per padded example and unit of work, seconds per compilation) of an attack."""
-        rate, last_compile = self._costs.get((kind, name), (None, None))
+    def run_component(self, name: str, variables, indices: np.ndarray, key, run: int,
+                      work_left: Optional[float] = None):
+        """One run of an AutoAttack component but Square on `indices`: (fooled [n], x_adv [n, ...]). The key is
+        folded with the run outside the program (a threefry draw inside costs compile time: counter_rng.py)."""
+        return self.map_points(self.component(name), variables, indices, jax.random.fold_in(key, run),
+                               jnp.int32(autoattack.program_arg(name, run)), work_left=work_left)
+
+    def _measure(self, key: Tuple[str, str], wall: float, compile_s: float, fresh: bool, work: float) -> None:
+        """Keeps the latest (seconds per padded example and unit of work, seconds per compilation) of a program."""
+        rate, last_compile = self._costs.get(key, (None, None))
         if work > 0 and wall > compile_s:
             rate = (wall - compile_s) / work
         if fresh:
             last_compile = compile_s
         if rate is not None:
-            self._costs[kind, name] = (rate, last_compile if last_compile is not None else 0.0)
+            self._costs[key] = (rate, last_compile if last_compile is not None else 0.0)
 
     def square_points(self, variables, indices: np.ndarray, key, run: int = 0,
                       progress: Optional[Callable[[int, str], None]] = None) -> "SquareOutcome":
@@ -237,11 +275,12 @@ class Evaluator:
         x_adv = np.zeros_like(x_best)
         margin = np.full(n, np.inf, np.float32)
         live = np.arange(n)
+        program, run_key = square_program(self.apply, self.eps, config), jax.random.fold_in(key, run)
         for begin, end in square.query_chunks(config.square_queries, self.square_chunks):
             if live.size == 0:
                 break
-            xb, mb, hit, xa = self.map_points("aa", "square", variables, indices[live], key, run,
-                                              carry=(x_best[live], margin[live]), span=(begin, end),
+            xb, mb, hit, xa = self.map_points(program, variables, indices[live], run_key,
+                                              (x_best[live], margin[live]), jnp.asarray((begin, end), jnp.int32),
                                               work=max(end - begin, 1),
                                               work_left=max(config.square_queries - begin, 1))
             x_best[live], margin[live], fooled[live], x_adv[live] = xb, mb, hit, xa
@@ -254,12 +293,14 @@ class Evaluator:
         """bool [N]: each example is correctly classified on x ('clean') or under a white-box attack."""
         if attack not in suite.PER_BATCH:
             raise ValueError(f"unknown per-batch attack {attack!r}; known: {', '.join(suite.PER_BATCH)}")
-        return self.map_points("white_box", attack, variables, np.arange(self.n), suite.attack_key(seed, attack))
+        return self.map_points(self.white_box(attack), variables, np.arange(self.n), suite.attack_key(seed, attack))
 
     def autoattack(self, variables, clean: np.ndarray, seed: int = 0, components: Optional[Sequence[str]] = None,
-                   keep_adversarial: bool = False) -> autoattack.AutoAttackResult:
+                   keep_adversarial: bool = False,
+                   report: Optional[autoattack.Report] = None) -> autoattack.AutoAttackResult:
         """The AutoAttack cascade from the clean-correct examples (`components`: a subset, e.g. one run alone);
-        with `keep_adversarial`, `result.x_adv` holds each fooled example's adversarial image (x elsewhere)."""
+        with `keep_adversarial`, `result.x_adv` holds each fooled example's adversarial image (x elsewhere);
+        `report` hears the cascade's progress too (beside the bars)."""
         key = suite.aa_key(seed)
         num_classes = self.num_classes(variables)
         x_adv = np.array(self._input_floats_host(), copy=True) if keep_adversarial else None
@@ -270,15 +311,21 @@ class Evaluator:
                 fooled, _, adv = self.square_points(variables, todo, component_key, run, progress)
             else:
                 runs_left = autoattack.num_runs(name, self.aa_config, num_classes) - run
-                fooled, adv = self.map_points("aa", name, variables, todo, component_key, run, work_left=runs_left)
+                fooled, adv = self.run_component(name, variables, todo, component_key, run, work_left=runs_left)
             if x_adv is not None:
                 x_adv[todo[fooled]] = adv[fooled]
             return fooled
 
         bars = CascadeBars() if self.progress else None
+        listeners = [r for r in (bars, report) if r is not None]
+
+        def tell(*event) -> None:
+            for listener in listeners:
+                listener(*event)
+
         try:
             result = autoattack.cascade(run_points, clean, config=self.aa_config, num_classes=num_classes,
-                                        components=components, report=bars)
+                                        components=components, report=tell)
         finally:
             if bars is not None:
                 bars.close()
@@ -295,7 +342,7 @@ class Evaluator:
 
     def gradient_health(self, variables) -> Dict[str, np.ndarray]:
         """bool [N] 'zero' / 'nonfinite': the cross-entropy input gradient at x is all zero / not finite."""
-        zero, nonfinite = self.map_points("gradients", "ce", variables, np.arange(self.n))
+        zero, nonfinite = self.map_points(gradient_program(self.apply), variables, np.arange(self.n))
         return {"zero": zero, "nonfinite": nonfinite}
 
     def place(self, variables):

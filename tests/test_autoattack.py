@@ -252,7 +252,8 @@ def test_evaluator_counts_every_example_once_in_any_order():
     want = np.asarray(jnp.argmax(logits, -1)) == labels
     np.testing.assert_array_equal(ev.correct(variables, "clean"), want)
     order = np.random.default_rng(0).permutation(len(labels))[:77]
-    np.testing.assert_array_equal(ev.map_points("white_box", "clean", variables, order), want[order])
+    np.testing.assert_array_equal(ev.map_points(ev.white_box("clean"), variables, order, jax.random.key(0)),
+                                  want[order])
 
 
 def test_cascade_progress_shows_points_still_robust_and_runs_left(capsys):
