@@ -7,6 +7,9 @@
   bench_report.py     benchmark rows merged, checked for the same work, and laid out as Markdown
   bench_driver.py     every (case, implementation) row in its own worker process
   aa_bench.py         our side of scripts/benchmark_autoattack.py: the trained model, timed runs, the report
+  bench_layouts.py    process layouts side by side (scripts/benchmark_multiprocess.py): worker, layouts, table
+  profile_ops.py      our side of scripts/profile_ops.py: the student's and its layer types' pieces, timed
+  gpu_check.py        scripts/gpu_check.py (gpu_check.sh): the smoke test (part a) and the summary of every part
 
 Nothing here imports torch or tests/peers: the PyTorch side of each benchmark is tests/peers/.
 """

@@ -12,5 +12,6 @@ tests and scripts import this package; mmard_jax never does (tests/test_architec
   published_steps.py   hyper-parameters, attack starts and one step per method, as each script runs it
   torch_step.py     `TorchTrainStep`: one training step of any method as its published script runs it
   torch_bench.py    the PyTorch rows of scripts/benchmark.py
+  torch_profile.py  the PyTorch side of scripts/profile_ops.py
   original_aa.py    the original AutoAttack (pyautoattack) timed per component, for scripts/benchmark_autoattack.py
 """
