@@ -140,12 +140,13 @@ class Evaluator:
     divides by the mesh's devices (the entry point checked it once: `parallel.check_divisible`)."""
 
     def __init__(self, model, images: np.ndarray, labels: np.ndarray, *, mesh=None, batch_size: int = 500,
-                 eps: float = 8 / 255, norm: str = "Linf", unroll=1,
+                 eps: float = 8 / 255, norm: Optional[str] = None, unroll=1,
                  aa_config: autoattack.AutoAttackConfig = autoattack.STANDARD,
                  matmul_precision: Optional[str] = "highest", progress: bool = True,
                  square_chunks: Tuple[int, int] = square.CHUNKS):
         """`model`: a Flax module or any `apply_fn(variables, x) -> logits` (`as_apply_fn`); `images`: uint8, or
-        float NHWC in [0, 1]; `norm`: the threat model ('Linf' or 'L2') of every attack, eps its radius."""
+        float NHWC in [0, 1]; `norm`: the threat model ('Linf' or 'L2') of every attack, eps its radius (default:
+        the AutoAttack config's, whose norm must agree)."""
         chex.assert_rank(images, 4)
         chex.assert_shape(labels, (images.shape[0],))
         if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
@@ -153,6 +154,7 @@ class Evaluator:
         if images.dtype != np.uint8:
             images = np.asarray(images, np.float32)
         batch_plan.CompileClock.start()
+        norm = aa_config.norm if norm is None else norm
         if aa_config.norm != norm:
             raise ValueError(f"the AutoAttack config's norm {aa_config.norm!r} is not the evaluator's {norm!r}")
         self.apply, self.eps, self.norm, self.unroll, self.aa_config = as_apply_fn(model), eps, norm, unroll, aa_config

@@ -54,7 +54,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # mmard_jax, and the PyTorch pe
 
 flags.DEFINE_integer("n_examples", 200, "Test images attacked.")
 flags.DEFINE_integer("batch_size", 200, "Evaluation batch size.")
-flags.DEFINE_string("eps", None, "L-inf radius (default 8/255; --worst_case: 1e-5).")
+flags.DEFINE_enum("norm", "Linf", ["Linf", "L2"], "Threat model of both AutoAttacks (ours and the original).")
+flags.DEFINE_string("eps", None, "Radius (default 8/255 under Linf, 0.5 under L2; --worst_case: 1e-5).")
 flags.DEFINE_integer("n_iter", 100, "APGD-CE / APGD-T / FAB-T iterations (standard 100).")
 flags.DEFINE_integer("targets", 9, "APGD-T / FAB-T target classes (standard 9).")
 flags.DEFINE_integer("queries", 5000, "Square queries (standard 5000).")
@@ -103,9 +104,10 @@ def main(argv):
     cache_dir = FLAGS.cache_dir or tempfile.mkdtemp(prefix="mmard_aa_benchmark_xla_")
     cache_was_empty = not any(pathlib.Path(cache_dir).glob("*")) if pathlib.Path(cache_dir).exists() else True
     runtime.enable_compilation_cache(cache_dir)
-    eps = cli.parse_eps(FLAGS.eps or ("1e-5" if FLAGS.worst_case else "8/255"))
+    default_eps = "1e-5" if FLAGS.worst_case else ("8/255" if FLAGS.norm == "Linf" else "0.5")
+    eps = cli.parse_eps(FLAGS.eps or default_eps, upper=1.0 if FLAGS.norm == "Linf" else None)
     config = dataclasses.replace(autoattack.STANDARD, n_iter=FLAGS.n_iter, n_target_classes=FLAGS.targets,
-                                 square_queries=FLAGS.queries)
+                                 square_queries=FLAGS.queries, norm=FLAGS.norm)
     torch.set_num_threads(FLAGS.torch_threads or os.cpu_count())
     if FLAGS.worst_case:
         case = original_aa.worst_case(FLAGS.n_examples, FLAGS.seed)

@@ -38,9 +38,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import import_peer
 from mmard_jax import evaluator, parallel
 from mmard_jax.attacks import apgd, autoattack, engine, fab, square
+from peers.packages import import_peer
 from test_autoattack_original import ORIGINAL_NAMES, digits_subset, models, robust_under
 
 pyautoattack = import_peer("pyautoattack")

@@ -50,7 +50,7 @@ def run_original(net, images, labels, eps: float, batch: int, config, seed: int)
     net = net.to(device)
     x_host = torch_input(images)
     x, y = x_host.to(device), torch.tensor(labels).long().to(device)
-    aa = pyautoattack.AutoAttack(net, norm="Linf", eps=eps, version="standard", seed=seed, device=device)
+    aa = pyautoattack.AutoAttack(net, norm=config.norm, eps=eps, version="standard", seed=seed, device=device)
     for attack in (aa.apgd, aa.apgd_targeted):  # the checkpoint schedule follows n_iter (autopgd_base.py 153-155)
         attack.n_iter = config.n_iter
         attack.n_iter_2, attack.n_iter_min = max(int(0.22 * config.n_iter), 1), max(int(0.06 * config.n_iter), 1)
@@ -126,7 +126,8 @@ def compare(case, ev, variables, config, eps: float, seed: int, fresh_process=No
         "processor": platform.processor(), "jax_device": str(jax.devices()[0].device_kind),
         "jax_devices": ev.mesh.devices.size, "torch_threads": torch.get_num_threads(),
         "torch_device": "cuda" if torch.cuda.is_available() else "cpu", "model": description,
-        "n_examples": len(labels), "batch_size": ev.batch_size, "eps": eps, "settings": autoattack.describe(config),
+        "n_examples": len(labels), "batch_size": ev.batch_size, "norm": config.norm, "eps": eps,
+        "settings": autoattack.describe(config),
         "max_logit_diff": float(np.abs(ours - theirs).max()), "jax": jax.__version__, "torch": torch.__version__,
         "runs": {},
     }
