@@ -315,3 +315,24 @@ def test_benchmark_batch_curve_times_each_shape_per_example():
     rows = aa_bench.batch_curve(module, variables, images, labels, [2], eps=EPS, n_iter=2, rounds=1)
     assert [r["batch"] for r in rows] == [2]
     assert all(r["apgd_t"] > 0 and r["fab_t"] > 0 for r in rows)
+
+
+def test_benchmark_reuses_a_finished_training_workdir(tmp_path):
+    """scripts/benchmark_autoattack.py's model: a workdir that holds a finished run (summary.json) is loaded from
+    its best checkpoint, not trained again."""
+    from mmard_jax import checkpoints, files
+    from mmard_jax.models import store
+
+    spec = store.model_spec("wide_resnet", 10, {"depth": 10, "width": 1})
+    module = store.build_module(spec)
+    shapes = store.abstract_variables(module, (32, 32, 3))
+    variables = jax.tree.map(lambda s: np.full(s.shape, 0.5, np.float32), shapes)
+    files.write_json_atomic(tmp_path / store.SPEC_FILE, spec)
+    saved = checkpoints.TrainCheckpoints(tmp_path, "pgd_t")
+    saved.save_best(3, variables, 0.4)
+    saved.close()
+    files.write_json_atomic(tmp_path / "summary.json", {})
+    loaded_module, loaded = aa_bench.trained_wrn(tmp_path, progress=False)
+    assert loaded_module.num_classes == 10
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -70,14 +70,13 @@ def train_config(data_dir, settings=TRAIN):
 def trained_wrn(workdir, progress: bool = True):
     """(module, variables) of the benchmark's WRN-10-1: trained by `train.train_and_evaluate` in `workdir` (resumed
     if interrupted), then its best (= final) checkpoint; a finished workdir is reused."""
-    from mmard_jax import train
-    from mmard_jax.models import store
+    from mmard_jax import checkpoints, train
 
     workdir = pathlib.Path(workdir)
     if not (workdir / "summary.json").is_file():
         data_dir = write_cifar_batches(workdir / "data", digits32("train"), digits32("test"))
         train.train_and_evaluate(train_config(data_dir), workdir, progress=progress)
-    return store.load_model(workdir)
+    return checkpoints.load_model(workdir)
 
 
 # ----------------------------------------------------------------------------- our AutoAttack, timed
