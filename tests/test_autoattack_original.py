@@ -144,13 +144,19 @@ def our_masks():
     theirs = original_masks_later()  # starts the original on its thread
     start = time.perf_counter()
     ev = evaluator.Evaluator(module, images, labels, eps=EPS, batch_size=N_EXAMPLES, progress=False)
-    clean = ev.correct(variables, "clean")
-    masks = {"clean": clean}
-    for name, n in EXAMPLES.items():  # each alone from the clean-correct points among the first n
-        masks[name] = ev.autoattack(variables, clean & (np.arange(len(clean)) < n), components=(name,)).robust[:n]
+    masks = our_components(ev, variables, EXAMPLES)
     masks["aa"] = worst_case(masks)
     print(f"ours: {time.perf_counter() - start:.1f} s")
     theirs.result()  # the thread ends here, so it never runs beside another test's use of torch
+    return masks
+
+
+def our_components(ev, variables, examples) -> dict:
+    """Our masks: clean, then each component alone from the clean-correct points among its first examples[name]."""
+    clean = ev.correct(variables, "clean")
+    masks = {"clean": clean}
+    for name, n in examples.items():
+        masks[name] = ev.autoattack(variables, clean & (np.arange(len(clean)) < n), components=(name,)).robust[:n]
     return masks
 
 
@@ -159,49 +165,52 @@ def worst_case(masks) -> np.ndarray:
     return np.logical_and.reduce([masks[k][:AA_EXAMPLES] for k in ("clean",) + autoattack.COMPONENTS])
 
 
-def original_attack(net):
-    """The original AutoAttack 'standard' (L-inf) on `net`, seed 0."""
-    return pyautoattack.AutoAttack(net, norm="Linf", eps=EPS, version="standard", seed=0, device="cpu")
-
-
 def robust_under(net, x_adv: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     """bool [N]: `net` still classifies the adversarial points correctly."""
     with torch.no_grad():
         return (net(x_adv).argmax(1) == y).numpy()
 
 
-def _original_masks():
-    """The original's masks: each component alone (`run_standard_evaluation` with that attack only, as
-    `run_standard_evaluation_individual` runs them) on its first EXAMPLES, and AA = clean AND all."""
-    _, _, net = models()
-    *_, xt, yt = digits_subset()
+def original_components(net, xt, yt, norm: str, eps: float, examples, batch_size: int) -> dict:
+    """The original's masks ('standard', seed 0): clean, then each component alone (`run_standard_evaluation`
+    with that attack only, as `run_standard_evaluation_individual` runs them) on its first examples[name] points."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small ops: one thread is faster on a loaded 2-core machine (test_attacks_peer.py)
     masks, seconds = {"clean": robust_under(net, xt, yt)}, {}
     try:
         for ours, theirs in ORIGINAL_NAMES.items():
             start = time.perf_counter()
-            attack = original_attack(net)
+            attack = pyautoattack.AutoAttack(net, norm=norm, eps=eps, version="standard", seed=0, device="cpu")
             attack.attacks_to_run = [theirs]
-            n = EXAMPLES[ours]
-            x_adv, _ = attack.run_standard_evaluation(xt[:n], yt[:n], batch_size=N_EXAMPLES)
+            n = examples[ours]
+            x_adv, _ = attack.run_standard_evaluation(xt[:n], yt[:n], batch_size=batch_size)
             masks[ours] = robust_under(net, x_adv, yt[:n])
             seconds[ours] = round(time.perf_counter() - start, 1)
     finally:
         torch.set_num_threads(threads)
-    masks["aa"] = worst_case(masks)
-    print(f"original: {sum(seconds.values()):.1f} s {seconds}")
+    print(f"original ({norm}): {sum(seconds.values()):.1f} s {seconds}")
     return masks
 
 
-_ORIGINAL_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyautoattack")
+def _original_masks():
+    """The original's masks (L-inf) on the first EXAMPLES of each component, and AA = clean AND all."""
+    _, _, net = models()
+    *_, xt, yt = digits_subset()
+    masks = original_components(net, xt, yt, "Linf", EPS, EXAMPLES, N_EXAMPLES)
+    masks["aa"] = worst_case(masks)
+    return masks
+
+
+def later(compute) -> concurrent.futures.Future:
+    """`compute()` on a thread of its own, beside ours (the models and data are built first, here, not on both)."""
+    models(), digits_subset()
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyautoattack").submit(compute)
 
 
 @functools.cache
 def original_masks_later() -> concurrent.futures.Future:
     """The original's masks, computed once on a second thread (started by the first caller)."""
-    models(), digits_subset()  # built here, not concurrently on both threads
-    return _ORIGINAL_THREAD.submit(_original_masks)
+    return later(_original_masks)
 
 
 def original_masks():

@@ -27,7 +27,6 @@ eps + FEASIBILITY_SLACK_L2, x' in [0, 1], and every reported success misclassifi
 Square's eta pattern are checked against the original's functions directly.
 """
 
-import concurrent.futures
 import dataclasses
 import functools
 import time
@@ -41,7 +40,14 @@ import torch
 from mmard_jax import evaluator, parallel
 from mmard_jax.attacks import apgd, autoattack, engine, fab, square
 from peers.packages import import_peer
-from test_autoattack_original import ORIGINAL_NAMES, digits_subset, models, robust_under
+from test_autoattack_original import (
+    ORIGINAL_NAMES,
+    digits_subset,
+    later,
+    models,
+    original_components,
+    our_components,
+)
 
 pyautoattack = import_peer("pyautoattack")
 
@@ -89,10 +95,7 @@ def ours():
     start = time.perf_counter()
     ev = evaluator.Evaluator(module, images[:N_EXAMPLES], labels[:N_EXAMPLES], eps=EPS, batch_size=N_EXAMPLES,
                              progress=False, aa_config=L2)
-    clean = ev.correct(variables, "clean")
-    masks = {"clean": clean}
-    for name in autoattack.COMPONENTS:
-        masks[name] = ev.autoattack(variables, clean, components=(name,)).robust
+    masks = our_components(ev, variables, dict.fromkeys(autoattack.COMPONENTS, N_EXAMPLES))
     masks["aa"] = worst_case(masks)
     runs = invariant_runs()
     print(f"ours: {time.perf_counter() - start:.1f} s")
@@ -101,37 +104,19 @@ def ours():
 
 
 def _original_masks():
-    """The original's masks under L2: clean, each component alone (`run_standard_evaluation` with that attack
-    only), and AA = clean AND all."""
+    """The original's masks under L2: clean, each component alone on the first N_EXAMPLES, and AA = clean AND all."""
     _, _, net = models()
     *_, xt, yt = digits_subset()
-    xt, yt = xt[:N_EXAMPLES], yt[:N_EXAMPLES]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small ops: one thread is faster on a loaded 2-core machine (test_attacks_peer.py)
-    masks, seconds = {"clean": robust_under(net, xt, yt)}, {}
-    try:
-        for name, theirs in ORIGINAL_NAMES.items():
-            start = time.perf_counter()
-            attack = pyautoattack.AutoAttack(net, norm="L2", eps=EPS, version="standard", seed=0, device="cpu")
-            attack.attacks_to_run = [theirs]
-            x_adv, _ = attack.run_standard_evaluation(xt, yt, batch_size=N_EXAMPLES)
-            masks[name] = robust_under(net, x_adv, yt)
-            seconds[name] = round(time.perf_counter() - start, 1)
-    finally:
-        torch.set_num_threads(threads)
+    examples = dict.fromkeys(ORIGINAL_NAMES, N_EXAMPLES)
+    masks = original_components(net, xt[:N_EXAMPLES], yt[:N_EXAMPLES], "L2", EPS, examples, N_EXAMPLES)
     masks["aa"] = worst_case(masks)
-    print(f"original: {sum(seconds.values()):.1f} s {seconds}")
     return masks
 
 
-_ORIGINAL_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyautoattack-l2")
-
-
 @functools.cache
-def original_masks_later() -> concurrent.futures.Future:
-    """The original's masks, computed once on a second thread (started by the first caller)."""
-    models(), digits_subset()  # built here, not concurrently on both threads
-    return _ORIGINAL_THREAD.submit(_original_masks)
+def original_masks_later():
+    """The original's L2 masks, computed once on a second thread (started by the first caller)."""
+    return later(_original_masks)
 
 
 def compare(name: str):
