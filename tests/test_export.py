@@ -164,3 +164,14 @@ def test_export_errors_are_clear(tmp_path):
     with pytest.raises(export.ExportError, match="only in the TRADES WideResNet"):
         export.to_torch_state_dict(random_variables("mobilenet_v2", 10, {}), "mobilenet_v2", sub_block1=True)
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_workdir_given_to_the_model_directory_loader_says_where_to_load_it(tmp_path):
+    """models.load_pretrained reads model directories; a training workdir gets a one-line pointer to
+    checkpoints.load_model (the loader of workdirs since the store/checkpoints split)."""
+    from mmard_jax import files, models
+    from mmard_jax.models import store
+
+    files.write_json_atomic(tmp_path / store.SPEC_FILE, store.model_spec("wide_resnet", 10, {"depth": 10, "width": 1}))
+    with pytest.raises(store.CheckpointError, match="a training workdir\\? mmard_jax.checkpoints.load_model"):
+        models.load_pretrained(tmp_path)

@@ -131,7 +131,8 @@ def variables_dir(directory) -> pathlib.Path:
     directory = pathlib.Path(directory)
     if (directory / VARIABLES_DIR).is_dir():
         return directory / VARIABLES_DIR
-    raise CheckpointError(f"{directory}: found {SPEC_FILE} but no {VARIABLES_DIR}/")
+    raise CheckpointError(f"{directory}: found {SPEC_FILE} but no {VARIABLES_DIR}/ (a training workdir? "
+                          f"mmard_jax.checkpoints.load_model reads its best checkpoint)")
 
 
 def fingerprint(directory, locate: Callable[[pathlib.Path], pathlib.Path] = variables_dir) -> str:
