@@ -1,8 +1,11 @@
 """What orbax/tensorstore errors say, as one line: the innermost reason behind a failed checkpoint read or write,
 and whether it was the operating system refusing a write (full or read-only disk). Text only: no jax, no orbax."""
 
+import contextlib
+import logging
 import os
 import re
+import sys
 from typing import List, Optional
 
 # How tensorstore words an operating-system failure inside the ValueError it raises for a failed write.
@@ -51,3 +54,30 @@ def error_summary(err: BaseException, limit: int = 300) -> str:
 def is_io_failure(err: BaseException) -> bool:
     """Whether an exception (or one it was raised from) is the operating system refusing a write."""
     return any(isinstance(e, OSError) or _IO_FAILURE.search(str(e)) for e in error_chain(err))
+
+
+class _OrbaxThreadErrors(logging.Filter):
+    """Drops ERROR records that orbax or tensorstore code logs (a failed read or write in one of their threads)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        where = record.pathname.replace(os.sep, "/")
+        return not (record.levelno >= logging.ERROR and ("/orbax/" in where or "/tensorstore/" in where))
+
+
+@contextlib.contextmanager
+def quiet_thread_errors():
+    """While orbax reads a checkpoint: its threads' logged tracebacks and the 'Event loop is closed' noise of the
+    reads it abandons are dropped, since the failure reaches the caller as one exception (the CLIs' one line)."""
+    previous_hook, log_filter, absl_logger = sys.unraisablehook, _OrbaxThreadErrors(), logging.getLogger("absl")
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous_hook(unraisable)
+
+    sys.unraisablehook = hook
+    absl_logger.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous_hook
+        absl_logger.removeFilter(log_filter)

@@ -10,6 +10,7 @@ Every subprocess shares one XLA compilation cache, and one uninterrupted referen
 """
 
 import json
+import logging
 import os
 import pathlib
 import re
@@ -444,3 +445,31 @@ def test_error_summary_keeps_the_innermost_reason():
         ValueError("x [os_error_code=2] No such file or directory")).count("No such file") == 1
     assert not checkpoints.is_io_failure(ValueError("unsupported pytree leaf"))
     assert checkpoints.is_io_failure(ValueError("Failed to write 10 bytes: File too large [os_error_code='27']"))
+
+
+def test_a_failed_read_is_told_once_not_also_by_orbax_threads():
+    """While a checkpoint is read (store.load_model), ERROR records that orbax or tensorstore code logs from its
+    threads are dropped (the failure reaches the caller as one CheckpointError, the CLI's one line); others pass,
+    and after the read everything passes again."""
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    absl_logger, handler = logging.getLogger("absl"), Keep()
+    absl_logger.addHandler(handler)
+
+    def log(path, level, message):
+        absl_logger.handle(logging.LogRecord("absl", level, path, 1, message, None, None))
+
+    orbax_file = os.path.join("site-packages", "orbax", "checkpoint", "future.py")
+    try:
+        with tensorstore_errors.quiet_thread_errors():
+            log(orbax_file, logging.ERROR, "orbax thread raised an exception")
+            log(orbax_file, logging.WARNING, "orbax warning")
+            log(os.path.join("mmard_jax", "train.py"), logging.ERROR, "ours")
+        log(orbax_file, logging.ERROR, "after the read")
+    finally:
+        absl_logger.removeHandler(handler)
+    assert seen == ["orbax warning", "ours", "after the read"]

@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from mmard_jax import distributed, files
 from mmard_jax.errors import CheckpointError
 from mmard_jax.models.registry import create
-from mmard_jax.tensorstore_errors import error_summary
+from mmard_jax.tensorstore_errors import error_summary, quiet_thread_errors
 
 FORMAT = "mmard_jax.model/1"
 SPEC_FILE = "model.json"
@@ -165,7 +165,7 @@ def load_model(directory, dtype: str = "float32", input_shape=(32, 32, 3),
     module = build_module(spec, dtype, conv_grad=conv_grad)
     path = locate(directory)
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        with quiet_thread_errors(), ocp.StandardCheckpointer() as checkpointer:
             variables = checkpointer.restore(path, local_target(module, input_shape))
     except Exception as err:  # orbax/tensorstore raise ValueError, KeyError, OSError or a bare Exception from a thread
         raise CheckpointError(f"{path}: the stored variables do not fit the model in {SPEC_FILE} ({spec['arch']}), "
