@@ -231,9 +231,10 @@ def _flag(name: str) -> str:
     return "--" + str(name).lstrip("-")
 
 
-def parse_eps(text: Any, name: str = "eps", upper: Optional[float] = 1.0) -> float:
-    """'8/255' or '0.0314' -> a radius in (0, upper] (L-inf: 1; an L2 radius has no such bound: upper=None);
-    anything else is a UserError naming the flag."""
+def parse_eps(text: Any, name: str = "eps", norm: str = "Linf") -> float:
+    """'8/255' or '0.0314' -> a radius of the `norm` ball: in (0, 1] under L-inf (images are in [0, 1]), any
+    positive value under L2; anything else is a UserError naming the flag."""
+    upper = 1.0 if norm == "Linf" else None
     raw = str(text).strip()
     try:
         if "/" in raw:

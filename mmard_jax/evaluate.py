@@ -164,8 +164,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     check_flags()
-    eps = robustness.DEFAULT_EPS[FLAGS.norm] if FLAGS.eps is None else \
-        cli.parse_eps(FLAGS.eps, upper=1.0 if FLAGS.norm == "Linf" else None)
+    eps = robustness.DEFAULT_EPS[FLAGS.norm] if FLAGS.eps is None else cli.parse_eps(FLAGS.eps, norm=FLAGS.norm)
     runtime.quiet_logging()  # before joining: jax.distributed logs at INFO level
     distributed.initialize_from_flags()
     with stopping.exit_on_lost_process(FLAGS.heartbeat_timeout, then="Rerun the same commands."):

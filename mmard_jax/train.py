@@ -71,7 +71,7 @@ def check_config(config) -> None:
             raise ConfigError(f"--config.{name}=0: give a positive number of examples, or -1 for the whole split")
     for block in ("attack", "eval"):
         norm = cli.choice(f"config.{block}.norm", config[block].norm, robustness.NORMS)
-        cli.parse_eps(config[block].eps, f"config.{block}.eps", upper=1.0 if norm == "Linf" else None)
+        cli.parse_eps(config[block].eps, f"config.{block}.eps", norm=norm)
     cli.choice("config.dataset.name", config.dataset.name, data.DATASETS)
     for name in ("student.arch",) + (("peer.arch",) if config.peer.arch else ()):
         cli.choice(f"config.{name}", _get(config, name), sorted(models.MODELS))

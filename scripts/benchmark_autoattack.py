@@ -105,7 +105,7 @@ def main(argv):
     cache_was_empty = not any(pathlib.Path(cache_dir).glob("*")) if pathlib.Path(cache_dir).exists() else True
     runtime.enable_compilation_cache(cache_dir)
     default_eps = "1e-5" if FLAGS.worst_case else ("8/255" if FLAGS.norm == "Linf" else "0.5")
-    eps = cli.parse_eps(FLAGS.eps or default_eps, upper=1.0 if FLAGS.norm == "Linf" else None)
+    eps = cli.parse_eps(FLAGS.eps or default_eps, norm=FLAGS.norm)
     config = dataclasses.replace(autoattack.STANDARD, n_iter=FLAGS.n_iter, n_target_classes=FLAGS.targets,
                                  square_queries=FLAGS.queries, norm=FLAGS.norm)
     torch.set_num_threads(FLAGS.torch_threads or os.cpu_count())
