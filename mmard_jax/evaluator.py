@@ -175,7 +175,7 @@ class Evaluator:
         self._fns: Dict[Tuple[str, str], Callable] = {}
         self._compiled: Dict[Tuple[str, str], set] = {}
         self._costs: Dict[Tuple[str, str], Tuple[float, float]] = {}  # (s per example and unit of work, s per compile)
-        self._images_host, self._split_host, self.labels_host = images[:1], images, np.asarray(labels)
+        self.images_host, self.labels_host = images, np.asarray(labels)  # the split as given (uint8 or float)
 
     def _jitted(self, program: Program) -> Callable:
         """The jitted, data-parallel function of one program (one per program key; jit caches its shapes)."""
@@ -204,7 +204,7 @@ class Evaluator:
         if self._cpu_shapes is None:
             if variables is None:
                 raise ValueError("plan_shapes: the first call on a CPU needs the variables (to size the activations)")
-            per_example = batch_plan.activation_bytes(self.apply, variables, self._images_host.shape[1:])
+            per_example = batch_plan.activation_bytes(self.apply, variables, self.images_host.shape[1:])
             cap = batch_plan.cache_cap(self.shapes, per_example, batch_plan.cache_bytes())
             self._cpu_shapes = tuple(s for s in self.shapes if s <= cap)
         return self._cpu_shapes
@@ -273,7 +273,7 @@ class Evaluator:
         config = self.aa_config
         n = len(indices)
         fooled = np.zeros(n, bool)
-        x_best = np.zeros((n,) + self._images_host.shape[1:], np.float32)
+        x_best = np.zeros((n,) + self.images_host.shape[1:], np.float32)
         x_adv = np.zeros_like(x_best)
         margin = np.full(n, np.inf, np.float32)
         live = np.arange(n)
@@ -335,12 +335,12 @@ class Evaluator:
 
     def num_classes(self, variables) -> int:
         """The width of the model's logits (shape inference only)."""
-        x = jax.ShapeDtypeStruct((1,) + self._images_host.shape[1:], jnp.float32)
+        x = jax.ShapeDtypeStruct((1,) + self.images_host.shape[1:], jnp.float32)
         return int(jax.eval_shape(self.apply, variables, x).shape[-1])
 
     def _input_floats_host(self) -> np.ndarray:
         """The whole split as float32 in [0, 1] on the host (the model's inputs)."""
-        return np.asarray(input_floats(jnp.asarray(self._split_host)))
+        return np.asarray(input_floats(jnp.asarray(self.images_host)))
 
     def gradient_health(self, variables) -> Dict[str, np.ndarray]:
         """bool [N] 'zero' / 'nonfinite': the cross-entropy input gradient at x is all zero / not finite."""
