@@ -139,21 +139,29 @@ def run(ev: evaluator.Evaluator, variables, attacks: Sequence[str] = DEFAULT_ATT
         aa_result = result.autoattack or aa_result
         if on_result is not None:
             on_result(name, float(masks[name].mean()), seconds[name])
-    accuracy = {k: float(v.mean()) for k, v in masks.items()}
-    gradients, flags = {}, []
-    summary = None
-    if aa_result is not None:
-        summary = autoattack_summary(aa_result, ev.aa_config, compute_dtype, ev.precision)
+    health = None
     if checks:
         start = time.perf_counter()
         health = ev.gradient_health(variables)
         seconds["gradient_check"] = time.perf_counter() - start
-        gradients = {k: float(v.mean()) for k, v in health.items()}
-        flags = suite.trust_flags(accuracy, gradients=health,
-                                  aa_after=None if aa_result is None else aa_result.accuracies())
-    return RobustnessReport(norm=ev.norm, eps=ev.eps, accuracy=accuracy, masks=masks,
-                            per_class=per_class(masks, ev.labels_host, ev.num_classes(variables)), flags=flags,
-                            gradients=gradients, autoattack=summary, seconds=seconds)
+    return report_of(ev, variables, masks, seconds, aa_result, checks, health, compute_dtype)
+
+
+def report_of(ev: evaluator.Evaluator, variables, masks: Dict[str, np.ndarray], seconds: Dict[str, float],
+              aa_result: Optional[aa_lib.AutoAttackResult], flags: bool = True,
+              health: Optional[Dict[str, np.ndarray]] = None, compute_dtype: str = "float32") -> RobustnessReport:
+    """The report of an evaluation's masks: accuracies, per-class numbers, AutoAttack's breakdown and, with
+    `flags`, the trust checks (the gradient ones when `health`, `Evaluator.gradient_health`'s masks, is given)."""
+    accuracy = {k: float(v.mean()) for k, v in masks.items()}
+    aa_after = None if aa_result is None else aa_result.accuracies()
+    return RobustnessReport(
+        norm=ev.norm, eps=ev.eps, accuracy=accuracy, masks=masks,
+        per_class=per_class(masks, ev.labels_host, ev.num_classes(variables)),
+        flags=suite.trust_flags(accuracy, gradients=health, aa_after=aa_after) if flags else [],
+        gradients={} if health is None else {k: float(v.mean()) for k, v in health.items()},
+        autoattack=None if aa_result is None else autoattack_summary(aa_result, ev.aa_config, compute_dtype,
+                                                                      ev.precision),
+        seconds=seconds)
 
 
 def evaluate(apply_fn: Callable, variables, images, labels, *, attacks: Sequence[str] = DEFAULT_ATTACKS,
@@ -184,11 +192,5 @@ def autoattack(apply_fn: Callable, variables, images, labels, *, norm: str = "Li
     seconds = {"clean": time.perf_counter() - start}
     result = ev.autoattack(variables, clean, seed, keep_adversarial=True)
     seconds["aa"] = sum(result.seconds.values())
-    masks = {"clean": clean, "aa": result.robust}
-    accuracy = {k: float(v.mean()) for k, v in masks.items()}
-    report = RobustnessReport(
-        norm=norm, eps=ev.eps, accuracy=accuracy, masks=masks,
-        per_class=per_class(masks, ev.labels_host, ev.num_classes(variables)),
-        flags=suite.trust_flags(accuracy, aa_after=result.accuracies()),
-        autoattack=autoattack_summary(result, ev.aa_config, "float32", ev.precision), seconds=seconds)
+    report = report_of(ev, variables, {"clean": clean, "aa": result.robust}, seconds, result)
     return result.x_adv, report
