@@ -16,12 +16,10 @@ A workdir's model.json (the student's spec) and its best student make it usable 
 `load_model` and `fingerprint` read a model directory or a workdir (`variables_dir` knows both layouts).
 """
 
-import contextlib
 import datetime
 import logging
 import os
 import pathlib
-import sys
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
@@ -29,7 +27,7 @@ import orbax.checkpoint as ocp
 
 from mmard_jax.errors import CheckpointError, CheckpointWriteError
 from mmard_jax.models import store
-from mmard_jax.tensorstore_errors import error_summary, is_io_failure
+from mmard_jax.tensorstore_errors import error_summary, is_io_failure, quiet_thread_errors
 
 LATEST = "checkpoints/latest"
 BEST = "checkpoints/best"  # the best student: <step>/variables (an orbax CheckpointManager)
@@ -92,34 +90,12 @@ def fingerprint(directory) -> str:
     return store.fingerprint(directory, locate=variables_dir)
 
 
-def _is_abandoned_write_noise(exc: BaseException) -> bool:
-    """The callbacks of a failed save's other writes, which tensorstore completes after orbax closed its loop."""
-    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-
-
 class _OrbaxThreadFailure(logging.Filter):
     """Drops orbax's log of an exception in its save thread: the same exception reaches the caller of the save."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.pathname.endswith(os.path.join("futures", "future.py")) and "orbax" in record.pathname
                     and "raised an exception" in record.getMessage())
-
-
-@contextlib.contextmanager
-def _quiet_failed_writes():
-    """While a save runs, and for good once one failed: a failed write is reported once, as CheckpointWriteError,
-    not also as orbax's logged thread traceback and dozens of 'Event loop is closed' tracebacks."""
-    previous_hook, log_filter, absl_logger = sys.unraisablehook, _OrbaxThreadFailure(), logging.getLogger("absl")
-
-    def hook(unraisable):
-        if not _is_abandoned_write_noise(unraisable.exc_value):
-            previous_hook(unraisable)
-
-    sys.unraisablehook = hook
-    absl_logger.addFilter(log_filter)
-    yield
-    sys.unraisablehook = previous_hook  # reached only when the save succeeded (a failure ends the run)
-    absl_logger.removeFilter(log_filter)
 
 
 class TrainCheckpoints:
@@ -200,7 +176,8 @@ class TrainCheckpoints:
         """One save; an I/O failure becomes CheckpointWriteError naming the step kept intact (other errors,
         bugs, keep their traceback)."""
         try:
-            with _quiet_failed_writes():
+            # A failed write is told once, as CheckpointWriteError (orbax's logged thread traceback dropped).
+            with quiet_thread_errors(_OrbaxThreadFailure()):
                 manager.save(step, args=args, metrics=metrics, force=True)
                 manager.wait_until_finished()
         except Exception as err:  # tensorstore reports a failed write as a ValueError carrying the OS error

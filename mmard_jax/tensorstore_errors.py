@@ -56,7 +56,13 @@ def is_io_failure(err: BaseException) -> bool:
     return any(isinstance(e, OSError) or _IO_FAILURE.search(str(e)) for e in error_chain(err))
 
 
-class _OrbaxThreadErrors(logging.Filter):
+def is_abandoned_io_noise(exc: BaseException) -> bool:
+    """The callbacks of a failed read's or write's other I/O, which tensorstore completes after orbax closed its
+    loop."""
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+class OrbaxThreadErrors(logging.Filter):
     """Drops ERROR records that orbax or tensorstore code logs (a failed read or write in one of their threads)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -65,19 +71,20 @@ class _OrbaxThreadErrors(logging.Filter):
 
 
 @contextlib.contextmanager
-def quiet_thread_errors():
-    """While orbax reads a checkpoint: its threads' logged tracebacks and the 'Event loop is closed' noise of the
-    reads it abandons are dropped, since the failure reaches the caller as one exception (the CLIs' one line)."""
-    previous_hook, log_filter, absl_logger = sys.unraisablehook, _OrbaxThreadErrors(), logging.getLogger("absl")
+def quiet_thread_errors(log_filter: Optional[logging.Filter] = None):
+    """While orbax reads or writes, and for good once that failed: the failure reaches the caller as one exception
+    (the CLIs' one line), not also as the threads' logged tracebacks (the absl records `log_filter` rejects; default
+    `OrbaxThreadErrors`) and the 'Event loop is closed' noise of the I/O orbax abandons, which arrives after the
+    exception. After a success both are restored."""
+    previous_hook, absl_logger = sys.unraisablehook, logging.getLogger("absl")
+    log_filter = log_filter or OrbaxThreadErrors()
 
     def hook(unraisable):
-        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+        if not is_abandoned_io_noise(unraisable.exc_value):
             previous_hook(unraisable)
 
     sys.unraisablehook = hook
     absl_logger.addFilter(log_filter)
-    try:
-        yield
-    finally:
-        sys.unraisablehook = previous_hook
-        absl_logger.removeFilter(log_filter)
+    yield
+    sys.unraisablehook = previous_hook  # reached only after a success
+    absl_logger.removeFilter(log_filter)
