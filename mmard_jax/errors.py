@@ -41,7 +41,7 @@ class DatasetNotFoundError(UserError, FileNotFoundError):
 
 
 class DatasetFormatError(UserError):
-    """A data file exists but its content is not what CIFAR's format promises (names the file and the key)."""
+    """A data file exists but its content is not what its official format promises (names the file and the key)."""
 
 
 class DownloadError(UserError, OSError):
