@@ -41,6 +41,7 @@ ADDED_SINCE: Mapping[str, Any] = {
     "teacher.conv_grad": "auto",
     "attack.norm": "Linf",  # the L2 threat model
     "eval.norm": "Linf",
+    "dataset.class_order": "",  # tiny_imagenet's label order ('' = load_dataset's default)
 }
 # Keys that may only grow, and only when the caller allows it (the flag that allows it, for messages).
 EXTENDABLE: Mapping[str, str] = {"num_epochs": "--extend_epochs"}

@@ -158,7 +158,8 @@ def base_config(method: str = "mmard", student: str = "resnet18", dataset: str =
     c.seed = 0
     c.dataset = ml_collections.ConfigDict(
         {"name": dataset, "data_dir": "", "source": "auto", "download": False, "crop_padding": 4, "flip": True,
-         "n_train": -1}  # n_train > 0: train on the first n_train examples only (smoke runs)
+         "n_train": -1,  # n_train > 0: train on the first n_train examples only (smoke runs)
+         "class_order": ""}  # tiny_imagenet's labels: '' = data.load_dataset's default ('sorted'), or 'wnids'
     )
     # conv_grad: how the convolutions' input gradient is computed, 'auto' | 'custom' | 'lax'
     # (layers.resolve_conv_grad; default $MMARD_JAX_CONV_GRAD or 'auto'); the student's also serves the peer.

@@ -132,7 +132,9 @@ def define_flags():
     flags.DEFINE_integer("seed", 0, "Seed of every random start (per-example keys).")
     flags.DEFINE_string("output", None, "Output directory (default: CHECKPOINT/robustness_<dataset>).")
     flags.DEFINE_string("data_dir", None, "Data directory (default: $MMARD_DATA_DIR or ~/.cache/mmard_jax/data).")
-    flags.DEFINE_enum("source", "auto", ["auto", "pickle", "tfds"], "Where CIFAR is read from (see data.load_dataset).")
+    flags.DEFINE_enum("source", "auto", list(data.SOURCES), "Where the data set is read from (see data.load_dataset).")
+    flags.DEFINE_enum("class_order", None, list(data.CLASS_ORDERS),
+                      "tiny_imagenet: labels by sorted wnids (default) or wnids.txt's order (see data.load_dataset).")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of the model.")
     flags.DEFINE_string("unroll", "auto", "Unrolling of the white-box PGD loops: auto | full | N.")
     flags.DEFINE_integer("aa_iters", 100, "AutoAttack: APGD/APGD-T/FAB-T iterations (standard: 100).")
@@ -157,6 +159,9 @@ def check_flags() -> None:
         cli.positive_int(name, FLAGS[name].value)
     if FLAGS.n_examples is not None:
         cli.positive_int("n_examples", FLAGS.n_examples)
+    cli.choice("source", FLAGS.source, data.DATASET_SOURCES[FLAGS.dataset])
+    if FLAGS.class_order is not None and FLAGS.dataset != "tiny_imagenet":
+        raise cli.UserError(f"--class_order applies to --dataset=tiny_imagenet only, not {FLAGS.dataset}")
 
 
 def main(argv):
@@ -172,7 +177,8 @@ def main(argv):
         run_evaluation(
             FLAGS.checkpoint, FLAGS.dataset, FLAGS.attacks, n_examples=FLAGS.n_examples or -1,
             batch_size=FLAGS.batch_size, eps=eps, norm=FLAGS.norm, seed=FLAGS.seed, output=FLAGS.output,
-            data_dir=FLAGS.data_dir, source=FLAGS.source, dtype=FLAGS.dtype, unroll=FLAGS.unroll,
+            data_dir=FLAGS.data_dir, source=FLAGS.source, class_order=FLAGS.class_order, dtype=FLAGS.dtype,
+            unroll=FLAGS.unroll,
             matmul_precision=None if FLAGS.tf32 else "highest",
             aa_config=aa_config_from(FLAGS.aa_iters, FLAGS.aa_targets, FLAGS.aa_queries, FLAGS.aa_restarts,
                                      FLAGS.norm),
@@ -191,6 +197,7 @@ def run_evaluation(
     output: Optional[str] = None,
     data_dir: Optional[str] = None,
     source: str = "auto",
+    class_order: Optional[str] = None,
     dtype: str = "float32",
     unroll="auto",
     aa_config: Optional[autoattack.AutoAttackConfig] = None,
@@ -202,7 +209,7 @@ def run_evaluation(
     checkpoint = pathlib.Path(checkpoint).absolute()
     mesh = parallel.data_mesh()
     parallel.check_divisible(batch_size, mesh, "--batch_size")  # the run's one check, before anything loads
-    test = data.load_dataset(dataset, "test", data_dir=data_dir, source=source)
+    test = data.load_dataset(dataset, "test", data_dir=data_dir, source=source, class_order=class_order)
     images, labels = test.images, test.labels
     if n_examples > 0:
         images, labels = images[:n_examples], labels[:n_examples]

@@ -73,6 +73,7 @@ def check_config(config) -> None:
         norm = cli.choice(f"config.{block}.norm", config[block].norm, robustness.NORMS)
         cli.parse_eps(config[block].eps, f"config.{block}.eps", norm=norm)
     cli.choice("config.dataset.name", config.dataset.name, data.DATASETS)
+    cli.choice("config.dataset.class_order", config.dataset.get("class_order", ""), ("",) + data.CLASS_ORDERS)
     for name in ("student.arch",) + (("peer.arch",) if config.peer.arch else ()):
         cli.choice(f"config.{name}", _get(config, name), sorted(models.MODELS))
     for name in ("student.conv_grad", "teacher.conv_grad"):
@@ -130,7 +131,8 @@ class Run:
 def load_data(config):
     """The training and test splits of the config's data set (optionally their first examples only)."""
     ds = config.dataset
-    kw = dict(data_dir=ds.data_dir or None, source=ds.source, download=ds.download)
+    kw = dict(data_dir=ds.data_dir or None, source=ds.source, download=ds.download,
+              class_order=ds.get("class_order") or None)
     train, test = data.load_dataset(ds.name, "train", **kw), data.load_dataset(ds.name, "test", **kw)
     if ds.n_train > 0:
         train = dataclasses.replace(train, images=train.images[: ds.n_train], labels=train.labels[: ds.n_train])

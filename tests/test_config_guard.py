@@ -139,10 +139,11 @@ def test_append_history_and_load_saved_config(tmp_path):
 
 
 def test_a_run_saved_before_a_key_existed_resumes_with_its_old_behaviour(base):
-    """A workdir whose config.json predates student/teacher.conv_grad and attack/eval.norm resumes when the new
-    config holds the values those runs used (auto, Linf), and is refused with any other value."""
+    """A workdir whose config.json predates student/teacher.conv_grad, attack/eval.norm and dataset.class_order
+    resumes when the new config holds the values those runs used (auto, Linf, ''), and is refused with any other."""
     old = _saved(base)
-    for block, key in (("student", "conv_grad"), ("teacher", "conv_grad"), ("attack", "norm"), ("eval", "norm")):
+    for block, key in (("student", "conv_grad"), ("teacher", "conv_grad"), ("attack", "norm"), ("eval", "norm"),
+                       ("dataset", "class_order")):
         del old[block][key]
     allowed = check_resume(old, base)
     assert {c.key for c in allowed} == set(config_guard.ADDED_SINCE) and {c.kind for c in allowed} == {"added"}
@@ -150,3 +151,5 @@ def test_a_run_saved_before_a_key_existed_resumes_with_its_old_behaviour(base):
         check_resume(old, _new(base, attack__norm="L2"))
     with pytest.raises(ConfigChangedError, match=r"student.conv_grad: \(absent\) -> \"lax\""):
         check_resume(old, _new(base, student__conv_grad="lax"))
+    with pytest.raises(ConfigChangedError, match=r"dataset.class_order: \(absent\) -> \"wnids\""):
+        check_resume(old, _new(base, dataset__class_order="wnids"))

@@ -467,3 +467,30 @@ def test_svhn_tfds_copy_is_found_and_read(tmp_path):
     assert len(ds) == len(reference) == 10 and ds.num_classes == 10
     assert {image.tobytes(): label for image, label in zip(ds.images, ds.labels)} == label_of
     assert sorted(ds.labels.tolist()) == list(range(10))  # the 10s came back as digit 0
+
+
+# ---------------------------------------------------------------- the config key and the CLIs
+
+
+def test_config_class_order_reaches_the_loader(tmp_path, three_classes):
+    from mmard_jax import config_lib, train
+
+    _write_tiny(tmp_path, _tiny_files(), packed=True)
+    config = config_lib.base_config()
+    config.dataset.update(name="tiny_imagenet", data_dir=str(tmp_path), class_order="wnids")
+    train_split, test_split = train.load_data(config)
+    _, wnids = _expected(_tiny_files(), "test")
+    np.testing.assert_array_equal(test_split.labels, [WNIDS.index(w) for w in wnids])
+    config.dataset.class_order = ""  # the default: sorted
+    np.testing.assert_array_equal(train.load_data(config)[1].labels, [sorted(WNIDS).index(w) for w in wnids])
+    assert len(train_split) == len(WNIDS) * PER_CLASS
+
+
+def test_config_class_order_is_checked():
+    from mmard_jax import config_lib, train
+
+    config = config_lib.base_config()
+    assert config.dataset.class_order == ""
+    config.dataset.class_order = "alphabetical"
+    with pytest.raises(UserError, match=r"class_order='alphabetical' is not one of: , sorted, wnids"):
+        train.check_config(config)

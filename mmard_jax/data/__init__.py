@@ -10,7 +10,9 @@ from mmard_jax.data.augment import augment, to_float
 from mmard_jax.data.cifar import DatasetFormatError
 from mmard_jax.data.datasets import (
     CLASS_ORDERS,
+    DATASET_SOURCES,
     DATASETS,
+    SOURCES,
     SPLITS,
     Dataset,
     DatasetNotFoundError,
@@ -25,7 +27,9 @@ from mmard_jax.data.pipeline import (
 
 __all__ = [
     "CLASS_ORDERS",
+    "DATASET_SOURCES",
     "DATASETS",
+    "SOURCES",
     "SPLITS",
     "Dataset",
     "DatasetFormatError",

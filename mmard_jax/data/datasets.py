@@ -12,7 +12,7 @@ import numpy as np
 
 from mmard_jax.data import cifar, digits, svhn, tfds_source, tiny_imagenet
 from mmard_jax.data.download import fetch_file
-from mmard_jax.errors import DatasetNotFoundError, DownloadError
+from mmard_jax.errors import DatasetNotFoundError, DownloadError, UserError
 
 DATASETS = ("cifar10", "cifar100", "digits", "tiny_imagenet", "svhn")
 SPLITS = ("train", "test")
@@ -84,22 +84,22 @@ def load_dataset(
     class_order (tiny_imagenet only): 'sorted' (the default: sorted wnids, torchvision's ImageFolder, what the
       published DM-Improves-AT teacher is distilled with) or 'wnids' (the order of wnids.txt, as PeerAiD reads it).
 
-    Raises ValueError for an unknown name/split/source/class_order, `DatasetNotFoundError` when no copy is found
-    and `DatasetFormatError` for a damaged one.
+    Raises UserError (a ValueError) for an unknown name/split/source/class_order, `DatasetNotFoundError` when no
+    copy is found and `DatasetFormatError` for a damaged one.
     """
     _check_choice("name", name, DATASETS)
     _check_choice("split", split, SPLITS)
     if name == "digits" and (source != "auto" or download):
-        raise ValueError("'digits' is bundled with scikit-learn: use source='auto' and download=False")
+        raise UserError("'digits' is bundled with scikit-learn: use source='auto' and download=False")
     if source not in DATASET_SOURCES[name]:
-        raise ValueError(f"unknown source {source!r} for {name}; valid: {', '.join(DATASET_SOURCES[name])}")
+        raise UserError(f"unknown source {source!r} for {name}; valid: {', '.join(DATASET_SOURCES[name])}")
     if class_order is not None and name != "tiny_imagenet":
-        raise ValueError(f"class_order applies to tiny_imagenet only; {name}'s labels are fixed by its files")
+        raise UserError(f"class_order applies to tiny_imagenet only; {name}'s labels are fixed by its files")
     if name == "digits":
         images, labels = digits.load_digits_split(split)
         return Dataset(images, labels, digits.NUM_CLASSES, name, split)
     if source == "tfds" and download:
-        raise ValueError(
+        raise UserError(
             f"download=True fetches {name}'s official files, which source='tfds' does not read; "
             f"use source={DATASET_SOURCES[name][1]!r} or 'auto'"
         )
@@ -118,9 +118,9 @@ def load_dataset(
 
 
 def _check_choice(what: str, value: str, valid: tuple[str, ...]) -> None:
-    """Raises ValueError listing the valid values."""
+    """Raises a UserError (a ValueError) listing the valid values."""
     if value not in valid:
-        raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+        raise UserError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
 
 
 def _read_cifar(spec: cifar.CifarSpec, split: str, root: pathlib.Path, source: str, download: bool):
