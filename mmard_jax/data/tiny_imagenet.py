@@ -44,7 +44,7 @@ EXTENSION = ".JPEG"
 #             this way (HongsinLee/saad@295121c5d2eed827b5b2d6aa42307de809bdfada utils.py lines 109, 131, 133,
 #             teacher loaded at line 215); DGAD sorts wnids.txt (kunsaram01/DGAD@a0329c8 config/TinyImageNet.py
 #             line 46). DM-Improves-AT itself reads a repacked train.npz/val.npz whose labelling code is not
-#             published (wzekai99/DM-Improves-AT core/data/tiny_imagenet.py lines 41-52).
+#             published (wzekai99/DM-Improves-AT@b390f25d core/data/tiny_imagenet.py lines 26, 42-52).
 #   'wnids':  label = line of the wnid in wnids.txt, as PeerAiD reads it
 #             (jaewonalive/PeerAiD@cd12e9210ceb43a68c104f3c4ca281ea991880b8 datasets/TinyImageNetDataset.py
 #             lines 36-39, 62, 71); PeerAiD trains its own peer, so no published teacher depends on it.
