@@ -340,14 +340,16 @@ def test_augment_at_64x64_with_padding_8():
 
     images = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
     rng, padding = jax.random.key(9), 8
-    offsets, flips = crop_flip_params(rng, len(images), padding=padding, flip=True)
+    params = jax.jit(crop_flip_params, static_argnames=("batch_size", "padding", "flip"))
+    offsets, flips = params(rng, len(images), padding=padding, flip=True)
     padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     expected = []
     for image, (dy, dx), flip in zip(padded, np.asarray(offsets), np.asarray(flips)):
         crop = image[dy : dy + 64, dx : dx + 64]
         expected.append(crop[:, ::-1] if flip else crop)
     expected = np.stack(expected).astype(np.float32) / np.float32(255)
-    np.testing.assert_array_equal(data.augment(rng, images, padding=padding), expected)
+    augment = jax.jit(data.augment, static_argnames=("padding", "flip"))
+    np.testing.assert_array_equal(augment(rng, images, padding=padding), expected)
 
 
 # ---------------------------------------------------------------- SVHN: official .mat files and a tfds copy
@@ -494,3 +496,15 @@ def test_config_class_order_is_checked():
     config.dataset.class_order = "alphabetical"
     with pytest.raises(UserError, match=r"class_order='alphabetical' is not one of: , sorted, wnids"):
         train.check_config(config)
+
+
+def test_data_loading_benchmark_runs_on_a_small_synthetic_copy(tmp_path):
+    """scripts/bench_data_loading.py's work (mmard_jax.tools.bench_data), 200 classes x 1 image: rows, no numbers."""
+    from mmard_jax.tools import bench_data
+
+    rows = bench_data.run(tmp_path, per_class=1)
+    assert [(r.source, r.split, r.images) for r in rows] == [("zip", "train", 200), ("zip", "test", 20),
+                                                             ("folder", "train", 200)]
+    assert bench_data.table(rows).count("\n") == 4 and all(r.real()[0] > 0 for r in rows)
+    ds = data.load_dataset("tiny_imagenet", "test", data_dir=tmp_path, class_order="wnids")
+    np.testing.assert_array_equal(ds.labels, np.arange(20) % 200)  # val_j is class j of wnids.txt
