@@ -220,3 +220,17 @@ def test_published_recipes_turn_swa_on_where_the_papers_do():
     c.swa.start_epoch, c.num_epochs = 2, 5
     assert [swa.due(c, e) for e in range(1, 6)] == [False, False, True, True, True]
     assert swa.expected_count(c, 5) == 3
+
+
+def test_a_workdir_from_before_config_swa_resumes_while_swa_stays_off():
+    from mmard_jax import config_guard  # noqa: PLC0415
+    from mmard_jax.errors import ConfigChangedError  # noqa: PLC0415
+
+    new = config_lib.base_config("mmard")
+    old = config_guard.as_json(new)
+    del old["swa"]
+    added = config_guard.check_resume(old, new)
+    assert sorted(c.key for c in added) == ["swa.bn_recompute", "swa.enabled", "swa.every_epochs", "swa.start_epoch"]
+    new.swa.enabled = True
+    with pytest.raises(ConfigChangedError, match="swa.enabled"):
+        config_guard.check_resume(old, new)
