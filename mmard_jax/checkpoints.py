@@ -2,6 +2,7 @@
 
     WORKDIR/checkpoints/latest/<step>/{state,meta}   the whole train state + {best_value, best_epoch}
     WORKDIR/checkpoints/best/<step>/variables        the student's variables at the best evaluation
+    WORKDIR/swa/checkpoints/best/<step>/variables    the SWA student's at its best evaluation (config.swa)
 
 Both are orbax `CheckpointManager`s, written synchronously (the train state's buffers are donated to the
 next step, so a save must finish first) and atomically (orbax writes a temporary directory and renames
@@ -14,6 +15,7 @@ the primary process writes metadata).
 
 A workdir's model.json (the student's spec) and its best student make it usable as a model directory:
 `load_model` and `fingerprint` read a model directory or a workdir (`variables_dir` knows both layouts).
+WORKDIR/swa has the same layout (model.json and checkpoints/best), so it is a model directory too.
 """
 
 import datetime
@@ -31,6 +33,8 @@ from mmard_jax.tensorstore_errors import error_summary, is_io_failure, quiet_thr
 
 LATEST = "checkpoints/latest"
 BEST = "checkpoints/best"  # the best student: <step>/variables (an orbax CheckpointManager)
+SWA_DIR = "swa"  # the SWA student's model directory inside a workdir (a workdir's layout: model.json, BEST)
+SWA_BEST = f"{SWA_DIR}/{BEST}"
 UNREADABLE = "checkpoints/unreadable"  # where unreadable latest checkpoints are moved on a fallback
 KEEP_LATEST = 2
 
@@ -101,10 +105,11 @@ class _OrbaxThreadFailure(logging.Filter):
 class TrainCheckpoints:
     """The latest train states (two kept) and the best student of one workdir; the trainer's only orbax user."""
 
-    def __init__(self, workdir, best_metric: str, say: Callable[[str], None] = print):
+    def __init__(self, workdir, best_metric: str, say: Callable[[str], None] = print, swa: bool = False):
         self.directory = pathlib.Path(workdir).absolute()
         self._latest = _manager(self.directory / LATEST, KEEP_LATEST)
         self._best = _manager(self.directory / BEST, 1, best_metric)
+        self._best_swa = _manager(self.directory / SWA_BEST, 1, best_metric) if swa else None
         self._best_metric = best_metric
         self._say = say
 
@@ -158,19 +163,22 @@ class TrainCheckpoints:
         self._latest.reload()
 
     def save_latest(self, state, meta: Dict[str, Any]) -> None:
-        """Saves the train state at its step (no-op if that step is saved already)."""
-        step = int(state.step)
+        """Saves the train state (an object or a dict with a `step`) at its step (no-op if that step is saved
+        already)."""
+        step = int(state["step"] if isinstance(state, dict) else state.step)
         if step in self._latest.all_steps():
             return
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self._guarded_save(self._latest, step, args, None, LATEST)
 
-    def save_best(self, step: int, variables, value: float) -> None:
-        """Saves the student's variables as the best checkpoint (evaluated `value` of the best metric)."""
-        if step in self._best.all_steps():
+    def save_best(self, step: int, variables, value: float, swa: bool = False) -> None:
+        """Saves the student's (`swa`: the SWA student's) variables as its best checkpoint (evaluated `value` of the
+        best metric)."""
+        manager, where = (self._best_swa, SWA_BEST) if swa else (self._best, BEST)
+        if step in manager.all_steps():
             return
         args = ocp.args.Composite(variables=ocp.args.StandardSave(variables))
-        self._guarded_save(self._best, step, args, {self._best_metric: value}, BEST)
+        self._guarded_save(manager, step, args, {self._best_metric: value}, where)
 
     def _guarded_save(self, manager, step, args, metrics, where: str) -> None:
         """One save; an I/O failure becomes CheckpointWriteError naming the step kept intact (other errors,
@@ -190,6 +198,8 @@ class TrainCheckpoints:
                 f"free disk space or fix permissions, then rerun the same command") from err
 
     def close(self) -> None:
-        """Waits for and releases both managers."""
+        """Waits for and releases the managers."""
         self._latest.close()
         self._best.close()
+        if self._best_swa is not None:
+            self._best_swa.close()

@@ -42,6 +42,10 @@ ADDED_SINCE: Mapping[str, Any] = {
     "attack.norm": "Linf",  # the L2 threat model
     "eval.norm": "Linf",
     "dataset.class_order": "",  # tiny_imagenet's label order ('' = load_dataset's default)
+    "swa.enabled": False,  # stochastic weight averaging of the student (mmard_jax/swa.py); the others only matter
+    "swa.start_epoch": -1,  # when it is enabled
+    "swa.every_epochs": 1,
+    "swa.bn_recompute": True,
 }
 # Keys that may only grow, and only when the caller allows it (the flag that allows it, for messages).
 EXTENDABLE: Mapping[str, str] = {"num_epochs": "--extend_epochs"}

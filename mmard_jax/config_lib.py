@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional
 
 import ml_collections
 
-from mmard_jax import methods
+from mmard_jax import methods, swa
 from mmard_jax.models.layers import default_conv_grad
 
 # Table 2 of the paper: the RobustBench teachers, as model directories made by `mmard_jax.convert`; then the
@@ -133,8 +133,18 @@ RECIPES = {
     # saad igdm.py:38 (wd 2e-4), :95-97 (x0.1 after epochs 100 and 150), args.py:20-23 (200 epochs).
     "igdm": {"num_epochs": 200, "optim": {**PIECEWISE, "weight_decay": 2e-4, "boundaries": (100, 150)}},
     # PeerAiD configs/PeerAiD_resnet18_cifar10.json (300 epochs, lr 0.1 for both networks, wd 2e-4), main.py:840-852
-    # (/10 at epochs 214, 259, 284).
-    "peeraid": {"num_epochs": 300, "optim": {**PIECEWISE, "weight_decay": 2e-4, "boundaries": (214, 259, 284)}},
+    # (/10 at epochs 214, 259, 284). SWA student: every README.md command passes --swa_s (README.md:31-65); it starts
+    # at the student's first lr decay (main.py:110-111: swa_s_start = lr_decay_epochs_student[0]), is averaged after
+    # every epoch from there (main.py:427-432) and its BN statistics recomputed each time (utils/SWA.py:61-88).
+    "peeraid": {"num_epochs": 300, "optim": {**PIECEWISE, "weight_decay": 2e-4, "boundaries": (214, 259, 284)},
+                "swa": {"enabled": True, "start_epoch": swa.FIRST_DECAY}},
+    # SAAD (HongsinLee/saad @295121c; the `saad` method row arrives with the methods issue and picks this up):
+    # args.py:20-21 (200 epochs, batch 128), saad.py:39 (SGD 0.1, momentum 0.9, wd 2e-4), saad.py:128-130 (x0.1
+    # after 1-based epochs 100 and 150, i.e. from 0-based epochs 100 and 150). SWA: saad.py:41 AveragedModel, from
+    # the 1-based epoch --swa_epoch 95 (args.py:17; saad.py:46, 91: 0-based epoch 94), once per epoch, update_bn
+    # over the train loader after each average (saad.py:93-94).
+    "saad": {"num_epochs": 200, "optim": {**PIECEWISE, "weight_decay": 2e-4, "boundaries": (100, 150)},
+             "swa": {"enabled": True, "start_epoch": 94}},
 }
 
 
@@ -147,6 +157,7 @@ def apply_recipe(c: ml_collections.ConfigDict, method: str) -> ml_collections.Co
     for block in (c.optim, c.peer.optim):
         block.update(recipe["optim"])
     c.attack.update(recipe.get("attack", {}))
+    c.swa.update(recipe.get("swa", {}))
     c.batch_size = recipe.get("batch_size", {}).get(c.dataset.name, c.batch_size)
     return c
 
@@ -205,7 +216,10 @@ def base_config(method: str = "mmard", student: str = "resnet18", dataset: str =
         "unroll": "auto",  # 'auto' | 'full' | 'N': see runtime.resolve_unroll
         "matmul_precision": "highest",  # float32 models at full float32 precision (no TF32 on GPUs)
     })
-    c.best_metric = "pgd_t"  # paper section 4.2: best checkpoint by PGD_T robust accuracy
+    c.best_metric = "pgd_t"  # paper section 4.2: best checkpoint by PGD_T robust accuracy (the SWA student's too)
+    # Stochastic weight averaging of the student (mmard_jax/swa.py): off here; the published recipes of PeerAiD and
+    # SAAD turn it on (RECIPES). start_epoch -1: the first boundary of optim.boundaries.
+    c.swa = ml_collections.ConfigDict(swa.block())
     c.checkpoint_every_steps = 1000
     c.log_every_steps = 50
     return c

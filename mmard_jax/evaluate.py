@@ -97,6 +97,12 @@ def markdown_report(title: str, setup: Dict[str, Any], report: Dict[str, Any]) -
         lines.append("| " + " | ".join(autoattack.TITLES[c] for c in aa["accuracy_after"] if c != "aa") + " |")
         lines.append("|" + "---:|" * (len(aa["accuracy_after"]) - 1))
         lines.append("| " + " | ".join(f"{100 * v:.2f}" for c, v in aa["accuracy_after"].items() if c != "aa") + " |")
+    if report.get("per_class"):
+        columns = tuple(table_cols) + tuple(extra)
+        lines += ["", "Per class: the worst class's accuracy (%, class in brackets) and the normalised standard "
+                  "deviation across classes (NSD: std / mean):", "",
+                  reporting.fairness_table({setup.get("model", "model"): report["per_class"]}, columns=columns),
+                  "", "Accuracy of each class (%):", "", reporting.per_class_table(report["per_class"], columns)]
     lines += ["", "Trust checks (gradient masking signs, as recommended by AutoAttack's authors):", ""]
     grads = report["gradients"]
     lines.append(f"- input gradients all zero: {grads['zero']:.2%} of examples; NaN/inf: {grads['nonfinite']:.2%}")

@@ -98,11 +98,11 @@ class MetricSinks:
         if not self.primary:
             return
         files.append_jsonl(self.workdir / "metrics.jsonl", record)
-        self._scalars(record["step"], {k.replace("_", "/", 1): v for k, v in record.items()
-                                       if k.startswith(("test_", "train_"))})
-        tests = {k[5:]: v for k, v in record.items() if k.startswith("test_")}
-        if tests:
-            self.say(f"epoch {record['epoch']}: " + ", ".join(f"{k} {v:.2%}" for k, v in tests.items()))
+        self._scalars(record["step"], epoch_scalars(record))
+        for prefix, who in (("test_", ""), ("swa_test_", "SWA student ")):
+            tests = {k[len(prefix):]: v for k, v in record.items() if k.startswith(prefix)}
+            if tests:
+                self.say(f"epoch {record['epoch']}: {who}" + ", ".join(f"{k} {v:.2%}" for k, v in tests.items()))
 
     def _scalars(self, step: int, values: Mapping[str, float]) -> None:
         if self._writer is not None:
@@ -114,6 +114,24 @@ class MetricSinks:
             self._writer = None
 
 
+def epoch_scalars(record: Mapping[str, Any]) -> Dict[str, float]:
+    """An epoch record's TensorBoard scalars: train/<metric>, test/<attack>, swa_test/<attack> (the SWA student),
+    and per attack the worst class's accuracy and the NSD, test_worst/<attack>, test_nsd/<attack> (swa_test_...)."""
+    out = {}
+    for key, value in record.items():
+        if key.startswith(("train_", "test_")):
+            out[key.replace("_", "/", 1)] = value
+        elif key.startswith("swa_test_"):
+            out["swa_test/" + key[len("swa_test_"):]] = value
+        elif key.startswith("per_class_"):
+            prefix = key[len("per_class_"):]
+            for attack, per in value.items():
+                out[f"{prefix}_worst/{attack}"] = per["worst"]
+                if per["nsd"] is not None:
+                    out[f"{prefix}_nsd/{attack}"] = per["nsd"]
+    return out
+
+
 def accuracy_table(rows: Mapping[str, Mapping[str, float]], columns: Sequence[str] = PAPER_COLUMNS) -> str:
     """A Markdown table, one row per model, accuracies in percent, columns in the paper's order."""
     cols = [c for c in columns if any(c in r for r in rows.values())]
@@ -121,6 +139,37 @@ def accuracy_table(rows: Mapping[str, Mapping[str, float]], columns: Sequence[st
              "|---|" + "---:|" * len(cols)]
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{100 * r[c]:.2f}" if c in r else "-" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def fairness_table(rows: Mapping[str, Mapping[str, Mapping[str, Any]]], columns: Sequence[str] = PAPER_COLUMNS) -> str:
+    """A Markdown table of per-class numbers (`robustness.per_class` entries), one row per model: per attack the
+    worst class's accuracy in percent with the class in brackets, and the NSD (std / mean across classes)."""
+    attacks = [c for c in columns if any(c in r for r in rows.values())]
+    attacks += [c for r in rows.values() for c in r if c not in attacks and c not in columns]
+    attacks = list(dict.fromkeys(attacks))
+    head = " | ".join(f"{COLUMN_TITLES.get(c, c)} worst (class) | {COLUMN_TITLES.get(c, c)} NSD" for c in attacks)
+    lines = [f"| model | {head} |", "|---|" + "---:|---:|" * len(attacks)]
+    for name, r in rows.items():
+        cells = []
+        for c in attacks:
+            per = r.get(c)
+            cells += (["-", "-"] if per is None else
+                      [f"{100 * per['worst']:.2f} ({per['worst_class']})",
+                       "-" if per["nsd"] is None else f"{per['nsd']:.4f}"])
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def per_class_table(per_class: Mapping[str, Mapping[str, Any]], columns: Sequence[str] = PAPER_COLUMNS) -> str:
+    """A Markdown table of every class's accuracy (%) under each attack (one row per class)."""
+    attacks = [c for c in columns if c in per_class] + [c for c in per_class if c not in columns]
+    n = max(len(per_class[a]["accuracy"]) for a in attacks)
+    lines = ["| class | " + " | ".join(COLUMN_TITLES.get(a, a) for a in attacks) + " |",
+             "|---:|" + "---:|" * len(attacks)]
+    for k in range(n):
+        cells = [per_class[a]["accuracy"][k] for a in attacks]
+        lines.append(f"| {k} | " + " | ".join("-" if v is None else f"{100 * v:.2f}" for v in cells) + " |")
     return "\n".join(lines)
 
 
@@ -164,19 +213,61 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         rows[f"last (epoch {summary['epochs_done']})"] = summary["last"]
     if summary.get("final"):
         rows["best checkpoint, final attacks"] = summary["final"]
+    fair = {}
+    for name, key in (("best", "best"), ("last", "last"), ("best checkpoint, final attacks", "final")):
+        if summary.get("per_class", {}).get(key):
+            fair[next((r for r in rows if r.startswith(name)), name)] = summary["per_class"][key]
+    swa = summary.get("swa")
+    if swa:
+        lines.insert(len(lines) - 1, f"- SWA student (from epoch {swa['start_epoch'] + 1}, {swa['snapshots']} "
+                                     f"snapshots), best epoch (by {summary['best_metric']}): {swa['best_epoch']}")
+        for name, key in ((f"SWA best (epoch {swa['best_epoch']})", "best"), (f"SWA last (epoch {swa['last_epoch']})",
+                                                                                "last"),
+                          ("SWA best checkpoint, final attacks", "final")):
+            if swa.get(key):
+                rows[name] = swa[key]
+                if swa.get("per_class", {}).get(key):
+                    fair[name] = swa["per_class"][key]
     if rows:
         lines += ["Test accuracy (%):", "", accuracy_table(rows), ""]
+    if fair:
+        lines += ["Per class (worst class's accuracy in %, normalised standard deviation across classes):", "",
+                  fairness_table(fair), ""]
     return "\n".join(lines)
 
 
-def _test_metrics(record: Mapping[str, Any]) -> Dict[str, float]:
-    return {k[5:]: v for k, v in record.items() if k.startswith("test_")}
+def _test_metrics(record: Mapping[str, Any], prefix: str = "test_") -> Dict[str, float]:
+    return {k[len(prefix):]: v for k, v in record.items() if k.startswith(prefix)}
 
 
-def finish_run(workdir: pathlib.Path, config, records, meta, final: Mapping[str, float] = None,
-               notes: Mapping[str, str] = None) -> Dict[str, Any]:
-    """Writes accuracy.png, summary.md and summary.json for a finished run and returns the summary (`notes`: more
-    setup lines, e.g. the AutoAttack version of the final evaluation)."""
+def swa_summary(swa: Mapping[str, Any], records, meta) -> Dict[str, Any]:
+    """The SWA student's part of the summary (`swa`: {'start_epoch', 'snapshots', 'final'} from the trainer):
+    start, snapshots, best and last evaluation, final attacks, per class."""
+    final = dict(swa.get("final") or {})
+    evaluated = [r for r in records if any(k.startswith("swa_test_") for k in r)]
+    best = next((r for r in evaluated if r["epoch"] == meta.get("swa_best_epoch")), None)
+    last = evaluated[-1] if evaluated else None
+    return {
+        "start_epoch": swa["start_epoch"],
+        "snapshots": swa["snapshots"],
+        "best_epoch": meta.get("swa_best_epoch", -1),
+        "last_epoch": last["epoch"] if last else -1,
+        "best": _test_metrics(best, "swa_test_") if best else {},
+        "last": _test_metrics(last, "swa_test_") if last else {},
+        "final": dict(final.get("accuracy", {})),
+        "per_class": {"best": best.get("per_class_swa_test", {}) if best else {},
+                      "last": last.get("per_class_swa_test", {}) if last else {},
+                      "final": dict(final.get("per_class", {}))},
+    }
+
+
+def finish_run(workdir: pathlib.Path, config, records, meta, final: Mapping[str, Any] = None,
+               notes: Mapping[str, str] = None, swa: Mapping[str, Any] = None) -> Dict[str, Any]:
+    """Writes accuracy.png, summary.md and summary.json for a finished run and returns the summary (`final`:
+    `train.final_evaluation`'s {'accuracy', 'per_class'}; `notes`: more setup lines, e.g. the AutoAttack version of
+    the final evaluation; `swa`: where the run keeps an SWA student, {'start_epoch', 'snapshots', 'final' (its
+    final evaluation)})."""
+    final = dict(final or {})
     evaluated = [r for r in records if any(k.startswith("test_") for k in r)]
     best = next((r for r in evaluated if r["epoch"] == meta.get("best_epoch")), None)
     title = f"{config.method.name} / {config.student.arch} / {config.dataset.name}"
@@ -199,10 +290,15 @@ def finish_run(workdir: pathlib.Path, config, records, meta, final: Mapping[str,
         "best_epoch": meta.get("best_epoch", -1),
         "best": _test_metrics(best) if best else {},
         "last": _test_metrics(evaluated[-1]) if evaluated else {},
-        "final": dict(final or {}),
+        "final": dict(final.get("accuracy", {})),
+        "per_class": {"best": best.get("per_class_test", {}) if best else {},
+                      "last": evaluated[-1].get("per_class_test", {}) if evaluated else {},
+                      "final": dict(final.get("per_class", {}))},
         "epochs_done": records[-1]["epoch"] if records else 0,
         "train_hours": sum(r.get("seconds", 0.0) for r in records) / 3600,
     }
+    if swa is not None:
+        summary["swa"] = swa_summary(swa, records, meta)
     if jax.process_index() == 0:
         plot_accuracy(records, workdir / "accuracy.png", title)
         files.write_text_atomic(workdir / "summary.md", summary_markdown(summary) + "\n")

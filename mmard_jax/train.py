@@ -41,6 +41,7 @@ from mmard_jax import (
     robustness,
     runtime,
     stopping,
+    swa,
     train_step,
     xla_env,
 )
@@ -82,9 +83,16 @@ def check_config(config) -> None:
         config_lib.resolve_method(config.method)
     except ValueError as err:
         raise ConfigError(f"config.method: {err}") from None
+    if swa_enabled(config):
+        swa.check(config)
     mesh = parallel.data_mesh()
     for name in ("batch_size", "eval.batch_size"):
         parallel.check_divisible(_get(config, name), mesh, f"config.{name}")
+
+
+def swa_enabled(config) -> bool:
+    """Whether the run keeps an SWA student (configs written before `config.swa` existed have none)."""
+    return "swa" in config and bool(config.swa.enabled)
 
 
 def _get(config, dotted: str):
@@ -119,6 +127,7 @@ class Run:
     agree: stopping.StopAgreement
     meta: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"best_value": -math.inf, "best_epoch": -1})
     step_fns: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    swa_bn: Any = None  # the jitted BN recompute of the SWA student (swa.make_bn_pass) where config.swa is on
 
     def step_fn(self, phase: str):
         """The compiled step of a phase (built on first use)."""
@@ -207,25 +216,47 @@ def setup(config, workdir: pathlib.Path, progress: bool, guard) -> Run:
                                    matmul_precision=config.eval.get("matmul_precision", "highest"), progress=progress)
     # Every process holds the whole training split on every device and gathers its batches from it (CIFAR: 150 MB).
     images, labels = parallel.put_replicated((train.images, train.labels), mesh)
+    with_swa = swa_enabled(config)
     if parallel.is_primary():
         files.write_json_atomic(workdir / store.SPEC_FILE, spec)
+        if with_swa:  # the SWA student's model directory: a workdir's layout (model.json, checkpoints/best)
+            (workdir / checkpoints.SWA_DIR).mkdir(exist_ok=True)
+            files.write_json_atomic(workdir / checkpoints.SWA_DIR / store.SPEC_FILE, spec)
     sinks = reporting.MetricSinks(workdir, progress)
-    return Run(config, workdir, mesh, method, nets, parallel.put_replicated(frozen, mesh), txs, schedule,
-               step_settings(config), images, labels, len(train), train.images.shape[1:], steps_per_epoch, ev,
-               checkpoints.TrainCheckpoints(workdir, config.best_metric, say=sinks.say), sinks,
-               guard, stopping.StopAgreement(mesh))
+    settings = step_settings(config)
+    run = Run(config, workdir, mesh, method, nets, parallel.put_replicated(frozen, mesh), txs, schedule,
+              settings, images, labels, len(train), train.images.shape[1:], steps_per_epoch, ev,
+              checkpoints.TrainCheckpoints(workdir, config.best_metric, say=sinks.say, swa=with_swa), sinks,
+              guard, stopping.StopAgreement(mesh))
+    if with_swa:
+        run.meta.update(swa_best_value=-math.inf, swa_best_epoch=-1)
+        if config.swa.bn_recompute:
+            run.swa_bn = swa.make_bn_pass(nets.student, settings, mesh, config.seed)
+    return run
+
+
+def saved_form(state: train_step.TrainState) -> Dict[str, Any]:
+    """The train state as checkpointed: its fields by name, without `swa` when the run keeps none (so the
+    checkpoints of runs from before SWA existed restore unchanged)."""
+    form = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    if form["swa"] is None:
+        del form["swa"]
+    return form
 
 
 def restore_or_init(run: Run):
     """The train state and best-checkpoint bookkeeping: restored from the latest checkpoint, or fresh."""
     key = jax.random.key(run.config.seed, impl="rbg")  # RBG init keys: threefry init programs compile slowly on CPU
-    state = parallel.put_replicated(train_step.init_state(run.nets, run.method, run.txs, key, run.input_shape),
-                                    run.mesh)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+    swa_init = swa.init if swa_enabled(run.config) else None
+    state = parallel.put_replicated(
+        train_step.init_state(run.nets, run.method, run.txs, key, run.input_shape, swa_init=swa_init), run.mesh)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), saved_form(state))
     restored = run.ckpt.restore(abstract)
     if restored is None:
         return state
-    state, run.meta = restored
+    form, meta = restored
+    state = train_step.TrainState(**form)
+    run.meta = {**run.meta, **meta}
     run.sinks.say(f"resumed from step {int(state.step)} ({run.workdir})")
     return state
 
@@ -260,43 +291,82 @@ def train_epoch(run: Run, state, epoch: int):
     return state, reporting.weighted_means(chunks)
 
 
-def evaluate_epoch(run: Run, state, epoch: int) -> Dict[str, float]:
-    """Test accuracies of the student after `epoch` (1-based) under the training-time attacks."""
-    variables = {"params": state.student.params, "batch_stats": state.student.batch_stats}
+def evaluate_epoch(run: Run, variables, epoch: int, prefix: str = "test") -> Dict[str, Any]:
+    """Test accuracies of a student (`prefix` 'test': the student, 'swa_test': the SWA student) after `epoch`
+    (1-based) under the training-time attacks, as `{prefix}_{attack}`, and their per-class numbers
+    (`robustness.per_class`) under `per_class_{prefix}`."""
     report = robustness.run(run.evaluator, variables, run.config.eval.attacks, seed=eval_seed(run.config, epoch),
                             checks=False)
-    return {f"test_{k}": v for k, v in report.accuracy.items()}
+    return {**{f"{prefix}_{k}": v for k, v in report.accuracy.items()}, f"per_class_{prefix}": report.per_class}
 
 
-def update_best(run: Run, state, meta, record) -> Dict[str, Any]:
-    """Saves the best checkpoint when this epoch's best-metric accuracy is the highest so far."""
-    value = record.get(f"test_{run.config.best_metric}")
-    if value is None or value <= meta["best_value"]:
+def student_variables(state) -> Dict[str, Any]:
+    return {"params": state.student.params, "batch_stats": state.student.batch_stats}
+
+
+def update_best(run: Run, state, meta, record, swa_student: bool = False) -> Dict[str, Any]:
+    """Saves the student's (`swa_student`: the SWA student's) best checkpoint when this epoch's best-metric
+    accuracy is its highest so far."""
+    prefix, key = ("swa_test", "swa_best") if swa_student else ("test", "best")
+    value = record.get(f"{prefix}_{run.config.best_metric}")
+    if value is None or value <= meta[f"{key}_value"]:
         return meta
-    variables = {"params": state.student.params, "batch_stats": state.student.batch_stats}
-    run.ckpt.save_best(int(state.step), variables, value)
-    return {"best_value": value, "best_epoch": record["epoch"]}
+    variables = swa.variables(state.swa) if swa_student else student_variables(state)
+    run.ckpt.save_best(int(state.step), variables, value, swa=swa_student)
+    return {**meta, f"{key}_value": value, f"{key}_epoch": record["epoch"]}
 
 
-def final_evaluation(run: Run, meta, records) -> Dict[str, float]:
-    """The best checkpoint under every final attack, with the best epoch's evaluation seed: the attacks that
-    evaluation already ran give the same numbers, so they are taken from its record."""
+def final_evaluation(run: Run, meta, records, swa_student: bool = False) -> Dict[str, Any]:
+    """The best checkpoint (`swa_student`: the SWA student's) under every final attack, with the best epoch's
+    evaluation seed: the attacks that evaluation already ran give the same numbers, so they are taken from its
+    record. Returns {'accuracy': {attack: value}, 'per_class': {attack: robustness.per_class entry}}."""
+    prefix, key, directory = (("swa_test", "swa_best", run.workdir / checkpoints.SWA_DIR) if swa_student
+                              else ("test", "best", run.workdir))
     attacks = tuple(run.config.eval.final_attacks)
-    best_record = next((r for r in records if r["epoch"] == meta["best_epoch"]), {})
-    final = {a: best_record[f"test_{a}"] for a in attacks if f"test_{a}" in best_record}
+    best_epoch = meta.get(f"{key}_epoch", -1)
+    best_record = next((r for r in records if r["epoch"] == best_epoch), {})
+    final = {a: best_record[f"{prefix}_{a}"] for a in attacks if f"{prefix}_{a}" in best_record}
+    per_class = {a: v for a, v in best_record.get(f"per_class_{prefix}", {}).items() if a in final}
     missing = [a for a in attacks if a not in final]
     if missing:
-        _, variables = checkpoints.load_model(run.workdir, dtype=run.config.student.dtype,
+        _, variables = checkpoints.load_model(directory, dtype=run.config.student.dtype,
                                               input_shape=run.input_shape)
-        report = robustness.run(run.evaluator, variables, missing, seed=eval_seed(run.config, meta["best_epoch"]),
+        report = robustness.run(run.evaluator, variables, missing, seed=eval_seed(run.config, best_epoch),
                                 checks=False)
         final.update(report.accuracy)
-    return {a: final[a] for a in attacks}
+        per_class.update(report.per_class)
+    return {"accuracy": {a: final[a] for a in attacks}, "per_class": {a: per_class[a] for a in attacks
+                                                                       if a in per_class}}
 
+
+def swa_after_epoch(run: Run, state, epochs_done: int):
+    """The SWA student after `epochs_done` epochs: the student's parameters averaged in and its BatchNorm
+    statistics recomputed when due (swa.due); the state unchanged otherwise."""
+    if not swa.due(run.config, epochs_done):
+        return state
+    averaged = jax.jit(swa.average, donate_argnums=(0,))(state.swa, state.student.params)
+    if run.swa_bn is not None:
+        idx = parallel.put_batch(swa.bn_batches(run.config.seed, epochs_done - 1, run.n_train, run.config.batch_size),
+                                 run.mesh, axis=1)
+        stats = run.swa_bn(averaged.params, averaged.batch_stats, run.images, run.labels, idx,
+                           np.asarray(epochs_done - 1, np.int32))
+        averaged = averaged.replace(batch_stats=stats)
+    return state.replace(swa=averaged)
+
+
+def swa_catch_up(run: Run, state):
+    """A run stopped right after an epoch's last step (before that epoch's SWA update was saved) does that
+    update on resume, so that the resumed run holds what an uninterrupted one does."""
+    if state.swa is None or int(state.step) % run.steps_per_epoch:
+        return state
+    done = int(state.step) // run.steps_per_epoch
+    if int(state.swa.count) < swa.expected_count(run.config, done):
+        state = swa_after_epoch(run, state, done)
+    return state
 
 def save_latest(run: Run, state) -> None:
     _raise_if_nonfinite(state, run.ckpt)
-    run.ckpt.save_latest(state, run.meta)
+    run.ckpt.save_latest(saved_form(state), run.meta)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, progress: bool = True,
@@ -314,6 +384,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, progress: 
         record_start(workdir, config, extend_epochs)
         run = setup(config, workdir, progress, guard)
         state = restore_or_init(run)
+        if swa_enabled(config):
+            state = swa_catch_up(run, state)
         run.sinks.open(int(state.step))
         run.sinks.say(f"{config.method.name}: {config.student.arch} on {config.dataset.name} ({run.n_train} train / "
                       f"{run.evaluator.n} test), {run.steps_per_epoch} steps/epoch x {config.num_epochs} epochs, "
@@ -323,18 +395,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, progress: 
             start = time.perf_counter()
             state, train_means = train_epoch(run, state, epoch)
             record = {"epoch": epoch + 1, "step": int(state.step), **{f"train_{k}": v for k, v in train_means.items()}}
+            if swa_enabled(config):
+                state = swa_after_epoch(run, state, epoch + 1)
             if due(epoch + 1, config.eval.every_epochs, last=epoch + 1 == config.num_epochs):
-                record.update(evaluate_epoch(run, state, epoch + 1))
+                record.update(evaluate_epoch(run, student_variables(state), epoch + 1))
                 run.meta = update_best(run, state, run.meta, record)
+                if swa_enabled(config) and int(state.swa.count) > 0:  # PeerAiD main.py:625, 742: once started
+                    record.update(evaluate_epoch(run, swa.variables(state.swa), epoch + 1, prefix="swa_test"))
+                    run.meta = update_best(run, state, run.meta, record, swa_student=True)
             record["seconds"] = time.perf_counter() - start
             run.sinks.epoch(record)
             save_latest(run, state)
             if run.guard.should_stop(int(state.step), agree=run.agree.now) and epoch + 1 < config.num_epochs:
                 raise run.guard.error(int(state.step))
         final = final_evaluation(run, run.meta, run.sinks.records) if config.eval.final_attacks else {}
+        swa_info = None
+        if swa_enabled(config):
+            swa_final = (final_evaluation(run, run.meta, run.sinks.records, swa_student=True)
+                         if config.eval.final_attacks and run.meta.get("swa_best_epoch", -1) > 0 else {})
+            swa_info = {"start_epoch": swa.resolve_start(config), "snapshots": int(state.swa.count),
+                        "final": swa_final}
         run.sinks.close()
         run.ckpt.close()
-        return reporting.finish_run(workdir, config, run.sinks.records, run.meta, final, evaluation_notes(config))
+        return reporting.finish_run(workdir, config, run.sinks.records, run.meta, final, evaluation_notes(config),
+                                    swa=swa_info)
 
 
 def record_start(workdir: pathlib.Path, config, extend_epochs: bool) -> None:

@@ -41,6 +41,7 @@ class TrainState:
     nets: Dict[str, NetState]  # 'student', and 'peer' where the method trains one
     method_state: Any
     bad_step: Array  # first step whose loss or gradient was not finite (-1 if none); updates stop there
+    swa: Any = None  # swa.SwaState where config.swa is enabled (updated between epochs, never by the step)
 
     @property
     def student(self) -> NetState:
@@ -109,8 +110,10 @@ def make_lr_schedule(base_lr: float, steps_per_epoch: int, num_epochs: int, name
     raise ValueError(f"unknown lr schedule {name!r}; known: cosine, piecewise")
 
 
-def init_state(nets: Networks, method: methods.Method, txs: Mapping[str, Any], rng, input_shape) -> TrainState:
-    """Initial variables and optimizer states of the trained networks, and the method's state.
+def init_state(nets: Networks, method: methods.Method, txs: Mapping[str, Any], rng, input_shape,
+               swa_init: Callable = None) -> TrainState:
+    """Initial variables and optimizer states of the trained networks, and the method's state (and, given
+    `swa_init(params, batch_stats)`, the SWA student's state from the student's initial variables).
 
     One jitted program: eager Flax init compiles one small program per parameter (13 s for a ResNet-18 on CPU),
     and eager optax init one per buffer shape (13 for a WRN).
@@ -124,8 +127,9 @@ def init_state(nets: Networks, method: methods.Method, txs: Mapping[str, Any], r
             variables = getattr(nets, name).init(key, x, train=False)
             states[name] = NetState(variables["params"], variables.get("batch_stats", {}),
                                     txs[name].init(variables["params"]))
+        swa = None if swa_init is None else swa_init(states["student"].params, states["student"].batch_stats)
         return TrainState(step=jnp.zeros((), jnp.int32), nets=states, method_state=method.init_state(),
-                          bad_step=jnp.full((), -1, jnp.int32))
+                          bad_step=jnp.full((), -1, jnp.int32), swa=swa)
 
     return jax.jit(build)(rng)
 
@@ -224,7 +228,7 @@ def guarded_update(state: TrainState, nets: Dict[str, NetState], method_state, o
     kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), (nets, method_state),
                         (state.nets, state.method_state))
     bad = jnp.where((state.bad_step < 0) & ~ok, state.step, state.bad_step)
-    return TrainState(step=state.step + 1, nets=kept[0], method_state=kept[1], bad_step=bad)
+    return state.replace(step=state.step + 1, nets=kept[0], method_state=kept[1], bad_step=bad)
 
 
 def _all_finite(tree) -> Array:

@@ -145,6 +145,7 @@ def test_a_run_saved_before_a_key_existed_resumes_with_its_old_behaviour(base):
     for block, key in (("student", "conv_grad"), ("teacher", "conv_grad"), ("attack", "norm"), ("eval", "norm"),
                        ("dataset", "class_order")):
         del old[block][key]
+    del old["swa"]  # the SWA student's block (tests/test_swa.py checks that turning it on is refused)
     allowed = check_resume(old, base)
     assert {c.key for c in allowed} == set(config_guard.ADDED_SINCE) and {c.kind for c in allowed} == {"added"}
     with pytest.raises(ConfigChangedError, match=r"attack.norm: \(absent\) -> \"L2\""):

@@ -333,9 +333,10 @@ def test_uninterrupted_run_writes_what_a_person_reads(reference):
     with ocp.StandardCheckpointer() as checkpointer:
         state = checkpointer.restore(latest / str(step) / "state")
     assert step == 2 * STEPS_PER_EPOCH
-    assert set(state) == {"step", "nets", "method_state", "bad_step"} and set(state["nets"]) == {"student"}
+    assert set(state) == {"step", "nets", "method_state", "bad_step", "swa"} and set(state["nets"]) == {"student"}
+    assert int(state["swa"]["count"]) == 2  # the SWA student (config.swa, from the first epoch) is saved with it
     assert [json.loads(x)["epoch"] for x in (workdir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    for name in ("summary.md", "summary.json", "accuracy.png", "model.json", "config.json"):
+    for name in ("summary.md", "summary.json", "accuracy.png", "model.json", "config.json", "swa/model.json"):
         assert (workdir / name).is_file(), name
     assert list((workdir / "tb").glob("events.out.tfevents.*"))
     assert set(json.loads((workdir / "summary.json").read_text())["final"]) == {"clean", "fgsm", "pgd_t"}

@@ -34,7 +34,7 @@ from typing import Dict, List, Tuple
 PACKAGE_PARENT = pathlib.Path(__file__).resolve().parents[2]
 
 TMP_MARK = ".orbax-checkpoint-tmp"  # orbax writes a checkpoint into <step>.orbax-checkpoint-tmp, then renames it
-CHECKPOINT_DIRS = ("checkpoints/latest", "checkpoints/best")
+CHECKPOINT_DIRS = ("checkpoints/latest", "checkpoints/best", "swa/checkpoints/best")
 # tqdm's bar: "epoch 1/2:  38%|███▊      | 3/8 [00:06<00:30, ...]"
 PROGRESS = re.compile(rb"epoch (\d+)/\d+: +\d+%\|[^|]*\| *(\d+)/(\d+)")
 
@@ -59,6 +59,8 @@ def get_config(arg=None):
     c.attack.unroll = c.eval.unroll = "1"  # compile-bound: rolled loops compile fastest
     c.checkpoint_every_steps = 3
     c.log_every_steps = 2
+    c.swa.enabled = True  # an SWA student from the first epoch: resumes must restore it bitwise too
+    c.swa.start_epoch = 0
     return c
 '''
 STEPS = 16  # 2 epochs x 256 / 32
@@ -208,14 +210,16 @@ def reference(root, config, env, timeout: float) -> Dict[str, float]:
 
 
 def final_state(workdir) -> Dict[str, object]:
-    """{'latest': (step, leaves), 'best': (step, leaves), 'final': accuracies} of a finished workdir."""
+    """{'latest': (step, leaves), 'best': (step, leaves), 'swa_best': (step, leaves) (the SWA student's best; None
+    and [] without one), 'final': accuracies} of a finished workdir."""
     import jax  # noqa: PLC0415
     import orbax.checkpoint as ocp  # noqa: PLC0415
 
     workdir = pathlib.Path(workdir)
     out = {}
     with ocp.StandardCheckpointer() as checkpointer:
-        for name, sub, item in (("latest", "checkpoints/latest", "state"), ("best", "checkpoints/best", "variables")):
+        for name, sub, item in (("latest", "checkpoints/latest", "state"), ("best", "checkpoints/best", "variables"),
+                                ("swa_best", "swa/checkpoints/best", "variables")):
             steps = committed(workdir, sub)
             out[name] = (steps[-1], jax.tree.leaves(checkpointer.restore(workdir / sub / str(steps[-1]) / item))
                          ) if steps else (None, [])
@@ -229,7 +233,7 @@ def differences(a: Dict[str, object], b: Dict[str, object]) -> List[str]:
     import numpy as np  # noqa: PLC0415
 
     found = []
-    for name in ("latest", "best"):
+    for name in ("latest", "best", "swa_best"):
         (step_a, leaves_a), (step_b, leaves_b) = a[name], b[name]
         if step_a != step_b:
             found.append(f"{name} step {step_a} != {step_b}")
