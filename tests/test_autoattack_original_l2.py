@@ -29,6 +29,7 @@ Square's eta pattern are checked against the original's functions directly.
 
 import dataclasses
 import functools
+import itertools
 import time
 
 import jax
@@ -189,6 +190,25 @@ def test_square_eta_matches_the_original(side):
     ours_eta = square.eta(side)
     assert all(np.allclose(t, ours_eta, atol=1e-6) or np.allclose(t, ours_eta.T, atol=1e-6) for t in theirs)
     assert abs(np.sum(ours_eta ** 2) - 1.0) < 1e-9
+
+
+@pytest.mark.parametrize("height,width", [(32, 32), (8, 8), (64, 48)])
+def test_square_l2_window_is_eta_placed_at_its_corner(height, width):
+    """`window_eta` (computed per pixel from its part and distance) equals eta(s), or its transpose, copied into a
+    zero image at the window's corner, exactly, for every window side of the schedule and corners up to the far
+    edges: the placement the original does by slicing (square.py lines 346-366)."""
+    tables = square.l2_tables(square.P_INIT, height, width)
+    for level, side in enumerate(tables.sides):
+        side = int(side)
+        far = (height - side, width - side)
+        corners = {(0, 0), far, (far[0] // 2, 0), (1 % (far[0] + 1), 3 % (far[1] + 1))}
+        for (row, col), transposed in itertools.product(sorted(corners), (False, True)):
+            expected = np.zeros((height, width), np.float32)
+            pattern = square.eta(side).astype(np.float32)
+            expected[row:row + side, col:col + side] = pattern.T if transposed else pattern
+            got = square.window_eta(jnp.int32(row), jnp.int32(col), jnp.int32(side), jnp.asarray(transposed),
+                                    jnp.asarray(tables.by_distance[level]), height, width)
+            np.testing.assert_array_equal(np.asarray(got), expected, err_msg=f"side {side} at {(row, col)}")
 
 
 def test_apgd_l2_start_is_on_the_sphere():
