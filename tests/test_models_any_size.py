@@ -117,6 +117,36 @@ def test_published_teacher_twin_converts_exactly_at_its_input_size(name, tmp_pat
     assert json.loads((dst / "model.json").read_text())["input_shape"] == list(entry.input_shape)
     module, variables = models.load_pretrained(dst)
     assert_same_logits(module, variables, peer, entry.input_shape)
+    assert_exports_back(dst, peer, lambda: published_peer(name, depth=16, width=2), tmp_path)
+
+
+def assert_exports_back(directory, peer, constructor, tmp_path):
+    """`export` of the directory loads strictly into a fresh published module and equals `peer`'s state_dict."""
+    out = export.export_model(directory, tmp_path / "back.pt")
+    fresh = constructor()
+    fresh.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    for key, value in peer.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            torch.testing.assert_close(fresh.state_dict()[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch, kwargs, namespace, expected", [
+    ("dm_wide_resnet", {**published.PUBLISHED[TINY].kwargs, "depth": 10, "width": 1},
+     {"WideResNet": pm.TinyWideResNet},
+     f"WideResNet(num_classes=200, depth=10, width=1, activation_fn=nn.SiLU, mean={pm.TINY_MEAN}, "
+     f"std={pm.TINY_STD})  # wzekai99/DM-Improves-AT core/models/ti_wideresnetwithswish.py (adaptive pooling)"),
+    ("preact_resnet18_saad", {}, {"pResNet18": pm.SaadPreActResNet18},
+     "pResNet18(num_classes=200)  # HongsinLee/saad cifar100_models/preresnet.py"),
+], ids=["tiny_wrn", "saad"])
+def test_printed_constructor_builds_the_published_module(arch, kwargs, namespace, expected):
+    """The constructor `export` prints for the 64x64 models builds their published class with the export's keys."""
+    text = export.torch_constructor({"arch": arch, "num_classes": 200, "kwargs": kwargs})
+    assert text == expected
+    with torch.device("meta"):
+        peer = eval(text, {**namespace, "nn": torch.nn})  # noqa: S307 - our own output, against the peer classes
+    theirs = {k: tuple(v.shape) for k, v in peer.state_dict().items() if not k.endswith("num_batches_tracked")}
+    variables = store.abstract_variables(models.create(arch, num_classes=200, **kwargs), (64, 64, 3))
+    assert theirs == {k: s for k, (_, s) in convert.expected_torch_shapes(arch, variables).items()}
 
 
 @pytest.mark.slow
@@ -211,12 +241,7 @@ def test_64x64_students_equal_their_published_modules(case, tmp_path):
                                input_shape=(64, 64, 3))
     module, variables = models.load_pretrained(dst)
     assert_same_logits(module, variables, peer, (64, 64, 3))
-    out = export.export_model(dst, tmp_path / "back.pt")
-    fresh = constructor()
-    fresh.load_state_dict(torch.load(out, weights_only=True), strict=True)
-    for key, value in peer.state_dict().items():
-        if not key.endswith("num_batches_tracked"):
-            torch.testing.assert_close(fresh.state_dict()[key], value, rtol=0, atol=0)
+    assert_exports_back(dst, peer, constructor, tmp_path)
 
 
 def test_dgad_checkpoint_without_its_input_shape_says_so(tmp_path):
