@@ -1,7 +1,7 @@
 """Teachers published outside RobustBench, converted by the name of their file (`--published=NAME`).
 
 The Tiny-ImageNet and SVHN teachers of the 2024-2026 ARD papers (SAAD loads both: HongsinLee/saad @ 295121c,
-utils.py:207-226) are DM-Improves-AT's WRN-28-10 Swish models (wzekai99/DM-Improves-AT @ b390f25, README.md:103-104,
+utils.py:207-228) are DM-Improves-AT's WRN-28-10 Swish models (wzekai99/DM-Improves-AT @ b390f25, README.md:103-104,
 `tiny_linf_wrn28-10.pt`, `svhn_linf_wrn28-10.pt`). Their files are read as published: a dict whose
 `model_state_dict` (the weight-averaged model; `unaveraged_model_state_dict` beside it is not used, as its own
 evaluation does: eval-aa.py:82-86) is the state_dict of `DataParallel(Sequential(net))`
