@@ -83,9 +83,10 @@ def variables_dir(directory) -> pathlib.Path:
     raise CheckpointError(f"{directory}: found {store.SPEC_FILE} but neither {store.VARIABLES_DIR}/ nor {BEST}/")
 
 
-def load_model(directory, dtype: str = "float32", input_shape=(32, 32, 3),
+def load_model(directory, dtype: str = "float32", input_shape=None,
                conv_grad: str = "auto") -> Tuple[Any, Dict[str, Any]]:
-    """(module, variables) of a model directory or of a training workdir's best student (`store.load_model`)."""
+    """(module, variables) of a model directory or of a training workdir's best student (`store.load_model`: at the
+    input shape its model.json records unless `input_shape`, the data's, is given)."""
     return store.load_model(directory, dtype, input_shape, locate=variables_dir, conv_grad=conv_grad)
 
 

@@ -166,7 +166,7 @@ def load_frozen(cfg, role: str, num_classes: int, input_shape, conv_grad: str = 
 
 def build_networks(config, method: methods.Method, num_classes: int, input_shape):
     """The step's modules (trained ones with cross-device BatchNorm), the teachers' variables, the student's spec."""
-    spec = store.model_spec(config.student.arch, num_classes, dict(config.student.kwargs))
+    spec = store.model_spec(config.student.arch, num_classes, dict(config.student.kwargs), input_shape=input_shape)
     trained = {"bn_axis_name": parallel.AXIS, "conv_grad": config.student.conv_grad}
     nets, frozen = {"student": store.build_module(spec, config.student.dtype, **trained)}, {}
     used = method.networks()

@@ -53,10 +53,10 @@ CASES = {
 SLOW_CASES = {"dm_preact_resnet18_c100"}
 
 
-def random_variables(arch, num_classes, kwargs, seed=0):
+def random_variables(arch, num_classes, kwargs, seed=0, input_shape=(32, 32, 3)):
     """Random Flax variables of the right shapes (PyTorch's default weight spread, random BN statistics), no init."""
     rng = np.random.default_rng(seed)
-    abstract = store.abstract_variables(models.create(arch, num_classes=num_classes, **kwargs))
+    abstract = store.abstract_variables(models.create(arch, num_classes=num_classes, **kwargs), input_shape)
     flat = {}
     for path, leaf in naming.flatten_variables(abstract).items():
         shape, leaf_name = leaf.shape, path[-1]
@@ -105,7 +105,7 @@ def test_printed_constructor_builds_the_peer(arch, kwargs, expected):
     """The constructor the exporter prints builds RobustBench's module, whose state_dict keys are the export's."""
     text = export.torch_constructor({"arch": arch, "num_classes": 10, "kwargs": kwargs})
     assert text == expected
-    abstract = store.abstract_variables(models.create(arch, num_classes=10, **kwargs))
+    abstract = store.abstract_variables(models.create(arch, num_classes=10, **kwargs), (32, 32, 3))
     namespace = {**vars(rb("dm_wide_resnet")), "nn": torch.nn}
     with torch.device("meta"):
         peer = eval(text, namespace)  # noqa: S307 - our own output, evaluated against RobustBench's classes

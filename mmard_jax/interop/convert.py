@@ -2,12 +2,19 @@
 
     python -m mmard_jax.convert --robustbench=Zhang2019Theoretically --dataset=cifar10 \\
         --src=Zhang2019Theoretically.pt --dst=teachers/Zhang2019Theoretically_cifar10
+    python -m mmard_jax.convert --published=tiny_linf_wrn28-10 --src=tiny_linf_wrn28-10.pt \\
+        --dst=teachers/tiny_linf_wrn28-10
     python -m mmard_jax.convert --arch=resnet18 --num_classes=100 --src=rn18.pth --dst=teachers/rn18
+    python -m mmard_jax.convert --arch=preact_resnet18_dgad --num_classes=200 --input_shape=64,64,3 \\
+        --src=best_PGD10_acc_model.pth --dst=teachers/dgad_tiny
 
 The file is read without running any of its code (`torch.load(weights_only=True)`, or safetensors);
-wrappers (`state_dict`/`model`/`net`/`last` entries, `module.`/`model.` prefixes) are removed; keys the
-architecture never uses (TRADES's `sub_block1.*`, GradAlign's `model_preact_hl1.*` aliases,
-`num_batches_tracked`) are dropped; every other key must fit the architecture exactly, or nothing is written.
+wrappers (`state_dict`/`model_state_dict`/`model`/`net`/`last` entries, `module.`/`model.` prefixes and the
+index of a one-model `nn.Sequential`, e.g. `module.0.`) are removed; keys the architecture never uses
+(TRADES's `sub_block1.*`, GradAlign's `model_preact_hl1.*` aliases, `num_batches_tracked`) are dropped; every
+other key must fit the architecture exactly, or nothing is written. The model directory records the input shape
+the model was converted for (the RobustBench data set's, the published teacher's, or `--input_shape`), so
+`load_pretrained` builds it there without being told.
 """
 
 import hashlib
@@ -24,7 +31,7 @@ from flax import traverse_util
 
 from mmard_jax import cli, models, runtime, xla_env
 from mmard_jax.errors import ConversionError
-from mmard_jax.interop import naming, zoo
+from mmard_jax.interop import naming, published, zoo
 from mmard_jax.models import dm_preact_resnet, store
 
 Progress = Optional[Callable[[str], None]]
@@ -127,16 +134,27 @@ def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> Dict[str, Any]:
 
 
 def strip_wrapper_prefixes(state: Mapping[str, Any]) -> Dict[str, Any]:
-    """Removes `module.`/`model.` while every key carries it (DataParallel, wrapper modules)."""
+    """Removes `module.`/`model.` while every key carries it (DataParallel, wrapper modules), and an index all keys
+    share: the one child holding state of an `nn.Sequential` wrapper (DM-Improves-AT saves
+    `DataParallel(Sequential(net))`, keys `module.0.*`: wzekai99/DM-Improves-AT core/models/__init__.py:57-62)."""
     state = dict(state)
     stripped = True
     while stripped:
         stripped = False
-        for prefix in WRAPPER_PREFIXES:
-            if all(k.startswith(prefix) for k in state):
+        for prefix in (*WRAPPER_PREFIXES, _shared_index(state)):
+            if prefix and all(k.startswith(prefix) for k in state):
                 state = {k[len(prefix):]: v for k, v in state.items()}
                 stripped = True
     return state
+
+
+def _shared_index(state: Mapping[str, Any]) -> Optional[str]:
+    """`'0.'` when every key starts with the same container index `0.` (or `1.`, ...), else None."""
+    heads = {k.split(".", 1)[0] for k in state}
+    if len(heads) != 1 or not all("." in k for k in state):
+        return None
+    head = heads.pop()
+    return f"{head}." if head.isdigit() and head.isascii() else None
 
 
 def drop_unused(state: Mapping[str, Any]) -> Dict[str, Any]:
@@ -253,7 +271,8 @@ def infer_architecture(state: Mapping[str, Any]) -> Optional[Tuple[str, int, Dic
     return None
 
 
-def fit_hint(state: Mapping[str, Any], chosen: Tuple[str, int, Dict[str, Any]]) -> str:
+def fit_hint(state: Mapping[str, Any], chosen: Tuple[str, int, Dict[str, Any]],
+             input_shape: Sequence[int] = store.LEGACY_INPUT_SHAPE) -> str:
     """A suggestion of the settings the file does fit, when they can be read off its names and shapes."""
     guess = infer_architecture(state)
     if guess is None or guess == chosen:
@@ -261,7 +280,7 @@ def fit_hint(state: Mapping[str, Any], chosen: Tuple[str, int, Dict[str, Any]]) 
     arch, num_classes, kwargs = guess
     try:
         fits = not any(fit_report(state, expected_torch_shapes(arch, store.abstract_variables(
-            models.create(arch, num_classes=num_classes, **kwargs)))))
+            models.create(arch, num_classes=num_classes, **kwargs), input_shape))))
     except (TypeError, ValueError):
         return ""
     flags_text = f"--arch={arch} --arch_kwargs='{json.dumps(kwargs)}' --num_classes={num_classes}"
@@ -301,25 +320,32 @@ def convert_state_dict(
     kwargs: Optional[Mapping[str, Any]] = None,
     source: str = "state_dict",
     progress: Progress = None,
+    input_shape: Optional[Sequence[int]] = None,
 ) -> Dict[str, Any]:
-    """A PyTorch state_dict (or a checkpoint holding one) -> Flax variables {'params', 'batch_stats'}."""
-    return _convert_owned(unwrap_state_dict(state_dict, source), arch, num_classes, kwargs, source, progress)
+    """A PyTorch state_dict (or a checkpoint holding one) -> Flax variables {'params', 'batch_stats'}, built for
+    images of `input_shape` (H, W, C; default `store.LEGACY_INPUT_SHAPE`)."""
+    return _convert_owned(unwrap_state_dict(state_dict, source), arch, num_classes, kwargs, source, progress,
+                          input_shape)
 
 
-def _convert_owned(state, arch, num_classes, kwargs, source, progress) -> Dict[str, Any]:
+def _convert_owned(state, arch, num_classes, kwargs, source, progress, input_shape=None) -> Dict[str, Any]:
     """`convert_state_dict` on a dict this module owns: each tensor is released once converted (peak memory)."""
     kwargs = dict(kwargs or {})
     module = _build(arch, num_classes, kwargs)
+    shape = store.LEGACY_INPUT_SHAPE if input_shape is None else tuple(input_shape)
     try:
-        abstract = store.abstract_variables(module)
-    except ValueError as err:  # e.g. a depth that is not 6n + 4
-        raise ConversionError(f"{describe(arch, num_classes, kwargs)}: {err}") from None
+        abstract = store.abstract_variables(module, shape)
+    except ValueError as err:  # e.g. a depth that is not 6n + 4, or a pool window larger than the final map
+        raise ConversionError(f"{describe(arch, num_classes, kwargs)} at {_size(shape)} inputs: {err}") from None
     state = drop_unused(state)
     expected = expected_torch_shapes(arch, abstract)
     report = fit_report(state, expected)
     if any(report):  # nothing is written: the caller saves only what this returns
-        raise mismatch_error(report, describe(arch, num_classes, kwargs), source,
-                             fit_hint(state, (arch, num_classes, kwargs)))
+        hint = fit_hint(state, (arch, num_classes, kwargs), shape)
+        if report[2] and input_shape is None:
+            hint += (f" The architecture was built for {_size(shape)} inputs: if the model was trained on other "
+                     f"images, pass their shape (--input_shape=H,W,C).")
+        raise mismatch_error(report, describe(arch, num_classes, kwargs), source, hint.strip())
     _log(progress, f"converting {len(expected)} tensors to Flax layout")
     flat = {}
     for key, (path, _) in expected.items():
@@ -328,6 +354,11 @@ def _convert_owned(state, arch, num_classes, kwargs, source, progress) -> Dict[s
         except ConversionError as err:
             raise ConversionError(f"{source}: {key}: {err}") from None
     return traverse_util.unflatten_dict(flat)
+
+
+def _size(shape: Sequence[int]) -> str:
+    """`64x64x3`."""
+    return "x".join(map(str, shape))
 
 
 def sha256(path, chunk: int = 1 << 22) -> str:
@@ -346,8 +377,18 @@ def resolve_architecture(
     arch: Optional[str] = None,
     num_classes: Optional[int] = None,
     kwargs: Optional[Mapping[str, Any]] = None,
+    published_name: Optional[str] = None,
 ) -> Tuple[str, int, Dict[str, Any]]:
-    """(arch, num_classes, kwargs) from a RobustBench name + dataset, or from an explicit architecture."""
+    """(arch, num_classes, kwargs) from a published teacher's name, a RobustBench name + dataset, or an explicit
+    architecture."""
+    if published_name:
+        if robustbench or arch or kwargs or num_classes:
+            raise ConversionError("give one of --published, --robustbench or --arch/--arch_kwargs/--num_classes")
+        try:
+            entry = published.lookup(published_name)
+        except ValueError as err:
+            raise ConversionError(str(err)) from None
+        return entry.arch, entry.num_classes, dict(entry.kwargs)
     if robustbench:
         if arch or kwargs or num_classes:
             raise ConversionError("give either a RobustBench name or --arch/--arch_kwargs/--num_classes, not both")
@@ -359,28 +400,60 @@ def resolve_architecture(
             raise ConversionError(str(err)) from None
         return entry.arch, entry.num_classes, dict(entry.kwargs)
     if not arch:
-        raise ConversionError("give a RobustBench name (--robustbench with --dataset) or an architecture (--arch)")
+        raise ConversionError("give a published teacher (--published), a RobustBench name (--robustbench with "
+                              "--dataset) or an architecture (--arch)")
     if num_classes is None:
         raise ConversionError(f"--num_classes is needed with --arch={arch}")
     return arch, int(num_classes), dict(kwargs or {})
+
+
+def resolve_input_shape(published_name: Optional[str] = None, robustbench: Optional[str] = None,
+                        dataset: Optional[str] = None,
+                        input_shape: Optional[Sequence[int]] = None) -> Optional[Tuple[int, int, int]]:
+    """The (H, W, C) a conversion records: `input_shape` if given, else the published teacher's or the RobustBench
+    data set's; None (not recorded, built at `store.LEGACY_INPUT_SHAPE`) for an --arch conversion without it."""
+    known = None
+    if published_name:
+        known = published.lookup(published_name).input_shape
+    elif robustbench and dataset in zoo.INPUT_SHAPES:
+        known = zoo.INPUT_SHAPES[dataset]
+    if input_shape is None:
+        return known
+    try:
+        shape = store.check_input_shape(input_shape, "--input_shape")
+    except ValueError as err:
+        raise ConversionError(str(err)) from None
+    if known is not None and shape != known:
+        raise ConversionError(f"--input_shape={_size(shape)} contradicts the model's own {_size(known)} inputs "
+                              f"(leave --input_shape out)")
+    return shape
 
 
 def convert_file(
     src,
     dst,
     *,
+    published_name: Optional[str] = None,
     robustbench: Optional[str] = None,
     dataset: Optional[str] = None,
     threat_model: str = "Linf",
     arch: Optional[str] = None,
     num_classes: Optional[int] = None,
     kwargs: Optional[Mapping[str, Any]] = None,
+    input_shape: Optional[Sequence[int]] = None,
     overwrite: bool = False,
     progress: Progress = None,
 ) -> pathlib.Path:
-    """Checkpoint file -> model directory `dst` (written atomically, only once the whole checkpoint fits)."""
+    """Checkpoint file -> model directory `dst` (written atomically, only once the whole checkpoint fits).
+
+    `published_name` is a published teacher's file name (`published.PUBLISHED`), `robustbench` a RobustBench name
+    with its `dataset`, else `arch`/`num_classes`/`kwargs`; `input_shape` (H, W, C) is recorded in model.json
+    (default: the published teacher's or the RobustBench data set's; not recorded for `arch` without it).
+    """
     src, dst = pathlib.Path(src), pathlib.Path(dst)
-    arch, num_classes, kwargs = resolve_architecture(robustbench, dataset, threat_model, arch, num_classes, kwargs)
+    arch, num_classes, kwargs = resolve_architecture(robustbench, dataset, threat_model, arch, num_classes, kwargs,
+                                                     published_name)
+    input_shape = resolve_input_shape(published_name, robustbench, dataset, input_shape)
     if dst.exists() and not overwrite:
         raise ConversionError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
     start = time.perf_counter()
@@ -388,12 +461,16 @@ def convert_file(
     _log(progress, f"reading {src} ({size:.1f} MB) for {describe(arch, num_classes, kwargs)}")
     # No reference to the file's tensors is kept here, so each one is freed as soon as it is converted.
     variables = _convert_owned(unwrap_state_dict(read_checkpoint(src), str(src)), arch, num_classes, kwargs,
-                               str(src), progress)
+                               str(src), progress, input_shape)
     _log(progress, "hashing the source file")
     source = {"file": str(src.absolute()), "sha256": sha256(src), "converted_by": "mmard_jax.convert"}
     if robustbench:
         source["robustbench"] = {"name": robustbench, "dataset": dataset, "threat_model": threat_model}
-    spec = store.model_spec(arch, num_classes, kwargs, source=source)
+    if published_name:
+        entry = published.lookup(published_name)
+        source["published"] = {"name": published_name.removesuffix(".pt"), "url": entry.url,
+                               "dataset": entry.dataset, "threat_model": entry.threat_model}
+    spec = store.model_spec(arch, num_classes, kwargs, input_shape=input_shape, source=source)
     _log(progress, f"writing {dst} ({models.count_params(variables) / 1e6:.1f}M parameters)")
     out = store.save_model(dst, spec, variables)
     _log(progress, f"done in {time.perf_counter() - start:.1f} s: {out}")
@@ -407,14 +484,18 @@ def define_flags() -> None:
     """The CLI's flags, defined only when run as a program (the module is also a library)."""
     flags.DEFINE_string("src", None, "Checkpoint file: .pt/.pth/.pth.tar (read with weights_only) or .safetensors.")
     flags.DEFINE_string("dst", None, "Model directory to write (model.json + variables/).")
+    flags.DEFINE_string("published", None, f"A teacher published outside RobustBench, by its file name: "
+                        f"{', '.join(published.PUBLISHED)} (architecture and input shape are known).")
     flags.DEFINE_string("robustbench", None, "RobustBench model name, e.g. Zhang2019Theoretically (needs --dataset).")
     flags.DEFINE_enum("dataset", None, list(zoo.DATASETS), "Dataset of the RobustBench model.")
     flags.DEFINE_enum("threat_model", "Linf", list(zoo.THREAT_MODELS), "RobustBench threat model.")
     flags.DEFINE_enum("arch", None, sorted(models.MODELS), "Architecture, for a checkpoint not in RobustBench.")
     flags.DEFINE_string("arch_kwargs", "{}", 'JSON arguments of --arch, e.g. \'{"depth": 34, "width": 10}\'.')
     flags.DEFINE_integer("num_classes", None, "Number of classes, with --arch.")
+    flags.DEFINE_string("input_shape", None, "Image shape H,W,C the model takes, with --arch (e.g. 64,64,3 for "
+                        "Tiny-ImageNet); recorded in model.json. Default: the data set's of --published/--robustbench.")
     flags.DEFINE_bool("overwrite", False, "Replace --dst if it exists.")
-    flags.DEFINE_bool("list", False, "Print the supported RobustBench names and exit.")
+    flags.DEFINE_bool("list", False, "Print the supported RobustBench and published names and exit.")
     xla_env.define_flags()
 
 
@@ -429,10 +510,23 @@ def _parse_kwargs(text: str) -> Dict[str, Any]:
     return value
 
 
+def _parse_input_shape(text: Optional[str]) -> Optional[Tuple[int, ...]]:
+    """--input_shape `H,W,C` (or `HxWxC`) -> a tuple, with a clear error."""
+    if text is None:
+        return None
+    parts = text.replace("x", ",").split(",")
+    if not all(p.strip().isdigit() for p in parts):
+        raise ConversionError(f"--input_shape must be H,W,C (e.g. 64,64,3), got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
 def _print_table() -> None:
-    """The supported RobustBench names, grouped by dataset and threat model."""
+    """The supported RobustBench names, grouped by dataset and threat model, then the published teachers."""
     for (dataset, threat, name), entry in zoo.ZOO.items():
         print(f"{dataset:8s} {threat:11s} {name:45s} {describe(entry.arch, entry.num_classes, entry.kwargs)}")
+    for name, entry in published.PUBLISHED.items():
+        print(f"--published={name:20s} {entry.dataset} {entry.threat_model} {_size(entry.input_shape)} "
+              f"{describe(entry.arch, entry.num_classes, entry.kwargs)} <- {entry.url}")
 
 
 def main(argv) -> None:
@@ -451,9 +545,9 @@ def main(argv) -> None:
     if f.num_classes is not None:
         cli.positive_int("num_classes", f.num_classes)
     convert_file(
-        f.src, f.dst, robustbench=f.robustbench, dataset=f.dataset, threat_model=f.threat_model,
-        arch=f.arch, num_classes=f.num_classes, kwargs=_parse_kwargs(f.arch_kwargs), overwrite=f.overwrite,
-        progress=lambda m: print(m, flush=True),
+        f.src, f.dst, published_name=f.published, robustbench=f.robustbench, dataset=f.dataset,
+        threat_model=f.threat_model, arch=f.arch, num_classes=f.num_classes, kwargs=_parse_kwargs(f.arch_kwargs),
+        input_shape=_parse_input_shape(f.input_shape), overwrite=f.overwrite, progress=lambda m: print(m, flush=True),
     )
 
 

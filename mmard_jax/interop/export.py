@@ -3,9 +3,10 @@
     python -m mmard_jax.export --src=runs/mmard_rn18 --dst=mmard_rn18.pt
 
 The file is a plain `{key: tensor}` dict written with `torch.save` (or `.safetensors`) that RobustBench's
-`ResNet18`/`PreActResNet`/`WideResNet`/`DMWideResNet`/`DMPreActResNet` (and the kuangliu-layout MobileNetV2)
-load with `strict=True`: float32 weights in PyTorch layout plus int64 `num_batches_tracked` buffers (zero: the
-count of training steps is not kept in Flax). Build the PyTorch model with the settings the program prints.
+`ResNet18`/`PreActResNet`/`WideResNet`/`DMWideResNet`/`DMPreActResNet` (and the kuangliu-layout MobileNetV2,
+SAAD's `pResNet18`, DGAD's `PreActResNet18`, DM-Improves-AT's Tiny-ImageNet `WideResNet`) load with
+`strict=True`: float32 weights in PyTorch layout plus int64 `num_batches_tracked` buffers (zero: the count of
+training steps is not kept in Flax). Build the PyTorch model with the settings the program prints.
 """
 
 import os
@@ -65,6 +66,9 @@ def torch_constructor(spec: Mapping[str, Any]) -> str:
         return f"WideResNet(depth={kw.get('depth', 34)}, widen_factor={kw.get('width', 10)}, num_classes={nc}{bias})"
     if arch == "dm_wide_resnet":
         size = f"depth={kw.get('depth', 28)}, width={kw.get('width', 10)}"
+        if kw.get("adaptive_pool", False):  # RobustBench's avg_pool2d(out, 8) pools 64x64 inputs wrongly
+            return (f"WideResNet(num_classes={nc}, {size}{_deepmind_settings(kw)})  # wzekai99/DM-Improves-AT "
+                    f"core/models/ti_wideresnetwithswish.py (adaptive pooling)")
         return f"DMWideResNet(num_classes={nc}, {size}{_deepmind_settings(kw)})"
     if arch == "dm_preact_resnet":
         return f"DMPreActResNet(num_classes={nc}, depth={kw.get('depth', 18)}, width=0{_deepmind_settings(kw)})"
@@ -73,6 +77,11 @@ def torch_constructor(spec: Mapping[str, Any]) -> str:
     if arch == "preact_resnet18":
         extra = "".join(f", {k}={kw[k]}" for k in ("bn_before_fc", "out_shortcut") if k in kw)
         return f"PreActResNet(PreActBlock, [2, 2, 2, 2], num_classes={nc}{extra})"
+    if arch == "preact_resnet18_saad":
+        return f"pResNet18(num_classes={nc})  # HongsinLee/saad cifar100_models/preresnet.py"
+    if arch == "preact_resnet18_dgad":
+        return (f"PreActResNet(PreActBlock, [2, 2, 2, 2], num_classes={nc})  # kunsaram01/DGAD "
+                f"networks/preresnet.py, 64x64 inputs")
     if arch == "mobilenet_v2":
         return f"MobileNetV2(num_classes={nc})  # kuangliu/pytorch-cifar layout"
     return f"{arch}(num_classes={nc}, **{kw})"

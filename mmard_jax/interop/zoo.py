@@ -19,6 +19,8 @@ DATASETS = ("cifar10", "cifar100")
 THREAT_MODELS = ("Linf", "L2", "corruptions")
 _STATS = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "cifar100": (CIFAR100_MEAN, CIFAR100_STD)}
 _CLASSES = {"cifar10": 10, "cifar100": 100}
+# The images RobustBench's CIFAR models take (CIFAR's 32x32 RGB): what a converted entry records as its input shape.
+INPUT_SHAPES = {"cifar10": (32, 32, 3), "cifar100": (32, 32, 3)}
 
 
 class ZooEntry(NamedTuple):

@@ -14,11 +14,13 @@ from mmard_jax.models.resnet import PreActResNet, ResNet
 from mmard_jax.models.wide_resnet import WideResNet
 
 
-def load_pretrained(directory, dtype: str = "float32", input_shape=(32, 32, 3)):
+def load_pretrained(directory, dtype: str = "float32", input_shape=None):
     """(module, variables) of a converted teacher (model directory; a training workdir's best student:
     `mmard_jax.checkpoints.load_model`).
 
-    `module.apply(variables, x, train=False)` on NHWC x in [0, 1] gives the logits (`store.load_model`).
+    `module.apply(variables, x, train=False)` on NHWC x in [0, 1] gives the logits (`store.load_model`); the
+    variables are built at the input shape model.json records (64x64x3 for a Tiny-ImageNet teacher), or at
+    `input_shape` when given, which must then agree with the recorded one.
     """
     return store.load_model(directory, dtype=dtype, input_shape=input_shape)
 

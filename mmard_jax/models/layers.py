@@ -83,8 +83,21 @@ def classifier(
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
-    """Spatial mean of NHWC features: PyTorch's final `avg_pool2d(out, 4 or 8)` on 32x32 inputs, any size here."""
+    """Spatial mean of NHWC features: PyTorch's `AdaptiveAvgPool2d((1, 1))` at any input size (and its final
+    `avg_pool2d(out, 4 or 8)` where that window covers the whole map, as on 32x32 inputs)."""
     return jnp.mean(x, axis=(1, 2))
+
+
+def window_avg_pool_flatten(x: jax.Array, window: int) -> jax.Array:
+    """PyTorch's `F.avg_pool2d(out, window)` (stride = window, no padding, rounding down) then `out.view(N, -1)`:
+    the pooled map flattened channel-major as PyTorch's NCHW lays it out, so a converted Linear reads the same
+    features (e.g. an 8x8x512 map, window 4 -> 2x2x512 = 2048 features)."""
+    height, width = x.shape[1:3]
+    if window < 1 or window > min(height, width):
+        raise ValueError(f"pool window {window} does not fit the final {height}x{width} feature map "
+                         f"(a larger input image is needed, or the global mean)")
+    pooled = nn.avg_pool(x, (window, window), strides=(window, window), padding="VALID")
+    return jnp.transpose(pooled, (0, 3, 1, 2)).reshape(x.shape[0], -1)
 
 
 DEPTHWISE_IMPLS = ("auto", "taps", "conv")

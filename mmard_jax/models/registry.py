@@ -22,12 +22,22 @@ class ModelSpec(NamedTuple):
     torch_containers: frozenset  # for `interop.naming.join_torch_key` (Flax -> PyTorch names)
 
 
+_RESNET_CONTAINERS = frozenset({"layer1", "layer2", "layer3", "layer4", "shortcut"})
+
 MODELS: Dict[str, ModelSpec] = {
-    "resnet18": ModelSpec(
-        ResNet, {"num_blocks": (2, 2, 2, 2)}, frozenset({"layer1", "layer2", "layer3", "layer4", "shortcut"})
+    "resnet18": ModelSpec(ResNet, {"num_blocks": (2, 2, 2, 2)}, _RESNET_CONTAINERS),
+    "preact_resnet18": ModelSpec(PreActResNet, {"num_blocks": (2, 2, 2, 2)}, _RESNET_CONTAINERS),
+    # SAAD's Tiny-ImageNet student `pResNet18` (HongsinLee/saad @ 295121c, cifar100_models/preresnet.py:8-30,
+    # 59-95; utils.py:182-186): the shortcut conv reads relu(bn1(x)) (line 26), BN-ReLU before the pool
+    # (lines 70, 88), adaptive average pooling (71, 89), Linear(512, classes) (72).
+    "preact_resnet18_saad": ModelSpec(
+        PreActResNet, {"num_blocks": (2, 2, 2, 2), "bn_before_fc": True, "out_shortcut": True}, _RESNET_CONTAINERS
     ),
-    "preact_resnet18": ModelSpec(
-        PreActResNet, {"num_blocks": (2, 2, 2, 2)}, frozenset({"layer1", "layer2", "layer3", "layer4", "shortcut"})
+    # DGAD's `PreActResNet18` (kunsaram01/DGAD @ a0329c8, networks/preresnet.py:14-36, 67-100; the Tiny-ImageNet
+    # teacher of main_tiny.py:227-230 and its `--model presnet18`): the same blocks, no BN-ReLU before the pool,
+    # `F.avg_pool2d(out, 4)` flattened (lines 93-94) into Linear(2048, classes) (line 77) at 64x64.
+    "preact_resnet18_dgad": ModelSpec(
+        PreActResNet, {"num_blocks": (2, 2, 2, 2), "out_shortcut": True, "pool_window": 4}, _RESNET_CONTAINERS
     ),
     "mobilenet_v2": ModelSpec(MobileNetV2, {}, frozenset({"layers", "shortcut"})),
     "wide_resnet": ModelSpec(WideResNet, {}, frozenset({"layer"})),

@@ -1,6 +1,9 @@
 """CIFAR ResNet-18 and PreAct-ResNet-18, layer for layer as RobustBench `model_zoo/architectures/resnet.py`.
 
-3x3 stride-1 stem, no max-pool, four stages of two blocks (64, 128, 256, 512 channels at base_width 64).
+3x3 stride-1 stem, no max-pool, four stages of two blocks (64, 128, 256, 512 channels at base_width 64). The
+final pool is the global mean at any input size, as the 64x64 students of PeerAiD and SAAD pool (adaptive
+average pooling); `PreActResNet(pool_window=4)` pools and flattens as DGAD's PreAct-ResNet-18 does instead
+(docs/design.md, "Models at any input size").
 Submodule names follow the PyTorch state_dict (`layer1.0.conv1.weight` -> `layer1_0/conv1/kernel`,
 see `mmard_jax/interop/naming.py`), so RobustBench checkpoints convert by name.
 """
@@ -12,7 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mmard_jax.models import blocks
-from mmard_jax.models.layers import Dtype, classifier, global_avg_pool
+from mmard_jax.models.layers import Dtype, classifier, global_avg_pool, window_avg_pool_flatten
 
 STAGE_MULTIPLIERS = (1, 2, 4, 8)
 STAGE_STRIDES = (1, 2, 2, 2)
@@ -44,13 +47,18 @@ class ResNet(nn.Module):
 
 
 class PreActResNet(nn.Module):
-    """RobustBench `PreActResNet(PreActBlock, num_blocks)`: conv stem, pre-activation stages, [BN-ReLU], linear."""
+    """RobustBench `PreActResNet(PreActBlock, num_blocks)`: conv stem, pre-activation stages, [BN-ReLU], pool,
+    linear."""
 
     num_classes: int = 10
     num_blocks: Sequence[int] = (2, 2, 2, 2)
     base_width: int = 64
     bn_before_fc: bool = False
     out_shortcut: bool = False
+    # 0: the global mean (RobustBench at 32x32; SAAD's `AdaptiveAvgPool2d`, HongsinLee/saad
+    # cifar100_models/preresnet.py:71,89). k > 0: `F.avg_pool2d(out, k)` flattened, the classifier reading
+    # 512 * (H/32) * (W/32) features (DGAD, kunsaram01/DGAD networks/preresnet.py:77,93-94: 2048 at 64x64).
+    pool_window: int = 0
     dtype: Dtype = jnp.float32
     bn_axis_name: Optional[str] = None
     conv_grad: str = "auto"  # the convolutions' input gradient: 'auto' | 'custom' | 'lax' (layers.resolve_conv_grad)
@@ -64,4 +72,5 @@ class PreActResNet(nn.Module):
             x = block(features, strides, name=name)(x)
         if self.bn_before_fc:
             x = blocks.bn_act(x, norm, "bn")
-        return classifier(global_avg_pool(x), self.num_classes, self.dtype, name="linear")
+        features = global_avg_pool(x) if self.pool_window == 0 else window_avg_pool_flatten(x, self.pool_window)
+        return classifier(features, self.num_classes, self.dtype, name="linear")

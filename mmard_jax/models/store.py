@@ -1,7 +1,12 @@
 """Model directories on disk: a model spec (model.json) and its variables (orbax), and how to read them back.
 
-    DIR/model.json   {"format": "mmard_jax.model/1", "arch": ..., "num_classes": ..., "kwargs": {...}}
+    DIR/model.json   {"format": "mmard_jax.model/1", "arch": ..., "num_classes": ..., "kwargs": {...},
+                      "input_shape": [H, W, C]}
     DIR/variables/   an orbax checkpoint of {"params": ..., "batch_stats": ...}
+
+`input_shape` is the image shape the model was built or converted for (the data set's); `load_model` builds
+the variables at it, so a caller need not repeat it. Directories written before it was recorded were all
+CIFAR-sized: they read as `LEGACY_INPUT_SHAPE` and accept any input shape a caller passes.
 
 This is what the converter writes and what a training config names as its teacher. A training workdir keeps
 its variables elsewhere (its layout is `mmard_jax.checkpoints`'s): `load_model` and `fingerprint` take a `locate`
@@ -11,11 +16,12 @@ its destination and renamed into place.
 
 import hashlib
 import json
+import operator
 import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +38,9 @@ VARIABLES_DIR = "variables"
 COLLECTIONS = ("params", "batch_stats")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The input shape of a model.json without `input_shape`: every directory written before the key existed held a
+# CIFAR model (RobustBench CIFAR-10/100 teachers, students trained on CIFAR), 32x32 RGB.
+LEGACY_INPUT_SHAPE = (32, 32, 3)
 
 
 def compute_dtype(name: str):
@@ -41,11 +50,36 @@ def compute_dtype(name: str):
     return _DTYPES[name]
 
 
-def model_spec(arch: str, num_classes: int, kwargs: Optional[Mapping[str, Any]] = None, **extra) -> Dict[str, Any]:
-    """The JSON spec of a model: enough to rebuild the module with `models.create`."""
+def model_spec(arch: str, num_classes: int, kwargs: Optional[Mapping[str, Any]] = None,
+               input_shape: Optional[Sequence[int]] = None, **extra) -> Dict[str, Any]:
+    """The JSON spec of a model: enough to rebuild the module with `models.create` and its variables (at
+    `input_shape`, the [H, W, C] of the images it was built for, recorded when the writer knows it)."""
     spec = {"format": FORMAT, "arch": arch, "num_classes": int(num_classes), "kwargs": dict(kwargs or {})}
+    if input_shape is not None:
+        spec["input_shape"] = list(check_input_shape(input_shape))
     spec.update(extra)
     return spec
+
+
+def check_input_shape(shape: Sequence[int], what: str = "input_shape") -> Tuple[int, int, int]:
+    """`shape` as an (H, W, C) tuple of positive ints; ValueError naming `what` otherwise."""
+    try:
+        out = tuple(operator.index(d) for d in shape)  # ints (Python or NumPy) only: no floats, no strings
+    except TypeError:
+        out = ()
+    if len(out) != 3 or min(out) <= 0:
+        raise ValueError(f"{what} must be three positive integers (height, width, channels), got {shape!r}")
+    return out
+
+
+def spec_input_shape(spec: Mapping[str, Any]) -> Tuple[int, int, int]:
+    """The input shape a spec records, or `LEGACY_INPUT_SHAPE` for a spec written before it was recorded."""
+    if "input_shape" not in spec:
+        return LEGACY_INPUT_SHAPE
+    try:
+        return check_input_shape(spec["input_shape"])
+    except ValueError as err:
+        raise CheckpointError(f"{SPEC_FILE}: {err}") from None
 
 
 def build_module(spec: Mapping[str, Any], dtype: str = "float32", **overrides):
@@ -56,8 +90,10 @@ def build_module(spec: Mapping[str, Any], dtype: str = "float32", **overrides):
     return create(spec["arch"], num_classes=spec["num_classes"], dtype=compute_dtype(dtype), **kwargs)
 
 
-def abstract_variables(module, input_shape=(32, 32, 3)):
-    """Shapes/dtypes of a module's variables, without allocating them."""
+def abstract_variables(module, input_shape: Sequence[int]):
+    """Shapes/dtypes of a module's variables built for images of `input_shape` (H, W, C), without allocating
+    them (a model whose classifier reads a fixed pooling window, e.g. DGAD's PreAct-ResNet-18, has input-size
+    dependent variables)."""
     return jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1,) + tuple(input_shape)), train=False))
 
 
@@ -151,17 +187,35 @@ def fingerprint(directory, locate: Callable[[pathlib.Path], pathlib.Path] = vari
     return digest.hexdigest()[:16]
 
 
-def load_model(directory, dtype: str = "float32", input_shape=(32, 32, 3),
+def resolve_input_shape(spec: Mapping[str, Any], input_shape: Optional[Sequence[int]], where) -> Tuple[int, ...]:
+    """The shape to build a directory's variables at: the caller's (the data's) if given, else the recorded one; a
+    CheckpointError when the directory records another shape than the caller's images have."""
+    recorded = spec_input_shape(spec)
+    if input_shape is None:
+        return recorded
+    wanted = check_input_shape(input_shape, "the input shape asked for")
+    if "input_shape" in spec and wanted != recorded:
+        raise CheckpointError(
+            f"{where}: the model ({spec['arch']}, {spec['num_classes']} classes) was built for "
+            f"{'x'.join(map(str, recorded))} inputs (model.json input_shape), the images here are "
+            f"{'x'.join(map(str, wanted))}: use the data set it was trained or converted for")
+    return wanted
+
+
+def load_model(directory, dtype: str = "float32", input_shape: Optional[Sequence[int]] = None,
                locate: Callable[[pathlib.Path], pathlib.Path] = variables_dir,
                conv_grad: str = "auto") -> Tuple[Any, Dict[str, Any]]:
     """(module, variables) from a model directory (`locate` finds its variables: `checkpoints.load_model` passes
     one that also reads a training workdir's best student).
 
-    `module.apply(variables, x, train=False)` on x in [0, 1] NHWC gives the logits; `conv_grad` is the module's
-    convolution input gradient (`layers.resolve_conv_grad`), a setting of the run, not of the directory.
+    `input_shape` (H, W, C) defaults to the one model.json records (`spec_input_shape`); a caller passing its
+    data's shape gets a CheckpointError if the directory records another. `module.apply(variables, x,
+    train=False)` on x in [0, 1] NHWC gives the logits; `conv_grad` is the module's convolution input gradient
+    (`layers.resolve_conv_grad`), a setting of the run, not of the directory.
     """
     directory = pathlib.Path(directory).absolute()
     spec = read_spec(directory)
+    input_shape = resolve_input_shape(spec, input_shape, directory / SPEC_FILE)
     module = build_module(spec, dtype, conv_grad=conv_grad)
     path = locate(directory)
     try:

@@ -8,6 +8,7 @@ tests and scripts import this package; mmard_jax never does (tests/test_architec
   mobilenetv2.py    the kuangliu/RSLAD CIFAR MobileNetV2 in PyTorch
   interop.py        Flax variables into a PyTorch module; seeded BatchNorm statistics
   architectures.py  the PyTorch peer of `mmard_jax.models.create` (global mean pool at any input size)
+  published_models.py  the 64x64/SVHN architectures of DM-Improves-AT, SAAD, DGAD and PeerAiD, as published
   published_losses.py  the published scripts' losses, as each writes them
   published_steps.py   hyper-parameters, attack starts and one step per method, as each script runs it
   torch_step.py     `TorchTrainStep`: one training step of any method as its published script runs it
