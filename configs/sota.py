@@ -1,26 +1,60 @@
 """The state of the art in one table: AdaAD, AdaIAD, IGDM and PeerAiD beside MMARD, each with its paper's teacher
 and its published recipe (config_lib.RECIPES), ResNet-18 on CIFAR-10 first, then MobileNetV2 and CIFAR-100 where
-the papers report them.
+the papers report them, then Tiny-ImageNet (64x64, 200 classes) and SVHN as the published code runs them.
 
     python scripts/run_table.py --table=configs/sota.py --workroot=runs/sota
     --config=configs/sota.py:method=adaiad,setting=resnet18_cifar10,plugins=igdm     # IGDM on AdaIAD
+    --config=configs/sota.py:method=igdm,setting=preact_resnet18_tiny_imagenet       # IGDM, Tiny-ImageNet
 
 Teachers: AdaAD/AdaIAD/IGDM Chen2021LTD WRN-34-20 (CIFAR-10) / WRN-34-10 (CIFAR-100) (AdaAD main.py:206-230;
 the IGDM paper follows AdaAD; its CIFAR-10 script also offers `teacher=gowal_wrn28_10`), MMARD the paper's
-WRN-34-10 / WRN-70-16; PeerAiD trains its peer from scratch (no teacher).
+WRN-34-10 / WRN-70-16; PeerAiD trains its peer from scratch (no teacher). On Tiny-ImageNet and SVHN, AdaAD and IGDM
+run as SAAD's scripts run them (HongsinLee/saad @295121c adaad.py, igdm.py; the only published code training
+either there): DM-Improves-AT's WRN-28-10 teachers `tiny_linf_wrn28-10` / `svhn_linf_wrn28-10` (saad
+utils.py:210-227), SAAD's PreAct-ResNet-18 student on Tiny-ImageNet (`preact_resnet18_saad`; utils.py:182-186 allows
+no other) and ResNet-18 on SVHN (args.py:32, main.sh:5); PeerAiD reports ResNet-18 and WRN-34-10 on Tiny-ImageNet
+(README.md:43-66) and no SVHN. Recipes: config_lib.RECIPES['saad_scripts_tiny_imagenet' | 'saad_scripts_svhn' |
+'peeraid_tiny_imagenet_resnet18' | 'peeraid_tiny_imagenet_wrn34_10'].
+
+Later rows: SAAD (`method=saad`, recipe RECIPES['saad'] with SAAD's Tiny-ImageNet/SVHN augmentation) joins
+`preact_resnet18_tiny_imagenet` and `resnet18_svhn` (and the CIFAR settings), DGAD its own
+`preact_resnet18_dgad` Tiny-ImageNet setting, when the methods issue adds these methods (add them to METHODS_OF).
 """
 
 from mmard_jax import config_lib
 
 METHODS = ("mmard", "adaad", "adaiad", "igdm", "peeraid")
-SETTINGS = {"resnet18_cifar10": ("resnet18", "cifar10"), "mobilenet_v2_cifar10": ("mobilenet_v2", "cifar10"),
-            "resnet18_cifar100": ("resnet18", "cifar100")}
+# setting -> (student arch, student kwargs, dataset)
+SETTINGS = {"resnet18_cifar10": ("resnet18", {}, "cifar10"), "mobilenet_v2_cifar10": ("mobilenet_v2", {}, "cifar10"),
+            "resnet18_cifar100": ("resnet18", {}, "cifar100"),
+            # SAAD's pResNet18 (saad utils.py:182-186, cifar100_models/preresnet.py)
+            "preact_resnet18_tiny_imagenet": ("preact_resnet18_saad", {}, "tiny_imagenet"),
+            # PeerAiD --s_type resnet18 / wideresnet34x10 (README.md:46, :65)
+            "resnet18_tiny_imagenet": ("resnet18", {}, "tiny_imagenet"),
+            "wrn34_10_tiny_imagenet": ("wide_resnet", {"depth": 34, "width": 10}, "tiny_imagenet"),
+            # SAAD's RES-18 on SVHN (saad utils.py:189-194, args.py:32)
+            "resnet18_svhn": ("resnet18", {}, "svhn")}
+# The methods each setting's papers report. PeerAiD: ResNet-18 and WRN-34-10 students, no MobileNetV2 (PeerAiD
+# README.md:31-65). Tiny-ImageNet/SVHN: the methods whose published code runs there (module docstring).
+METHODS_OF = {"resnet18_cifar10": METHODS, "mobilenet_v2_cifar10": ("mmard", "adaad", "adaiad", "igdm"),
+              "resnet18_cifar100": METHODS,
+              "preact_resnet18_tiny_imagenet": ("adaad", "igdm"),
+              "resnet18_tiny_imagenet": ("peeraid",), "wrn34_10_tiny_imagenet": ("peeraid",),
+              "resnet18_svhn": ("adaad", "igdm")}
 TEACHER = {("cifar10", m): "ltd_wrn34_20" for m in ("adaad", "adaiad", "igdm")}
 TEACHER.update({("cifar100", m): "ltd_wrn34_10" for m in ("adaad", "adaiad", "igdm")})
-# PeerAiD reports ResNet-18 and WRN-34-10 students, no MobileNetV2 (PeerAiD README.md:31-65).
-REPORTED = {("peeraid", "mobilenet_v2_cifar10")}
+TEACHER.update({("tiny_imagenet", m): "tiny_linf_wrn28-10" for m in ("adaad", "igdm")})
+TEACHER.update({("svhn", m): "svhn_linf_wrn28-10" for m in ("adaad", "igdm")})
+# The recipe of a (setting, method) run other than RECIPES[method] (the CIFAR rows use the method's own).
+RECIPE = {("preact_resnet18_tiny_imagenet", m): "saad_scripts_tiny_imagenet" for m in ("adaad", "igdm")}
+RECIPE.update({("resnet18_svhn", m): "saad_scripts_svhn" for m in ("adaad", "igdm")})
+RECIPE[("resnet18_tiny_imagenet", "peeraid")] = "peeraid_tiny_imagenet_resnet18"
+RECIPE[("wrn34_10_tiny_imagenet", "peeraid")] = "peeraid_tiny_imagenet_wrn34_10"
+# Runs following SAAD's adaad.py, whose only train-mode forward is S(x') (saad adaad.py:51-54), not AdaAD's
+# S(x) then S(x') (AdaAD main.py:333-334): each needed forward once (`train_forwards='needed'`).
+SAAD_ADAAD = {("preact_resnet18_tiny_imagenet", "adaad"), ("resnet18_svhn", "adaad")}
 
-RUNS = tuple(f"method={m},setting={s}" for s in SETTINGS for m in METHODS if (m, s) not in REPORTED)
+RUNS = tuple(f"method={m},setting={s}" for s in SETTINGS for m in METHODS_OF[s])
 LAYOUT = {"rows": "method", "groups": "setting", "columns": ("clean", "pgd_s", "aa")}
 
 
@@ -28,10 +62,15 @@ def get_config(arg=None):
     a = config_lib.parse_arg(arg, method="adaad", setting="resnet18_cifar10", plugins=(), teacher="")
     if a["setting"] not in SETTINGS:
         raise ValueError(f"unknown setting {a['setting']!r}; known: {', '.join(SETTINGS)}")
-    student, dataset = SETTINGS[a["setting"]]
+    student, kwargs, dataset = SETTINGS[a["setting"]]
     teacher = a["teacher"] or TEACHER.get((dataset, a["method"]))
     c = config_lib.base_config(a["method"], student, dataset, teacher, plugins=a["plugins"])
-    c = config_lib.apply_recipe(c, a["method"])
+    c.student.kwargs.update(kwargs)
+    c = config_lib.apply_recipe(c, RECIPE.get((a["setting"], a["method"]), a["method"]))
+    if (a["setting"], a["method"]) in SAAD_ADAAD:
+        c.method.train_forwards = "needed"
+    # Evaluation as the papers report it: L-inf eps 8/255 on the whole test split (Tiny-ImageNet's 10,000 val
+    # images, SVHN's 26,032), standard AutoAttack last (saad adaad.py:155-160; PeerAiD main.py:47, 1010-1011).
     c.eval.final_attacks = ("clean", "fgsm", "pgd_s", "pgd_t", "cw", "aa")
     if "igdm" in c.method.plugins or a["method"] == "igdm":
         c.method.igdm_epochs = float(c.num_epochs)  # the term reaches its full weight at the last epoch

@@ -25,13 +25,19 @@ PAPER_TEACHERS = {
     # IGDM: saad main.sh:4 (CIFAR-10) and ICLR_IGDM adaad_IGDM_cifar100.py:79-84 (CIFAR-100 'BDM').
     ("cifar10", "gowal_wrn28_10"): "Gowal2021Improving_28_10_ddpm_100m",
     ("cifar100", "bdm_wrn28_10"): "Wang2023Better_WRN-28-10",
+    # Published outside RobustBench (interop/published.py, `convert --published=NAME`): DM-Improves-AT's WRN-28-10
+    # Swish teachers, the only teachers SAAD loads for its Tiny-ImageNet and SVHN rows (saad utils.py:210-227).
+    ("tiny_imagenet", "tiny_linf_wrn28-10"): "tiny_linf_wrn28-10",
+    ("svhn", "svhn_linf_wrn28-10"): "svhn_linf_wrn28-10",
 }
-DEFAULT_TEACHER = {"cifar10": "wrn34_10", "cifar100": "wrn70_16"}
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10}
+DEFAULT_TEACHER = {"cifar10": "wrn34_10", "cifar100": "wrn70_16", "tiny_imagenet": "tiny_linf_wrn28-10",
+                   "svhn": "svhn_linf_wrn28-10"}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10, "tiny_imagenet": 200, "svhn": 10}
 
 
 def teacher_dir(dataset: str, teacher: Optional[str] = None) -> str:
-    """Where the README's convert commands put a paper teacher: teachers/<RobustBench name>_<dataset>."""
+    """Where the README's convert commands put a paper teacher: teachers/<RobustBench or published name>_<dataset>
+    (e.g. `teacher_dir('tiny_imagenet', 'tiny_linf_wrn28-10')` = teachers/tiny_linf_wrn28-10_tiny_imagenet)."""
     key = (dataset, teacher or DEFAULT_TEACHER.get(dataset, ""))
     if key not in PAPER_TEACHERS:
         known = ", ".join(f"{d}:{t}" for d, t in PAPER_TEACHERS)
@@ -145,11 +151,46 @@ RECIPES = {
     # over the train loader after each average (saad.py:93-94).
     "saad": {"num_epochs": 200, "optim": {**PIECEWISE, "weight_decay": 2e-4, "boundaries": (100, 150)},
              "swa": {"enabled": True, "start_epoch": 94}},
+    # Beyond CIFAR (configs/sota.py; docs/design.md, "Tiny-ImageNet and SVHN rows"): recipes named by the published
+    # run they reproduce, with the data set's augmentation (`dataset`) where it is not CIFAR's.
+    # PeerAiD ResNet-18 on Tiny-ImageNet (jaewonalive/PeerAiD @cd12e92): configs/PeerAiD_resnet18_tinyimagenet.json:1
+    # (200 epochs, lr 0.1 for both networks, /10 at 0-based epochs 99 and 149, batch 128, wd 2e-4; main.py:840-852
+    # divides from the boundary epoch on), main.py:131-134 + :29 (PGD-10, eps 8/255, step 2/255), README.md:46
+    # (--swa_s; SWA from the first decay, main.py:110-111: epoch 99), datasets/datasets.py:11-20 (crop 64 padded by
+    # 4, flip), datasets/TinyImageNetDataset.py:36-39, 62, 71 (classes in wnids.txt order).
+    "peeraid_tiny_imagenet_resnet18": {
+        "num_epochs": 200, "optim": {**PIECEWISE, "lr": 0.1, "weight_decay": 2e-4, "boundaries": (99, 149)},
+        "attack": {"eps": 8 / 255, "step_size": 2 / 255, "steps": 10}, "batch_size": {"tiny_imagenet": 128},
+        "swa": {"enabled": True, "start_epoch": swa.FIRST_DECAY},
+        "dataset": {"crop_padding": 4, "flip": True, "class_order": "wnids"}},
+    # PeerAiD WRN-34-10 on Tiny-ImageNet: configs/PeerAiD_wideresnet34x10_tinyimagenet.json:1 (100 epochs, /10 at
+    # 0-based epochs 49 and 79, the rest as ResNet-18's), README.md:65 (--swa_s: SWA from epoch 49).
+    "peeraid_tiny_imagenet_wrn34_10": {
+        "num_epochs": 100, "optim": {**PIECEWISE, "lr": 0.1, "weight_decay": 2e-4, "boundaries": (49, 79)},
+        "attack": {"eps": 8 / 255, "step_size": 2 / 255, "steps": 10}, "batch_size": {"tiny_imagenet": 128},
+        "swa": {"enabled": True, "start_epoch": swa.FIRST_DECAY},
+        "dataset": {"crop_padding": 4, "flip": True, "class_order": "wnids"}},
+    # AdaAD and IGDM as SAAD's scripts run them on Tiny-ImageNet (HongsinLee/saad @295121c, `--dataset tinyimg`,
+    # args.py:34): adaad.py:38 and igdm.py:38 (SGD lr args.lr = 0.1 (args.py:24), momentum 0.9, wd 2e-4), args.py:20
+    # and :22 (200 epochs, batch 128), adaad.py:90-92 and igdm.py:95-97 (x0.1 after 1-based epochs 100 and 150:
+    # from 0-based 100 and 150), utils.py:123-127 (crop 64 padded by 8, flip), utils.py:109 (ImageFolder: sorted
+    # wnids). Attack: adaad_inner_loss's own defaults, PGD-10 eps 8/255 step 2/255 (attacks.py:197-202); the
+    # scripts pass them swapped (adaad.py:49, igdm.py:49; docs/design.md "Deviations" 5: not followed).
+    "saad_scripts_tiny_imagenet": {
+        "num_epochs": 200, "optim": {**PIECEWISE, "lr": 0.1, "weight_decay": 2e-4, "boundaries": (100, 150)},
+        "attack": {"eps": 8 / 255, "step_size": 2 / 255, "steps": 10}, "batch_size": {"tiny_imagenet": 128},
+        "dataset": {"crop_padding": 8, "flip": True, "class_order": "sorted"}},
+    # The same scripts on SVHN (`--dataset svhn`): no augmentation at all (utils.py:138-140: ToTensor only).
+    "saad_scripts_svhn": {
+        "num_epochs": 200, "optim": {**PIECEWISE, "lr": 0.1, "weight_decay": 2e-4, "boundaries": (100, 150)},
+        "attack": {"eps": 8 / 255, "step_size": 2 / 255, "steps": 10}, "batch_size": {"svhn": 128},
+        "dataset": {"crop_padding": 0, "flip": False}},
 }
 
 
 def apply_recipe(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
-    """The method's published recipe (RECIPES) on a config, for the student and a peer alike."""
+    """The published recipe RECIPES[method] (a method's name, or a named run such as
+    'peeraid_tiny_imagenet_resnet18') on a config, for the student and a peer alike; none: `c` unchanged."""
     recipe = RECIPES.get(method)
     if recipe is None:
         return c
@@ -158,6 +199,7 @@ def apply_recipe(c: ml_collections.ConfigDict, method: str) -> ml_collections.Co
         block.update(recipe["optim"])
     c.attack.update(recipe.get("attack", {}))
     c.swa.update(recipe.get("swa", {}))
+    c.dataset.update(recipe.get("dataset", {}))
     c.batch_size = recipe.get("batch_size", {}).get(c.dataset.name, c.batch_size)
     return c
 

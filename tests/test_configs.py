@@ -1,22 +1,26 @@
 """Every run of the paper as a config: each builds abstractly (jax.eval_shape of init and of one step on
-the real CIFAR shapes and the real teachers), with the paper's settings."""
+the real data shapes (CIFAR/SVHN 32x32, Tiny-ImageNet 64x64 with 200 classes) and the real teachers), with the
+paper's settings and, for configs/sota.py, each row's published recipe."""
 
 import dataclasses
 import functools
 import importlib.util
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from mmard_jax import cli, config_lib, parallel, train, train_step
+from mmard_jax import cli, config_lib, data, parallel, swa, train, train_step
+from mmard_jax.interop import published
 from mmard_jax.interop import zoo as robustbench_zoo
 from mmard_jax.models import create
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TABLES = ("table3", "table4", "table5", "table6", "table7", "table7_readings", "figure4", "sota")
-TRAIN_SIZE = {"cifar10": 50000, "cifar100": 50000}
+TRAIN_SIZE = {"cifar10": 50000, "cifar100": 50000, "tiny_imagenet": 100000, "svhn": 73257}
+IMAGE_SHAPE = {"cifar10": (32, 32, 3), "cifar100": (32, 32, 3), "tiny_imagenet": (64, 64, 3), "svhn": (32, 32, 3)}
 
 
 def load_config_file(name):
@@ -32,20 +36,30 @@ def all_runs():
             yield table, arg
 
 
+def split_teacher_dir(path: str):
+    """teachers/<name>_<dataset> -> (name, dataset); data set names may hold '_' (tiny_imagenet)."""
+    stem = pathlib.Path(path).name
+    dataset = next(d for d in data.DATASETS if stem.endswith(f"_{d}"))
+    return stem[: -len(dataset) - 1], dataset
+
+
 def teacher_module(path: str):
     """The architecture behind a configured teacher directory (no file needed)."""
-    stem = pathlib.Path(path).name
-    if stem.startswith("natural_wrn34_10_"):  # MTARD's natural teacher, trained with this project
-        return create("wide_resnet", config_lib.NUM_CLASSES[stem.rsplit("_", 1)[1]], depth=34, width=10)
-    name, dataset = stem.rsplit("_", 1)
+    name, dataset = split_teacher_dir(path)
+    if name == "natural_wrn34_10":  # MTARD's natural teacher, trained with this project
+        return create("wide_resnet", config_lib.NUM_CLASSES[dataset], depth=34, width=10)
+    if name in published.PUBLISHED:  # converted with `--published=NAME`
+        entry = published.lookup(name)
+        assert entry.dataset == dataset
+        return create(entry.arch, entry.num_classes, **entry.kwargs)
     entry = robustbench_zoo.lookup(name, dataset)
     return create(entry.arch, entry.num_classes, **entry.kwargs)
 
 
 @functools.lru_cache(maxsize=None)
-def abstract_teacher(path):
+def abstract_teacher(path, shape):
     module = teacher_module(path)
-    return module, jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    return module, jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, *shape)), train=False))
 
 
 def test_tables_cover_the_paper():
@@ -59,6 +73,8 @@ def test_tables_cover_the_paper():
     sota = [a for t, a in runs if t == "sota"]
     assert {a.split(",")[0] for a in sota} == {f"method={m}" for m in ("mmard", "adaad", "adaiad", "igdm", "peeraid")}
     assert "method=peeraid,setting=mobilenet_v2_cifar10" not in sota  # not reported by its paper
+    # Beyond CIFAR: only the rows whose published code runs there (SAAD's and DGAD's arrive with their methods).
+    assert [a for a in sota if "tiny_imagenet" in a or "svhn" in a] == list(BEYOND_CIFAR)
 
 
 def test_paper_settings():
@@ -137,6 +153,88 @@ def test_sota_runs_follow_their_published_recipes():
         assert [p.name for p in method.plugins] == ["igdm"] and {"s_mir", "t_mir"} <= method.outer_needs("main")
 
 
+# The Tiny-ImageNet and SVHN rows of configs/sota.py as the published code runs them, written from the sources
+# (HongsinLee/saad @295121c "SA", jaewonalive/PeerAiD @cd12e92 "PA"), independently of config_lib.RECIPES:
+# (student, student kwargs, teacher directory, epochs, lr boundaries (0-based epoch of the first decayed lr),
+#  weight decay, crop padding, flip, class order, SWA start (None: off), method hyper-parameters).
+_SA = dict(epochs=200, bounds=(100, 150), wd=2e-4)  # SA args.py:20, adaad.py/igdm.py:38 and :90-92 / :95-97
+_PEER_TINY = {"temperature": 1.0, "peer_ce": 1.0, "peer_kl": 100.0, "peer_temperature": 1.0,  # PA README.md:46, :65
+              "student_ce": 0.035, "student_peer": 35.0, "student_self": 20.0, "kl_class_mean": True}
+TINY = "teachers/tiny_linf_wrn28-10_tiny_imagenet"
+SVHN = "teachers/svhn_linf_wrn28-10_svhn"
+BEYOND_CIFAR = {
+    # SA utils.py:123-127 (pad 8, flip), :109 ImageFolder (sorted wnids), :182-186 pResNet18, :210-218 teacher.
+    "method=adaad,setting=preact_resnet18_tiny_imagenet": (
+        "preact_resnet18_saad", {}, TINY, _SA["epochs"], _SA["bounds"], _SA["wd"], 8, True, "sorted", None,
+        {"kl_class_mean": False, "train_forwards": "needed", "alpha": 1.0}),  # SA adaad.py:40, :51-54
+    "method=igdm,setting=preact_resnet18_tiny_imagenet": (
+        "preact_resnet18_saad", {}, TINY, _SA["epochs"], _SA["bounds"], _SA["wd"], 8, True, "sorted", None,
+        {"kl_class_mean": False, "igdm_alpha": 1.0, "igdm_epochs": 200.0}),  # SA args.py:7, main.sh:8, igdm.py:59
+    # PA configs/PeerAiD_resnet18_tinyimagenet.json (200 epochs, decays [99, 149]), datasets/datasets.py:16-20 (pad 4),
+    # TinyImageNetDataset.py (wnids.txt order), main.py:110-111 (SWA from the first decay).
+    "method=peeraid,setting=resnet18_tiny_imagenet": (
+        "resnet18", {}, "", 200, (99, 149), 2e-4, 4, True, "wnids", 99, _PEER_TINY),
+    # PA configs/PeerAiD_wideresnet34x10_tinyimagenet.json (100 epochs, decays [49, 79]).
+    "method=peeraid,setting=wrn34_10_tiny_imagenet": (
+        "wide_resnet", {"depth": 34, "width": 10}, "", 100, (49, 79), 2e-4, 4, True, "wnids", 49, _PEER_TINY),
+    # SA utils.py:138-140 (SVHN: no augmentation), :189-194 RES-18, :219-227 teacher.
+    "method=adaad,setting=resnet18_svhn": (
+        "resnet18", {}, SVHN, _SA["epochs"], _SA["bounds"], _SA["wd"], 0, False, "", None,
+        {"kl_class_mean": False, "train_forwards": "needed", "alpha": 1.0}),
+    "method=igdm,setting=resnet18_svhn": (
+        "resnet18", {}, SVHN, _SA["epochs"], _SA["bounds"], _SA["wd"], 0, False, "", None,
+        {"kl_class_mean": False, "igdm_alpha": 1.0, "igdm_epochs": 200.0}),
+}
+
+
+@pytest.mark.parametrize("arg", list(BEYOND_CIFAR))
+def test_sota_beyond_cifar_rows_follow_their_published_code(arg):
+    student, kwargs, teacher, epochs, bounds, wd, pad, flip, order, swa_start, hparams = BEYOND_CIFAR[arg]
+    c = load_config_file("sota").get_config(arg)
+    train.check_config(c)
+    assert (c.student.arch, dict(c.student.kwargs), c.teacher.checkpoint) == (student, kwargs, teacher)
+    assert (c.dataset.crop_padding, c.dataset.flip, c.dataset.class_order) == (pad, flip, order)
+    # Every row: SGD lr 0.1, momentum 0.9, batch 128, PGD-10 at eps 8/255 with step 2/255 (SA attacks.py:197-202,
+    # args.py:22-24; PA main.py:29, 131-134, configs/*tinyimagenet.json); the peer's optimizer as the student's.
+    assert (c.num_epochs, c.batch_size, c.optim.lr, c.optim.momentum, c.optim.weight_decay) == (epochs, 128, 0.1, 0.9,
+                                                                                              wd)
+    assert (c.attack.norm, c.attack.eps, c.attack.step_size, c.attack.steps) == ("Linf", 8 / 255, 2 / 255, 10)
+    for opt in (c.optim, c.peer.optim):
+        assert (opt.schedule, tuple(opt.boundaries), opt.decay) == ("piecewise", bounds, 0.1)
+    # The lr is 0.1 up to the boundary epoch's first step and 0.01 from it (both codes decay from that epoch on).
+    spe = TRAIN_SIZE[c.dataset.name] // c.batch_size
+    lr = train_step.make_lr_schedule(c.optim.lr, spe, c.num_epochs, c.optim.schedule, tuple(c.optim.boundaries),
+                                     c.optim.decay, c.optim.per_epoch)
+    assert [float(lr(bounds[0] * spe - 1)), float(lr(bounds[0] * spe)), float(lr(bounds[1] * spe))] == pytest.approx(
+        [0.1, 0.01, 0.001])
+    # SWA (PeerAiD's --swa_s): the first snapshot is the end of the first decayed epoch, then every epoch.
+    assert c.swa.enabled == (swa_start is not None)
+    if swa_start is not None:
+        assert swa.resolve_start(c) == swa_start == bounds[0]
+        assert [swa.due(c, e) for e in (swa_start, swa_start + 1, swa_start + 2)] == [False, True, True]
+    # Evaluation as the papers report: L-inf 8/255 on the whole test split, standard AutoAttack at the end.
+    assert (c.eval.norm, c.eval.eps, c.eval.n_examples) == ("Linf", 8 / 255, -1) and "aa" in c.eval.final_attacks
+    method = config_lib.resolve_method(c.method)
+    assert {k: method.hparams[k] for k in hparams} == hparams
+    if "train_forwards" in hparams:  # SAAD's adaad.py: S(x') is the only train-mode forward
+        assert method.train_order("main") == ("s_adv",)
+
+
+def test_teacher_dirs_of_the_published_teachers():
+    """The README's convert commands write where the configs look (README.md, "Tiny-ImageNet and SVHN teachers")."""
+    assert config_lib.teacher_dir("tiny_imagenet", "tiny_linf_wrn28-10") == TINY
+    assert config_lib.teacher_dir("svhn", "svhn_linf_wrn28-10") == SVHN
+    assert config_lib.teacher_dir("tiny_imagenet") == TINY and config_lib.teacher_dir("svhn") == SVHN
+    for (dataset, _), name in config_lib.PAPER_TEACHERS.items():  # every data set key is a loadable data set
+        assert dataset in data.DATASETS
+    readme = (REPO / "README.md").read_text()
+    for name in published.PUBLISHED:
+        dataset = published.lookup(name).dataset
+        assert f"--published={name} " in readme and f"--dst={config_lib.teacher_dir(dataset, name)}" in readme
+    with pytest.raises(ValueError, match="no paper teacher 'tiny_linf_wrn28-10' for svhn"):
+        config_lib.teacher_dir("svhn", "tiny_linf_wrn28-10")
+
+
 _TRACED = {}
 
 
@@ -152,12 +250,13 @@ def phases(method, num_epochs):
 
 def structure_key(config, method):
     """What decides the traced step: runs equal in this differ only in values (alpha, epochs, class count, batch size)
-    or in the frozen teacher's architecture, whose forward each run traces anyway (`abstract_teacher` inits it)."""
+    or in the frozen teacher's architecture, whose forward each run traces anyway (`abstract_teacher` inits it).
+    The image shape is part of it: a 64x64 row is traced at 64x64 even when its CIFAR twin was traced."""
     forwards = tuple((p, tuple(sorted(method.forwards(p))), method.train_order(p))
                      for p in phases(method, config.num_epochs))
     return (config.student.arch, tuple(sorted(config.student.kwargs.items())), tuple(sorted(method.networks())),
             method.inner.name, method.outer.name, tuple(p.name for p in method.plugins), forwards,
-            config.attack.student_bn)
+            config.attack.student_bn, IMAGE_SHAPE[config.dataset.name])
 
 
 @pytest.mark.parametrize("table,arg", list(all_runs()))
@@ -165,6 +264,7 @@ def test_every_run_builds_abstractly(table, arg):
     config = load_config_file(table).get_config(arg)
     method = config_lib.resolve_method(config.method)
     num_classes = config_lib.NUM_CLASSES[config.dataset.name]
+    shape = IMAGE_SHAPE[config.dataset.name]
     steps_per_epoch = TRAIN_SIZE[config.dataset.name] // config.batch_size
     nets = {"student": create(config.student.arch, num_classes, bn_axis_name=parallel.AXIS,
                               **traced_kwargs(config.student.arch, config.student.kwargs))}
@@ -175,19 +275,23 @@ def test_every_run_builds_abstractly(table, arg):
     frozen = {}
     for role in ("teacher", "teacher2"):
         if role in method.networks():
-            nets[role], frozen[role] = abstract_teacher(config[role].checkpoint)
+            nets[role], frozen[role] = abstract_teacher(config[role].checkpoint, shape)
             assert nets[role].num_classes == num_classes
         else:
             assert not config[role].checkpoint, role
     nets = train_step.Networks(**nets)
     txs, schedule = train.build_optimizers(config, nets, steps_per_epoch)
-    state = jax.eval_shape(lambda: train_step.init_state(nets, method, txs, jax.random.key(0), (32, 32, 3)))
+    state = jax.eval_shape(lambda: train_step.init_state(nets, method, txs, jax.random.key(0), shape))
     key = structure_key(config, method)
     if key in _TRACED:  # the same program was traced for another run of this session
         assert jax.tree.structure(_TRACED[key]) == jax.tree.structure(state)
         return
+    student = state.nets["student"]  # the student's logits at the data's size and class count
+    logits = jax.eval_shape(lambda v: nets.student.apply(v, jnp.zeros((2, *shape)), train=False),
+                            {"params": student.params, "batch_stats": student.batch_stats})
+    assert logits.shape == (2, num_classes)
     settings = dataclasses.replace(train.step_settings(config), unroll=1)
-    images = jax.ShapeDtypeStruct((TRAIN_SIZE[config.dataset.name], 32, 32, 3), jnp.uint8)
+    images = jax.ShapeDtypeStruct((TRAIN_SIZE[config.dataset.name], *shape), jnp.uint8)
     labels = jax.ShapeDtypeStruct((TRAIN_SIZE[config.dataset.name],), jnp.int32)
     idx = jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)
     for phase in phases(method, config.num_epochs):
@@ -210,3 +314,22 @@ def test_l2_threat_model_config():
     c.eval.norm = "L1"
     with pytest.raises(cli.UserError, match="config.eval.norm='L1' is not one of: Linf, L2"):
         train.check_config(c)
+
+
+def test_readme_config_commands_build():
+    """Every `configs/<file>.py:<argument>` and `run_table.py --table=... --only=...` the README shows builds and
+    passes the trainer's checks, the Tiny-ImageNet row of "Done when" (issue 23) among them."""
+    readme = (REPO / "README.md").read_text().replace("\\\n", " ")
+    args = re.findall(r"--config=configs/(\w+)\.py:([^\s`]+)", readme)
+    assert ("sota", "method=igdm,setting=preact_resnet18_tiny_imagenet") in args
+    for table, arg in args:
+        config = load_config_file(table).get_config(arg)
+        train.check_config(config)
+        if config.dataset.name == "tiny_imagenet" and config.teacher.checkpoint:  # the README converts it there
+            assert f"--dst={config.teacher.checkpoint}" in readme
+    tables = re.findall(r"run_table\.py --table=configs/(\w+)\.py --workroot=\S+((?: --only=\S+)*)", readme)
+    assert ("sota", " --only=setting=preact_resnet18_tiny_imagenet") in tables
+    for table, only in tables:
+        wanted = only.split(" --only=")[1:]
+        runs = [r for r in load_config_file(table).RUNS if all(o in r.split(",") for o in wanted)]
+        assert runs, (table, wanted)

@@ -2,6 +2,7 @@
 results out like the paper."""
 
 import json
+import pathlib
 
 import pytest
 
@@ -69,3 +70,26 @@ def test_bad_inputs(tmp_path):
         runner.load_table(tmp_path / "not_a_table.py")
     with pytest.raises(ValueError, match="--config.path=value"):
         runner.apply_overrides({}, ["num_epochs=3"])
+
+
+def test_sota_table_renders_the_tiny_imagenet_and_svhn_groups(tmp_path):
+    """configs/sota.py's rows beyond CIFAR render as their own column groups (collect_only: nothing trains), and
+    `--only=setting=...` picks one setting's rows, as the README runs them."""
+    sota = pathlib.Path(__file__).resolve().parent.parent / "configs" / "sota.py"
+    text = runner.run_table(sota, tmp_path, collect_only=True, progress=False)
+    header = text.splitlines()[2]
+    for setting in ("preact_resnet18_tiny_imagenet", "resnet18_tiny_imagenet", "wrn34_10_tiny_imagenet",
+                    "resnet18_svhn"):
+        assert f"| Clean ({setting}) | PGD_S ({setting}) | AA ({setting}) |" in header
+    only = runner.run_table(sota, tmp_path, only=["setting=preact_resnet18_tiny_imagenet"], collect_only=True,
+                            progress=False).splitlines()
+    assert only[2] == ("| method | Clean (preact_resnet18_tiny_imagenet) | PGD_S (preact_resnet18_tiny_imagenet) "
+                       "| AA (preact_resnet18_tiny_imagenet) |")
+    assert only[4:] == ["| adaad | - | - | - |", "| igdm | - | - | - |"]
+    # A finished run's summary fills its cells.
+    run = tmp_path / runner.run_name("method=igdm,setting=preact_resnet18_tiny_imagenet")
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"final": {"clean": 0.5, "pgd_s": 0.25, "aa": 0.2}}))
+    only = runner.run_table(sota, tmp_path, only=["setting=preact_resnet18_tiny_imagenet"], collect_only=True,
+                            progress=False).splitlines()
+    assert only[5] == "| igdm | 50.00 | 25.00 | 20.00 |"

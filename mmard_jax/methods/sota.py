@@ -100,7 +100,15 @@ ROWS = {
 
 DATASET_HPARAMS = {
     ("adaad", "cifar100"): {"kl_class_mean": False},  # AdaAD main.py:347-351: sum / B
+    # AdaAD's own main.py trains no Tiny-ImageNet or SVHN model (its loss is defined for CIFAR-10/100 only,
+    # main.py:341-351); SAAD's adaad.py, which does, uses nn.KLDivLoss(reduction="batchmean") (saad adaad.py:40, 54).
+    ("adaad", "tiny_imagenet"): {"kl_class_mean": False},
+    ("adaad", "svhn"): {"kl_class_mean": False},
     ("peeraid", "cifar100"): {"peer_kl": 1.0},  # PeerAiD README.md:39
+    # PeerAiD README.md:46 (ResNet-18) and :65 (WRN-34-10), Tiny-ImageNet: --temperature 1 --gamma1 1 --gamma2 100
+    # --re_kd_temperature 1 --lamb1 0.035 --lamb2 35 --lamb3 20 (main.py:363, 393-397 use them as named here).
+    ("peeraid", "tiny_imagenet"): {"temperature": 1.0, "peer_ce": 1.0, "peer_kl": 100.0, "peer_temperature": 1.0,
+                                   "student_ce": 0.035, "student_peer": 35.0, "student_self": 20.0},
 }
 # The same for plug-ins, on whichever method they are added to: (plug-in, dataset) -> hyper-parameters.
 PLUGIN_DATASET_HPARAMS = {
