@@ -18,7 +18,7 @@ from mmard_jax.data.augment import crop_and_flip, to_float
 from mmard_jax.interop import naming
 from mmard_jax.tools import bench_report, bench_step
 from mmard_jax.tools.bench_cases import CASES
-from peers import torch_step
+from peers import published_steps, torch_step
 from peers.architectures import build_model
 from peers.interop import copy_into_torch
 from peers.published_losses import kl_loss_rslad
@@ -214,9 +214,18 @@ def test_torch_step_equals_ours(method_name, phase, capsys, monkeypatch):
         _step_equals_ours(method_name, phase, capsys)
 
 
-def _step_equals_ours(method_name, phase, capsys):
+def test_fair_ard_step_equals_the_published_script(capsys, monkeypatch):
+    """Fair-ARD (ARD with plugins=fair) against the transcription of Fair-ARD.py, from non-uniform class weights:
+    the losses, parameters and BatchNorm statistics after two steps, the per-class counts of correct attack
+    iterates (Kappa_total), and the class weights the epoch boundary makes of them (weight_assign)."""
+    monkeypatch.setattr(train_step, "crop_and_flip", _flip)
+    with jax.enable_x64(True):
+        _step_equals_ours("ard", "main", capsys, plugins=("fair",), torch_method="fair_ard")
+
+
+def _step_equals_ours(method_name, phase, capsys, plugins=(), torch_method=None):
     batch, n = 8, 16
-    method = methods.get_method(method_name, **JAX_OVERRIDES.get(method_name, {}))
+    method = methods.get_method(method_name, plugins=plugins, **JAX_OVERRIDES.get(method_name, {}))
     epoch = 0 if phase == "warmup" else 60  # IAD/AdaIAD: `epoch >= begin` (60) is past the warm-up
     assert method.phase(epoch) == phase
     attack = methods.attack_defaults(method_name)
@@ -239,6 +248,10 @@ def _step_equals_ours(method_name, phase, capsys):
                                                                            variables[k]["batch_stats"]),
                                      txs[k].init(variables[k]["params"])) for k in nets.trained()},
         method_state=method.init_state(), bad_step=np.full((), -1, np.int32))
+    class_weights = np.random.default_rng(5).uniform(5 / 6, 5 / 2, 10).astype(np.float32)
+    if method.epoch_terms:  # Fair-ARD: the weights of an epoch after the first
+        state = state.replace(epoch_state=method.init_epoch_state(10))
+        state.epoch_state["fair"]["value"]["weights"] = jnp.asarray(class_weights)
     frozen = {k: variables[k] for k in ("teacher", "teacher2") if k in variables}
 
     torch_nets = {k: to_torch(v, build_model("wide_resnet", 10, WRN10_1)) for k, v in variables.items()}
@@ -246,9 +259,11 @@ def _step_equals_ours(method_name, phase, capsys):
         biased_running_var(torch_nets[k])
     t_step = torch_step.TorchTrainStep(
         torch_nets["student"], torch_nets.get("teacher"),
-        torch_step.Settings(method=method_name, steps=2, crop_padding=0, flip=True, steps_per_epoch=4,
+        torch_step.Settings(method=torch_method or method_name, steps=2, crop_padding=0, flip=True, steps_per_epoch=4,
                     num_epochs=2, kl_form="exact"), torch_step.Form(f64=True),
         teacher2=torch_nets.get("teacher2"), peer=torch_nets.get("peer"))
+    if method.epoch_terms:
+        t_step.method_state["reweight"] = torch.from_numpy(class_weights)
 
     rng = np.random.default_rng(0)
     images = rng.integers(24, 232, (n,) + IMG, dtype=np.uint8)
@@ -278,6 +293,14 @@ def _step_equals_ours(method_name, phase, capsys):
         assert abs(w_ours - 0.5) > 1e-5  # the second batch moved it
         np.testing.assert_allclose(w_theirs, w_ours, rtol=0, atol=WEIGHT_ATOL)
         report["w_nat"] = abs(w_ours - w_theirs)
+    if method.epoch_terms:  # Kappa_total (Fair-ARD.py:134-135) and the next epoch's weights (:165-167)
+        sums = jax.device_get(state.epoch_state["fair"]["sums"])
+        np.testing.assert_array_equal(sums["correct"], t_step.method_state["kappa_total"].numpy())
+        assert sums["correct"].sum() > 0 and sums["examples"].sum() == STEPS * batch
+        ours = method.epoch_update(state.epoch_state)["fair"]["value"]["weights"]
+        theirs = published_steps.fair_weight_assign(t_step.method_state["kappa_total"], STEPS * batch, 2.0)
+        np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), rtol=1e-6)
+        report["kappa_total"] = int(sums["correct"].sum())
     with capsys.disabled():
         print(f"\n[{method_name}-{phase}] max differences: " + ", ".join(f"{k} {v:.2e}" for k, v in report.items()))
 

@@ -25,6 +25,8 @@ HPARAMS = {
     # PeerAiD README.md:31 (ResNet-18, CIFAR-10): T 5, lambda (0, 1, 1), gamma (1, 0.1), tau 1.
     "peeraid": {"temperature": 5.0, "lambda1": 0.0, "lambda2": 1.0, "lambda3": 1.0, "gamma1": 1.0, "gamma2": 0.1,
                 "tau": 1.0},
+    # NISP-official/Fair-ARD @910c8cd Fair-ARD.py:21 (temp), :24 (alpha), :25 (beta).
+    "fair_ard": {"tau": 30.0, "alpha": 1.0, "beta": 2.0},
 }
 METHODS = tuple(HPARAMS)
 
@@ -53,6 +55,7 @@ ATTACKS = {
     "adaiad": Attack("gaussian", "eval"),  # AdaAD main.py:357-358 (the same attack)
     "igdm": Attack("gaussian", "eval"),  # saad igdm.py:49 -> AdaAD's attack
     "peeraid": Attack("gaussian", "eval"),  # PeerAiD attack_function.py:68, :71-72
+    "fair_ard": Attack("uniform", "train"),  # Fair-ARD.py:63 (not clamped), :128 net.train()
 }
 
 # What each published script's optimizer is (not used by default: see the module docstring).
@@ -285,12 +288,50 @@ def _peeraid(n, x, y, epoch):
     return loss_peer + loss_student, {"peer_loss": loss_peer, "student_loss": loss_student}
 
 
+def _fair_ard(n, x, y, epoch):
+    # Fair-ARD.py:128 net.train(); AttackPGD.forward :60-78 counts, at every iterate before its step, the examples
+    # the student classifies correctly (Kappa, :66-71); :134-135 Kappa_total[y] += Kappa; :136 T(x); :137 S(x);
+    # :140-148 each example's KLDivLoss() (its KL / C) and CE times reweight[y], then (1 / B) sum.
+    tau, a, w = n.hp["tau"], n.hp["alpha"], n.state["reweight"]
+    n.train("student")
+    kappa = torch.zeros(len(y), dtype=torch.long)
+
+    def objective(z):
+        out = n.S(z)
+        kappa.add_((out.max(1, keepdim=True)[1][:, 0] == y).long())
+        return ce_sum(out, y)
+
+    x_adv = n.pgd(objective, x)
+    s_adv = n.S(x_adv)  # :78, AttackPGD's last forward
+    for i in range(len(y)):
+        n.state["kappa_total"][y[i]] += kappa[i]
+    with torch.no_grad():
+        t_nat = n.T(x)
+    s_nat = n.S(x)
+    kl_class, ce_class = [], []
+    for i in range(len(s_adv)):
+        kl_class.append(kl_mean(s_adv[i:i + 1], t_nat[i:i + 1], tau) * w[y[i]])
+        ce_class.append(ce_mean(s_nat[i:i + 1], y[i:i + 1]) * w[y[i]])
+    kl = (1 / len(s_adv)) * torch.sum(torch.stack(kl_class))
+    ce = (1 / len(s_adv)) * torch.sum(torch.stack(ce_class))
+    return a * tau * tau * kl + (1.0 - a) * ce, {"kl_adv_tnat": kl}
+
+
+def fair_weight_assign(kappa_total: torch.Tensor, examples: int, beta: float) -> torch.Tensor:
+    """Fair-ARD.py:166 (Kappa_total / (N / C)) and weight_assign :116-125: the next epoch's class weights."""
+    num_classes = kappa_total.shape[0]
+    kappa = kappa_total.double() / (examples / num_classes)
+    reweight = (1 / (kappa + 1e-5)) ** beta
+    reweight = reweight * (num_classes / torch.sum(reweight))
+    return torch.clamp(reweight, min=5 / 6, max=5 / 2)
+
+
 STEPS: Dict[str, Callable] = {
     "nature": _nature, "sat": _sat, "trades": _trades, "ard": _ard, "iad": _iad, "rslad": _rslad, "mtard": _mtard,
-    "mmard": _mmard, "adaad": _adaad, "adaiad": _adaiad, "igdm": _igdm, "peeraid": _peeraid,
+    "mmard": _mmard, "adaad": _adaad, "adaiad": _adaiad, "igdm": _igdm, "peeraid": _peeraid, "fair_ard": _fair_ard,
 }
 # The networks each method uses besides the student.
 NETWORKS = {"ard": ("teacher",), "iad": ("teacher",), "rslad": ("teacher",), "mtard": ("teacher", "teacher2"),
             "mmard": ("teacher",), "adaad": ("teacher",), "adaiad": ("teacher",), "igdm": ("teacher",),
-            "peeraid": ("peer",)}
+            "peeraid": ("peer",), "fair_ard": ("teacher",)}
 TRAINED = ("student", "peer")

@@ -211,6 +211,8 @@ class TorchTrainStep:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.method_state = {"w_nat": self.hp["w_nat_init"], "init_adv": None, "init_nat": None} \
             if settings.method == "mtard" else {}
+        if settings.method == "fair_ard":  # Fair-ARD.py:129, :161: Kappa_total of the epoch, ones as the first weights
+            self.method_state = {"reweight": torch.ones(10), "kappa_total": torch.zeros(10, dtype=torch.long)}
         self.step_count = 0
         self.current_lr = settings.lr
 
