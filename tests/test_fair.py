@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from mmard_jax import config_lib, methods, parallel, train, train_step
 from mmard_jax.methods import Logits, StepInfo
 from test_methods import kl, sm
-from test_train_step import IMG, SmallNet, small_frozen
+from test_train_step import IMG, CountingApply, SmallNet, init_vars, small_frozen, tiny
 
 B, C = 8, 10
 INFO = StepInfo(epoch=jnp.asarray(100), lr_scale=jnp.asarray(1.0))
@@ -183,6 +183,35 @@ def fair_steps(n_devices, images, labels, weights, n_steps=3, name="ard"):
     for i in range(n_steps):
         state, _ = fn(state, frozen, imgs, labs, idx[i], np.int32(0))
     return jax.device_get(state)
+
+
+# (teacher, second teacher, student (train-mode, inference-mode)) forwards as traced once (the PGD body once).
+FAIR_FORWARDS = {
+    "ard": (1, 0, (3, 0)),  # as ARD: the train-mode attack, S(x'), S(x) (Fair-ARD.py:66, :78, :137)
+    "iad": (2, 0, (4, 0)),  # T(x), T(x'); the attack, S(x'), S(x), S(x') (Fair-IAD.py:82, :94, :165, :170-171)
+    "rslad": (1, 0, (2, 1)),  # as RSLAD (Fair-RSLAD.py:58, :78, :125)
+    "mtard": (1, 0, (2, 1)),  # T_adv(x') only: the unused T_nat(x) (Fair-MTARD.py:134) is not computed
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAIR_FORWARDS))
+def test_only_declared_forwards_are_computed(name):
+    mesh = parallel.data_mesh(jax.devices()[:1])
+    teacher, teacher2, student = CountingApply(tiny()), CountingApply(tiny()), CountingApply(tiny(parallel.AXIS))
+    method = config_lib.resolve_method(config_lib.method_block(name, plugins=("fair",)))
+    nets = train_step.Networks(student, teacher, teacher2)
+    schedule = train_step.make_lr_schedule(0.1, 4, 2)
+    txs = {"student": train_step.make_optimizer(schedule)}
+    settings = train_step.StepSettings(steps=3, crop_padding=2, unroll=1, **methods.attack_defaults(name))
+    fn = train_step.make_train_step(nets, method, method.phase(10**6), txs, schedule, settings, mesh, seed=0)
+    state = train_step.init_state(nets, method, txs, jax.random.key(1, impl="rbg"), IMG, num_classes=C)
+    student.calls.clear()
+    frozen = {"teacher": init_vars(tiny(), 3), "teacher2": init_vars(tiny(), 3)}
+    images = np.zeros((16,) + IMG, np.uint8)
+    jax.eval_shape(fn, state, frozen, images, np.zeros(16, np.int32), jnp.arange(16), jnp.asarray(0))
+    want_t, want_t2, want_s = FAIR_FORWARDS[name]
+    assert (len(teacher.calls), len(teacher2.calls)) == (want_t, want_t2)
+    assert (sum(student.calls), len(student.calls) - sum(student.calls)) == want_s
 
 
 def test_step_counts_are_summed_over_devices_and_one_device_equals_two():
