@@ -116,8 +116,8 @@ def make_lr_schedule(base_lr: float, steps_per_epoch: int, num_epochs: int, name
 def init_state(nets: Networks, method: methods.Method, txs: Mapping[str, Any], rng, input_shape,
                swa_init: Callable = None, num_classes: int = 0) -> TrainState:
     """Initial variables and optimizer states of the trained networks, and the method's state and epoch state
-    (for `num_classes`; and, given `swa_init(params, batch_stats)`, the SWA student's state from the student's
-    initial variables).
+    (for `num_classes`, by default the student's; and, given `swa_init(params, batch_stats)`, the SWA student's
+    state from the student's initial variables).
 
     One jitted program: eager Flax init compiles one small program per parameter (13 s for a ResNet-18 on CPU),
     and eager optax init one per buffer shape (13 for a WRN).
@@ -132,12 +132,13 @@ def init_state(nets: Networks, method: methods.Method, txs: Mapping[str, Any], r
             states[name] = NetState(variables["params"], variables.get("batch_stats", {}),
                                     txs[name].init(variables["params"]))
         swa = None if swa_init is None else swa_init(states["student"].params, states["student"].batch_stats)
-        epoch_state = method.init_epoch_state(num_classes) if method.epoch_terms else None
+        epoch_state = None
+        if method.epoch_terms:  # classes: given, or the student's logits' width (a shape only: no computation kept)
+            classes = num_classes or nets.student.apply(_variables(states["student"]), x, train=False).shape[-1]
+            epoch_state = method.init_epoch_state(classes)
         return TrainState(step=jnp.zeros((), jnp.int32), nets=states, method_state=method.init_state(),
                           bad_step=jnp.full((), -1, jnp.int32), swa=swa, epoch_state=epoch_state)
 
-    if method.epoch_terms and num_classes < 1:
-        raise ValueError(f"method {method.name!r} keeps per-class state across epochs: init_state needs num_classes")
     return jax.jit(build)(rng)
 
 
