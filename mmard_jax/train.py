@@ -128,6 +128,8 @@ class Run:
     meta: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"best_value": -math.inf, "best_epoch": -1})
     step_fns: Dict[str, Any] = dataclasses.field(default_factory=dict)
     swa_bn: Any = None  # the jitted BN recompute of the SWA student (swa.make_bn_pass) where config.swa is on
+    num_classes: int = 0
+    epoch_update: Any = None  # the jitted method.epoch_update where the method keeps state across epochs
 
     def step_fn(self, phase: str):
         """The compiled step of a phase (built on first use)."""
@@ -228,6 +230,9 @@ def setup(config, workdir: pathlib.Path, progress: bool, guard) -> Run:
               settings, images, labels, len(train), train.images.shape[1:], steps_per_epoch, ev,
               checkpoints.TrainCheckpoints(workdir, config.best_metric, say=sinks.say, swa=with_swa), sinks,
               guard, stopping.StopAgreement(mesh))
+    run.num_classes = train.num_classes
+    if method.epoch_terms:
+        run.epoch_update = jax.jit(method.epoch_update, donate_argnums=(0,), out_shardings=parallel.replicated(mesh))
     if with_swa:
         run.meta.update(swa_best_value=-math.inf, swa_best_epoch=-1)
         if config.swa.bn_recompute:
@@ -236,11 +241,12 @@ def setup(config, workdir: pathlib.Path, progress: bool, guard) -> Run:
 
 
 def saved_form(state: train_step.TrainState) -> Dict[str, Any]:
-    """The train state as checkpointed: its fields by name, without `swa` when the run keeps none (so the
-    checkpoints of runs from before SWA existed restore unchanged)."""
+    """The train state as checkpointed: its fields by name, without `swa` or `epoch_state` when the run keeps none
+    (so the checkpoints of runs from before either existed restore unchanged)."""
     form = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
-    if form["swa"] is None:
-        del form["swa"]
+    for optional in ("swa", "epoch_state"):
+        if form[optional] is None:
+            del form[optional]
     return form
 
 
@@ -249,7 +255,8 @@ def restore_or_init(run: Run):
     key = jax.random.key(run.config.seed, impl="rbg")  # RBG init keys: threefry init programs compile slowly on CPU
     swa_init = swa.init if swa_enabled(run.config) else None
     state = parallel.put_replicated(
-        train_step.init_state(run.nets, run.method, run.txs, key, run.input_shape, swa_init=swa_init), run.mesh)
+        train_step.init_state(run.nets, run.method, run.txs, key, run.input_shape, swa_init=swa_init,
+                              num_classes=run.num_classes), run.mesh)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), saved_form(state))
     restored = run.ckpt.restore(abstract)
     if restored is None:
@@ -259,6 +266,16 @@ def restore_or_init(run: Run):
     run.meta = {**run.meta, **meta}
     run.sinks.say(f"resumed from step {int(state.step)} ({run.workdir})")
     return state
+
+
+def begin_epoch(run: Run, state, epoch: int):
+    """The method's epoch states at the start of `epoch` (0-based): after every epoch but the first, the previous
+    epoch's sums turned into this epoch's values (Fair-ARD's class weights, Fair-ARD.py:165-167), by a pure
+    function. Applied when the state stands exactly at the epoch's first step, which every checkpoint saved at an
+    epoch's end does (never in between): an uninterrupted run and one resumed from any checkpoint agree bitwise."""
+    if run.epoch_update is None or epoch == 0 or int(state.step) != epoch * run.steps_per_epoch:
+        return state
+    return state.replace(epoch_state=run.epoch_update(state.epoch_state))
 
 
 def train_epoch(run: Run, state, epoch: int):
@@ -393,8 +410,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, progress: 
                       f"{jax.process_count()} process(es)")
         for epoch in range(int(state.step) // run.steps_per_epoch, config.num_epochs):
             start = time.perf_counter()
+            state = begin_epoch(run, state, epoch)
             state, train_means = train_epoch(run, state, epoch)
             record = {"epoch": epoch + 1, "step": int(state.step), **{f"train_{k}": v for k, v in train_means.items()}}
+            if state.epoch_state is not None:  # e.g. Fair-ARD's weights used this epoch and its Kappa
+                record.update(run.method.epoch_summary(jax.device_get(state.epoch_state)))
             if swa_enabled(config):
                 state = swa_after_epoch(run, state, epoch + 1)
             if due(epoch + 1, config.eval.every_epochs, last=epoch + 1 == config.num_epochs):

@@ -42,6 +42,9 @@ class TrainState:
     method_state: Any
     bad_step: Array  # first step whose loss or gradient was not finite (-1 if none); updates stop there
     swa: Any = None  # swa.SwaState where config.swa is enabled (updated between epochs, never by the step)
+    # {term: its methods.core.EpochState state} where the method keeps state across epochs (Fair-ARD's class
+    # weights): the step adds to its sums (summed over all devices), the trainer updates it at epoch boundaries.
+    epoch_state: Any = None
 
     @property
     def student(self) -> NetState:
@@ -111,9 +114,10 @@ def make_lr_schedule(base_lr: float, steps_per_epoch: int, num_epochs: int, name
 
 
 def init_state(nets: Networks, method: methods.Method, txs: Mapping[str, Any], rng, input_shape,
-               swa_init: Callable = None) -> TrainState:
-    """Initial variables and optimizer states of the trained networks, and the method's state (and, given
-    `swa_init(params, batch_stats)`, the SWA student's state from the student's initial variables).
+               swa_init: Callable = None, num_classes: int = 0) -> TrainState:
+    """Initial variables and optimizer states of the trained networks, and the method's state and epoch state
+    (for `num_classes`, by default the student's; and, given `swa_init(params, batch_stats)`, the SWA student's
+    state from the student's initial variables).
 
     One jitted program: eager Flax init compiles one small program per parameter (13 s for a ResNet-18 on CPU),
     and eager optax init one per buffer shape (13 for a WRN).
@@ -128,8 +132,12 @@ def init_state(nets: Networks, method: methods.Method, txs: Mapping[str, Any], r
             states[name] = NetState(variables["params"], variables.get("batch_stats", {}),
                                     txs[name].init(variables["params"]))
         swa = None if swa_init is None else swa_init(states["student"].params, states["student"].batch_stats)
+        epoch_state = None
+        if method.epoch_terms:  # classes: given, or the student's logits' width (a shape only: no computation kept)
+            classes = num_classes or nets.student.apply(_variables(states["student"]), x, train=False).shape[-1]
+            epoch_state = method.init_epoch_state(classes)
         return TrainState(step=jnp.zeros((), jnp.int32), nets=states, method_state=method.init_state(),
-                          bad_step=jnp.full((), -1, jnp.int32), swa=swa)
+                          bad_step=jnp.full((), -1, jnp.int32), swa=swa, epoch_state=epoch_state)
 
     return jax.jit(build)(rng)
 
@@ -164,13 +172,19 @@ def inner_constants(nets: Networks, needs, state: TrainState, frozen, x) -> Dict
 
 def adversarial_input(nets: Networks, method: methods.Method, settings: StepSettings, state: TrainState, frozen,
                       x, y, consts, keys):
-    """x' from the method's inner objective, and the student's BatchNorm statistics after the attack (moved by
-    every iterate when the student attacks in train mode, as SAT, ARD and IAD do)."""
+    """(x', the student's BatchNorm statistics after the attack, correct iterates) from the method's inner objective.
+
+    The statistics move at every iterate when the student attacks in train mode, as SAT, ARD and IAD do. Where the
+    method tallies 'correct_iterates' (Fair-ARD.py:64-71), the int32 [B] count of iterates x_0 .. x_{K-1} at which
+    the student's logits of that iterate (in the attack's BatchNorm mode) put the label first; None otherwise."""
+    count = "correct_iterates" in method.tallies()
+    zero = y.astype(jnp.int32) * 0 if count else None  # varying over the data axis, as the counts it starts
     if method.inner.loss is None:
-        return x, state.student.batch_stats
+        return x, state.student.batch_stats, zero
     use_teacher = "t_iter" in method.inner.needs
 
-    def objective(z, batch_stats):
+    def objective(z, carry):
+        batch_stats, correct = carry
         if settings.student_bn == "train":
             s_adv, upd = nets.student.apply(_variables(state.student, batch_stats), z, train=True,
                                             mutable=["batch_stats"])
@@ -180,11 +194,15 @@ def adversarial_input(nets: Networks, method: methods.Method, settings: StepSett
         t_adv = nets.teacher.apply(frozen["teacher"], z, train=False) if use_teacher else None
         inp = methods.InnerInputs(s_adv, y, t_adv=t_adv, s_nat=consts.get("s_nat"), t_nat=consts.get("t_nat"),
                                   p_nat=consts.get("p_nat"))
-        return jnp.sum(method.inner.loss(inp)), batch_stats
+        if count:
+            correct = correct + (jnp.argmax(jax.lax.stop_gradient(s_adv), axis=-1) == y).astype(jnp.int32)
+        return jnp.sum(method.inner.loss(inp)), (batch_stats, correct)
 
-    return engine.pgd(objective, x, eps=settings.eps, step_size=settings.step_size, steps=settings.steps,
-                      init=settings.init, rng=keys, gaussian_scale=settings.gaussian_scale, unroll=settings.unroll,
-                      carry=state.student.batch_stats, norm=settings.norm)
+    x_adv, (stats, correct) = engine.pgd(
+        objective, x, eps=settings.eps, step_size=settings.step_size, steps=settings.steps, init=settings.init,
+        rng=keys, gaussian_scale=settings.gaussian_scale, unroll=settings.unroll,
+        carry=(state.student.batch_stats, zero), norm=settings.norm)
+    return x_adv, stats, correct
 
 
 def points(x, x_adv, needed) -> Dict[str, Array]:
@@ -220,15 +238,15 @@ def frozen_forwards(nets: Networks, needed, frozen, at, consts) -> Dict[str, Arr
     return out
 
 
-def guarded_update(state: TrainState, nets: Dict[str, NetState], method_state, ok) -> TrainState:
+def guarded_update(state: TrainState, nets: Dict[str, NetState], method_state, ok, epoch_state=None) -> TrainState:
     """The next state where the step was finite; otherwise the old one, and `bad_step` records where it broke.
 
     Hand-written rather than optax's `apply_if_finite`: that one guards parameters only, and a non-finite step
-    must not reach the BatchNorm statistics or the method's state either."""
-    kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), (nets, method_state),
-                        (state.nets, state.method_state))
+    must not reach the BatchNorm statistics, the method's state or its epoch state either."""
+    kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), (nets, method_state, epoch_state),
+                        (state.nets, state.method_state, state.epoch_state))
     bad = jnp.where((state.bad_step < 0) & ~ok, state.step, state.bad_step)
-    return state.replace(step=state.step + 1, nets=kept[0], method_state=kept[1], bad_step=bad)
+    return state.replace(step=state.step + 1, nets=kept[0], method_state=kept[1], epoch_state=kept[2], bad_step=bad)
 
 
 def _all_finite(tree) -> Array:
@@ -260,7 +278,7 @@ def make_train_step(nets: Networks, method: methods.Method, phase: str, txs: Map
         x, y = augment_batch(images, labels, idx, k_aug, settings)
         consts = inner_constants(nets, forwards, state, frozen, x)
         keys = parallel.example_keys(k_init, parallel.global_positions(idx.shape[0]))
-        x_adv, s_stats = adversarial_input(nets, method, settings, state, frozen, x, y, consts, keys)
+        x_adv, s_stats, correct = adversarial_input(nets, method, settings, state, frozen, x, y, consts, keys)
         at = points(x, x_adv, needed | set(order))
         teachers = frozen_forwards(nets, needed, frozen, at, consts)
         lr = lr_schedule(state.step)
@@ -270,12 +288,15 @@ def make_train_step(nets: Networks, method: methods.Method, phase: str, txs: Map
         def loss_fn(params):
             trained, new_stats = trained_forwards(nets, order, params, stats, at)
             logits = methods.Logits(**{k: v for k, v in {**trained, **teachers}.items() if k in needed})
-            local, metrics, new_mstate = method.loss(logits, y, state.method_state, info)
+            local, metrics, new_mstate = method.loss(logits, y, state.method_state, info, state.epoch_state)
             # The global loss: mean over devices of per-device batch means (equal local batch sizes).
-            return jax.lax.pmean(local, parallel.AXIS), (metrics | _accuracies(trained, y), new_mstate, new_stats)
+            return jax.lax.pmean(local, parallel.AXIS), (metrics | _accuracies(trained, y), new_mstate, new_stats,
+                                                         jax.lax.stop_gradient(logits))
 
         params = {n: s.params for n, s in state.nets.items()}
-        (loss, (metrics, new_mstate, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (loss, (metrics, new_mstate, new_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        # The epoch states' sums over the global batch (a psum over every device and process).
+        new_estate = method.accumulate(state.epoch_state, methods.core.Tally(y, logits, correct), parallel.AXIS)
         # grads are already the gradient of the global loss: shard_map sums the per-device contributions to a
         # replicated input (no extra pmean; docs/design.md, "Data parallelism and multi-host").
         new_nets = {}
@@ -284,7 +305,7 @@ def make_train_step(nets: Networks, method: methods.Method, phase: str, txs: Map
             new_nets[n] = NetState(optax.apply_updates(s.params, updates), new_stats[n], opt_state)
         ok = jnp.isfinite(loss) & _all_finite(grads) & (state.bad_step < 0)
         out = {"loss": loss, "lr": lr, **jax.lax.pmean(metrics, parallel.AXIS)}
-        return guarded_update(state, new_nets, new_mstate, ok), out
+        return guarded_update(state, new_nets, new_mstate, ok, new_estate), out
 
     mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(), P(parallel.AXIS), P()),
                            out_specs=(P(), P()))

@@ -18,7 +18,7 @@ from mmard_jax.data.augment import crop_and_flip, to_float
 from mmard_jax.interop import naming
 from mmard_jax.tools import bench_report, bench_step
 from mmard_jax.tools.bench_cases import CASES
-from peers import torch_step
+from peers import published_steps, torch_step
 from peers.architectures import build_model
 from peers.interop import copy_into_torch
 from peers.published_losses import kl_loss_rslad
@@ -107,6 +107,8 @@ STEPS = 2  # train steps per case: the second one starts from moved running stat
 # storage) + atol 1e-7 + 1e-5 * (how far that tensor moved); running statistics rtol 1e-6 + atol 1e-7; MTARD's
 # weight atol 1e-7.
 LOSS_RTOL, TEMPERED_LOSS_RTOL = 1e-6, {"ard": 3e-3, "adaiad": 3e-3, "peeraid": 1e-4}
+# Fair's losses are float32 sums of per-example terms times class weights up to 3x apart (seen: 1.6e-6).
+WEIGHTED_LOSS_RTOL = 3e-6
 PARAM_RTOL, PARAM_ATOL, PARAM_RTOL_OF_UPDATE, STAT_RTOL, STAT_ATOL, WEIGHT_ATOL = 3e-7, 1e-7, 1e-5, 1e-6, 1e-7, 1e-7
 # The published order of train-mode forwards differs from ours (see the reason): losses and parameters agree, the
 # running statistics and the second step's eval-mode attack do not.
@@ -214,9 +216,21 @@ def test_torch_step_equals_ours(method_name, phase, capsys, monkeypatch):
         _step_equals_ours(method_name, phase, capsys)
 
 
-def _step_equals_ours(method_name, phase, capsys):
+@pytest.mark.parametrize("method_name,phase", [("ard", "main"), ("iad", "main"), ("rslad", "main"),
+                                               ("mtard", "main")])
+def test_fair_step_equals_the_published_script(method_name, phase, capsys, monkeypatch):
+    """Fair-ARD's plug-in on ARD, IAD, RSLAD and MTARD against transcriptions of Fair-ARD.py, Fair-IAD.py,
+    Fair-RSLAD.py and Fair-MTARD.py from non-uniform class weights: the losses, parameters and BatchNorm statistics
+    after two steps (MTARD's weight too), the per-class counts of correct attack iterates (Kappa_total) and the
+    class weights the epoch boundary makes of them (weight_assign)."""
+    monkeypatch.setattr(train_step, "crop_and_flip", _flip)
+    with jax.enable_x64(True):
+        _step_equals_ours(method_name, phase, capsys, plugins=("fair",), torch_method=f"fair_{method_name}")
+
+
+def _step_equals_ours(method_name, phase, capsys, plugins=(), torch_method=None):
     batch, n = 8, 16
-    method = methods.get_method(method_name, **JAX_OVERRIDES.get(method_name, {}))
+    method = methods.get_method(method_name, plugins=plugins, **JAX_OVERRIDES.get(method_name, {}))
     epoch = 0 if phase == "warmup" else 60  # IAD/AdaIAD: `epoch >= begin` (60) is past the warm-up
     assert method.phase(epoch) == phase
     attack = methods.attack_defaults(method_name)
@@ -239,6 +253,10 @@ def _step_equals_ours(method_name, phase, capsys):
                                                                            variables[k]["batch_stats"]),
                                      txs[k].init(variables[k]["params"])) for k in nets.trained()},
         method_state=method.init_state(), bad_step=np.full((), -1, np.int32))
+    class_weights = np.random.default_rng(5).uniform(5 / 6, 5 / 2, 10).astype(np.float32)
+    if method.epoch_terms:  # Fair-ARD: the weights of an epoch after the first
+        state = state.replace(epoch_state=method.init_epoch_state(10))
+        state.epoch_state["fair"]["value"]["weights"] = jnp.asarray(class_weights)
     frozen = {k: variables[k] for k in ("teacher", "teacher2") if k in variables}
 
     torch_nets = {k: to_torch(v, build_model("wide_resnet", 10, WRN10_1)) for k, v in variables.items()}
@@ -246,13 +264,18 @@ def _step_equals_ours(method_name, phase, capsys):
         biased_running_var(torch_nets[k])
     t_step = torch_step.TorchTrainStep(
         torch_nets["student"], torch_nets.get("teacher"),
-        torch_step.Settings(method=method_name, steps=2, crop_padding=0, flip=True, steps_per_epoch=4,
+        torch_step.Settings(method=torch_method or method_name, steps=2, crop_padding=0, flip=True, steps_per_epoch=4,
                     num_epochs=2, kl_form="exact"), torch_step.Form(f64=True),
         teacher2=torch_nets.get("teacher2"), peer=torch_nets.get("peer"))
+    if method.epoch_terms:
+        t_step.method_state["reweight"] = torch.from_numpy(class_weights)
 
     rng = np.random.default_rng(0)
     images = rng.integers(24, 232, (n,) + IMG, dtype=np.uint8)
     labels = rng.integers(0, 10, n).astype(np.int32)
+    if method.epoch_terms:  # Fair: half the labels the student's own clean guesses, so that attack iterates count
+        guess = np.asarray(student.apply(variables["student"], jnp.asarray(images / 255.0), train=False)).argmax(-1)
+        labels[::2] = guess[::2]
     t_images, t_labels = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels).long()
     loss_diff = 0.0
     compiled = None
@@ -265,7 +288,7 @@ def _step_equals_ours(method_name, phase, capsys):
         noise = None if draws["noise"] is None else torch.from_numpy(np.array(draws["noise"])).permute(0, 3, 1, 2)
         offsets, flips = (torch.from_numpy(np.array(draws[k])) for k in ("offsets", "flips"))
         out = t_step(t_images, t_labels, torch.from_numpy(idx).long(), offsets.long(), flips, noise, epoch=epoch)
-        rtol = TEMPERED_LOSS_RTOL.get(method_name, LOSS_RTOL)
+        rtol = TEMPERED_LOSS_RTOL.get(method_name, WEIGHTED_LOSS_RTOL if plugins else LOSS_RTOL)
         np.testing.assert_allclose(float(out["loss"]), float(metrics["loss"]), rtol=rtol, err_msg=f"step {i}")
         loss_diff = max(loss_diff, abs(float(out["loss"]) - float(metrics["loss"])) / abs(float(metrics["loss"])))
     report = {"loss_rel": loss_diff}
@@ -278,6 +301,15 @@ def _step_equals_ours(method_name, phase, capsys):
         assert abs(w_ours - 0.5) > 1e-5  # the second batch moved it
         np.testing.assert_allclose(w_theirs, w_ours, rtol=0, atol=WEIGHT_ATOL)
         report["w_nat"] = abs(w_ours - w_theirs)
+    if method.epoch_terms:  # Kappa_total (Fair-ARD.py:134-135) and the next epoch's weights (:165-167)
+        sums = jax.device_get(state.epoch_state["fair"]["sums"])
+        np.testing.assert_array_equal(sums["correct"], t_step.method_state["kappa_total"].numpy())
+        assert sums["correct"].sum() > 0 and sums["examples"].sum() == STEPS * batch
+        ours = method.epoch_update(state.epoch_state)["fair"]["value"]["weights"]
+        theirs = published_steps.fair_weight_assign(t_step.method_state["kappa_total"], STEPS * batch, 2.0,
+                                                    method.hparams["fair_eps"])
+        np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), rtol=1e-6)
+        report["kappa_total"] = int(sums["correct"].sum())
     with capsys.disabled():
         print(f"\n[{method_name}-{phase}] max differences: " + ", ".join(f"{k} {v:.2e}" for k, v in report.items()))
 

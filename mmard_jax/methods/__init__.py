@@ -10,7 +10,7 @@ outer objectives combine freely (the paper's Table 6 and Figure 4); plug-ins add
 import warnings
 from typing import Any, Dict, Mapping, Optional, Sequence
 
-from mmard_jax.methods import baselines, sota
+from mmard_jax.methods import baselines, fair, sota
 from mmard_jax.methods.core import (
     INNER_FORWARDS,
     OUTER_FORWARDS,
@@ -27,7 +27,7 @@ from mmard_jax.methods.core import (
 from mmard_jax.methods.inner import INNER
 
 OUTER: Dict[str, Objective] = {**baselines.OUTER, **sota.OUTER}
-PLUGINS: Dict[str, Objective] = dict(sota.PLUGINS)
+PLUGINS: Dict[str, Objective] = {**sota.PLUGINS, "fair": fair.FAIR}
 ROWS: Dict[str, MethodRow] = {**baselines.ROWS, **sota.ROWS}
 DATASET_HPARAMS = {**baselines.DATASET_HPARAMS, **sota.DATASET_HPARAMS}
 METHODS = tuple(ROWS)
@@ -74,6 +74,20 @@ def _check_vocabulary(method: Method) -> None:
                          f"known: {', '.join(INNER_FORWARDS)}")
 
 
+def _plugin_rows(name: str, row: MethodRow, outer: str, plugins: Sequence[Objective]) -> list:
+    """The PluginRow of each plug-in that names its rows; a plug-in on a row (or an outer) it does not apply to is
+    refused in one line."""
+    out = []
+    for p in plugins:
+        if p.rows is None:
+            continue
+        if name not in p.rows or outer != row.outer:
+            raise ValueError(f"plug-in {p.name!r} applies to the rows {', '.join(p.rows)} with their own outer "
+                             f"objective, not to {name!r}" + (f" with outer {outer!r}" if outer != row.outer else ""))
+        out.append(p.rows[name])
+    return out
+
+
 def _defaults(row: MethodRow, outer: Objective, plugins: Sequence[Objective], own_row: bool) -> Dict[str, Any]:
     """Merged defaults: every method's, the outer's, the plug-ins' (names must not clash), the row's overrides."""
     hp = dict(METHOD_HPARAMS)
@@ -101,6 +115,9 @@ def get_method(name: str, inner: Optional[str] = None, outer: Optional[str] = No
     outer_obj = _lookup(OUTER, outer_name, "outer objective")
     plugin_objs = tuple(_lookup(PLUGINS, p, "plug-in") for p in dict.fromkeys(tuple(row.plugins) + tuple(plugins)))
     hp = _defaults(row, outer_obj, plugin_objs, own_row=outer_name == row.outer)
+    combos = _plugin_rows(name, row, outer_name, plugin_objs)
+    for combo in combos:
+        hp.update(combo.hparams)
     unknown = set(overrides) - set(hp)
     if unknown:
         raise ValueError(f"method {name!r} (outer {outer_obj.name!r}) takes no hyper-parameter {sorted(unknown)}; "
@@ -109,11 +126,17 @@ def get_method(name: str, inner: Optional[str] = None, outer: Optional[str] = No
         hp[key] = type(hp[key])(value) if not isinstance(hp[key], bool) else _as_bool(key, value)
     if hp["train_forwards"] not in TRAIN_FORWARDS:
         raise ValueError(f"train_forwards must be one of {TRAIN_FORWARDS}, got {hp['train_forwards']!r}")
+    for combo, plugin in zip(combos, (p for p in plugin_objs if p.rows is not None)):
+        for key, only in combo.fixed.items():
+            if hp[key] != only:
+                raise ValueError(f"{key}={hp[key]!r} is not read (or not implemented) by plug-in {plugin.name!r} on "
+                                 f"{name!r}, which takes only {key}={only!r} ({combo.source})")
     for term in (outer_obj,) + plugin_objs:
         term.check(hp)
     _warn_inert(hp, {k: v for k, v in overrides.items() if v != outer_obj.defaults.get(k, hp.get(k))})
-    method = Method(name, inner_obj, outer_obj, plugin_objs, hp,
-                    order_override=row.order if outer_name == row.outer else None)
+    order = row.order if outer_name == row.outer else None
+    order = next((c.order for c in combos if c.order is not None), order)
+    method = Method(name, inner_obj, outer_obj, plugin_objs, hp, order_override=order)
     _check_vocabulary(method)
     return method
 

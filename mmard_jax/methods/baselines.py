@@ -19,6 +19,9 @@ from mmard_jax.methods.core import (
     kl,
     needs_of,
     order_of,
+    weighted_ce,
+    weighted_kl,
+    weighted_mean,
 )
 
 
@@ -43,11 +46,12 @@ def _trades(lg: Logits, y, state, hp, info):
 def _ard(lg: Logits, y, state, hp, info):
     # goldblum/AdversariallyRobustDistillation main.py:127: alpha T^2 KLDivLoss()(S^T(x'), T^T(x))
     # + (1 - alpha) CE(S(x)); KLDivLoss() averages over B*C (main.py:113).
+    # Fair-ARD.py:140-148 (plugins=fair): each example's KL and CE times its class weight (info.example_weights).
     tau, a = hp["tau"], hp["alpha"]
-    kl_adv = kl(lg.s_adv, lg.t_nat, hp, tau)
+    kl_adv = weighted_kl(lg.s_adv, lg.t_nat, hp, info, tau)
     loss, metrics = a * tau * tau * kl_adv, {"kl_adv_tnat": kl_adv}
     if a != 1.0:
-        ce = jnp.mean(losses.cross_entropy(lg.s_nat, y))
+        ce = weighted_ce(lg.s_nat, y, info)
         loss, metrics = loss + (1.0 - a) * ce, {**metrics, "ce_nat": ce}
     return loss, metrics, state
 
@@ -71,18 +75,19 @@ def _iad(lg: Logits, y, state, hp, info):
     teacher = lg.t_nat if hp["iad_teacher_input"] == "nat" else lg.t_adv
     kl_t = tau * tau * losses.kl_div(lg.s_adv, teacher, tau) * _kl_factor(lg, hp)
     metrics = {"kl_adv_teacher": jnp.mean(kl_t)}
+    # Fair-IAD.py:183-199 (plugins=fair): every per-example term times its class weight (info.example_weights).
     if info.phase == "warmup":
-        loss = jnp.mean(kl_t)
+        loss = weighted_mean(kl_t, info)
     else:
         trust = _iad_trust(lg, y, hp)
         kl_s = losses.kl_div(lg.s_adv, lg.s_nat) * _kl_factor(lg, hp)
         w_t = trust if hp["iad_form"] == "table1" else 1.0
-        loss = jnp.mean(w_t * kl_t + (1.0 - trust) * kl_s)
+        loss = weighted_mean(w_t * kl_t + (1.0 - trust) * kl_s, info)
         metrics.update(kl_adv_snat=jnp.mean(kl_s), trust=jnp.mean(trust))
     if hp["iad_form"] == "iad1":
         loss = a * loss
         if a != 1.0:
-            ce = jnp.mean(losses.cross_entropy(lg.s_nat, y))
+            ce = weighted_ce(lg.s_nat, y, info)
             loss, metrics = loss + (1.0 - a) * ce, {**metrics, "ce_nat": ce}
     return loss, metrics, state
 
@@ -121,8 +126,9 @@ def _iad_check(hp):
 def _rslad(lg: Logits, y, state, hp, info):
     # zibojia/RSLAD resnet18_rslad_cifar10.py:59-63: 5/6 mean(kl(S(x'), T(x))) + 1/6 mean(kl(S(x), T(x))),
     # torch.mean over B*C; resnet18_rslad_cifar100.py:64-66 multiplies each by 10 (kl_scale).
+    # Fair-RSLAD.py:129-138 (plugins=fair): each example's KL times its class weight, then torch.mean over B*C.
     a = hp["alpha"]
-    kl_adv, kl_nat = kl(lg.s_adv, lg.t_nat, hp), kl(lg.s_nat, lg.t_nat, hp)
+    kl_adv, kl_nat = weighted_kl(lg.s_adv, lg.t_nat, hp, info), weighted_kl(lg.s_nat, lg.t_nat, hp, info)
     return (1.0 - a) * kl_nat + a * kl_adv, {"kl_adv_tnat": kl_adv, "kl_nat_tnat": kl_nat}, state
 
 
@@ -130,7 +136,10 @@ def _mtard(lg: Logits, y, state, hp, info):
     # zhaoshiji123/MTARD mtard/mtard_resnet18_cifar10.py:87-100: before each update,
     # w_nat <- w_nat - lr_w (w_nat - r_nat / (r_adv + r_nat)), r = (L / L_first)^bert, w_adv = 1 - w_nat,
     # L_first from the first batch; lr_w decays with the learning rate (:138).
-    kl_adv, kl_nat = kl(lg.s_adv, lg.t_adv, hp), kl(lg.s_nat, lg.t2_nat, hp)
+    # Fair-MTARD.py:142-151 (plugins=fair): each example's KL times its class weight, and the natural term's target
+    # is the adversarial teacher at x' (Fair-MTARD.py:144; fair_mtard_nat_teacher='t2_nat' reads MTARD's T_nat(x)).
+    kl_adv = weighted_kl(lg.s_adv, lg.t_adv, hp, info)
+    kl_nat = weighted_kl(lg.s_nat, lg.t_adv if _mtard_nat_teacher(hp) == "t_adv" else lg.t2_nat, hp, info)
     v_adv = global_mean(jax.lax.stop_gradient(kl_adv), info)  # the global batch's losses, equal on every device
     v_nat = global_mean(jax.lax.stop_gradient(kl_nat), info)
     first = jnp.logical_not(state["initialized"])
@@ -141,6 +150,15 @@ def _mtard(lg: Logits, y, state, hp, info):
     loss = (1.0 - w_nat) * kl_adv + w_nat * kl_nat
     new_state = {"w_nat": w_nat, "init_adv": init_adv, "init_nat": init_nat, "initialized": jnp.array(True)}
     return loss, {"kl_adv_tadv": kl_adv, "kl_nat_t2nat": kl_nat, "w_nat": w_nat}, new_state
+
+
+def _mtard_nat_teacher(hp):
+    """The natural term's teacher forward: MTARD's T_nat(x), or Fair-MTARD's T_adv(x') (fair_mtard_nat_teacher)."""
+    return hp.get("fair_mtard_nat_teacher", "t2_nat")
+
+
+def _mtard_needs(hp, phase):
+    return frozenset({"s_adv", "s_nat", "t_adv", _mtard_nat_teacher(hp)})
 
 
 def _mtard_init(hp):
@@ -193,7 +211,7 @@ OUTER = {
                        {"alpha": 5.0 / 6.0, "kl_class_mean": True, **KL_REDUCTION}),
     # MTARD: weight lr 0.025 (mtard_resnet18_cifar10.py:19), bert 1 (:20), initial weights 1/2 (:44-47),
     # torch.mean over B*C (:79-80); S(x') then S(x) (mtard_loss.py:55, mtard_resnet18_cifar10.py:75-76).
-    "mtard": Objective("mtard", _mtard, needs_of("s_adv", "s_nat", "t_adv", "t2_nat"), order_of("s_adv", "s_nat"),
+    "mtard": Objective("mtard", _mtard, _mtard_needs, order_of("s_adv", "s_nat"),
                        {"weight_lr": 0.025, "bert": 1.0, "w_nat_init": 0.5, "kl_class_mean": True, **KL_REDUCTION},
                        init_state=_mtard_init),
     # MMARD: alpha 1 (paper section 4.1); delta 1, probabilities, batch mean and class-summed KL are our

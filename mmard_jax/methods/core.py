@@ -8,9 +8,10 @@ moves the BatchNorm running statistics, so their sequence is part of what a meth
 """
 
 import dataclasses
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 
 from mmard_jax import losses
 
@@ -69,6 +70,8 @@ class StepInfo(NamedTuple):
     lr_scale: Array  # learning rate of this step / base learning rate
     phase: str = "main"
     axis_name: Optional[str] = None  # the data-parallel axis, for statistics of the global batch
+    example_weights: Optional[Array] = None  # per-example loss weights from plug-ins (Fair-ARD), None = uniform
+    epoch_values: Optional[Mapping[str, Any]] = None  # term name -> its epoch state's value (EpochState.value)
 
 
 def global_mean(value: Array, info: StepInfo) -> Array:
@@ -82,11 +85,32 @@ def as_global_sum(local_sum: Array, info: StepInfo) -> Array:
     return local_sum if info.axis_name is None else local_sum * jax.lax.axis_size(info.axis_name)
 
 
+def weighted_mean(per_example: Array, info: StepInfo) -> Array:
+    """The batch mean of a per-example value, each example times its plug-in weight (`info.example_weights`)."""
+    w = info.example_weights
+    return jnp.mean(per_example if w is None else per_example * w)
+
+
 def kl(student: Array, teacher: Array, hp: HParams, temperature: float = 1.0) -> Array:
     """Batch mean of the per-example KL(S, T), divided by C if hp['kl_class_mean'] (PyTorch's `KLDivLoss()`
     'mean'), times hp['kl_scale'] (RSLAD/MTARD multiply by 10 on CIFAR-100)."""
     value = losses.reduce_kl(losses.kl_div(student, teacher, temperature), student.shape[-1], hp["kl_class_mean"])
     return value * hp["kl_scale"]
+
+
+def weighted_kl(student: Array, teacher: Array, hp: HParams, info: StepInfo, temperature: float = 1.0) -> Array:
+    """`kl` with each example times its plug-in weight (Fair-ARD.py:141-146: weight the per-example KL, then the
+    plain batch mean); exactly `kl` when no plug-in weighs examples."""
+    if info.example_weights is None:
+        return kl(student, teacher, hp, temperature)
+    factor = hp["kl_scale"] / (student.shape[-1] if hp["kl_class_mean"] else 1.0)
+    per_example = losses.kl_div(student, teacher, temperature) * factor
+    return weighted_mean(per_example, info)
+
+
+def weighted_ce(logits: Array, labels: Array, info: StepInfo) -> Array:
+    """Batch mean of the cross-entropy, each example times its plug-in weight (Fair-ARD.py:142-147)."""
+    return weighted_mean(losses.cross_entropy(logits, labels), info)
 
 
 KL_REDUCTION = {"kl_scale": 1.0}  # merged into the defaults of every objective that reduces a KL with `kl`
@@ -99,6 +123,38 @@ class InnerObjective:
     name: str
     loss: Optional[Callable[[InnerInputs], Array]]
     needs: frozenset
+
+
+class Tally(NamedTuple):
+    """What a step shows an epoch state's `accumulate`: this device's labels and logits, and (where a term
+    declares TALLIES' 'correct_iterates') how many attack iterates the student classified correctly, per example."""
+
+    labels: Array
+    logits: Logits
+    correct_iterates: Optional[Array] = None  # int32 [B]: iterates x_0 .. x_{K-1} with argmax S(x_k) = y
+
+
+# What a step can record for an epoch state: name -> meaning.
+TALLIES = {"correct_iterates": "per example, the attack iterates at which the student predicted the label (Kappa)"}
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochState:
+    """Method state that lives across steps and epochs (Fair-ARD's class weights, ABSLD's temperatures), as data.
+
+    The state is `{"sums": pytree, "value": pytree}`: `init(hp, num_classes)` builds it; every step adds
+    `accumulate(tally, hp)` (this device's contribution, shaped as `sums`) summed over all devices and processes
+    (a psum over the data axis) to `sums`; at each epoch boundary the pure `epoch_update(state, hp)` turns the
+    sums into the next epoch's `value` (and resets the sums). The loss reads `value` (StepInfo.epoch_values).
+    The state is part of the train state: checkpointed, resumed bitwise, replicated. Sums should be integers
+    (counts) or otherwise exact, so that their total does not depend on how the batch is split over devices.
+    """
+
+    init: Callable[[HParams, int], Any]
+    accumulate: Callable[[Tally, HParams], Any]
+    epoch_update: Callable[[Any, HParams], Any]
+    tallies: frozenset = frozenset()  # what the step must record for `accumulate` (TALLIES)
+    summary: Optional[Callable[[Any, HParams], Mapping[str, Any]]] = None  # per-epoch numbers for metrics.jsonl
 
 
 def _main(hp: HParams, epoch: int) -> str:
@@ -119,7 +175,9 @@ class Objective:
 
     `needs(hp, phase)`: the forwards it reads; `order(hp, phase)`: its published sequence of train-mode
     forwards (repeats included: each moves the BatchNorm statistics); `phase(hp, epoch)` (host side, static),
-    `phases`: every phase it can return; `check(hp)` refuses settings that would not change the loss.
+    `phases`: every phase it can return; `check(hp)` refuses settings that would not change the loss;
+    `epoch_state`: its state across steps and epochs; a plug-in's `example_weights` weigh the outer's examples;
+    a plug-in's `rows`: the rows it applies to (PluginRow).
     """
 
     name: str
@@ -131,6 +189,11 @@ class Objective:
     phase: Callable[[HParams, int], str] = _main
     init_state: Callable[[HParams], Any] = _no_state
     check: Callable[[HParams], None] = _no_check
+    epoch_state: Optional[EpochState] = None  # state across steps and epochs (EpochState)
+    # A plug-in that weighs examples: (its epoch state's value, labels, hp) -> per-example weights [B], multiplying
+    # every per-example term of the outer objective (of a row in `rows`).
+    example_weights: Optional[Callable[[Any, Array, HParams], Array]] = None
+    rows: Optional[Mapping[str, "PluginRow"]] = None  # a plug-in's rows (None: any) and what it sets on each
 
 
 def needs_of(*names: str) -> Callable[[HParams, str], frozenset]:
@@ -142,6 +205,18 @@ def needs_of(*names: str) -> Callable[[HParams, str], frozenset]:
 def order_of(*names: str) -> Callable[[HParams, str], Tuple[str, ...]]:
     """An `order` function that ignores hyper-parameters and phase."""
     return lambda hp, phase: tuple(names)
+
+
+@dataclasses.dataclass(frozen=True)
+class PluginRow:
+    """How a plug-in applies to one row, as that combination's published script does: hyper-parameters it sets,
+    its order of train-mode forwards (None: the row's), and settings it fixes (hp -> the only accepted value:
+    a value the combination would not read, or one it does not implement, is refused)."""
+
+    hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    order: Optional[Callable[[HParams, str], Tuple[str, ...]]] = None
+    fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    source: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,8 +287,62 @@ class Method:
     def init_state(self) -> Any:
         return self.outer.init_state(self.hparams)
 
-    def loss(self, logits: Logits, labels: Array, state, info: StepInfo):
-        """The outer loss plus every plug-in term: (loss, metrics, new method state)."""
+    @property
+    def epoch_terms(self) -> Tuple[Objective, ...]:
+        """The terms (outer, plug-ins) that keep state across epochs."""
+        return tuple(t for t in self.terms if t.epoch_state is not None)
+
+    def tallies(self) -> frozenset:
+        """What the step records for the epoch states (TALLIES)."""
+        return frozenset().union(*(t.epoch_state.tallies for t in self.epoch_terms))
+
+    def init_epoch_state(self, num_classes: int) -> Optional[Dict[str, Any]]:
+        """{term name: its epoch state} at the start of training; None when no term keeps one."""
+        terms = self.epoch_terms
+        return {t.name: t.epoch_state.init(self.hparams, num_classes) for t in terms} if terms else None
+
+    def accumulate(self, epoch_state, tally: Tally, axis_name: Optional[str] = None):
+        """Every epoch state with this step's contributions added, summed over the data axis (all devices)."""
+        if epoch_state is None:
+            return None
+        out = {}
+        for t in self.epoch_terms:
+            part = t.epoch_state.accumulate(tally, self.hparams)
+            if axis_name is not None:
+                part = jax.lax.psum(part, axis_name)
+            st = epoch_state[t.name]
+            out[t.name] = {**st, "sums": jax.tree.map(jnp.add, st["sums"], part)}
+        return out
+
+    def epoch_update(self, epoch_state):
+        """The epoch states after an epoch boundary (pure): each term's sums turned into its next value."""
+        if epoch_state is None:
+            return None
+        return {t.name: t.epoch_state.epoch_update(epoch_state[t.name], self.hparams) for t in self.epoch_terms}
+
+    def epoch_summary(self, epoch_state) -> Dict[str, Any]:
+        """Per-epoch numbers of the epoch states for metrics.jsonl (host side)."""
+        out = {}
+        for t in self.epoch_terms:
+            if t.epoch_state.summary is not None:
+                out.update(t.epoch_state.summary(epoch_state[t.name], self.hparams))
+        return out
+
+    def loss(self, logits: Logits, labels: Array, state, info: StepInfo, epoch_state=None):
+        """The outer loss plus every plug-in term: (loss, metrics, new method state). `epoch_state`: the terms'
+        state across epochs (None: their initial state, for the number of classes of the logits)."""
+        if self.epoch_terms:
+            if epoch_state is None:
+                num_classes = next(v for v in logits if v is not None).shape[-1]
+                epoch_state = self.init_epoch_state(num_classes)
+            info = info._replace(epoch_values={k: v["value"] for k, v in epoch_state.items()})
+            weights = [p.example_weights(info.epoch_values[p.name], labels, self.hparams)
+                       for p in self.plugins if p.example_weights is not None]
+            if weights:
+                w = weights[0]
+                for extra in weights[1:]:
+                    w = w * extra
+                info = info._replace(example_weights=w)
         total, metrics, state = self.outer.loss(logits, labels, state, self.hparams, info)
         for plugin in self.plugins:
             term, extra, _ = plugin.loss(logits, labels, {}, self.hparams, info)

@@ -25,6 +25,12 @@ HPARAMS = {
     # PeerAiD README.md:31 (ResNet-18, CIFAR-10): T 5, lambda (0, 1, 1), gamma (1, 0.1), tau 1.
     "peeraid": {"temperature": 5.0, "lambda1": 0.0, "lambda2": 1.0, "lambda3": 1.0, "gamma1": 1.0, "gamma2": 0.1,
                 "tau": 1.0},
+    # NISP-official/Fair-ARD @910c8cd: Fair-ARD.py:21 (temp), :24 (alpha), :25 (beta); Fair-IAD.py:22, :25, :29-31;
+    # Fair-RSLAD.py:12, :138; Fair-MTARD.py:16, :24-25, :86-89. `fair_eps`: Fair-ARD.py:120 (Fair-RSLAD.py:99: none).
+    "fair_ard": {"tau": 30.0, "alpha": 1.0, "fair_beta": 2.0, "fair_eps": 1e-5},
+    "fair_iad": {"tau": 1.0, "alpha": 1.0, "beta": 0.1, "begin": 60, "fair_beta": 2.0, "fair_eps": 1e-5},
+    "fair_rslad": {"alpha": 5.0 / 6.0, "fair_beta": 2.0, "fair_eps": 0.0},
+    "fair_mtard": {"weight_lr": 0.025, "bert": 1.0, "w_nat_init": 0.5, "fair_beta": 2.0, "fair_eps": 1e-5},
 }
 METHODS = tuple(HPARAMS)
 
@@ -53,6 +59,10 @@ ATTACKS = {
     "adaiad": Attack("gaussian", "eval"),  # AdaAD main.py:357-358 (the same attack)
     "igdm": Attack("gaussian", "eval"),  # saad igdm.py:49 -> AdaAD's attack
     "peeraid": Attack("gaussian", "eval"),  # PeerAiD attack_function.py:68, :71-72
+    "fair_ard": Attack("uniform", "train"),  # Fair-ARD.py:63 (not clamped), :128 net.train()
+    "fair_iad": Attack("uniform", "train"),  # Fair-IAD.py (ARD's AttackPGD), :157 net.train()
+    "fair_rslad": Attack("gaussian", "eval"),  # Fair-RSLAD.py:51, :54
+    "fair_mtard": Attack("gaussian", "eval"),  # Fair-MTARD.py:53, :55
 }
 
 # What each published script's optimizer is (not used by default: see the module docstring).
@@ -285,12 +295,131 @@ def _peeraid(n, x, y, epoch):
     return loss_peer + loss_student, {"peer_loss": loss_peer, "student_loss": loss_student}
 
 
+def _counting(n, y, loss_of):
+    """An attack objective that also counts, per example, the iterates at which the student predicts the label
+    (AttackPGD.forward's Kappa, Fair-ARD.py:66-71; the same loop in every Fair script), into n.state['kappa']."""
+    n.state["kappa"] = torch.zeros(len(y), dtype=torch.long)
+
+    def objective(z):
+        out = n.S(z)
+        n.state["kappa"].add_((out.max(1, keepdim=True)[1][:, 0] == y).long())
+        return loss_of(out)
+
+    return objective
+
+
+def _tally(n, y):
+    for i in range(len(y)):  # Fair-ARD.py:134-135: Kappa_total[targets[i]] += Kappa[i]
+        n.state["kappa_total"][y[i]] += n.state["kappa"][i]
+
+
+def _fair_ard(n, x, y, epoch):
+    # Fair-ARD.py:128 net.train(); AttackPGD.forward :60-78 with Kappa; :134-135 Kappa_total; :136 T(x); :137 S(x);
+    # :140-148 each example's KLDivLoss() (its KL / C) and CE times reweight[y], then (1 / B) sum.
+    tau, a, w = n.hp["tau"], n.hp["alpha"], n.state["reweight"]
+    n.train("student")
+    x_adv = n.pgd(_counting(n, y, lambda out: ce_sum(out, y)), x)
+    s_adv = n.S(x_adv)  # :78, AttackPGD's last forward
+    _tally(n, y)
+    with torch.no_grad():
+        t_nat = n.T(x)
+    s_nat = n.S(x)
+    kl_class, ce_class = [], []
+    for i in range(len(s_adv)):
+        kl_class.append(kl_mean(s_adv[i:i + 1], t_nat[i:i + 1], tau) * w[y[i]])
+        ce_class.append(ce_mean(s_nat[i:i + 1], y[i:i + 1]) * w[y[i]])
+    kl = (1 / len(s_adv)) * torch.sum(torch.stack(kl_class))
+    ce = (1 / len(s_adv)) * torch.sum(torch.stack(ce_class))
+    return a * tau * tau * kl + (1.0 - a) * ce, {"kl_adv_tnat": kl}
+
+
+def _fair_iad(n, x, y, epoch):
+    # Fair-IAD.py:157 net.train(); :163 T(x); :164 the attack with Kappa + S(x') (:94); :165 S(x); :166-167
+    # Kappa_total; :170 S(x') again (`basicop`, unused); :171 T(x'); :173-192 after `begin`, :194-199 before.
+    tau, a, hp, w = n.hp["tau"], n.hp["alpha"], n.hp, n.state["reweight"]
+    n.train("student")
+    with torch.no_grad():
+        t_nat = n.T(x)
+    x_adv = n.pgd(_counting(n, y, lambda out: ce_sum(out, y)), x)
+    s_adv = n.S(x_adv)
+    s_nat = n.S(x)
+    _tally(n, y)
+    n.S(x_adv).detach()  # basicop
+    with torch.no_grad():
+        guide = n.T(x_adv)
+    b, wy = x.shape[0], w[y]
+    kl_t = (kl_none(s_adv, t_nat, tau).sum(1) * wy).sum() / b
+    if epoch >= hp["begin"]:
+        trust = iad_trust(guide, y, hp["beta"])
+        kl_s = (kl_none(s_adv, s_nat).sum(1) * (1.0 - trust) * wy).sum() / b
+        ce = (F.cross_entropy(s_adv, y, reduction="none") * wy).sum() / b  # :185, on S(x')
+        return a * tau * tau * kl_t + a * kl_s + (1.0 - a) * ce, {"kl_adv_teacher": kl_t, "trust": trust.mean()}
+    return a * tau * tau * kl_t, {"kl_adv_teacher": kl_t}
+
+
+def _fair_rslad(n, x, y, epoch):
+    # Fair-RSLAD.py:118-119 T(x); :51 eval, :54-71 the attack on sum KL with Kappa; :73, :78 train, S(x'); :122-123
+    # Kappa_total; :125 S(x); :129-138 each example's kl_loss times reweight[y], (1 / B) sum, then torch.mean over C.
+    exact, w = n.s.kl_form == "exact", n.state["reweight"]
+    with torch.no_grad():
+        t_nat = n.T(x)
+    n.eval("student")
+    x_adv = n.pgd(_counting(n, y, lambda out: kl_none(out, t_nat).sum()), x)
+    n.train("student")
+    s_adv = n.S(x_adv)
+    _tally(n, y)
+    s_nat = n.S(x)
+    p_t, wy = F.softmax(t_nat, dim=1), w[y][:, None]
+    kl_adv = (kl_loss_rslad(F.log_softmax(s_adv, dim=1), p_t, exact) * wy).sum(0).div(len(y)).mean()
+    kl_nat = (kl_loss_rslad(F.log_softmax(s_nat, dim=1), p_t, exact) * wy).sum(0).div(len(y)).mean()
+    a = n.hp["alpha"]
+    return a * kl_adv + (1.0 - a) * kl_nat, {"kl_adv_tnat": kl_adv, "kl_nat_tnat": kl_nat}
+
+
+def _fair_mtard(n, x, y, epoch):
+    # Fair-MTARD.py:134 T_nat(x) (never read: not run here); :53 eval, :55-70 the attack on CE mean with Kappa;
+    # :72, :76 train, S(x'); :78 T_adv(x'); :136-137 Kappa_total; :139 S(x); :142-151 each example's kl_loss times
+    # reweight[y], BOTH against T_adv(x') (:144); :153-171 MTARD's weights on the weighted losses.
+    exact, hp, st, w = n.s.kl_form == "exact", n.hp, n.state, n.state["reweight"]
+    n.eval("student")
+    x_adv = n.pgd(_counting(n, y, lambda out: ce_mean(out, y)), x)
+    n.train("student")
+    s_adv = n.S(x_adv)
+    with torch.no_grad():
+        t_adv = n.T(x_adv)
+    _tally(n, y)
+    s_nat = n.S(x)
+    p_t, wy = F.softmax(t_adv, dim=1), w[y][:, None]
+    kl_adv = (kl_loss_rslad(F.log_softmax(s_adv, dim=1), p_t, exact) * wy).sum(0).div(len(y)).mean()
+    kl_nat = (kl_loss_rslad(F.log_softmax(s_nat, dim=1), p_t, exact) * wy).sum(0).div(len(y)).mean()
+    if st.get("init_adv") is None:  # :153-156
+        st["init_adv"], st["init_nat"] = kl_adv.item(), kl_nat.item()
+    r_adv = (kl_adv.item() / st["init_adv"]) ** hp["bert"]
+    r_nat = (kl_nat.item() / st["init_nat"]) ** hp["bert"]
+    weight_lr = hp["weight_lr"] * n.lr / n.s.lr  # decayed with the learning rate (:188)
+    st["w_nat"] = st["w_nat"] - weight_lr * (st["w_nat"] - r_nat / (r_adv + r_nat))
+    loss = (1.0 - st["w_nat"]) * kl_adv + st["w_nat"] * kl_nat
+    return loss, {"kl_adv_tadv": kl_adv, "kl_nat_tadv": kl_nat, "w_nat": st["w_nat"]}
+
+
+def fair_weight_assign(kappa_total: torch.Tensor, examples: int, beta: float, eps: float) -> torch.Tensor:
+    """Fair-ARD.py:166 (Kappa_total / (N / C)) and weight_assign :116-125 (Fair-RSLAD.py:99: eps 0): the next
+    epoch's class weights."""
+    num_classes = kappa_total.shape[0]
+    kappa = kappa_total.double() / (examples / num_classes)
+    reweight = (1 / (kappa + eps)) ** beta
+    reweight = reweight * (num_classes / torch.sum(reweight))
+    return torch.clamp(reweight, min=5 / 6, max=5 / 2)
+
+
 STEPS: Dict[str, Callable] = {
     "nature": _nature, "sat": _sat, "trades": _trades, "ard": _ard, "iad": _iad, "rslad": _rslad, "mtard": _mtard,
-    "mmard": _mmard, "adaad": _adaad, "adaiad": _adaiad, "igdm": _igdm, "peeraid": _peeraid,
+    "mmard": _mmard, "adaad": _adaad, "adaiad": _adaiad, "igdm": _igdm, "peeraid": _peeraid, "fair_ard": _fair_ard,
+    "fair_iad": _fair_iad, "fair_rslad": _fair_rslad, "fair_mtard": _fair_mtard,
 }
 # The networks each method uses besides the student.
 NETWORKS = {"ard": ("teacher",), "iad": ("teacher",), "rslad": ("teacher",), "mtard": ("teacher", "teacher2"),
             "mmard": ("teacher",), "adaad": ("teacher",), "adaiad": ("teacher",), "igdm": ("teacher",),
-            "peeraid": ("peer",)}
+            "peeraid": ("peer",), "fair_ard": ("teacher",),
+            "fair_iad": ("teacher",), "fair_rslad": ("teacher",), "fair_mtard": ("teacher",)}
 TRAINED = ("student", "peer")

@@ -210,7 +210,9 @@ class TorchTrainStep:
         self.opts = {n: self._optimizer(m) for n, m in self.modules.items() if n in TRAINED}
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.method_state = {"w_nat": self.hp["w_nat_init"], "init_adv": None, "init_nat": None} \
-            if settings.method == "mtard" else {}
+            if settings.method in ("mtard", "fair_mtard") else {}
+        if settings.method.startswith("fair_"):  # Fair-ARD.py:129, :161: the epoch's Kappa_total, ones as weights
+            self.method_state.update(reweight=torch.ones(10), kappa_total=torch.zeros(10, dtype=torch.long))
         self.step_count = 0
         self.current_lr = settings.lr
 
