@@ -16,6 +16,13 @@ no other) and ResNet-18 on SVHN (args.py:32, main.sh:5); PeerAiD reports ResNet-
 (README.md:43-66) and no SVHN. Recipes: config_lib.RECIPES['saad_scripts_tiny_imagenet' | 'saad_scripts_svhn' |
 'peeraid_tiny_imagenet_resnet18' | 'peeraid_tiny_imagenet_wrn34_10'].
 
+Fair-ARD (NeurIPS 2023) is the plug-in `fair` on ARD, IAD, RSLAD and MTARD; its rows `fair_ard`, `fair_iad`,
+`fair_rslad`, `fair_mtard` run each base method with `plugins=fair` and the script's recipe
+(config_lib.RECIPES['fair_<base>']) on CIFAR-10 with ResNet-18, the only setting its scripts run (Fair-ARD.py:46-48,
+85-86), and the scripts' teacher: a WideResNet-34-10 (models/wideresnet.py defaults; our paper teacher of that
+architecture); Fair-MTARD's script loads a natural teacher too (Fair-MTARD.py:100-102) but its loss never reads
+it (:134, :144), so that row has none (`fair_mtard_nat_teacher='t2_nat'` is the reading that uses it).
+
 Later rows: SAAD (`method=saad`, recipe RECIPES['saad'] with SAAD's Tiny-ImageNet/SVHN augmentation) joins
 `preact_resnet18_tiny_imagenet` and `resnet18_svhn` (and the CIFAR settings), DGAD its own
 `preact_resnet18_dgad` Tiny-ImageNet setting, when the methods issue adds these methods (add them to METHODS_OF).
@@ -36,7 +43,9 @@ SETTINGS = {"resnet18_cifar10": ("resnet18", {}, "cifar10"), "mobilenet_v2_cifar
             "resnet18_svhn": ("resnet18", {}, "svhn")}
 # The methods each setting's papers report. PeerAiD: ResNet-18 and WRN-34-10 students, no MobileNetV2 (PeerAiD
 # README.md:31-65). Tiny-ImageNet/SVHN: the methods whose published code runs there (module docstring).
-METHODS_OF = {"resnet18_cifar10": METHODS, "mobilenet_v2_cifar10": ("mmard", "adaad", "adaiad", "igdm"),
+# Fair-ARD's rows: row name -> the base method its script runs with `plugins=fair` (module docstring).
+FAIR = {"fair_ard": "ard", "fair_iad": "iad", "fair_rslad": "rslad", "fair_mtard": "mtard"}
+METHODS_OF = {"resnet18_cifar10": METHODS + tuple(FAIR), "mobilenet_v2_cifar10": ("mmard", "adaad", "adaiad", "igdm"),
               "resnet18_cifar100": METHODS,
               "preact_resnet18_tiny_imagenet": ("adaad", "igdm"),
               "resnet18_tiny_imagenet": ("peeraid",), "wrn34_10_tiny_imagenet": ("peeraid",),
@@ -63,8 +72,13 @@ def get_config(arg=None):
     if a["setting"] not in SETTINGS:
         raise ValueError(f"unknown setting {a['setting']!r}; known: {', '.join(SETTINGS)}")
     student, kwargs, dataset = SETTINGS[a["setting"]]
-    teacher = a["teacher"] or TEACHER.get((dataset, a["method"]))
-    c = config_lib.base_config(a["method"], student, dataset, teacher, plugins=a["plugins"])
+    if a["method"] in FAIR and a["setting"] not in {s for s, ms in METHODS_OF.items() if a["method"] in ms}:
+        raise ValueError(f"{a['method']}: Fair-ARD's scripts run CIFAR-10 with ResNet-18 only (setting "
+                         f"resnet18_cifar10)")
+    method = FAIR.get(a["method"], a["method"])
+    plugins = tuple(a["plugins"]) + (("fair",) if a["method"] in FAIR else ())
+    teacher = a["teacher"] or TEACHER.get((dataset, method))
+    c = config_lib.base_config(method, student, dataset, teacher, plugins=plugins)
     c.student.kwargs.update(kwargs)
     c = config_lib.apply_recipe(c, RECIPE.get((a["setting"], a["method"]), a["method"]))
     if (a["setting"], a["method"]) in SAAD_ADAAD:

@@ -186,6 +186,14 @@ RECIPES = {
         "attack": {"eps": 8 / 255, "step_size": 2 / 255, "steps": 10}, "batch_size": {"svhn": 128},
         "dataset": {"crop_padding": 0, "flip": False}},
 }
+# Fair-ARD's plug-in on its four base methods (NISP-official/Fair-ARD @910c8cd): each script keeps its base method's
+# schedule and adds SGD's Nesterov momentum (Fair-ARD.py:160, Fair-IAD.py:214, Fair-RSLAD.py:85, Fair-MTARD.py:84,
+# all lr 0.1, momentum 0.9, wd 2e-4). Fair-ARD/IAD: 200 epochs, x0.1 once, at 0-based epoch 100 (Fair-ARD.py:13-16,
+# 30-34, 159-164: `adjust_learning_rate` re-derives the rate from args.lr, so the flag's second decay at 150 sets
+# 0.01 again, ARD's own bug; Fair-IAD.py:14-17, 45-49 the same). Fair-RSLAD/MTARD: 300 epochs, x0.1 after 1-based
+# epochs 215, 260, 285 (Fair-RSLAD.py:21, 110, 147-149; Fair-MTARD.py:21, 125, 185-188), as RSLAD's and MTARD's.
+for _base in ("ard", "iad", "rslad", "mtard"):
+    RECIPES[f"fair_{_base}"] = {**RECIPES[_base], "optim": {**RECIPES[_base]["optim"], "nesterov": True}}
 
 
 def apply_recipe(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:

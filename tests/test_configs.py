@@ -71,7 +71,8 @@ def test_tables_cover_the_paper():
     assert len([r for r in runs if r[0] == "figure4"]) == 3
     assert len([r for r in runs if r[0] == "table7_readings"]) == 16
     sota = [a for t, a in runs if t == "sota"]
-    assert {a.split(",")[0] for a in sota} == {f"method={m}" for m in ("mmard", "adaad", "adaiad", "igdm", "peeraid")}
+    rows = ("mmard", "adaad", "adaiad", "igdm", "peeraid", "fair_ard", "fair_iad", "fair_rslad", "fair_mtard")
+    assert {a.split(",")[0] for a in sota} == {f"method={m}" for m in rows}
     assert "method=peeraid,setting=mobilenet_v2_cifar10" not in sota  # not reported by its paper
     # Beyond CIFAR: only the rows whose published code runs there (SAAD's and DGAD's arrive with their methods).
     assert [a for a in sota if "tiny_imagenet" in a or "svhn" in a] == list(BEYOND_CIFAR)
@@ -151,6 +152,29 @@ def test_sota_runs_follow_their_published_recipes():
         c = sota.get_config(f"method={base},setting=resnet18_cifar10,plugins=igdm")
         method = config_lib.resolve_method(c.method)
         assert [p.name for p in method.plugins] == ["igdm"] and {"s_mir", "t_mir"} <= method.outer_needs("main")
+
+
+# Fair-ARD's rows (NISP-official/Fair-ARD @910c8cd): base method, epochs, boundaries (0-based epochs from which the
+# rate is x0.1), all with SGD lr 0.1, momentum 0.9, wd 2e-4, Nesterov (Fair-ARD.py:13-16, 30-34, 160; Fair-IAD.py:14-17,
+# 45-49, 214; Fair-RSLAD.py:21, 85, 147-149; Fair-MTARD.py:21, 84, 185-188).
+FAIR_ROWS = {"fair_ard": ("ard", 200, (100,)), "fair_iad": ("iad", 200, (100,)),
+             "fair_rslad": ("rslad", 300, (215, 260, 285)), "fair_mtard": ("mtard", 300, (215, 260, 285))}
+
+
+@pytest.mark.parametrize("row", sorted(FAIR_ROWS))
+def test_sota_fair_rows_follow_the_fair_ard_scripts(row):
+    base, epochs, boundaries = FAIR_ROWS[row]
+    sota = load_config_file("sota")
+    c = sota.get_config(f"method={row},setting=resnet18_cifar10")
+    assert (c.method.name, tuple(c.method.plugins), c.num_epochs, tuple(c.optim.boundaries)) == (
+        base, ("fair",), epochs, boundaries)
+    assert (c.optim.lr, c.optim.momentum, c.optim.weight_decay, c.optim.nesterov, c.optim.schedule) == (
+        0.1, 0.9, 2e-4, True, "piecewise")
+    assert (c.student.arch, c.dataset.name, c.teacher.checkpoint, c.teacher2.checkpoint) == (
+        "resnet18", "cifar10", config_lib.teacher_dir("cifar10"), "")
+    assert not sota.get_config(f"method={base},setting=resnet18_cifar10").optim.nesterov  # the base's own recipe
+    with pytest.raises(ValueError, match="resnet18_cifar10"):
+        sota.get_config(f"method={row},setting=resnet18_cifar100")
 
 
 # The Tiny-ImageNet and SVHN rows of configs/sota.py as the published code runs them, written from the sources
