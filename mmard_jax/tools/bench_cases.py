@@ -47,15 +47,17 @@ TINY_MEAN, TINY_STD = (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)  # ti_w
 SAAD_PRN18 = ("preact_resnet18_saad", {})
 DM_TINY_WRN16_2 = ("dm_wide_resnet", {"depth": 16, "width": 2, "activation": "silu", "mean": TINY_MEAN,
                                       "std": TINY_STD, "adaptive_pool": True})
+DM_TINY_WRN28_10 = ("dm_wide_resnet", {**DM_TINY_WRN16_2[1], "depth": 28, "width": 10})  # tiny_linf_wrn28-10 itself
 
 
 def _case(method, student, teacher, **kw) -> Case:
     return Case(method, student[0], student[1], teacher[0], teacher[1], **kw)
 
 
-def _paper_cases(method: str, student, teacher, name: str) -> Dict[str, Case]:
+def _paper_cases(method: str, student, teacher, name: str, **kw) -> Dict[str, Case]:
     """The bfloat16 case and its float32 twin (what the paper's RTX 3090 ran)."""
-    return {name: _case(method, student, teacher, dtype="bfloat16"), f"{name}_f32": _case(method, student, teacher)}
+    return {name: _case(method, student, teacher, dtype="bfloat16", **kw), f"{name}_f32": _case(method, student, teacher,
+                                                                                               **kw)}
 
 
 CPU_TINY_IMAGENET = "cpu_adaad_dmwrn16_2_prn18saad_64px"
@@ -71,6 +73,10 @@ CASES = {
     **_paper_cases("adaiad", RN18, WRN34_10, "adaiad_rn18_wrn34_10"),
     **_paper_cases("igdm", RN18, WRN34_10, "igdm_rn18_wrn34_10"),
     **_paper_cases("peeraid", RN18, NO_TEACHER, "peeraid_rn18"),
+    # Tiny-ImageNet as configured (64x64, 200 classes): AdaAD, SAAD's PreAct-ResNet-18 <- the published DM WRN-28-10
+    # (its device memory: scripts/step_memory.py, BENCHMARKS.md "Device memory").
+    **_paper_cases("adaad", SAAD_PRN18, DM_TINY_WRN28_10, "adaad_prn18saad_dmwrn28_10_64px", size=64,
+                   num_classes=200),
     # CPU-sized cases: a WRN-16-2 teacher, small students, 16x16 or 32x32 images.
     "cpu_mmard_wrn16_2_wrn10_1_16px": _case("mmard", WRN10_1, WRN16_2, size=16,
                                             note="docs/design.md, \"Performance choices\" case"),
