@@ -56,8 +56,8 @@ def _case(method, student, teacher, **kw) -> Case:
 
 def _paper_cases(method: str, student, teacher, name: str, **kw) -> Dict[str, Case]:
     """The bfloat16 case and its float32 twin (what the paper's RTX 3090 ran)."""
-    return {name: _case(method, student, teacher, dtype="bfloat16", **kw), f"{name}_f32": _case(method, student, teacher,
-                                                                                               **kw)}
+    return {name: _case(method, student, teacher, dtype="bfloat16", **kw),
+            f"{name}_f32": _case(method, student, teacher, **kw)}
 
 
 CPU_TINY_IMAGENET = "cpu_adaad_dmwrn16_2_prn18saad_64px"
