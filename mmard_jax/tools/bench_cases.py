@@ -117,6 +117,7 @@ GROUPS = {
     "cpu_sota": "cpu_adaad_wrn16_2_wrn10_1_16px,cpu_adaiad_wrn16_2_wrn10_1_16px,cpu_igdm_wrn16_2_wrn10_1_16px,"
                 "cpu_peeraid_wrn10_1_16px",
     "tiny_cpu": CPU_TINY_IMAGENET,
+    "tiny_gpu": "adaad_prn18saad_dmwrn28_10_64px,adaad_prn18saad_dmwrn28_10_64px_f32",
 }
 
 
