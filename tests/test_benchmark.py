@@ -15,10 +15,10 @@ import torch
 
 from mmard_jax import methods, models, parallel, train_step
 from mmard_jax.data.augment import crop_and_flip, to_float
-from mmard_jax.interop import naming
+from mmard_jax.interop import naming, published
 from mmard_jax.tools import bench_report, bench_step
-from mmard_jax.tools.bench_cases import CASES
-from peers import published_steps, torch_step
+from mmard_jax.tools.bench_cases import CASES, CPU_TINY_IMAGENET
+from peers import published_steps, torch_bench, torch_step
 from peers.architectures import build_model
 from peers.interop import copy_into_torch
 from peers.published_losses import kl_loss_rslad
@@ -46,6 +46,30 @@ def test_same_work_flags_a_differing_loss():
     assert bench_report.same_work(dict(row, weights="own (random)"), jax_row)["comparable"] is False
     assert bench_report.same_work(dict(row, first_loss=1.01, dtype="bfloat16"), jax_row)["comparable"] is True
     assert bench_report.same_work(dict(row, first_loss=1.005, backend="cuda"), jax_row)["comparable"] is True
+
+
+def test_tiny_imagenet_case_first_step_losses_agree(tmp_path, monkeypatch):
+    """The 64x64, 200-class case of scripts/benchmark.py (shrunk: `tiny_64px`) through both workers: the PyTorch row
+    (SAAD's published pResNet18 and DM-Improves-AT's Tiny-ImageNet WideResNet class) starts from the JAX row's
+    weights and first draws, and its first-step loss agrees within the benchmark's rule (1e-4 relative)."""
+    case, full = CASES["tiny_64px"], CASES[CPU_TINY_IMAGENET]
+    shape = ("adaad", "preact_resnet18_saad", "dm_wide_resnet", 64, 200)
+    assert (case.method, case.student, case.teacher, case.size, case.num_classes) == shape
+    assert (full.method, full.student, full.teacher, full.size, full.num_classes) == shape
+    # The benchmarked teacher is the published Tiny-ImageNet teacher's class, only shallower and narrower.
+    assert {**full.teacher_kwargs, "depth": 28, "width": 10} == dict(published.PUBLISHED["tiny_linf_wrn28-10"].kwargs)
+    monkeypatch.setattr(bench_step, "step_flops", lambda case: 0.0)  # counted in test_flop_count_matches_...
+    start = str(tmp_path / "start.npz")
+    jax_row = bench_step.jax_worker(case, warmup=1, steps=1, unroll="1", start_file=start,
+                                    compiler_options=FAST_COMPILE)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small ops: one thread is faster on a loaded 2-core machine (test_attacks_peer.py)
+    try:
+        torch_row = torch_bench.torch_worker(case, warmup=1, steps=1, form_text="eager", start_file=start)
+    finally:
+        torch.set_num_threads(threads)
+    check = bench_report.same_work(torch_row, jax_row)
+    assert torch_row["weights"] == "the JAX row's" and check["comparable"] is True, (jax_row["first_loss"], check)
 
 
 def test_flop_count_matches_unrolled_program():

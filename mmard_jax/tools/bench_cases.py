@@ -15,7 +15,7 @@ EPOCH = 100
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One benchmarked step: method, student and teacher (arch, kwargs; none for PeerAiD, whose peer is the
-    student's architecture), batch, image size, compute dtype."""
+    student's architecture), batch, image size, compute dtype, classes (labels and classifiers)."""
 
     method: str
     student: str
@@ -27,6 +27,7 @@ class Case:
     dtype: str = "float32"
     pgd_steps: int = 10
     note: str = ""
+    num_classes: int = 10
 
 
 WRN34_10 = ("wide_resnet", {"depth": 34, "width": 10})
@@ -35,16 +36,31 @@ WRN10_1 = ("wide_resnet", {"depth": 10, "width": 1})
 RN18 = ("resnet18", {})
 MNV2 = ("mobilenet_v2", {})
 NO_TEACHER = ("", {})
+# Tiny-ImageNet (64x64, 200 classes): SAAD's PreAct-ResNet-18 student (`pResNet18`, HongsinLee/saad @ 295121c,
+# cifar100_models/preresnet.py; the registry's preact_resnet18_saad) and the class of DM-Improves-AT's published
+# Tiny-ImageNet teacher (wzekai99/DM-Improves-AT @ b390f25, core/models/ti_wideresnetwithswish.py: SiLU, in-model
+# Tiny-ImageNet mean/std, adaptive pooling; mmard_jax/interop/published.py `tiny_linf_wrn28-10`) at depth 16,
+# width 2 instead of 28, 10, so that a step takes seconds on a CPU. The statistics are written out (this module
+# must not import JAX: scripts/benchmark.py's workers set XLA's flags first); tests/test_benchmark.py checks them
+# against the published entry.
+TINY_MEAN, TINY_STD = (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)  # ti_wideresnetwithswish.py:16-19
+SAAD_PRN18 = ("preact_resnet18_saad", {})
+DM_TINY_WRN16_2 = ("dm_wide_resnet", {"depth": 16, "width": 2, "activation": "silu", "mean": TINY_MEAN,
+                                      "std": TINY_STD, "adaptive_pool": True})
+DM_TINY_WRN28_10 = ("dm_wide_resnet", {**DM_TINY_WRN16_2[1], "depth": 28, "width": 10})  # tiny_linf_wrn28-10 itself
 
 
 def _case(method, student, teacher, **kw) -> Case:
     return Case(method, student[0], student[1], teacher[0], teacher[1], **kw)
 
 
-def _paper_cases(method: str, student, teacher, name: str) -> Dict[str, Case]:
+def _paper_cases(method: str, student, teacher, name: str, **kw) -> Dict[str, Case]:
     """The bfloat16 case and its float32 twin (what the paper's RTX 3090 ran)."""
-    return {name: _case(method, student, teacher, dtype="bfloat16"), f"{name}_f32": _case(method, student, teacher)}
+    return {name: _case(method, student, teacher, dtype="bfloat16", **kw),
+            f"{name}_f32": _case(method, student, teacher, **kw)}
 
+
+CPU_TINY_IMAGENET = "cpu_adaad_dmwrn16_2_prn18saad_64px"
 
 CASES = {
     # The paper's setting (GPU targets).
@@ -57,6 +73,10 @@ CASES = {
     **_paper_cases("adaiad", RN18, WRN34_10, "adaiad_rn18_wrn34_10"),
     **_paper_cases("igdm", RN18, WRN34_10, "igdm_rn18_wrn34_10"),
     **_paper_cases("peeraid", RN18, NO_TEACHER, "peeraid_rn18"),
+    # Tiny-ImageNet as configured (64x64, 200 classes): AdaAD, SAAD's PreAct-ResNet-18 <- the published DM WRN-28-10
+    # (its device memory: scripts/step_memory.py, BENCHMARKS.md "Device memory").
+    **_paper_cases("adaad", SAAD_PRN18, DM_TINY_WRN28_10, "adaad_prn18saad_dmwrn28_10_64px", size=64,
+                   num_classes=200),
     # CPU-sized cases: a WRN-16-2 teacher, small students, 16x16 or 32x32 images.
     "cpu_mmard_wrn16_2_wrn10_1_16px": _case("mmard", WRN10_1, WRN16_2, size=16,
                                             note="docs/design.md, \"Performance choices\" case"),
@@ -69,6 +89,10 @@ CASES = {
     "cpu_adaiad_wrn16_2_wrn10_1_16px": _case("adaiad", WRN10_1, WRN16_2, size=16),
     "cpu_igdm_wrn16_2_wrn10_1_16px": _case("igdm", WRN10_1, WRN16_2, size=16),
     "cpu_peeraid_wrn10_1_16px": _case("peeraid", WRN10_1, NO_TEACHER, size=16),
+    # Tiny-ImageNet on the CPU: AdaAD (its published attack and loss; the configs' Tiny-ImageNet row pairs it with
+    # this student and the full-size teacher) at 64x64, 200 classes; batch 8 and PGD-3 keep a step at seconds.
+    CPU_TINY_IMAGENET: _case("adaad", SAAD_PRN18, DM_TINY_WRN16_2, batch=8, size=64, pgd_steps=3, num_classes=200,
+                             note="Tiny-ImageNet-shaped"),
     # scripts/gpu_check.sh part (c): a GPU case that compiles in seconds (the loop and conv settings).
     "probe_mmard_rn18_wrn16_2_bf16": _case("mmard", RN18, WRN16_2, dtype="bfloat16"),
     # For tests: seconds, not minutes.
@@ -76,6 +100,11 @@ CASES = {
     "tiny_bf16": _case("mmard", WRN10_1, WRN10_1, batch=8, size=8, pgd_steps=2, dtype="bfloat16"),
     "tiny_peeraid": _case("peeraid", WRN10_1, NO_TEACHER, batch=8, size=8, pgd_steps=2),
 }
+# The Tiny-ImageNet case shrunk for tests (tests/test_benchmark.py): the same method, architectures (the student at
+# base width 4, the teacher at depth 10, width 1), 64x64 inputs and 200 classes; batch 4, PGD-1.
+CASES["tiny_64px"] = dataclasses.replace(
+    CASES[CPU_TINY_IMAGENET], student_kwargs={**SAAD_PRN18[1], "base_width": 4},
+    teacher_kwargs={**DM_TINY_WRN16_2[1], "depth": 10, "width": 1}, batch=4, pgd_steps=1, note="")
 
 
 # Named groups for --cases.
@@ -87,6 +116,8 @@ GROUPS = {
     "cpu": "cpu_mmard_wrn16_2_wrn10_1_16px,cpu_mmard_wrn16_2_mnv2_16px,cpu_rslad_wrn16_2_wrn10_1_16px",
     "cpu_sota": "cpu_adaad_wrn16_2_wrn10_1_16px,cpu_adaiad_wrn16_2_wrn10_1_16px,cpu_igdm_wrn16_2_wrn10_1_16px,"
                 "cpu_peeraid_wrn10_1_16px",
+    "tiny_cpu": CPU_TINY_IMAGENET,
+    "tiny_gpu": "adaad_prn18saad_dmwrn28_10_64px,adaad_prn18saad_dmwrn28_10_64px_f32",
 }
 
 
@@ -100,11 +131,14 @@ def case_names(text: str) -> List[str]:
 
 
 def describe(case: Case) -> str:
-    """'MMARD, student resnet18 {...} <- teacher wide_resnet {...}, batch 128, 32x32, bfloat16, PGD-10'."""
+    """'MMARD, student resnet18 {...} <- teacher wide_resnet {...}, batch 128, 32x32, bfloat16, PGD-10' (and the
+    classes where not 10)."""
     kw = lambda d: (" " + ",".join(f"{k}={v}" for k, v in d.items())) if d else ""  # noqa: E731
     source = f"teacher {case.teacher}{kw(case.teacher_kwargs)}" if case.teacher else "peer = the student's architecture"
     return (f"{case.method.upper()}, student {case.student}{kw(case.student_kwargs)} <- {source}, batch {case.batch}, "
-            f"{case.size}x{case.size}, {case.dtype}, PGD-{case.pgd_steps}" + (f" ({case.note})" if case.note else ""))
+            f"{case.size}x{case.size}, {case.dtype}, PGD-{case.pgd_steps}"
+            + (f", {case.num_classes} classes" if case.num_classes != 10 else "")
+            + (f" ({case.note})" if case.note else ""))
 
 
 def bench_data(case: Case, total: int, seed: int = 0):
@@ -114,6 +148,6 @@ def bench_data(case: Case, total: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     n_images = max(4 * case.batch, 512)
     images = rng.integers(0, 256, (n_images, case.size, case.size, 3), dtype=np.uint8)
-    labels = rng.integers(0, 10, n_images).astype(np.int32)
+    labels = rng.integers(0, case.num_classes, n_images).astype(np.int32)
     idx = np.stack([rng.permutation(n_images)[: case.batch] for _ in range(total)]).astype(np.int32)
     return images, labels, idx

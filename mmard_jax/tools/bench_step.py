@@ -87,10 +87,11 @@ def jax_step_builder(case: Case, seed: int = 0):
     parallel.check_divisible(case.batch, mesh)
     method = methods.get_method(case.method)
     common = {"dtype": dtype, "conv_grad": layers.default_conv_grad()}  # a row's --conv_grad: $MMARD_JAX_CONV_GRAD
-    student = models.create(case.student, 10, bn_axis_name=parallel.AXIS, **common, **case.student_kwargs)
+    classes = case.num_classes
+    student = models.create(case.student, classes, bn_axis_name=parallel.AXIS, **common, **case.student_kwargs)
     used = method.networks()
-    teacher = models.create(case.teacher, 10, **common, **case.teacher_kwargs) if "teacher" in used else None
-    peer = models.create(case.student, 10, bn_axis_name=parallel.AXIS, **common, **case.student_kwargs) \
+    teacher = models.create(case.teacher, classes, **common, **case.teacher_kwargs) if "teacher" in used else None
+    peer = models.create(case.student, classes, bn_axis_name=parallel.AXIS, **common, **case.student_kwargs) \
         if "peer" in used else None
     nets = train_step.Networks(student, teacher, None, peer)
     schedule = train_step.make_lr_schedule(0.1, 390, 300)
@@ -198,10 +199,11 @@ def flops_worker(case: Case, start_file: Optional[str] = None, seed: int = 0) ->
     return {"impl": "flops", "form": "", "flops_per_step": step_flops(case)}
 
 
-def jax_worker(case: Case, warmup: int, steps: int, unroll: str, seed: int = 0,
-               start_file: Optional[str] = None) -> Dict[str, Any]:
+def jax_worker(case: Case, warmup: int, steps: int, unroll: str, seed: int = 0, start_file: Optional[str] = None,
+               compiler_options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Compiles and times mmard_jax's train step for `case` (random weights and data, resident on the device);
-    writes the torch worker's start to `start_file` if given."""
+    writes the torch worker's start to `start_file` if given. `compiler_options` go to XLA (tests: its cheaper
+    LLVM passes, the same arithmetic)."""
     import jax
     import jax.numpy as jnp
 
@@ -221,7 +223,7 @@ def jax_worker(case: Case, warmup: int, steps: int, unroll: str, seed: int = 0,
 
     flops_per_step = step_flops(case)
     t0 = time.perf_counter()
-    compiled = build(case.pgd_steps, unroll).lower(*args(0)).compile()
+    compiled = build(case.pgd_steps, unroll).lower(*args(0)).compile(compiler_options=compiler_options)
     compile_s = time.perf_counter() - t0
     first_loss = None
     for i in range(warmup):

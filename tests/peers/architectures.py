@@ -1,5 +1,7 @@
 """The PyTorch peer of `mmard_jax.models.create`: RobustBench's WideResNet and ResNet-18, the CIFAR MobileNetV2,
-each as a private copy whose last pooling is the global mean, so that 8x8 and 16x16 inputs work."""
+each as a private copy whose last pooling is the global mean, so that 8x8 and 16x16 inputs work; SAAD's
+PreAct-ResNet-18 and DM-Improves-AT's WideResNets as published (`peers.published_models`: adaptive pooling where
+the published file has it)."""
 
 import functools
 from typing import Mapping, Optional
@@ -7,7 +9,11 @@ from typing import Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from peers import mobilenetv2, robustbench
+from peers import mobilenetv2, published_models, robustbench
+
+# mmard_jax.models.blocks.ACTIVATIONS' names -> the PyTorch modules DM-Improves-AT builds with ('swish' is
+# nn.SiLU: ti_wideresnetwithswish.py:21-24, 186-192).
+DM_ACTIVATIONS = {"swish": torch.nn.SiLU, "silu": torch.nn.SiLU, "relu": torch.nn.ReLU}
 
 
 class _GlobalPoolF:
@@ -56,4 +62,15 @@ def build_model(arch: str, num_classes: int = 10, kwargs: Optional[Mapping] = No
             raise ValueError(f"mobilenet_v2 takes no arguments, got {kwargs}")
         mnv2 = _global_pool_copy(mobilenetv2.__file__, "_torch_step_mobilenetv2")
         return mnv2.MobileNetV2(num_classes=num_classes)
-    raise ValueError(f"no PyTorch peer for {arch!r}; known: wide_resnet, resnet18, mobilenet_v2")
+    if arch == "preact_resnet18_saad":  # SAAD's published `pResNet18` (adaptive pooling as published)
+        return published_models.SaadPreActResNet18(num_classes=num_classes, base_width=kwargs.pop("base_width", 64),
+                                                    **kwargs)
+    if arch == "dm_wide_resnet":  # DM-Improves-AT's published WideResNet files (their own pooling)
+        activation = kwargs.pop("activation", "swish")
+        if activation not in DM_ACTIVATIONS:
+            raise ValueError(f"dm_wide_resnet peer: activation {activation!r}; known: {sorted(DM_ACTIVATIONS)}")
+        cls = published_models.TinyWideResNet if kwargs.pop("adaptive_pool", False) \
+            else published_models.CifarWideResNet
+        return cls(num_classes=num_classes, activation_fn=DM_ACTIVATIONS[activation], **kwargs)
+    raise ValueError(f"no PyTorch peer for {arch!r}; known: wide_resnet, resnet18, mobilenet_v2, "
+                     "preact_resnet18_saad, dm_wide_resnet")

@@ -155,13 +155,15 @@ class _PreActBlock(nn.Module):
 
 
 class _PreActResNet18(nn.Module):
-    """The shared trunk: conv1, four stages of two blocks (64-512 channels, strides 1, 2, 2, 2)."""
+    """The shared trunk: conv1, four stages of two blocks (64-512 channels, strides 1, 2, 2, 2). `base_width` scales
+    the channels (64 as published; smaller for the CPU-sized benchmark and tests, as `PreActResNet.base_width`)."""
 
-    def __init__(self):
+    def __init__(self, base_width=64):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
-        cin = 64
-        for i, (planes, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), 1):
+        self.conv1 = nn.Conv2d(3, base_width, 3, stride=1, padding=1, bias=False)
+        cin = base_width
+        for i, (mult, stride) in enumerate(((1, 1), (2, 2), (4, 2), (8, 2)), 1):
+            planes = mult * base_width
             setattr(self, f"layer{i}", nn.Sequential(_PreActBlock(cin, planes, stride), _PreActBlock(planes, planes)))
             cin = planes
 
@@ -172,11 +174,11 @@ class _PreActResNet18(nn.Module):
 class SaadPreActResNet18(_PreActResNet18):
     """SAAD `pResNet18`: BN `bn` + ReLU (lines 70, 88), adaptive average pooling (71, 89), Linear(512, classes) (72)."""
 
-    def __init__(self, num_classes=10):
-        super().__init__()
-        self.bn = nn.BatchNorm2d(512)
+    def __init__(self, num_classes=10, base_width=64):
+        super().__init__(base_width)
+        self.bn = nn.BatchNorm2d(8 * base_width)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.linear = nn.Linear(512, num_classes)
+        self.linear = nn.Linear(8 * base_width, num_classes)
 
     def forward(self, x):
         out = self.avgpool(F.relu(self.bn(self.trunk(x))))

@@ -35,7 +35,7 @@ def torch_worker(case: Case, warmup: int, steps: int, form_text: str, seed: int 
     used = methods.get_method(case.method).networks()
     arch = {"student": (case.student, case.student_kwargs), "peer": (case.student, case.student_kwargs),
             "teacher": (case.teacher, case.teacher_kwargs)}
-    nets = {name: build_model(arch[name][0], 10, arch[name][1]) for name in arch if name in used}
+    nets = {name: build_model(arch[name][0], case.num_classes, arch[name][1]) for name in arch if name in used}
     draws, weights = {}, "own (random)"
     if start_file and os.path.exists(start_file):
         variables, draws = load_start(start_file)
