@@ -187,6 +187,16 @@ def test_accumulate_sums_the_cross_entropy_per_class(lg):
     np.testing.assert_array_equal(state["absld"]["value"]["temp_adv"], np.ones(C, np.float32))
 
 
+def test_published_recipe():
+    """resnet18_absld_cifar10.py:20-21 (300 epochs, batch 128), :54 (SGD 0.1, momentum 0.9, wd 2e-4), :173-175."""
+    c = config_lib.apply_recipe(config_lib.base_config("absld", "resnet18", "cifar10"), "absld")
+    got = (c.num_epochs, c.batch_size, c.optim.lr, c.optim.momentum, c.optim.weight_decay)
+    assert got == (300, 128, 0.1, 0.9, 2e-4)
+    assert (c.optim.schedule, tuple(c.optim.boundaries), c.optim.decay) == ("piecewise", (215, 260, 285), 0.1)
+    assert (c.attack.eps, c.attack.step_size, c.attack.steps) == (8 / 255, 2 / 255, 10)  # :22, :104
+    assert (c.attack.init, c.attack.student_bn) == ("gaussian", "eval")  # absld_loss.py:37, :40
+
+
 # ----------------------------------------------------------------------------- the real step
 
 
