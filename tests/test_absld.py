@@ -238,12 +238,16 @@ def test_attack_targets_the_tempered_teacher():
     _, state, settings = build_step(nets, mesh, absld)
     state = state.replace(epoch_state=epoch_state(ta, tn))
     frozen = small_frozen()
-    t_nat = nets.teacher.apply(frozen["teacher"], x, train=False)
     keys = jax.random.split(jax.random.key(3), B)
-    ours = train_step.adversarial_input(nets, absld, settings, state, frozen, x, y, {"t_nat": t_nat}, keys)[0]
-    tempered = t_nat / ta[np.asarray(y)][:, None] / tn[np.asarray(y)][:, None]
-    theirs = train_step.adversarial_input(nets, rslad, settings, state, frozen, x, y, {"t_nat": tempered}, keys)[0]
-    untempered = train_step.adversarial_input(nets, rslad, settings, state, frozen, x, y, {"t_nat": t_nat}, keys)[0]
+
+    @jax.jit  # one program for the three attacks (compiling dominates)
+    def attacks(state, frozen, x, y, keys):
+        t_nat = nets.teacher.apply(frozen["teacher"], x, train=False)
+        tempered = t_nat / jnp.asarray(ta)[y][:, None] / jnp.asarray(tn)[y][:, None]
+        return tuple(train_step.adversarial_input(nets, m, settings, state, frozen, x, y, {"t_nat": t}, keys)[0]
+                     for m, t in ((absld, t_nat), (rslad, tempered), (rslad, t_nat)))
+
+    ours, theirs, untempered = attacks(state, frozen, x, y, keys)
     np.testing.assert_array_equal(ours, theirs)
     assert not np.array_equal(ours, untempered)  # the temperatures do move the attack
 
