@@ -133,6 +133,9 @@ RECIPES = {
     "rslad": {"num_epochs": 300, "optim": {**PIECEWISE, "boundaries": (215, 260, 285)}},
     # MTARD mtard_resnet18_cifar10.py:16 and :135-138 (as RSLAD; the weights' lr decays with it).
     "mtard": {"num_epochs": 300, "optim": {**PIECEWISE, "boundaries": (215, 260, 285)}},
+    # ABSLD (zhaoshiji123/ABSLD @7407c3a) resnet18_absld_cifar10.py:20-21 (300 epochs, batch 128), :54 (SGD 0.1,
+    # momentum 0.9, wd 2e-4), :173-176 (x0.1 after epochs 215, 260, 285; the temperatures' rate with it).
+    "absld": {"num_epochs": 300, "optim": {**PIECEWISE, "boundaries": (215, 260, 285)}},
     # AdaAD main.py:58-64 (200 epochs, SGD 0.1, momentum 0.9, wd 5e-4) and :113-139 (x0.1 at epochs 100, 150).
     "adaad": {"num_epochs": 200, "optim": {**PIECEWISE, "weight_decay": 5e-4, "boundaries": (100, 150)}},
     "adaiad": {"num_epochs": 200, "optim": {**PIECEWISE, "weight_decay": 5e-4, "boundaries": (100, 150)}},

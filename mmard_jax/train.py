@@ -275,7 +275,9 @@ def begin_epoch(run: Run, state, epoch: int):
     epoch's end does (never in between): an uninterrupted run and one resumed from any checkpoint agree bitwise."""
     if run.epoch_update is None or epoch == 0 or int(state.step) != epoch * run.steps_per_epoch:
         return state
-    return state.replace(epoch_state=run.epoch_update(state.epoch_state))
+    # The coming epoch's first learning rate / the base rate (ABSLD's temperature rate decays with it), host side.
+    lr_scale = np.float32(float(run.schedule(int(state.step))) / run.settings.base_lr)
+    return state.replace(epoch_state=run.epoch_update(state.epoch_state, lr_scale))
 
 
 def train_epoch(run: Run, state, epoch: int):

@@ -182,6 +182,9 @@ def adversarial_input(nets: Networks, method: methods.Method, settings: StepSett
     if method.inner.loss is None:
         return x, state.student.batch_stats, zero
     use_teacher = "t_iter" in method.inner.needs
+    t_nat = consts.get("t_nat")
+    if t_nat is not None and "t_nat" in method.inner.needs:  # ABSLD: T(x) over the class temperatures
+        t_nat = method.attack_teacher(state.epoch_state, t_nat, y)
 
     def objective(z, carry):
         batch_stats, correct = carry
@@ -192,7 +195,7 @@ def adversarial_input(nets: Networks, method: methods.Method, settings: StepSett
         else:
             s_adv = nets.student.apply(_variables(state.student), z, train=False)
         t_adv = nets.teacher.apply(frozen["teacher"], z, train=False) if use_teacher else None
-        inp = methods.InnerInputs(s_adv, y, t_adv=t_adv, s_nat=consts.get("s_nat"), t_nat=consts.get("t_nat"),
+        inp = methods.InnerInputs(s_adv, y, t_adv=t_adv, s_nat=consts.get("s_nat"), t_nat=t_nat,
                                   p_nat=consts.get("p_nat"))
         if count:
             correct = correct + (jnp.argmax(jax.lax.stop_gradient(s_adv), axis=-1) == y).astype(jnp.int32)

@@ -130,9 +130,12 @@ STEPS = 2  # train steps per case: the second one starts from moved running stat
 # (seen 4.7e-4: KL_i ~ 6e-5 from log-probabilities ~ -2.3), T = 5 (PeerAiD) 1e-4; parameters rtol 3e-7 (float32
 # storage) + atol 1e-7 + 1e-5 * (how far that tensor moved); running statistics rtol 1e-6 + atol 1e-7; MTARD's
 # weight atol 1e-7.
-LOSS_RTOL, TEMPERED_LOSS_RTOL = 1e-6, {"ard": 3e-3, "adaiad": 3e-3, "peeraid": 1e-4}
+# ABSLD divides the teacher's logits by tau_adv tau_nat (up to 25 here): a flat target, a KL of ~4e-3 (seen 1.1e-6).
+LOSS_RTOL, TEMPERED_LOSS_RTOL = 1e-6, {"ard": 3e-3, "adaiad": 3e-3, "peeraid": 1e-4, "absld": 1e-5}
 # Fair's losses are float32 sums of per-example terms times class weights up to 3x apart (seen: 1.6e-6).
 WEIGHTED_LOSS_RTOL = 3e-6
+# ABSLD's per-class sums: our CE of float32 logits against the script's of float64 ones, summed in float32.
+ABSLD_SUM_RTOL = 1e-5
 PARAM_RTOL, PARAM_ATOL, PARAM_RTOL_OF_UPDATE, STAT_RTOL, STAT_ATOL, WEIGHT_ATOL = 3e-7, 1e-7, 1e-5, 1e-6, 1e-7, 1e-7
 # The published order of train-mode forwards differs from ours (see the reason): losses and parameters agree, the
 # running statistics and the second step's eval-mode attack do not.
@@ -277,10 +280,11 @@ def _step_equals_ours(method_name, phase, capsys, plugins=(), torch_method=None)
                                                                            variables[k]["batch_stats"]),
                                      txs[k].init(variables[k]["params"])) for k in nets.trained()},
         method_state=method.init_state(), bad_step=np.full((), -1, np.int32))
-    class_weights = np.random.default_rng(5).uniform(5 / 6, 5 / 2, 10).astype(np.float32)
-    if method.epoch_terms:  # Fair-ARD: the weights of an epoch after the first
+    given = _given_epoch_values(method)  # Fair-ARD's weights, ABSLD's temperatures of an epoch after the first
+    if method.epoch_terms:
         state = state.replace(epoch_state=method.init_epoch_state(10))
-        state.epoch_state["fair"]["value"]["weights"] = jnp.asarray(class_weights)
+        for term, values in given.items():
+            state.epoch_state[term]["value"].update({k: jnp.asarray(v) for k, v in values.items()})
     frozen = {k: variables[k] for k in ("teacher", "teacher2") if k in variables}
 
     torch_nets = {k: to_torch(v, build_model("wide_resnet", 10, WRN10_1)) for k, v in variables.items()}
@@ -291,8 +295,10 @@ def _step_equals_ours(method_name, phase, capsys, plugins=(), torch_method=None)
         torch_step.Settings(method=torch_method or method_name, steps=2, crop_padding=0, flip=True, steps_per_epoch=4,
                     num_epochs=2, kl_form="exact"), torch_step.Form(f64=True),
         teacher2=torch_nets.get("teacher2"), peer=torch_nets.get("peer"))
-    if method.epoch_terms:
-        t_step.method_state["reweight"] = torch.from_numpy(class_weights)
+    if "fair" in given:
+        t_step.method_state["reweight"] = torch.from_numpy(given["fair"]["weights"])
+    if "absld" in given:
+        t_step.method_state.update({k: torch.from_numpy(v.copy()) for k, v in given["absld"].items()})
 
     rng = np.random.default_rng(0)
     images = rng.integers(24, 232, (n,) + IMG, dtype=np.uint8)
@@ -325,7 +331,9 @@ def _step_equals_ours(method_name, phase, capsys, plugins=(), torch_method=None)
         assert abs(w_ours - 0.5) > 1e-5  # the second batch moved it
         np.testing.assert_allclose(w_theirs, w_ours, rtol=0, atol=WEIGHT_ATOL)
         report["w_nat"] = abs(w_ours - w_theirs)
-    if method.epoch_terms:  # Kappa_total (Fair-ARD.py:134-135) and the next epoch's weights (:165-167)
+    if "absld" in given:  # the per-class CE sums (resnet18_absld_cifar10.py:113-119) and the next temperatures
+        report.update(_absld_epoch_equals(method, state, t_step))
+    if "fair" in given:  # Kappa_total (Fair-ARD.py:134-135) and the next epoch's weights (:165-167)
         sums = jax.device_get(state.epoch_state["fair"]["sums"])
         np.testing.assert_array_equal(sums["correct"], t_step.method_state["kappa_total"].numpy())
         assert sums["correct"].sum() > 0 and sums["examples"].sum() == STEPS * batch
@@ -336,6 +344,41 @@ def _step_equals_ours(method_name, phase, capsys, plugins=(), torch_method=None)
         report["kappa_total"] = int(sums["correct"].sum())
     with capsys.disabled():
         print(f"\n[{method_name}-{phase}] max differences: " + ", ".join(f"{k} {v:.2e}" for k, v in report.items()))
+
+
+def _given_epoch_values(method):
+    """{term: {value name: array}}: non-uniform class weights (Fair-ARD) or temperatures (ABSLD) to start from."""
+    rng = np.random.default_rng(5)
+    out = {}
+    for term in method.epoch_terms:
+        if term.name == "fair":
+            out["fair"] = {"weights": rng.uniform(5 / 6, 5 / 2, 10).astype(np.float32)}
+        if term.name == "absld":
+            out["absld"] = {k: rng.uniform(0.5, 5.0, 10).astype(np.float32) for k in ("temp_adv", "temp_nat")}
+    return out
+
+
+def _absld_epoch_equals(method, state, t_step):
+    """ABSLD's per-class loss sums after the steps equal the script's, and so do the temperatures the epoch boundary
+    makes of them (at the first rate, and at the rate after one learning-rate decay)."""
+    sums = jax.device_get(state.epoch_state["absld"]["sums"])
+    worst = {}
+    for part in ("adv", "nat"):
+        theirs = t_step.method_state[f"loss_{part}"]
+        np.testing.assert_allclose(sums[f"loss_{part}"], theirs.numpy(), rtol=ABSLD_SUM_RTOL)
+        worst[f"loss_{part}"] = float(np.abs(sums[f"loss_{part}"] - theirs.numpy()).max())
+    assert np.count_nonzero(sums["loss_adv"]) > 3
+    hp = published_steps.HPARAMS["absld"]
+    for lr_scale in (1.0, 0.1):
+        ours = method.epoch_update(state.epoch_state, lr_scale)["absld"]["value"]
+        for part in ("adv", "nat"):
+            theirs = published_steps.absld_temp_update(t_step.method_state[f"temp_{part}"],
+                                                       t_step.method_state[f"loss_{part}"],
+                                                       hp["temp_rate"] * lr_scale, hp)
+            np.testing.assert_allclose(np.asarray(ours[f"temp_{part}"]), theirs.numpy(), rtol=1e-6)
+            worst[f"temp_{part}"] = max(worst.get(f"temp_{part}", 0.0),
+                                        float(np.abs(np.asarray(ours[f"temp_{part}"]) - theirs.numpy()).max()))
+    return worst
 
 
 def test_rslad_kl_loss_is_the_kl_plus_a_constant():

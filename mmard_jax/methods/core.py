@@ -144,15 +144,17 @@ class EpochState:
 
     The state is `{"sums": pytree, "value": pytree}`: `init(hp, num_classes)` builds it; every step adds
     `accumulate(tally, hp)` (this device's contribution, shaped as `sums`) summed over all devices and processes
-    (a psum over the data axis) to `sums`; at each epoch boundary the pure `epoch_update(state, hp)` turns the
-    sums into the next epoch's `value` (and resets the sums). The loss reads `value` (StepInfo.epoch_values).
-    The state is part of the train state: checkpointed, resumed bitwise, replicated. Sums should be integers
-    (counts) or otherwise exact, so that their total does not depend on how the batch is split over devices.
+    (a psum over the data axis) to `sums`; at each epoch boundary the pure `epoch_update(state, hp, lr_scale)` turns
+    the sums into the next epoch's `value` (and resets the sums); `lr_scale` is the learning rate of the coming
+    epoch's first step / the base rate (ABSLD's temperature rate decays with the learning rate). The loss reads
+    `value` (StepInfo.epoch_values). The state is part of the train state: checkpointed, resumed bitwise,
+    replicated. Integer sums (counts) are exact on any device count; float sums (ABSLD's per-class losses) agree
+    across device counts to float32 rounding only (the order of additions differs).
     """
 
     init: Callable[[HParams, int], Any]
     accumulate: Callable[[Tally, HParams], Any]
-    epoch_update: Callable[[Any, HParams], Any]
+    epoch_update: Callable[[Any, HParams, Array], Any]
     tallies: frozenset = frozenset()  # what the step must record for `accumulate` (TALLIES)
     summary: Optional[Callable[[Any, HParams], Mapping[str, Any]]] = None  # per-epoch numbers for metrics.jsonl
 
@@ -177,7 +179,8 @@ class Objective:
     forwards (repeats included: each moves the BatchNorm statistics); `phase(hp, epoch)` (host side, static),
     `phases`: every phase it can return; `check(hp)` refuses settings that would not change the loss;
     `epoch_state`: its state across steps and epochs; a plug-in's `example_weights` weigh the outer's examples;
-    a plug-in's `rows`: the rows it applies to (PluginRow).
+    a plug-in's `rows`: the rows it applies to (PluginRow); an outer's `attack_teacher` turns T(x) into the
+    attack's target (ABSLD's class temperatures).
     """
 
     name: str
@@ -194,6 +197,9 @@ class Objective:
     # every per-example term of the outer objective (of a row in `rows`).
     example_weights: Optional[Callable[[Any, Array, HParams], Array]] = None
     rows: Optional[Mapping[str, "PluginRow"]] = None  # a plug-in's rows (None: any) and what it sets on each
+    # An outer objective's target for the attack: (its epoch state's value, T(x) logits, labels, hp) -> the logits
+    # the inner objective reads as T(x) (ABSLD divides them by the class temperatures); None: T(x) itself.
+    attack_teacher: Optional[Callable[[Any, Array, Array, HParams], Array]] = None
 
 
 def needs_of(*names: str) -> Callable[[HParams, str], frozenset]:
@@ -314,11 +320,23 @@ class Method:
             out[t.name] = {**st, "sums": jax.tree.map(jnp.add, st["sums"], part)}
         return out
 
-    def epoch_update(self, epoch_state):
-        """The epoch states after an epoch boundary (pure): each term's sums turned into its next value."""
+    def epoch_update(self, epoch_state, lr_scale=1.0):
+        """The epoch states after an epoch boundary (pure): each term's sums turned into its next value.
+        `lr_scale`: the coming epoch's first learning rate / the base rate."""
         if epoch_state is None:
             return None
-        return {t.name: t.epoch_state.epoch_update(epoch_state[t.name], self.hparams) for t in self.epoch_terms}
+        scale = jnp.asarray(lr_scale, jnp.float32)
+        return {t.name: t.epoch_state.epoch_update(epoch_state[t.name], self.hparams, scale)
+                for t in self.epoch_terms}
+
+    def attack_teacher(self, epoch_state, t_nat: Array, labels: Array) -> Array:
+        """T(x) as the attack's target: the outer objective's `attack_teacher` of it (ABSLD), or T(x) itself."""
+        hook = self.outer.attack_teacher
+        if hook is None:
+            return t_nat
+        if epoch_state is None:
+            epoch_state = self.init_epoch_state(t_nat.shape[-1])
+        return hook(epoch_state[self.outer.name]["value"], t_nat, labels, self.hparams)
 
     def epoch_summary(self, epoch_state) -> Dict[str, Any]:
         """Per-epoch numbers of the epoch states for metrics.jsonl (host side)."""

@@ -46,7 +46,7 @@ def _accumulate(tally: Tally, hp):
             "examples": jnp.sum(onehot, axis=0, dtype=jnp.int32)}  # int32 under jax_enable_x64 too (the state's)
 
 
-def _epoch_update(state, hp):
+def _epoch_update(state, hp, lr_scale):
     """Fair-ARD.py:165-167: the next epoch's weights from this epoch's Kappa; the sums start again at zero."""
     weights = class_weights(kappa_of(state["sums"]), hp)
     return {"sums": {k: jnp.zeros_like(v) for k, v in state["sums"].items()}, "value": {"weights": weights}}

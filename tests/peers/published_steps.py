@@ -31,6 +31,8 @@ HPARAMS = {
     "fair_iad": {"tau": 1.0, "alpha": 1.0, "beta": 0.1, "begin": 60, "fair_beta": 2.0, "fair_eps": 1e-5},
     "fair_rslad": {"alpha": 5.0 / 6.0, "fair_beta": 2.0, "fair_eps": 0.0},
     "fair_mtard": {"weight_lr": 0.025, "bert": 1.0, "w_nat_init": 0.5, "fair_beta": 2.0, "fair_eps": 1e-5},
+    # zhaoshiji123/ABSLD resnet18_absld_cifar10.py:125 (5/6), :69 (rate 0.1), :71-72 (temperatures in [0.5, 5]).
+    "absld": {"alpha": 5.0 / 6.0, "temp_rate": 0.1, "temp_min": 0.5, "temp_max": 5.0},
 }
 METHODS = tuple(HPARAMS)
 
@@ -63,6 +65,7 @@ ATTACKS = {
     "fair_iad": Attack("uniform", "train"),  # Fair-IAD.py (ARD's AttackPGD), :157 net.train()
     "fair_rslad": Attack("gaussian", "eval"),  # Fair-RSLAD.py:51, :54
     "fair_mtard": Attack("gaussian", "eval"),  # Fair-MTARD.py:53, :55
+    "absld": Attack("gaussian", "eval"),  # absld_loss.py:37, :40
 }
 
 # What each published script's optimizer is (not used by default: see the module docstring).
@@ -412,14 +415,53 @@ def fair_weight_assign(kappa_total: torch.Tensor, examples: int, beta: float, ep
     return torch.clamp(reweight, min=5 / 6, max=5 / 2)
 
 
+def _absld(n, x, y, epoch):
+    # resnet18_absld_cifar10.py:94-100: T(x) without gradient, then two `.detach()` views of it (one storage)
+    # divided in place row by row, by tau_adv[y] and by tau_nat[y]: both names end as T / tau_adv[y] / tau_nat[y].
+    # absld_loss.py:37 eval, :40-51 the attack on sum KL(softmax(teacher_logits_new_adv) || S(x')) (:104 passes
+    # the adversarial name), :53 train, :58 S(x'); the script's :105-106 S(x); :113-119 per-class CE sums;
+    # :121-125 the loss on log(softmax(.)) and the two names' softmax, torch.mean over B*C.
+    exact, st = n.s.kl_form == "exact", n.state
+    with torch.no_grad():
+        teacher_logits = n.T(x).detach()
+        teacher_logits_new_adv = teacher_logits.detach()
+        teacher_logits_new_nat = teacher_logits.detach()
+        for i in range(y.shape[0]):
+            teacher_logits_new_adv[i] = teacher_logits_new_adv[i] / st["temp_adv"][y[i]]
+            teacher_logits_new_nat[i] = teacher_logits_new_nat[i] / st["temp_nat"][y[i]]
+    n.eval("student")
+    x_adv = n.pgd(lambda z: kl_none(n.S(z), teacher_logits_new_adv).sum(), x)
+    n.train("student")
+    s_adv = n.S(x_adv)
+    s_nat = n.S(x)
+    with torch.no_grad():
+        record_adv = F.cross_entropy(s_adv.detach(), y, reduction="none")
+        record_nat = F.cross_entropy(s_nat.detach(), y, reduction="none")
+        for i in range(y.shape[0]):
+            st["loss_adv"][y[i]] = st["loss_adv"][y[i]] + record_adv[i]
+            st["loss_nat"][y[i]] = st["loss_nat"][y[i]] + record_nat[i]
+    kl_adv = kl_loss_rslad(torch.log(F.softmax(s_adv, dim=1)), F.softmax(teacher_logits_new_adv, dim=1), exact).mean()
+    kl_nat = kl_loss_rslad(torch.log(F.softmax(s_nat, dim=1)), F.softmax(teacher_logits_new_nat, dim=1), exact).mean()
+    a = n.hp["alpha"]
+    return a * kl_adv + (1.0 - a) * kl_nat, {"kl_adv_tnat": kl_adv, "kl_nat_tnat": kl_nat}
+
+
+def absld_temp_update(temp: torch.Tensor, total_loss: torch.Tensor, rate: float, hp) -> torch.Tensor:
+    """resnet18_absld_cifar10.py:178-180 (and :187-189, the same for the natural temperatures): the next epoch's
+    temperatures from the epoch's per-class loss sums; `rate`: 0.1 x0.1 at each learning-rate decay (:173-176)."""
+    loss_gap = total_loss - torch.mean(total_loss)
+    temp = temp - rate * loss_gap / torch.max(torch.abs(loss_gap))
+    return torch.clamp(temp, hp["temp_min"], hp["temp_max"])
+
+
 STEPS: Dict[str, Callable] = {
     "nature": _nature, "sat": _sat, "trades": _trades, "ard": _ard, "iad": _iad, "rslad": _rslad, "mtard": _mtard,
     "mmard": _mmard, "adaad": _adaad, "adaiad": _adaiad, "igdm": _igdm, "peeraid": _peeraid, "fair_ard": _fair_ard,
-    "fair_iad": _fair_iad, "fair_rslad": _fair_rslad, "fair_mtard": _fair_mtard,
+    "fair_iad": _fair_iad, "fair_rslad": _fair_rslad, "fair_mtard": _fair_mtard, "absld": _absld,
 }
 # The networks each method uses besides the student.
 NETWORKS = {"ard": ("teacher",), "iad": ("teacher",), "rslad": ("teacher",), "mtard": ("teacher", "teacher2"),
             "mmard": ("teacher",), "adaad": ("teacher",), "adaiad": ("teacher",), "igdm": ("teacher",),
             "peeraid": ("peer",), "fair_ard": ("teacher",),
-            "fair_iad": ("teacher",), "fair_rslad": ("teacher",), "fair_mtard": ("teacher",)}
+            "fair_iad": ("teacher",), "fair_rslad": ("teacher",), "fair_mtard": ("teacher",), "absld": ("teacher",)}
 TRAINED = ("student", "peer")

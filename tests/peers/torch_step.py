@@ -213,6 +213,9 @@ class TorchTrainStep:
             if settings.method in ("mtard", "fair_mtard") else {}
         if settings.method.startswith("fair_"):  # Fair-ARD.py:129, :161: the epoch's Kappa_total, ones as weights
             self.method_state.update(reweight=torch.ones(10), kappa_total=torch.zeros(10, dtype=torch.long))
+        if settings.method == "absld":  # resnet18_absld_cifar10.py:66-67 (ones), :85-86 (the epoch's sums)
+            self.method_state.update({k: torch.ones(10) for k in ("temp_adv", "temp_nat")})
+            self.method_state.update({k: torch.zeros(10) for k in ("loss_adv", "loss_nat")})
         self.step_count = 0
         self.current_lr = settings.lr
 
