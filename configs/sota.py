@@ -16,6 +16,7 @@ no other) and ResNet-18 on SVHN (args.py:32, main.sh:5); PeerAiD reports ResNet-
 (README.md:43-66) and no SVHN. Recipes: config_lib.RECIPES['saad_scripts_tiny_imagenet' | 'saad_scripts_svhn' |
 'peeraid_tiny_imagenet_resnet18' | 'peeraid_tiny_imagenet_wrn34_10'].
 
+ABSLD (NeurIPS 2024) runs on CIFAR-10 with ResNet-18 and TRADES' WRN-34-10, as its one published script.
 Fair-ARD (NeurIPS 2023) is the plug-in `fair` on ARD, IAD, RSLAD and MTARD; its rows `fair_ard`, `fair_iad`,
 `fair_rslad`, `fair_mtard` run each base method with `plugins=fair` and the script's recipe
 (config_lib.RECIPES['fair_<base>']) on CIFAR-10 with ResNet-18, the only setting its scripts run (Fair-ARD.py:46-48,
@@ -41,11 +42,15 @@ SETTINGS = {"resnet18_cifar10": ("resnet18", {}, "cifar10"), "mobilenet_v2_cifar
             "wrn34_10_tiny_imagenet": ("wide_resnet", {"depth": 34, "width": 10}, "tiny_imagenet"),
             # SAAD's RES-18 on SVHN (saad utils.py:189-194, args.py:32)
             "resnet18_svhn": ("resnet18", {}, "svhn")}
-# The methods each setting's papers report. PeerAiD: ResNet-18 and WRN-34-10 students, no MobileNetV2 (PeerAiD
-# README.md:31-65). Tiny-ImageNet/SVHN: the methods whose published code runs there (module docstring).
 # Fair-ARD's rows: row name -> the base method its script runs with `plugins=fair` (module docstring).
 FAIR = {"fair_ard": "ard", "fair_iad": "iad", "fair_rslad": "rslad", "fair_mtard": "mtard"}
-METHODS_OF = {"resnet18_cifar10": METHODS + tuple(FAIR), "mobilenet_v2_cifar10": ("mmard", "adaad", "adaiad", "igdm"),
+# The methods each setting's papers report. PeerAiD: ResNet-18 and WRN-34-10 students, no MobileNetV2 (PeerAiD
+# README.md:31-65). Tiny-ImageNet/SVHN: the methods whose published code runs there (module docstring). Fair-ARD
+# and ABSLD: CIFAR-10 with ResNet-18, their scripts' one setting (Fair-ARD.py:46-48; zhaoshiji123/ABSLD @7407c3a
+# resnet18_absld_cifar10.py, whose teacher is TRADES' WRN-34-10, :61-62 `model_cifar_wrn.pt`, RobustBench's
+# Zhang2019Theoretically: our paper teacher; recipe RECIPES['absld']).
+METHODS_OF = {"resnet18_cifar10": METHODS + tuple(FAIR) + ("absld",),
+              "mobilenet_v2_cifar10": ("mmard", "adaad", "adaiad", "igdm"),
               "resnet18_cifar100": METHODS,
               "preact_resnet18_tiny_imagenet": ("adaad", "igdm"),
               "resnet18_tiny_imagenet": ("peeraid",), "wrn34_10_tiny_imagenet": ("peeraid",),

@@ -71,7 +71,7 @@ def test_tables_cover_the_paper():
     assert len([r for r in runs if r[0] == "figure4"]) == 3
     assert len([r for r in runs if r[0] == "table7_readings"]) == 16
     sota = [a for t, a in runs if t == "sota"]
-    rows = ("mmard", "adaad", "adaiad", "igdm", "peeraid", "fair_ard", "fair_iad", "fair_rslad", "fair_mtard")
+    rows = ("mmard", "adaad", "adaiad", "igdm", "peeraid", "fair_ard", "fair_iad", "fair_rslad", "fair_mtard", "absld")
     assert {a.split(",")[0] for a in sota} == {f"method={m}" for m in rows}
     assert "method=peeraid,setting=mobilenet_v2_cifar10" not in sota  # not reported by its paper
     # Beyond CIFAR: only the rows whose published code runs there (SAAD's and DGAD's arrive with their methods).
@@ -159,6 +159,16 @@ def test_sota_runs_follow_their_published_recipes():
 # 45-49, 214; Fair-RSLAD.py:21, 85, 147-149; Fair-MTARD.py:21, 84, 185-188).
 FAIR_ROWS = {"fair_ard": ("ard", 200, (100,)), "fair_iad": ("iad", 200, (100,)),
              "fair_rslad": ("rslad", 300, (215, 260, 285)), "fair_mtard": ("mtard", 300, (215, 260, 285))}
+
+
+def test_sota_absld_row_follows_its_script():
+    """ABSLD's row: zhaoshiji123/ABSLD @7407c3a resnet18_absld_cifar10.py:20-21 (300 epochs, batch 128), :54 (SGD 0.1,
+    momentum 0.9, wd 2e-4), :173-176 (x0.1 after 215, 260, 285), :61-62 (TRADES' WRN-34-10 teacher)."""
+    c = load_config_file("sota").get_config("method=absld,setting=resnet18_cifar10")
+    assert (c.method.name, c.num_epochs, c.batch_size, tuple(c.optim.boundaries), c.optim.nesterov) == (
+        "absld", 300, 128, (215, 260, 285), False)
+    assert (c.optim.lr, c.optim.momentum, c.optim.weight_decay) == (0.1, 0.9, 2e-4)
+    assert c.teacher.checkpoint == "teachers/Zhang2019Theoretically_cifar10" == config_lib.teacher_dir("cifar10")
 
 
 @pytest.mark.parametrize("row", sorted(FAIR_ROWS))
