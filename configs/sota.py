@@ -24,9 +24,15 @@ Fair-ARD (NeurIPS 2023) is the plug-in `fair` on ARD, IAD, RSLAD and MTARD; its 
 architecture); Fair-MTARD's script loads a natural teacher too (Fair-MTARD.py:100-102) but its loss never reads
 it (:134, :144), so that row has none (`fair_mtard_nat_teacher='t2_nat'` is the reading that uses it).
 
-Later rows: SAAD (`method=saad`, recipe RECIPES['saad'] with SAAD's Tiny-ImageNet/SVHN augmentation) joins
-`preact_resnet18_tiny_imagenet` and `resnet18_svhn` (and the CIFAR settings), DGAD its own
-`preact_resnet18_dgad` Tiny-ImageNet setting, when the methods issue adds these methods (add them to METHODS_OF).
+SAAD (TMLR 2026, `method=saad`) runs as its saad.py: ResNet-18 on CIFAR-10 with main.sh's teacher
+Gowal2021Improving_28_10_ddpm_100m (main.sh:4, `gowal_wrn28_10`), SAAD's pResNet18 on Tiny-ImageNet and ResNet-18
+on SVHN with the DM-Improves-AT teachers (utils.py:207-227), recipe RECIPES['saad'] (SWA from 0-based epoch 94) with
+the data set's augmentation on Tiny-ImageNet/SVHN (RECIPES['saad_tiny_imagenet' | 'saad_svhn']). The script names no
+CIFAR-100 teacher (args.py:30's default 'WRN-70-16' is no RobustBench name), so no CIFAR-100 row: run it with
+`teacher=...` (igdm_alpha 10 there, saad.py:72).
+
+Later rows: DGAD its own `preact_resnet18_dgad` Tiny-ImageNet setting, when the methods issue adds it (add it to
+METHODS_OF).
 """
 
 from mmard_jax import config_lib
@@ -49,19 +55,22 @@ FAIR = {"fair_ard": "ard", "fair_iad": "iad", "fair_rslad": "rslad", "fair_mtard
 # and ABSLD: CIFAR-10 with ResNet-18, their scripts' one setting (Fair-ARD.py:46-48; zhaoshiji123/ABSLD @7407c3a
 # resnet18_absld_cifar10.py, whose teacher is TRADES' WRN-34-10, :61-62 `model_cifar_wrn.pt`, RobustBench's
 # Zhang2019Theoretically: our paper teacher; recipe RECIPES['absld']).
-METHODS_OF = {"resnet18_cifar10": METHODS + tuple(FAIR) + ("absld",),
+METHODS_OF = {"resnet18_cifar10": METHODS + tuple(FAIR) + ("absld", "saad"),
               "mobilenet_v2_cifar10": ("mmard", "adaad", "adaiad", "igdm"),
               "resnet18_cifar100": METHODS,
-              "preact_resnet18_tiny_imagenet": ("adaad", "igdm"),
+              "preact_resnet18_tiny_imagenet": ("adaad", "igdm", "saad"),
               "resnet18_tiny_imagenet": ("peeraid",), "wrn34_10_tiny_imagenet": ("peeraid",),
-              "resnet18_svhn": ("adaad", "igdm")}
+              "resnet18_svhn": ("adaad", "igdm", "saad")}
 TEACHER = {("cifar10", m): "ltd_wrn34_20" for m in ("adaad", "adaiad", "igdm")}
 TEACHER.update({("cifar100", m): "ltd_wrn34_10" for m in ("adaad", "adaiad", "igdm")})
-TEACHER.update({("tiny_imagenet", m): "tiny_linf_wrn28-10" for m in ("adaad", "igdm")})
-TEACHER.update({("svhn", m): "svhn_linf_wrn28-10" for m in ("adaad", "igdm")})
+TEACHER.update({("tiny_imagenet", m): "tiny_linf_wrn28-10" for m in ("adaad", "igdm", "saad")})
+TEACHER.update({("svhn", m): "svhn_linf_wrn28-10" for m in ("adaad", "igdm", "saad")})
+TEACHER[("cifar10", "saad")] = "gowal_wrn28_10"  # saad main.sh:4
 # The recipe of a (setting, method) run other than RECIPES[method] (the CIFAR rows use the method's own).
 RECIPE = {("preact_resnet18_tiny_imagenet", m): "saad_scripts_tiny_imagenet" for m in ("adaad", "igdm")}
 RECIPE.update({("resnet18_svhn", m): "saad_scripts_svhn" for m in ("adaad", "igdm")})
+RECIPE[("preact_resnet18_tiny_imagenet", "saad")] = "saad_tiny_imagenet"
+RECIPE[("resnet18_svhn", "saad")] = "saad_svhn"
 RECIPE[("resnet18_tiny_imagenet", "peeraid")] = "peeraid_tiny_imagenet_resnet18"
 RECIPE[("wrn34_10_tiny_imagenet", "peeraid")] = "peeraid_tiny_imagenet_wrn34_10"
 # Runs following SAAD's adaad.py, whose only train-mode forward is S(x') (saad adaad.py:51-54), not AdaAD's
@@ -91,6 +100,6 @@ def get_config(arg=None):
     # Evaluation as the papers report it: L-inf eps 8/255 on the whole test split (Tiny-ImageNet's 10,000 val
     # images, SVHN's 26,032), standard AutoAttack last (saad adaad.py:155-160; PeerAiD main.py:47, 1010-1011).
     c.eval.final_attacks = ("clean", "fgsm", "pgd_s", "pgd_t", "cw", "aa")
-    if "igdm" in c.method.plugins or a["method"] == "igdm":
+    if "igdm" in c.method.plugins or a["method"] in ("igdm", "saad"):  # saad.py:73: epoch / args.epochs
         c.method.igdm_epochs = float(c.num_epochs)  # the term reaches its full weight at the last epoch
     return c

@@ -147,7 +147,7 @@ RECIPES = {
     # every epoch from there (main.py:427-432) and its BN statistics recomputed each time (utils/SWA.py:61-88).
     "peeraid": {"num_epochs": 300, "optim": {**PIECEWISE, "weight_decay": 2e-4, "boundaries": (214, 259, 284)},
                 "swa": {"enabled": True, "start_epoch": swa.FIRST_DECAY}},
-    # SAAD (HongsinLee/saad @295121c; the `saad` method row arrives with the methods issue and picks this up):
+    # SAAD (HongsinLee/saad @295121c; the row `saad`, mmard_jax/methods/saad.py):
     # args.py:20-21 (200 epochs, batch 128), saad.py:39 (SGD 0.1, momentum 0.9, wd 2e-4), saad.py:128-130 (x0.1
     # after 1-based epochs 100 and 150, i.e. from 0-based epochs 100 and 150). SWA: saad.py:41 AveragedModel, from
     # the 1-based epoch --swa_epoch 95 (args.py:17; saad.py:46, 91: 0-based epoch 94), once per epoch, update_bn
@@ -187,6 +187,17 @@ RECIPES = {
     "saad_scripts_svhn": {
         "num_epochs": 200, "optim": {**PIECEWISE, "lr": 0.1, "weight_decay": 2e-4, "boundaries": (100, 150)},
         "attack": {"eps": 8 / 255, "step_size": 2 / 255, "steps": 10}, "batch_size": {"svhn": 128},
+        "dataset": {"crop_padding": 0, "flip": False}},
+    # SAAD on Tiny-ImageNet and SVHN (HongsinLee/saad @295121c saad.py with `--dataset tinyimg | svhn`): SAAD's own
+    # recipe (above), batch 128 (args.py:22), and the data set's augmentation in utils.py: crop 64 padded by 8 and
+    # flip (:123-127), ImageFolder's sorted wnids (:109); SVHN none at all (:138-140).
+    "saad_tiny_imagenet": {
+        "num_epochs": 200, "optim": {**PIECEWISE, "weight_decay": 2e-4, "boundaries": (100, 150)},
+        "swa": {"enabled": True, "start_epoch": 94}, "batch_size": {"tiny_imagenet": 128},
+        "dataset": {"crop_padding": 8, "flip": True, "class_order": "sorted"}},
+    "saad_svhn": {
+        "num_epochs": 200, "optim": {**PIECEWISE, "weight_decay": 2e-4, "boundaries": (100, 150)},
+        "swa": {"enabled": True, "start_epoch": 94}, "batch_size": {"svhn": 128},
         "dataset": {"crop_padding": 0, "flip": False}},
 }
 # Fair-ARD's plug-in on its four base methods (NISP-official/Fair-ARD @910c8cd): each script keeps its base method's

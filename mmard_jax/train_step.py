@@ -158,14 +158,20 @@ def _variables(net: NetState, batch_stats=None) -> Dict[str, Any]:
     return {"params": net.params, "batch_stats": net.batch_stats if batch_stats is None else batch_stats}
 
 
-def inner_constants(nets: Networks, needs, state: TrainState, frozen, x) -> Dict[str, Array]:
-    """The forwards at x that the attack holds constant, in inference mode (T(x) is shared with the outer loss)."""
+def inner_constants(nets: Networks, needs, state: TrainState, frozen, x, y=None) -> Dict[str, Array]:
+    """The forwards at x that the attack holds constant, in inference mode (T(x) is shared with the outer loss);
+    where "t_grad" is needed (SAAD), T(x) and the input gradient of its label logit from one forward and its VJP
+    (saad attacks.py:152-163: the gradient of sum_b T_{y_b}(x_b), the teacher in eval mode)."""
     out = {}
     if "inner:s_nat" in needs:
         out["s_nat"] = nets.student.apply(_variables(state.student), x, train=False)
     if "inner:p_nat" in needs:
         out["p_nat"] = nets.peer.apply(_variables(state.nets["peer"]), x, train=False)
-    if {"inner:t_nat", "t_nat"} & needs:
+    if "inner:t_grad" in needs:
+        t_nat, vjp = jax.vjp(lambda z: nets.teacher.apply(frozen["teacher"], z, train=False), x)
+        (out["t_grad"],) = vjp(jax.nn.one_hot(y, t_nat.shape[-1], dtype=t_nat.dtype))
+        out["t_nat"] = t_nat
+    elif {"inner:t_nat", "t_nat"} & needs:
         out["t_nat"] = nets.teacher.apply(frozen["teacher"], x, train=False)
     return out
 
@@ -195,8 +201,10 @@ def adversarial_input(nets: Networks, method: methods.Method, settings: StepSett
         else:
             s_adv = nets.student.apply(_variables(state.student), z, train=False)
         t_adv = nets.teacher.apply(frozen["teacher"], z, train=False) if use_teacher else None
+        t_grad = consts.get("t_grad")
         inp = methods.InnerInputs(s_adv, y, t_adv=t_adv, s_nat=consts.get("s_nat"), t_nat=t_nat,
-                                  p_nat=consts.get("p_nat"))
+                                  p_nat=consts.get("p_nat"), t_grad=t_grad,
+                                  delta=None if t_grad is None else z - x, hp=method.hparams)
         if count:
             correct = correct + (jnp.argmax(jax.lax.stop_gradient(s_adv), axis=-1) == y).astype(jnp.int32)
         return jnp.sum(method.inner.loss(inp)), (batch_stats, correct)
@@ -279,7 +287,7 @@ def make_train_step(nets: Networks, method: methods.Method, phase: str, txs: Map
     def per_device(state: TrainState, frozen, images, labels, idx, epoch):
         k_aug, k_init = jax.random.split(jax.random.fold_in(base_key, state.step))
         x, y = augment_batch(images, labels, idx, k_aug, settings)
-        consts = inner_constants(nets, forwards, state, frozen, x)
+        consts = inner_constants(nets, forwards, state, frozen, x, y)
         keys = parallel.example_keys(k_init, parallel.global_positions(idx.shape[0]))
         x_adv, s_stats, correct = adversarial_input(nets, method, settings, state, frozen, x, y, consts, keys)
         at = points(x, x_adv, needed | set(order))

@@ -132,8 +132,14 @@ STEPS = 2  # train steps per case: the second one starts from moved running stat
 # weight atol 1e-7.
 # ABSLD divides the teacher's logits by tau_adv tau_nat (up to 25 here): a flat target, a KL of ~4e-3 (seen 1.1e-6).
 LOSS_RTOL, TEMPERED_LOSS_RTOL = 1e-6, {"ard": 3e-3, "adaiad": 3e-3, "peeraid": 1e-4, "absld": 1e-5}
+# SAAD weighs each example by 5 (H - min H), H the teacher's entropy at x': a randomly initialised teacher is near
+# uniform (H ~ log 10 everywhere, the weights ~1e-5, the step moves nothing), so its classifier is scaled up (a
+# confident teacher, as SAAD's robust ones): x SHARP_TEACHER on the teacher's `fc` kernel, both sides.
+SHARP_TEACHER = {"saad": 30.0}
 # Fair's losses are float32 sums of per-example terms times class weights up to 3x apart (seen: 1.6e-6).
 WEIGHTED_LOSS_RTOL = 3e-6
+# SAAD's too: per-example weights 5 (H - min H) up to ~10 here (seen: 1.5e-6 with its clean term, beta 0.5).
+TEMPERED_LOSS_RTOL["saad"] = WEIGHTED_LOSS_RTOL
 # ABSLD's per-class sums: our CE of float32 logits against the script's of float64 ones, summed in float32.
 ABSLD_SUM_RTOL = 1e-5
 PARAM_RTOL, PARAM_ATOL, PARAM_RTOL_OF_UPDATE, STAT_RTOL, STAT_ATOL, WEIGHT_ATOL = 3e-7, 1e-7, 1e-5, 1e-6, 1e-7, 1e-7
@@ -255,9 +261,19 @@ def test_fair_step_equals_the_published_script(method_name, phase, capsys, monke
         _step_equals_ours(method_name, phase, capsys, plugins=("fair",), torch_method=f"fair_{method_name}")
 
 
-def _step_equals_ours(method_name, phase, capsys, plugins=(), torch_method=None):
+@pytest.mark.parametrize("hparams", [{"beta": 0.5, "gamma": 2.0, "lambda_inner": 20.0}])
+def test_saad_step_with_its_clean_term_equals_the_published_script(hparams, capsys, monkeypatch):
+    """SAAD's options main.sh leaves at their defaults (beta 0 drops the clean term): the clean term, a Renyi order
+    other than Shannon's and a larger attack correction, the same on both sides (saad.py:68-82, attacks.py:177)."""
+    monkeypatch.setattr(train_step, "crop_and_flip", _flip)
+    with jax.enable_x64(True):
+        _step_equals_ours("saad", "main", capsys, hparams=hparams)
+
+
+def _step_equals_ours(method_name, phase, capsys, plugins=(), torch_method=None, hparams=None):
     batch, n = 8, 16
-    method = methods.get_method(method_name, plugins=plugins, **JAX_OVERRIDES.get(method_name, {}))
+    hparams = dict(hparams or {})
+    method = methods.get_method(method_name, plugins=plugins, **{**JAX_OVERRIDES.get(method_name, {}), **hparams})
     epoch = 0 if phase == "warmup" else 60  # IAD/AdaIAD: `epoch >= begin` (60) is past the warm-up
     assert method.phase(epoch) == phase
     attack = methods.attack_defaults(method_name)
@@ -270,6 +286,8 @@ def _step_equals_ours(method_name, phase, capsys, plugins=(), torch_method=None)
                                student if "peer" in used else None)
     seeds = {"student": 1, "peer": 2, "teacher": 7, "teacher2": 8}
     variables = {name: _init(seeds[name]) for name in ("student",) + tuple(sorted(used - {"student"}))}
+    if method.outer.name in SHARP_TEACHER:
+        variables["teacher"]["params"]["fc"]["kernel"] *= SHARP_TEACHER[method.outer.name]
     schedule = train_step.make_lr_schedule(0.1, 4, 2)
     txs = {name: train_step.make_optimizer(schedule) for name in nets.trained()}
     mesh = parallel.data_mesh(jax.devices()[:1])
@@ -293,7 +311,7 @@ def _step_equals_ours(method_name, phase, capsys, plugins=(), torch_method=None)
     t_step = torch_step.TorchTrainStep(
         torch_nets["student"], torch_nets.get("teacher"),
         torch_step.Settings(method=torch_method or method_name, steps=2, crop_padding=0, flip=True, steps_per_epoch=4,
-                    num_epochs=2, kl_form="exact"), torch_step.Form(f64=True),
+                    num_epochs=2, kl_form="exact"), torch_step.Form(f64=True), hparams=hparams,
         teacher2=torch_nets.get("teacher2"), peer=torch_nets.get("peer"))
     if "fair" in given:
         t_step.method_state["reweight"] = torch.from_numpy(given["fair"]["weights"])

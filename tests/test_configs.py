@@ -71,10 +71,11 @@ def test_tables_cover_the_paper():
     assert len([r for r in runs if r[0] == "figure4"]) == 3
     assert len([r for r in runs if r[0] == "table7_readings"]) == 16
     sota = [a for t, a in runs if t == "sota"]
-    rows = ("mmard", "adaad", "adaiad", "igdm", "peeraid", "fair_ard", "fair_iad", "fair_rslad", "fair_mtard", "absld")
+    rows = ("mmard", "adaad", "adaiad", "igdm", "peeraid", "fair_ard", "fair_iad", "fair_rslad", "fair_mtard", "absld",
+            "saad")
     assert {a.split(",")[0] for a in sota} == {f"method={m}" for m in rows}
     assert "method=peeraid,setting=mobilenet_v2_cifar10" not in sota  # not reported by its paper
-    # Beyond CIFAR: only the rows whose published code runs there (SAAD's and DGAD's arrive with their methods).
+    # Beyond CIFAR: only the rows whose published code runs there (DGAD's arrives with its method).
     assert [a for a in sota if "tiny_imagenet" in a or "svhn" in a] == list(BEYOND_CIFAR)
 
 
@@ -171,6 +172,28 @@ def test_sota_absld_row_follows_its_script():
     assert c.teacher.checkpoint == "teachers/Zhang2019Theoretically_cifar10" == config_lib.teacher_dir("cifar10")
 
 
+def test_sota_saad_row_follows_its_script():
+    """SAAD's row: HongsinLee/saad @295121c args.py:20-22 (200 epochs, batch 128, lr 0.1), saad.py:39 (momentum 0.9,
+    wd 2e-4), :128-130 (x0.1 after 1-based epochs 100, 150), :41-42 + :91-94 and args.py:17 (SWA after each 1-based
+    epoch >= 95), main.sh:4 (teacher Gowal2021Improving_28_10_ddpm_100m), main.sh:8-10 (igdm_alpha 1, beta 0,
+    gamma 1), saad.py:56 (PGD-10, eps 8/255, step 2/255), attacks.py:149, :164 (student in eval, x + 0.001 N)."""
+    c = load_config_file("sota").get_config("method=saad,setting=resnet18_cifar10")
+    train.check_config(c)
+    assert (c.method.name, c.num_epochs, c.batch_size, tuple(c.optim.boundaries), c.optim.schedule) == (
+        "saad", 200, 128, (100, 150), "piecewise")
+    assert (c.optim.lr, c.optim.momentum, c.optim.weight_decay, c.optim.nesterov) == (0.1, 0.9, 2e-4, False)
+    assert c.teacher.checkpoint == "teachers/Gowal2021Improving_28_10_ddpm_100m_cifar10"
+    assert c.swa.enabled and swa.resolve_start(c) == 94 and [swa.due(c, e) for e in (94, 95, 96)] == [False, True, True]
+    assert (c.attack.eps, c.attack.step_size, c.attack.steps, c.attack.init, c.attack.student_bn) == (
+        8 / 255, 2 / 255, 10, "gaussian", "eval")
+    hp = {k: c.method[k] for k in ("igdm_alpha", "beta", "gamma", "entropy_scale", "igdm_epochs", "lambda_inner")}
+    assert hp == {"igdm_alpha": 1.0, "beta": 0.0, "gamma": 1.0, "entropy_scale": 5.0, "igdm_epochs": 200.0,
+                  "lambda_inner": 1.0}
+    # No CIFAR-100 row (the script names no CIFAR-100 teacher); run by hand it takes saad.py:72's igdm_alpha 10.
+    assert "method=saad,setting=resnet18_cifar100" not in load_config_file("sota").RUNS
+    assert load_config_file("sota").get_config("method=saad,setting=resnet18_cifar100").method.igdm_alpha == 10.0
+
+
 @pytest.mark.parametrize("row", sorted(FAIR_ROWS))
 def test_sota_fair_rows_follow_the_fair_ard_scripts(row):
     base, epochs, boundaries = FAIR_ROWS[row]
@@ -204,6 +227,10 @@ BEYOND_CIFAR = {
     "method=igdm,setting=preact_resnet18_tiny_imagenet": (
         "preact_resnet18_saad", {}, TINY, _SA["epochs"], _SA["bounds"], _SA["wd"], 8, True, "sorted", None,
         {"kl_class_mean": False, "igdm_alpha": 1.0, "igdm_epochs": 200.0}),  # SA args.py:7, main.sh:8, igdm.py:59
+    # SA saad.py with --dataset tinyimg: SWA after 1-based epoch 95 (args.py:17), igdm_alpha 10 (saad.py:72).
+    "method=saad,setting=preact_resnet18_tiny_imagenet": (
+        "preact_resnet18_saad", {}, TINY, _SA["epochs"], _SA["bounds"], _SA["wd"], 8, True, "sorted", 94,
+        {"igdm_alpha": 10.0, "beta": 0.0, "gamma": 1.0, "igdm_epochs": 200.0}),
     # PA configs/PeerAiD_resnet18_tinyimagenet.json (200 epochs, decays [99, 149]), datasets/datasets.py:16-20 (pad 4),
     # TinyImageNetDataset.py (wnids.txt order), main.py:110-111 (SWA from the first decay).
     "method=peeraid,setting=resnet18_tiny_imagenet": (
@@ -218,6 +245,9 @@ BEYOND_CIFAR = {
     "method=igdm,setting=resnet18_svhn": (
         "resnet18", {}, SVHN, _SA["epochs"], _SA["bounds"], _SA["wd"], 0, False, "", None,
         {"kl_class_mean": False, "igdm_alpha": 1.0, "igdm_epochs": 200.0}),
+    "method=saad,setting=resnet18_svhn": (
+        "resnet18", {}, SVHN, _SA["epochs"], _SA["bounds"], _SA["wd"], 0, False, "", 94,
+        {"igdm_alpha": 1.0, "beta": 0.0, "gamma": 1.0, "igdm_epochs": 200.0}),
 }
 
 
@@ -241,10 +271,11 @@ def test_sota_beyond_cifar_rows_follow_their_published_code(arg):
                                      c.optim.decay, c.optim.per_epoch)
     assert [float(lr(bounds[0] * spe - 1)), float(lr(bounds[0] * spe)), float(lr(bounds[1] * spe))] == pytest.approx(
         [0.1, 0.01, 0.001])
-    # SWA (PeerAiD's --swa_s): the first snapshot is the end of the first decayed epoch, then every epoch.
+    # SWA (PeerAiD's --swa_s): the first snapshot is the end of the first decayed epoch, then every epoch; SAAD's
+    # from the end of 0-based epoch 94 (SA args.py:17, saad.py:91).
     assert c.swa.enabled == (swa_start is not None)
     if swa_start is not None:
-        assert swa.resolve_start(c) == swa_start == bounds[0]
+        assert swa.resolve_start(c) == swa_start == (94 if arg.startswith("method=saad") else bounds[0])
         assert [swa.due(c, e) for e in (swa_start, swa_start + 1, swa_start + 2)] == [False, True, True]
     # Evaluation as the papers report: L-inf 8/255 on the whole test split, standard AutoAttack at the end.
     assert (c.eval.norm, c.eval.eps, c.eval.n_examples) == ("Linf", 8 / 255, -1) and "aa" in c.eval.final_attacks

@@ -246,6 +246,8 @@ NOT_ON_THE_LOSS = {"train_forwards"}
 # ABSLD's temperature update (rate, bounds) moves the next epoch's temperatures, and its aliased/separate reading
 # differs only once they differ from their initial ones: tests/test_absld.py checks each on those.
 NOT_ON_THE_LOSS |= {"absld_temp_lr", "absld_temp_min", "absld_temp_max", "absld_teacher_temps"}
+# SAAD's lambda_inner moves the attack (its target's correction), not the outer loss: tests/test_saad.py checks it.
+NOT_ON_THE_LOSS |= {"lambda_inner"}
 
 
 @pytest.mark.parametrize("name", methods.METHODS)
@@ -332,9 +334,12 @@ def test_inner_objectives_use_only_declared_forwards(lg):
         if inner.loss is None:
             continue
         given = {"t_iter": "t_adv", "s_nat": "s_nat", "t_nat": "t_nat", "p_nat": "p_adv"}
+        extra = {}
+        if "t_grad" in inner.needs:  # SAAD: the teacher's input gradient and x' - x (images [B, 2, 2, 3] here)
+            extra = {"t_grad": jnp.ones((B, 2, 2, 3)), "delta": jnp.full((B, 2, 2, 3), 0.01), "hp": inner.defaults}
         inp = InnerInputs(jnp.asarray(arrays["s_adv"]), jnp.asarray(y),
                           **{field: jnp.asarray(arrays[src]) for need, src in given.items() if need in inner.needs
-                             for field in [{"t_iter": "t_adv"}.get(need, need)]})
+                             for field in [{"t_iter": "t_adv"}.get(need, need)]}, **extra)
         out = inner.loss(inp)
         assert out.shape == (B,) and np.all(np.isfinite(out)), name
     np.testing.assert_allclose(
@@ -362,7 +367,7 @@ def test_attacks_follow_published_code():
         "ard": ("uniform", "train"), "iad": ("uniform", "train"), "rslad": ("gaussian", "eval"),
         "mtard": ("gaussian", "eval"), "mmard": ("gaussian", "eval"), "adaad": ("gaussian", "eval"),
         "adaiad": ("gaussian", "eval"), "igdm": ("gaussian", "eval"), "peeraid": ("gaussian", "eval"),
-        "absld": ("gaussian", "eval"),
+        "absld": ("gaussian", "eval"), "saad": ("gaussian", "eval"),
     }
     shared = {n for n in methods.METHODS if methods.ROWS[n].inner == "ce"}
     assert shared == {"sat", "ard", "iad", "mtard"}  # one inner row, shared
@@ -413,7 +418,7 @@ def test_every_pair_resolves():
 
 VARIANTS = [(n, {}) for n in methods.METHODS] + [
     ("mmard", {"trd_reduction": "sum"}), ("ard", {"alpha": 0.5}), ("iad", {"iad_form": "iad1", "alpha": 0.5}),
-    ("adaad", {"alpha": 0.5}), ("rslad", {"plugins": ("igdm",)}),
+    ("adaad", {"alpha": 0.5}), ("rslad", {"plugins": ("igdm",)}), ("saad", {"beta": 0.5, "gamma": 2.0}),
 ]
 
 

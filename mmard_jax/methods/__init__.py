@@ -3,15 +3,15 @@
 
 A method is data, not a branch in the train loop (`core` has the vocabulary and the interfaces, `inner`
 the inner objectives, `baselines` the paper's methods, `sota` AdaAD, AdaIAD, IGDM and PeerAiD, `fair` Fair-ARD,
-`absld` ABSLD). Inner and outer objectives combine freely (the paper's Table 6 and Figure 4); plug-ins add to
-any outer objective (IGDM on AdaAD, AdaIAD, RSLAD or MMARD). Adding a method is an outer function, an `Objective`
+`absld` ABSLD, `saad` SAAD). Inner and outer objectives combine freely (the paper's Table 6 and Figure 4); plug-ins
+add to any outer objective (IGDM on AdaAD, AdaIAD, RSLAD or MMARD). Adding a method is an outer function, an `Objective`
 and a row.
 """
 
 import warnings
 from typing import Any, Dict, Mapping, Optional, Sequence
 
-from mmard_jax.methods import absld, baselines, fair, sota
+from mmard_jax.methods import absld, baselines, fair, saad, sota
 from mmard_jax.methods.core import (
     INNER_FORWARDS,
     OUTER_FORWARDS,
@@ -27,10 +27,10 @@ from mmard_jax.methods.core import (
 )
 from mmard_jax.methods.inner import INNER
 
-OUTER: Dict[str, Objective] = {**baselines.OUTER, **sota.OUTER, **absld.OUTER}
+OUTER: Dict[str, Objective] = {**baselines.OUTER, **sota.OUTER, **absld.OUTER, **saad.OUTER}
 PLUGINS: Dict[str, Objective] = {**sota.PLUGINS, "fair": fair.FAIR}
-ROWS: Dict[str, MethodRow] = {**baselines.ROWS, **sota.ROWS, **absld.ROWS}
-DATASET_HPARAMS = {**baselines.DATASET_HPARAMS, **sota.DATASET_HPARAMS}
+ROWS: Dict[str, MethodRow] = {**baselines.ROWS, **sota.ROWS, **absld.ROWS, **saad.ROWS}
+DATASET_HPARAMS = {**baselines.DATASET_HPARAMS, **sota.DATASET_HPARAMS, **saad.DATASET_HPARAMS}
 METHODS = tuple(ROWS)
 METHOD_HPARAMS = {"train_forwards": "published"}  # hyper-parameters of every method (core.TRAIN_FORWARDS)
 
@@ -116,6 +116,8 @@ def get_method(name: str, inner: Optional[str] = None, outer: Optional[str] = No
     outer_obj = _lookup(OUTER, outer_name, "outer objective")
     plugin_objs = tuple(_lookup(PLUGINS, p, "plug-in") for p in dict.fromkeys(tuple(row.plugins) + tuple(plugins)))
     hp = _defaults(row, outer_obj, plugin_objs, own_row=outer_name == row.outer)
+    for key, value in inner_obj.defaults.items():  # the inner objective's own (SAAD's lambda_inner)
+        hp.setdefault(key, value)
     combos = _plugin_rows(name, row, outer_name, plugin_objs)
     for combo in combos:
         hp.update(combo.hparams)

@@ -25,6 +25,8 @@ INNER_FORWARDS = {
     "t_nat": "T(x), constant during the loop (RSLAD)",
     "t_iter": "T(x') at every iterate, differentiated with the student (MMARD, AdaAD)",
     "p_nat": "P(x), the peer at x, constant during the loop (PeerAiD)",
+    "t_grad": "the input gradient of T(x)'s label logit at x (one teacher forward, shared with T(x), and its "
+              "backward), constant during the loop (SAAD)",
 }
 # Forwards of the outer loss: name -> (network, point). Points: nat = x, adv = x', mir = x - (x' - x) (IGDM).
 # Trained networks (student, peer) run in train mode and are differentiated; teachers in inference mode, never.
@@ -35,7 +37,7 @@ OUTER_FORWARDS = {
     "p_adv": ("peer", "adv"),
 }
 TRAINED = ("student", "peer")
-INNER_NETWORK = {"s_nat": "student", "t_nat": "teacher", "t_iter": "teacher", "p_nat": "peer"}
+INNER_NETWORK = {"s_nat": "student", "t_nat": "teacher", "t_iter": "teacher", "p_nat": "peer", "t_grad": "teacher"}
 TRAIN_FORWARDS = ("published", "needed")  # hp 'train_forwards': the published train-mode sequence, or each needed once
 
 
@@ -48,6 +50,9 @@ class InnerInputs(NamedTuple):
     s_nat: Optional[Array] = None
     t_nat: Optional[Array] = None
     p_nat: Optional[Array] = None
+    t_grad: Optional[Array] = None  # d T_y(x) / dx, shaped as x, where "t_grad" is needed (SAAD)
+    delta: Optional[Array] = None  # x' - x, where "t_grad" is needed
+    hp: Optional[Mapping[str, Any]] = None  # the method's hyper-parameters (static), for an inner objective's own
 
 
 class Logits(NamedTuple):
@@ -118,11 +123,13 @@ KL_REDUCTION = {"kl_scale": 1.0}  # merged into the defaults of every objective 
 
 @dataclasses.dataclass(frozen=True)
 class InnerObjective:
-    """Per-example objective maximized over x' and the inner forwards it needs (`loss=None`: x' = x)."""
+    """Per-example objective maximized over x' and the inner forwards it needs (`loss=None`: x' = x); `defaults`:
+    its own hyper-parameters (SAAD's lambda_inner), merged into the method's."""
 
     name: str
     loss: Optional[Callable[[InnerInputs], Array]]
     needs: frozenset
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class Tally(NamedTuple):

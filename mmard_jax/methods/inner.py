@@ -5,6 +5,9 @@ AdaIAD all maximize KL(S(x'), T(x'))); the start and the BatchNorm mode of the a
 (`MethodRow.init`, `MethodRow.student_bn`; config `attack.init`, `attack.student_bn`).
 """
 
+import jax
+import jax.numpy as jnp
+
 from mmard_jax import losses
 from mmard_jax.methods.core import InnerInputs, InnerObjective
 
@@ -31,6 +34,21 @@ def _kl_peer_nat(inp: InnerInputs):
     return losses.kl_div(inp.s_adv, inp.p_nat)
 
 
+def linearized_teacher(t_nat, t_grad, delta, labels, scale):
+    """SAAD's attack target (HongsinLee/saad @295121c attacks.py:169-177): T(x) with the label's logit moved by
+    scale * <d T_y(x)/dx, x' - x>, the first-order Taylor step of the teacher's label logit (differentiable in x')."""
+    correction = jnp.sum((t_grad * delta).reshape(delta.shape[0], -1), axis=-1)  # einsum('bchw,bchw->b')
+    onehot = jax.nn.one_hot(labels, t_nat.shape[-1], dtype=t_nat.dtype)
+    return t_nat + scale * onehot * correction[:, None].astype(t_nat.dtype)
+
+
+def _kl_teacher_linearized(inp: InnerInputs):
+    # saad attacks.py:182-185: KLDivLoss(sum)(log_softmax(S(x')), softmax(corrected)), differentiated through the
+    # student and through the correction (it depends on x'; attacks.py:167-177 builds it under enable_grad).
+    target = linearized_teacher(inp.t_nat, inp.t_grad, inp.delta, inp.labels, inp.hp["lambda_inner"])
+    return losses.kl_div(inp.s_adv, target)
+
+
 INNER = {
     "none": InnerObjective("none", None, frozenset()),
     "ce": InnerObjective("ce", _ce, frozenset()),
@@ -38,4 +56,7 @@ INNER = {
     "kl_teacher_nat": InnerObjective("kl_teacher_nat", _kl_teacher_nat, frozenset({"t_nat"})),
     "kl_teacher_adv": InnerObjective("kl_teacher_adv", _kl_teacher_adv, frozenset({"t_iter"})),
     "kl_peer_nat": InnerObjective("kl_peer_nat", _kl_peer_nat, frozenset({"p_nat"})),
+    # SAAD: lambda_inner 1 ('--lambda_inner', saad args.py:15; saad.py:56 passes it as `beta`).
+    "kl_teacher_linearized": InnerObjective("kl_teacher_linearized", _kl_teacher_linearized,
+                                            frozenset({"t_nat", "t_grad"}), {"lambda_inner": 1.0}),
 }

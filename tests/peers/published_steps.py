@@ -33,6 +33,10 @@ HPARAMS = {
     "fair_mtard": {"weight_lr": 0.025, "bert": 1.0, "w_nat_init": 0.5, "fair_beta": 2.0, "fair_eps": 1e-5},
     # zhaoshiji123/ABSLD resnet18_absld_cifar10.py:125 (5/6), :69 (rate 0.1), :71-72 (temperatures in [0.5, 5]).
     "absld": {"alpha": 5.0 / 6.0, "temp_rate": 0.1, "temp_min": 0.5, "temp_max": 5.0},
+    # HongsinLee/saad @295121c main.sh:8-10 (igdm_alpha 1, beta 0, gamma 1), args.py:15 (lambda_inner 1), args.py:20
+    # (200 epochs); saad.py:76's literal 5 (args.py:13's entropy_scale, never read by the script).
+    "saad": {"igdm_alpha": 1.0, "beta": 0.0, "gamma": 1.0, "lambda_inner": 1.0, "epochs": 200.0,
+             "entropy_scale": 5.0},
 }
 METHODS = tuple(HPARAMS)
 
@@ -66,6 +70,7 @@ ATTACKS = {
     "fair_rslad": Attack("gaussian", "eval"),  # Fair-RSLAD.py:51, :54
     "fair_mtard": Attack("gaussian", "eval"),  # Fair-MTARD.py:53, :55
     "absld": Attack("gaussian", "eval"),  # absld_loss.py:37, :40
+    "saad": Attack("gaussian", "eval"),  # saad attacks.py:149, :164
 }
 
 # What each published script's optimizer is (not used by default: see the module docstring).
@@ -81,6 +86,8 @@ PUBLISHED_OPTIMIZER = {
     "adaiad": "as AdaAD",
     "igdm": "SGD 0.1, momentum 0.9, wd 2e-4; x0.1 after epochs 100, 150 of 200 (saad igdm.py:38, 95-97)",
     "peeraid": "two SGD, lr 0.1, momentum 0.9, wd 2e-4; /10 at epochs 214/259/284 of 300 (PeerAiD main.py:219-220)",
+    "saad": "SGD 0.1, momentum 0.9, wd 2e-4; x0.1 after epochs 100, 150 of 200; SWA from epoch 95 (saad.py:39-42, "
+            "91-94, 128-130)",
 }
 
 
@@ -454,14 +461,72 @@ def absld_temp_update(temp: torch.Tensor, total_loss: torch.Tensor, rate: float,
     return torch.clamp(temp, hp["temp_min"], hp["temp_max"])
 
 
+def _saad_samplewise_kl(input_logits, target_logits):
+    """saad utils.py:26-41: sum over classes of F.kl_div(log_softmax(input), softmax(target) without grad)."""
+    with torch.no_grad():
+        p = F.softmax(target_logits, dim=1)
+    return F.kl_div(F.log_softmax(input_logits, dim=1), p, reduction="none").sum(dim=1)
+
+
+def _saad_renyi_entropy(logits, alpha, eps=1e-12):
+    """saad utils.py:43-53."""
+    p = F.softmax(logits, dim=1)
+    if abs(alpha - 1.0) < 1e-6:
+        return -(p * torch.log(p + eps)).sum(dim=1)
+    return torch.log((p ** alpha).sum(dim=1) + eps) / (1.0 - alpha)
+
+
+def _saad(n, x, y, epoch):
+    # HongsinLee/saad @295121c saad.py:53-54 T(x) (no_grad); saad_inner_loss (attacks.py:138-194, called at
+    # saad.py:56): student eval (:149), T(x) with the input gradient of sum_b T_{y_b}(x_b) (:152-163), start
+    # x + 0.001 N(0, 1) (:164), 10 sign steps on KLDivLoss(sum)(log_softmax(S(x')), softmax(c)), c = T(x) with
+    # c[b, y_b] += lambda_inner <grad_b, x'_b - x_b> built under enable_grad (:165-189); saad.py:59-62 T(x'), T(x - d);
+    # :64-66 S(x'), S(x - d), S(x) in train mode; :68-82 the weights and the loss; the epoch 1-based (:46).
+    hp = n.hp
+    with torch.no_grad():
+        teacher_clean = n.T(x)
+    n.eval("student")
+    x_temp = x.detach().clone().requires_grad_(True)
+    teacher_logits = n.T(x_temp)
+    rows = torch.arange(x.shape[0])
+    (teacher_gradient_for_y,) = torch.autograd.grad(teacher_logits[rows, y].sum(), x_temp)
+
+    def objective(x_adv):
+        teacher_logit_correction = torch.einsum("bchw,bchw->b", teacher_gradient_for_y, x_adv - x)
+        corrected = teacher_logits.detach().clone()
+        corrected[rows, y] += hp["lambda_inner"] * teacher_logit_correction
+        return F.kl_div(F.log_softmax(n.S(x_adv), dim=1), F.softmax(corrected, dim=1), reduction="sum")
+
+    inputs_adv = n.pgd(objective, x)
+    n.train("student")
+    with torch.no_grad():
+        delta = inputs_adv - x
+        teacher_plus = n.T(inputs_adv)
+        teacher_minus = n.T(x - delta)
+    student_plus = n.S(inputs_adv)
+    student_minus = n.S(x - delta)
+    student_clean = n.S(x)
+    teacher_ent_per = _saad_renyi_entropy(teacher_plus, hp["gamma"])
+    kl_adv = _saad_samplewise_kl(student_plus, teacher_plus)
+    kl_clean = _saad_samplewise_kl(student_clean, teacher_clean)
+    igdm = hp["igdm_alpha"] * ((epoch + 1) / hp["epochs"]) * _saad_samplewise_kl(student_plus - student_minus,
+                                                                                teacher_plus - teacher_minus)
+    min_ent = teacher_ent_per.min().item()
+    w = torch.clamp(hp["entropy_scale"] * (teacher_ent_per - min_ent), min=0.0)
+    w_norm = (w - w.min()) / (w.max() - w.min() + 1e-8)
+    loss = (w * (kl_adv + igdm) + hp["beta"] * (1 - w_norm) * kl_clean).mean()
+    return loss, {"kl_adv_tadv": kl_adv.mean(), "igdm": igdm.mean()}
+
+
 STEPS: Dict[str, Callable] = {
     "nature": _nature, "sat": _sat, "trades": _trades, "ard": _ard, "iad": _iad, "rslad": _rslad, "mtard": _mtard,
     "mmard": _mmard, "adaad": _adaad, "adaiad": _adaiad, "igdm": _igdm, "peeraid": _peeraid, "fair_ard": _fair_ard,
-    "fair_iad": _fair_iad, "fair_rslad": _fair_rslad, "fair_mtard": _fair_mtard, "absld": _absld,
+    "fair_iad": _fair_iad, "fair_rslad": _fair_rslad, "fair_mtard": _fair_mtard, "absld": _absld, "saad": _saad,
 }
 # The networks each method uses besides the student.
 NETWORKS = {"ard": ("teacher",), "iad": ("teacher",), "rslad": ("teacher",), "mtard": ("teacher", "teacher2"),
             "mmard": ("teacher",), "adaad": ("teacher",), "adaiad": ("teacher",), "igdm": ("teacher",),
             "peeraid": ("peer",), "fair_ard": ("teacher",),
-            "fair_iad": ("teacher",), "fair_rslad": ("teacher",), "fair_mtard": ("teacher",), "absld": ("teacher",)}
+            "fair_iad": ("teacher",), "fair_rslad": ("teacher",), "fair_mtard": ("teacher",), "absld": ("teacher",),
+            "saad": ("teacher",)}
 TRAINED = ("student", "peer")
