@@ -362,7 +362,7 @@ def test_attacks_follow_published_code():
         "ard": ("uniform", "train"), "iad": ("uniform", "train"), "rslad": ("gaussian", "eval"),
         "mtard": ("gaussian", "eval"), "mmard": ("gaussian", "eval"), "adaad": ("gaussian", "eval"),
         "adaiad": ("gaussian", "eval"), "igdm": ("gaussian", "eval"), "peeraid": ("gaussian", "eval"),
-        "absld": ("gaussian", "eval"),
+        "absld": ("gaussian", "eval"), "dgad": ("gaussian", "eval"),
     }
     shared = {n for n in methods.METHODS if methods.ROWS[n].inner == "ce"}
     assert shared == {"sat", "ard", "iad", "mtard"}  # one inner row, shared
@@ -375,6 +375,7 @@ def test_train_order_follows_published_code():
     assert order["iad"] == ("s_adv", "s_adv", "s_nat", "s_nat")  # IAD-I.py:166-179
     assert methods.get_method("iad").train_order("warmup") == ("s_adv", "s_adv", "s_nat")
     assert order["adaad"] == ("s_nat", "s_adv")  # AdaAD main.py:333-334
+    assert order["dgad"] == ("s_nat", "s_adv")  # DGAD main.py:397-398
     assert order["peeraid"] == ("p_adv", "s_adv", "s_adv", "s_nat")  # PeerAiD main.py:359-387
     assert methods.get_method("ard", train_forwards="needed").train_order("main") == ("s_adv",)
     assert methods.get_method("mtard").networks() == {"student", "teacher", "teacher2"}
