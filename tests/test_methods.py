@@ -240,7 +240,8 @@ def test_peeraid_gradient_reaches_the_student_through_the_peer_loss(lg):
 
 # Perturbations for the hyper-parameter test (a value that must change the loss). Switches whose effect is
 # not on the loss: train_forwards (which forwards move the BatchNorm statistics, tested in test_train_step.py).
-CHOICES = {"iad_form": ("table1", "iad1"), "iad_teacher_input": ("nat", "adv"), "trd_reduction": ("mean", "sum")}
+CHOICES = {"iad_form": ("table1", "iad1"), "iad_teacher_input": ("nat", "adv"), "trd_reduction": ("mean", "sum"),
+           "dgad_form": ("script", "mobilenetv2_script")}
 PERTURB = {"warmup_epochs": 10**7, "delta": 0.01, "w_nat_init": 0.2}
 NOT_ON_THE_LOSS = {"train_forwards"}
 # ABSLD's temperature update (rate, bounds) moves the next epoch's temperatures, and its aliased/separate reading

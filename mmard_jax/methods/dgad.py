@@ -51,13 +51,18 @@ def swap_clean(t_nat, labels):
     return _trade(t_nat, top != labels, labels, top)
 
 
-def swap_adv(t_adv, labels):
-    """main.py:422-427: where T(x')_y < max_{c != y} T(x')_c, the logit of y and the largest other trade places."""
+def adv_mistakes(t_adv, labels):
+    """main.py:422-425: the mask of the swap on T(x'), T(x')_y < max_{c != y} T(x')_c (a tie is not swapped)."""
     cols = jnp.arange(t_adv.shape[-1])[None, :]
     others = jnp.where(cols == labels[:, None], -jnp.inf, t_adv)
-    top = jnp.argmax(others, axis=-1)
     true = jnp.take_along_axis(t_adv, labels[:, None], axis=-1)[:, 0]
-    return _trade(t_adv, true < jnp.max(others, axis=-1), labels, top)
+    return true < jnp.max(others, axis=-1), jnp.argmax(others, axis=-1)
+
+
+def swap_adv(t_adv, labels):
+    """main.py:422-427: where T(x')_y < max_{c != y} T(x')_c, the logit of y and the largest other trade places."""
+    mask, top = adv_mistakes(t_adv, labels)
+    return _trade(t_adv, mask, labels, top)
 
 
 def _dgad(lg: Logits, y, state, hp, info):
@@ -85,7 +90,11 @@ def _dgad(lg: Logits, y, state, hp, info):
     else:
         distil = 0.5 * (w_clean * clean + w_adv * adv)
     loss = distil + hp["alp_beta"] * pcr
-    metrics = {"dgad_clean": clean, "dgad_adv": adv, "dgad_pcr": pcr, "dgad_teacher_mistakes": n}
+    # Examples distilled at x' whose T(x') the swap corrected (summed over the data axis as n).
+    swapped = jnp.sum((1.0 - lam) * adv_mistakes(lg.t_adv, y)[0])
+    swapped = swapped if info.axis_name is None else jax.lax.psum(swapped, info.axis_name)
+    metrics = {"dgad_clean": clean, "dgad_adv": adv, "dgad_pcr": pcr, "dgad_teacher_mistakes": n,
+               "dgad_adv_swapped": swapped}
     return loss, metrics, state
 
 
