@@ -31,8 +31,15 @@ the data set's augmentation on Tiny-ImageNet/SVHN (RECIPES['saad_tiny_imagenet' 
 CIFAR-100 teacher (args.py:30's default 'WRN-70-16' is no RobustBench name), so no CIFAR-100 row: run it with
 `teacher=...` (igdm_alpha 10 there, saad.py:72).
 
-Later rows: DGAD its own `preact_resnet18_dgad` Tiny-ImageNet setting, when the methods issue adds it (add it to
-METHODS_OF).
+
+DGAD (ECCV 2024; kunsaram01/DGAD @a0329c8) runs ResNet-18 and MobileNetV2 on CIFAR-10 and ResNet-18 on CIFAR-100 with
+its main.py's teachers: Chen2021LTD WRN-34-20 on CIFAR-10 (`--teacher_model Chen2021LTD_WRD34_20`, main.py:213-221;
+its default `wideresnet34_10` loads an unpublished `robust_teacher.pth`, :208-211) and Chen2021LTD WRN-34-10 on
+CIFAR-100 (main.py:233-237), recipe RECIPES['dgad'] (main.py:64-70, :120-135); the MobileNetV2 row takes the
+script's MobileNetV2 loss (`dgad_form='mobilenetv2_script'`, main.py:439-441). Its Tiny-ImageNet run (main_tiny.py)
+distils its own TRADES PreAct-ResNet-18 (`teacher_models/TinyImageNet/TRADES/best_PGD10_acc_model.pth`,
+main_tiny.py:226-229), whose weights are not published: no `preact_resnet18_dgad` row.
+
 """
 
 from mmard_jax import config_lib
@@ -55,14 +62,15 @@ FAIR = {"fair_ard": "ard", "fair_iad": "iad", "fair_rslad": "rslad", "fair_mtard
 # and ABSLD: CIFAR-10 with ResNet-18, their scripts' one setting (Fair-ARD.py:46-48; zhaoshiji123/ABSLD @7407c3a
 # resnet18_absld_cifar10.py, whose teacher is TRADES' WRN-34-10, :61-62 `model_cifar_wrn.pt`, RobustBench's
 # Zhang2019Theoretically: our paper teacher; recipe RECIPES['absld']).
-METHODS_OF = {"resnet18_cifar10": METHODS + tuple(FAIR) + ("absld", "saad"),
-              "mobilenet_v2_cifar10": ("mmard", "adaad", "adaiad", "igdm"),
-              "resnet18_cifar100": METHODS,
+# DGAD: main.py:180-183 (students mobilenetV2, resnet18), :206-245 (teachers on CIFAR-10 and CIFAR-100 only).
+METHODS_OF = {"resnet18_cifar10": METHODS + tuple(FAIR) + ("absld", "saad", "dgad"),
+              "mobilenet_v2_cifar10": ("mmard", "adaad", "adaiad", "igdm", "dgad"),
+              "resnet18_cifar100": METHODS + ("dgad",),
               "preact_resnet18_tiny_imagenet": ("adaad", "igdm", "saad"),
               "resnet18_tiny_imagenet": ("peeraid",), "wrn34_10_tiny_imagenet": ("peeraid",),
               "resnet18_svhn": ("adaad", "igdm", "saad")}
-TEACHER = {("cifar10", m): "ltd_wrn34_20" for m in ("adaad", "adaiad", "igdm")}
-TEACHER.update({("cifar100", m): "ltd_wrn34_10" for m in ("adaad", "adaiad", "igdm")})
+TEACHER = {("cifar10", m): "ltd_wrn34_20" for m in ("adaad", "adaiad", "igdm", "dgad")}
+TEACHER.update({("cifar100", m): "ltd_wrn34_10" for m in ("adaad", "adaiad", "igdm", "dgad")})
 TEACHER.update({("tiny_imagenet", m): "tiny_linf_wrn28-10" for m in ("adaad", "igdm", "saad")})
 TEACHER.update({("svhn", m): "svhn_linf_wrn28-10" for m in ("adaad", "igdm", "saad")})
 TEACHER[("cifar10", "saad")] = "gowal_wrn28_10"  # saad main.sh:4
@@ -95,6 +103,8 @@ def get_config(arg=None):
     c = config_lib.base_config(method, student, dataset, teacher, plugins=plugins)
     c.student.kwargs.update(kwargs)
     c = config_lib.apply_recipe(c, RECIPE.get((a["setting"], a["method"]), a["method"]))
+    if a["method"] == "dgad" and student == "mobilenet_v2":
+        c.method.dgad_form = "mobilenetv2_script"  # DGAD main.py:439-441, the script's MobileNetV2 branch
     if (a["setting"], a["method"]) in SAAD_ADAAD:
         c.method.train_forwards = "needed"
     # Evaluation as the papers report it: L-inf eps 8/255 on the whole test split (Tiny-ImageNet's 10,000 val

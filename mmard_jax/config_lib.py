@@ -139,6 +139,10 @@ RECIPES = {
     # AdaAD main.py:58-64 (200 epochs, SGD 0.1, momentum 0.9, wd 5e-4) and :113-139 (x0.1 at epochs 100, 150).
     "adaad": {"num_epochs": 200, "optim": {**PIECEWISE, "weight_decay": 5e-4, "boundaries": (100, 150)}},
     "adaiad": {"num_epochs": 200, "optim": {**PIECEWISE, "weight_decay": 5e-4, "boundaries": (100, 150)}},
+    # DGAD (kunsaram01/DGAD @a0329c8) main.py:64-70 (200 epochs, batch 128, SGD lr 0.1, momentum 0.9, wd 5e-4),
+    # :120-135 with :300-301 (the epoch's lr: 0.1, x0.1 from 0-based epoch 100, x0.01 from 150), :55-57 (eps 8/255,
+    # step 2/255, 10 steps: the defaults), config/dataset_config.py:12-16 (crop 32 padded by 4, flip: the default).
+    "dgad": {"num_epochs": 200, "optim": {**PIECEWISE, "weight_decay": 5e-4, "boundaries": (100, 150)}},
     # saad igdm.py:38 (wd 2e-4), :95-97 (x0.1 after epochs 100 and 150), args.py:20-23 (200 epochs).
     "igdm": {"num_epochs": 200, "optim": {**PIECEWISE, "weight_decay": 2e-4, "boundaries": (100, 150)}},
     # PeerAiD configs/PeerAiD_resnet18_cifar10.json (300 epochs, lr 0.1 for both networks, wd 2e-4), main.py:840-852

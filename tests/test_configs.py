@@ -72,10 +72,10 @@ def test_tables_cover_the_paper():
     assert len([r for r in runs if r[0] == "table7_readings"]) == 16
     sota = [a for t, a in runs if t == "sota"]
     rows = ("mmard", "adaad", "adaiad", "igdm", "peeraid", "fair_ard", "fair_iad", "fair_rslad", "fair_mtard", "absld",
-            "saad")
+            "saad", "dgad")
     assert {a.split(",")[0] for a in sota} == {f"method={m}" for m in rows}
     assert "method=peeraid,setting=mobilenet_v2_cifar10" not in sota  # not reported by its paper
-    # Beyond CIFAR: only the rows whose published code runs there (DGAD's arrives with its method).
+    # Beyond CIFAR: only the rows whose published code runs there (DGAD's Tiny-ImageNet teacher is unpublished).
     assert [a for a in sota if "tiny_imagenet" in a or "svhn" in a] == list(BEYOND_CIFAR)
 
 
@@ -192,6 +192,27 @@ def test_sota_saad_row_follows_its_script():
     # No CIFAR-100 row (the script names no CIFAR-100 teacher); run by hand it takes saad.py:72's igdm_alpha 10.
     assert "method=saad,setting=resnet18_cifar100" not in load_config_file("sota").RUNS
     assert load_config_file("sota").get_config("method=saad,setting=resnet18_cifar100").method.igdm_alpha == 10.0
+
+
+def test_sota_dgad_rows_follow_its_script():
+    """DGAD's rows: kunsaram01/DGAD @a0329c8 main.py:64-70 (200 epochs, batch 128, SGD 0.1, momentum 0.9, wd 5e-4),
+    :120-135 (x0.1 from 0-based epochs 100 and 150), :213-221 / :233-237 (Chen2021LTD WRN-34-20 / WRN-34-10),
+    :439-441 (the MobileNetV2 branch's loss)."""
+    sota = load_config_file("sota")
+    runs = [r for r in sota.RUNS if r.startswith("method=dgad,")]
+    assert runs == [f"method=dgad,setting={s}" for s in ("resnet18_cifar10", "mobilenet_v2_cifar10",
+                                                          "resnet18_cifar100")]
+    for setting, teacher, form in (("resnet18_cifar10", "Chen2021LTD_WRN34_20_cifar10", "script"),
+                                   ("mobilenet_v2_cifar10", "Chen2021LTD_WRN34_20_cifar10", "mobilenetv2_script"),
+                                   ("resnet18_cifar100", "Chen2021LTD_WRN34_10_cifar100", "script")):
+        c = sota.get_config(f"method=dgad,setting={setting}")
+        assert (c.method.name, c.num_epochs, c.batch_size, c.optim.schedule, tuple(c.optim.boundaries)) == (
+            "dgad", 200, 128, "piecewise", (100, 150)), setting
+        assert (c.optim.lr, c.optim.momentum, c.optim.weight_decay, c.optim.nesterov) == (0.1, 0.9, 5e-4, False)
+        assert (c.attack.eps, c.attack.step_size, c.attack.steps) == (8 / 255, 2 / 255, 10)  # main.py:55-57
+        assert (c.attack.init, c.attack.student_bn) == ("gaussian", "eval")  # AT_helper.py:20-27
+        assert c.teacher.checkpoint == f"teachers/{teacher}" and c.method.dgad_form == form, setting
+        assert config_lib.resolve_method(c.method).hparams["alp_beta"] == 1.0  # main.py:42-43
 
 
 @pytest.mark.parametrize("row", sorted(FAIR_ROWS))

@@ -240,7 +240,8 @@ def test_peeraid_gradient_reaches_the_student_through_the_peer_loss(lg):
 
 # Perturbations for the hyper-parameter test (a value that must change the loss). Switches whose effect is
 # not on the loss: train_forwards (which forwards move the BatchNorm statistics, tested in test_train_step.py).
-CHOICES = {"iad_form": ("table1", "iad1"), "iad_teacher_input": ("nat", "adv"), "trd_reduction": ("mean", "sum")}
+CHOICES = {"iad_form": ("table1", "iad1"), "iad_teacher_input": ("nat", "adv"), "trd_reduction": ("mean", "sum"),
+           "dgad_form": ("script", "mobilenetv2_script")}
 PERTURB = {"warmup_epochs": 10**7, "delta": 0.01, "w_nat_init": 0.2}
 NOT_ON_THE_LOSS = {"train_forwards"}
 # ABSLD's temperature update (rate, bounds) moves the next epoch's temperatures, and its aliased/separate reading
@@ -367,7 +368,7 @@ def test_attacks_follow_published_code():
         "ard": ("uniform", "train"), "iad": ("uniform", "train"), "rslad": ("gaussian", "eval"),
         "mtard": ("gaussian", "eval"), "mmard": ("gaussian", "eval"), "adaad": ("gaussian", "eval"),
         "adaiad": ("gaussian", "eval"), "igdm": ("gaussian", "eval"), "peeraid": ("gaussian", "eval"),
-        "absld": ("gaussian", "eval"), "saad": ("gaussian", "eval"),
+        "absld": ("gaussian", "eval"), "saad": ("gaussian", "eval"), "dgad": ("gaussian", "eval"),
     }
     shared = {n for n in methods.METHODS if methods.ROWS[n].inner == "ce"}
     assert shared == {"sat", "ard", "iad", "mtard"}  # one inner row, shared
@@ -380,6 +381,7 @@ def test_train_order_follows_published_code():
     assert order["iad"] == ("s_adv", "s_adv", "s_nat", "s_nat")  # IAD-I.py:166-179
     assert methods.get_method("iad").train_order("warmup") == ("s_adv", "s_adv", "s_nat")
     assert order["adaad"] == ("s_nat", "s_adv")  # AdaAD main.py:333-334
+    assert order["dgad"] == ("s_nat", "s_adv")  # DGAD main.py:397-398
     assert order["peeraid"] == ("p_adv", "s_adv", "s_adv", "s_nat")  # PeerAiD main.py:359-387
     assert methods.get_method("ard", train_forwards="needed").train_order("main") == ("s_adv",)
     assert methods.get_method("mtard").networks() == {"student", "teacher", "teacher2"}

@@ -3,15 +3,15 @@
 
 A method is data, not a branch in the train loop (`core` has the vocabulary and the interfaces, `inner`
 the inner objectives, `baselines` the paper's methods, `sota` AdaAD, AdaIAD, IGDM and PeerAiD, `fair` Fair-ARD,
-`absld` ABSLD, `saad` SAAD). Inner and outer objectives combine freely (the paper's Table 6 and Figure 4); plug-ins
-add to any outer objective (IGDM on AdaAD, AdaIAD, RSLAD or MMARD). Adding a method is an outer function, an `Objective`
-and a row.
+`absld` ABSLD, `saad` SAAD, `dgad` DGAD). Inner and outer objectives combine freely (the paper's Table 6 and
+Figure 4); plug-ins add to any outer objective (IGDM on AdaAD, AdaIAD, RSLAD or MMARD). Adding a method is an outer
+function, an `Objective` and a row.
 """
 
 import warnings
 from typing import Any, Dict, Mapping, Optional, Sequence
 
-from mmard_jax.methods import absld, baselines, fair, saad, sota
+from mmard_jax.methods import absld, baselines, dgad, fair, saad, sota
 from mmard_jax.methods.core import (
     INNER_FORWARDS,
     OUTER_FORWARDS,
@@ -27,9 +27,9 @@ from mmard_jax.methods.core import (
 )
 from mmard_jax.methods.inner import INNER
 
-OUTER: Dict[str, Objective] = {**baselines.OUTER, **sota.OUTER, **absld.OUTER, **saad.OUTER}
+OUTER: Dict[str, Objective] = {**baselines.OUTER, **sota.OUTER, **absld.OUTER, **saad.OUTER, **dgad.OUTER}
 PLUGINS: Dict[str, Objective] = {**sota.PLUGINS, "fair": fair.FAIR}
-ROWS: Dict[str, MethodRow] = {**baselines.ROWS, **sota.ROWS, **absld.ROWS, **saad.ROWS}
+ROWS: Dict[str, MethodRow] = {**baselines.ROWS, **sota.ROWS, **absld.ROWS, **saad.ROWS, **dgad.ROWS}
 DATASET_HPARAMS = {**baselines.DATASET_HPARAMS, **sota.DATASET_HPARAMS, **saad.DATASET_HPARAMS}
 METHODS = tuple(ROWS)
 METHOD_HPARAMS = {"train_forwards": "published"}  # hyper-parameters of every method (core.TRAIN_FORWARDS)

@@ -37,6 +37,8 @@ HPARAMS = {
     # (200 epochs); saad.py:76's literal 5 (args.py:13's entropy_scale, never read by the script).
     "saad": {"igdm_alpha": 1.0, "beta": 0.0, "gamma": 1.0, "lambda_inner": 1.0, "epochs": 200.0,
              "entropy_scale": 5.0},
+    # kunsaram01/DGAD @a0329c8 main.py:42-43 (--ALP_beta 1.0, --alp on), :444-445 (a student other than mobilenetV2).
+    "dgad": {"alp_beta": 1.0},
 }
 METHODS = tuple(HPARAMS)
 
@@ -71,6 +73,7 @@ ATTACKS = {
     "fair_mtard": Attack("gaussian", "eval"),  # Fair-MTARD.py:53, :55
     "absld": Attack("gaussian", "eval"),  # absld_loss.py:37, :40
     "saad": Attack("gaussian", "eval"),  # saad attacks.py:149, :164
+    "dgad": Attack("gaussian", "eval"),  # DGAD main.py:391-392 -> AT_helper.py:20-27 (AdaAD's attack)
 }
 
 # What each published script's optimizer is (not used by default: see the module docstring).
@@ -453,6 +456,41 @@ def _absld(n, x, y, epoch):
     return a * kl_adv + (1.0 - a) * kl_nat, {"kl_adv_tnat": kl_adv, "kl_nat_tnat": kl_nat}
 
 
+def _dgad(n, x, y, epoch):
+    # DGAD main.py:390-447 (--method DGAD): AdaAD's attack (:391-392, AT_helper.py:8-48), net.train(), S(x), S(x')
+    # (:394-398), T(x), T(x') without gradient (:403-406); the split, the swaps in place and the loss as written
+    # (:409-445); args.bs is the batch's size here (the loader's full batches).
+    x_adv = _adaad_attack(n, x)
+    n.train("student")
+    ori_outputs = n.S(x)
+    adv_outputs = n.S(x_adv)
+    with torch.no_grad():
+        t_ori_outputs = n.T(x)
+        t_adv_outputs = n.T(x_adv)
+    targets, bs = y, x.shape[0]
+    lam = torch.zeros(x.size(0))
+    t_misclassified_group = torch.argmax(t_ori_outputs, dim=1) != targets
+    lam[t_misclassified_group] = 1.0
+    num_lambda = lam.sum().item()
+    ori_true_probs = torch.gather(t_ori_outputs, 1, targets.unsqueeze(1)).squeeze()
+    ori_max_probs, ori_max_indices = torch.max(t_ori_outputs, dim=1)
+    g = t_misclassified_group
+    t_ori_outputs[g, targets[g]] = ori_max_probs[g]
+    t_ori_outputs[g, ori_max_indices[g]] = ori_true_probs[g]
+    correct_probs = torch.gather(t_adv_outputs, 1, targets.unsqueeze(1)).squeeze()
+    max_probs, max_indices = torch.max((t_adv_outputs.scatter(1, targets.unsqueeze(1), -float("inf"))), dim=1)
+    mask = (correct_probs - max_probs) < 0
+    t_adv_outputs[mask, targets[mask]] = max_probs[mask]
+    t_adv_outputs[mask, max_indices[mask]] = correct_probs[mask]
+    loss_clean = (1 / (num_lambda + 1e-10)) * torch.sum(lam * kl_none(ori_outputs, t_ori_outputs.detach()).sum(dim=1))
+    loss_adv = (1 / (len(x_adv) - num_lambda)) * torch.sum(
+        (1 - lam) * kl_none(adv_outputs, t_adv_outputs.detach()).sum(dim=1))
+    loss_alp = torch.nn.MSELoss()(F.softmax(adv_outputs, dim=1), F.softmax(ori_outputs, dim=1))
+    loss = (num_lambda / bs) * loss_clean + ((bs - num_lambda) / bs) * loss_adv + n.hp["alp_beta"] * loss_alp
+    return loss, {"dgad_clean": loss_clean, "dgad_adv": loss_adv, "dgad_pcr": loss_alp,
+                  "dgad_teacher_mistakes": num_lambda, "dgad_adv_swapped": float(((1 - lam) * mask).sum())}
+
+
 def absld_temp_update(temp: torch.Tensor, total_loss: torch.Tensor, rate: float, hp) -> torch.Tensor:
     """resnet18_absld_cifar10.py:178-180 (and :187-189, the same for the natural temperatures): the next epoch's
     temperatures from the epoch's per-class loss sums; `rate`: 0.1 x0.1 at each learning-rate decay (:173-176)."""
@@ -522,11 +560,12 @@ STEPS: Dict[str, Callable] = {
     "nature": _nature, "sat": _sat, "trades": _trades, "ard": _ard, "iad": _iad, "rslad": _rslad, "mtard": _mtard,
     "mmard": _mmard, "adaad": _adaad, "adaiad": _adaiad, "igdm": _igdm, "peeraid": _peeraid, "fair_ard": _fair_ard,
     "fair_iad": _fair_iad, "fair_rslad": _fair_rslad, "fair_mtard": _fair_mtard, "absld": _absld, "saad": _saad,
+    "dgad": _dgad,
 }
 # The networks each method uses besides the student.
 NETWORKS = {"ard": ("teacher",), "iad": ("teacher",), "rslad": ("teacher",), "mtard": ("teacher", "teacher2"),
             "mmard": ("teacher",), "adaad": ("teacher",), "adaiad": ("teacher",), "igdm": ("teacher",),
             "peeraid": ("peer",), "fair_ard": ("teacher",),
             "fair_iad": ("teacher",), "fair_rslad": ("teacher",), "fair_mtard": ("teacher",), "absld": ("teacher",),
-            "saad": ("teacher",)}
+            "saad": ("teacher",), "dgad": ("teacher",)}
 TRAINED = ("student", "peer")
