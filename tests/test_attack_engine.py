@@ -116,11 +116,16 @@ def test_every_inner_objective_rises(name):
         s_nat=s(x) if "s_nat" in inner.needs else None,
         t_nat=t(x) if "t_nat" in inner.needs else None,
         p_nat=t(x) if "p_nat" in inner.needs else None,  # PeerAiD's peer: any fixed second network
+        # SAAD: the input gradient of the teacher's label logit at x
+        t_grad=jax.grad(lambda z: jnp.sum(jnp.take_along_axis(t(z), y[:, None], 1)))(x)
+        if "t_grad" in inner.needs else None,
     )
 
     def objective(z):
         t_adv = t(z) if "t_iter" in inner.needs else None
-        return jnp.sum(inner.loss(methods.InnerInputs(s(z), y, t_adv=t_adv, **consts)))
+        delta = z - x if "t_grad" in inner.needs else None
+        return jnp.sum(inner.loss(methods.InnerInputs(s(z), y, t_adv=t_adv, delta=delta, hp=dict(inner.defaults),
+                                                      **consts)))
 
     @jax.jit
     def values_after():

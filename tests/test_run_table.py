@@ -85,7 +85,7 @@ def test_sota_table_renders_the_tiny_imagenet_and_svhn_groups(tmp_path):
                             progress=False).splitlines()
     assert only[2] == ("| method | Clean (preact_resnet18_tiny_imagenet) | PGD_S (preact_resnet18_tiny_imagenet) "
                        "| AA (preact_resnet18_tiny_imagenet) |")
-    assert only[4:] == ["| adaad | - | - | - |", "| igdm | - | - | - |"]
+    assert only[4:] == ["| adaad | - | - | - |", "| igdm | - | - | - |", "| saad | - | - | - |"]
     # A finished run's summary fills its cells.
     run = tmp_path / runner.run_name("method=igdm,setting=preact_resnet18_tiny_imagenet")
     run.mkdir()
