@@ -160,6 +160,11 @@ def _cases():
             for name in methods.METHODS for phase in methods.get_method(name).phases]
 
 
+# The 2023-2026 methods' steps are compared in tests/test_published_steps.py (their own file, so that pytest-xdist
+# runs them beside this one's).
+LATER_METHODS = ("absld", "saad", "dgad")
+
+
 def biased_running_var(module):
     """Makes every BatchNorm2d of a torch module keep its running variance as ours does, in place.
 
@@ -235,7 +240,7 @@ def _flip(images, offsets, flips, *, padding):
     return jnp.where(flips[:, None, None, None], images[:, :, ::-1, :], images)
 
 
-@pytest.mark.parametrize("method_name,phase", _cases())
+@pytest.mark.parametrize("method_name,phase", [c for c in _cases() if c.values[0] not in LATER_METHODS])
 def test_torch_step_equals_ours(method_name, phase, capsys, monkeypatch):
     """Two train steps of every method on the same weights, batch and random draws, ours vs the PyTorch
     transcription of the published script: the losses, the updated parameters of every trained network (PeerAiD's
@@ -249,27 +254,6 @@ def test_torch_step_equals_ours(method_name, phase, capsys, monkeypatch):
     monkeypatch.setattr(train_step, "crop_and_flip", _flip)
     with jax.enable_x64(True):
         _step_equals_ours(method_name, phase, capsys)
-
-
-@pytest.mark.parametrize("method_name,phase", [("ard", "main"), ("iad", "main"), ("rslad", "main"),
-                                               ("mtard", "main")])
-def test_fair_step_equals_the_published_script(method_name, phase, capsys, monkeypatch):
-    """Fair-ARD's plug-in on ARD, IAD, RSLAD and MTARD against transcriptions of Fair-ARD.py, Fair-IAD.py,
-    Fair-RSLAD.py and Fair-MTARD.py from non-uniform class weights: the losses, parameters and BatchNorm statistics
-    after two steps (MTARD's weight too), the per-class counts of correct attack iterates (Kappa_total) and the
-    class weights the epoch boundary makes of them (weight_assign)."""
-    monkeypatch.setattr(train_step, "crop_and_flip", _flip)
-    with jax.enable_x64(True):
-        _step_equals_ours(method_name, phase, capsys, plugins=("fair",), torch_method=f"fair_{method_name}")
-
-
-@pytest.mark.parametrize("hparams", [{"beta": 0.5, "gamma": 2.0, "lambda_inner": 20.0}])
-def test_saad_step_with_its_clean_term_equals_the_published_script(hparams, capsys, monkeypatch):
-    """SAAD's options main.sh leaves at their defaults (beta 0 drops the clean term): the clean term, a Renyi order
-    other than Shannon's and a larger attack correction, the same on both sides (saad.py:68-82, attacks.py:177)."""
-    monkeypatch.setattr(train_step, "crop_and_flip", _flip)
-    with jax.enable_x64(True):
-        _step_equals_ours("saad", "main", capsys, hparams=hparams)
 
 
 def _step_equals_ours(method_name, phase, capsys, plugins=(), torch_method=None, hparams=None):
