@@ -4,7 +4,6 @@ aliased teacher targets against its own in-place loop in torch, the refusals, th
 2 devices, and two short epochs through the real trainer (epoch 2's temperatures from epoch 1's per-class losses;
 resumed bitwise across the boundary)."""
 
-import json
 
 import chex
 import jax
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from epoch_runs import final_state, records, tiny_config, train_resumed_at_the_boundary
 from mmard_jax import config_lib, methods, parallel, train, train_step
 from mmard_jax.methods import Logits, StepInfo
 from test_methods import ce, kl
@@ -287,23 +287,10 @@ def test_per_class_losses_are_summed_over_devices_and_one_device_equals_two():
 
 
 def tiny_absld_config(root):
-    from mmard_jax.tools import fault_injection as fault  # noqa: PLC0415
-
-    namespace = {}
-    exec(fault.prepare(root).read_text(), namespace)
-    config = namespace["get_config"]()
-    config.method = config_lib.method_block("absld", dataset="digits")
+    config = tiny_config(root, config_lib.method_block("absld", dataset="digits"))
     config.attack.init, config.attack.student_bn = "gaussian", "eval"
     config.optim.schedule, config.optim.boundaries = "piecewise", (1,)  # the rate of the boundary: 0.1 x 0.1
-    config.swa.enabled = False
-    config.eval.final_attacks = ()
-    config.eval.every_epochs = 2
-    config.checkpoint_every_steps = 0
     return config
-
-
-def records(workdir):
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -330,25 +317,9 @@ def test_epoch_two_temperatures_come_from_epoch_one_losses(trained):
 
 def test_resume_across_the_epoch_boundary_is_bitwise(trained, tmp_path, monkeypatch):
     """Stopped (and saved) after epoch 1's last step, before epoch 2's temperatures exist; the rerun ends equal."""
-    from mmard_jax import checkpoints, preemption  # noqa: PLC0415
-    from mmard_jax.preemption import PreemptedError  # noqa: PLC0415
-
     root, config = trained
-    steps_per_epoch = 256 // 32
-    original = preemption.PreemptionGuard.should_stop
-    monkeypatch.setattr(preemption.PreemptionGuard, "should_stop",
-                        lambda self, step=None, agree=None: step == steps_per_epoch)
-    with pytest.raises(PreemptedError):
-        train.train_and_evaluate(config, tmp_path / "run", progress=False)
-    monkeypatch.setattr(preemption.PreemptionGuard, "should_stop", original)
-    train.train_and_evaluate(config, tmp_path / "run", progress=False)
-    import orbax.checkpoint as ocp  # noqa: PLC0415
-
-    def final(workdir):
-        with ocp.StandardCheckpointer() as checkpointer:
-            return checkpointer.restore(workdir / checkpoints.LATEST / str(2 * steps_per_epoch) / "state")
-
-    a, b = final(root / "run"), final(tmp_path / "run")
+    train_resumed_at_the_boundary(config, tmp_path / "run", monkeypatch)
+    a, b = final_state(root / "run"), final_state(tmp_path / "run")
     assert set(a["epoch_state"]["absld"]) == {"sums", "value"}
     chex.assert_trees_all_equal(a, b)
     assert records(root / "run")[1]["absld_temp_adv"] == records(tmp_path / "run")[-1]["absld_temp_adv"]

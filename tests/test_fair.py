@@ -3,7 +3,6 @@
 written from NISP-official/Fair-ARD @910c8cd, the refusals, the counts of the real step on 1 and 2 devices, and two
 short epochs through the real trainer (the weights of epoch 2 from epoch 1's counts; resumed bitwise)."""
 
-import json
 
 import chex
 import jax
@@ -13,6 +12,7 @@ import pytest
 import torch
 from jax.sharding import PartitionSpec as P
 
+from epoch_runs import final_state, records, tiny_config, train_resumed_at_the_boundary
 from mmard_jax import config_lib, methods, parallel, train, train_step
 from mmard_jax.methods import Logits, StepInfo
 from test_methods import kl, sm
@@ -232,22 +232,9 @@ def test_step_counts_are_summed_over_devices_and_one_device_equals_two():
 
 
 def tiny_fair_config(root):
-    from mmard_jax.tools import fault_injection as fault  # noqa: PLC0415
-
-    namespace = {}
-    exec(fault.prepare(root).read_text(), namespace)
-    config = namespace["get_config"]()
-    config.method = config_lib.method_block("ard", plugins=("fair",), dataset="digits")
+    config = tiny_config(root, config_lib.method_block("ard", plugins=("fair",), dataset="digits"))
     config.attack.init, config.attack.student_bn = "uniform", "train"
-    config.swa.enabled = False
-    config.eval.final_attacks = ()
-    config.eval.every_epochs = 2
-    config.checkpoint_every_steps = 0
     return config
-
-
-def records(workdir):
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -270,25 +257,9 @@ def test_epoch_two_weights_come_from_epoch_one_counts(trained):
 
 def test_resume_across_the_epoch_boundary_is_bitwise(trained, tmp_path, monkeypatch):
     """Stopped (and saved) after epoch 1's last step, before the weights of epoch 2 exist; the rerun ends equal."""
-    from mmard_jax import checkpoints, preemption  # noqa: PLC0415
-    from mmard_jax.preemption import PreemptedError  # noqa: PLC0415
-
     root, config = trained
-    steps_per_epoch = 256 // 32
-    original = preemption.PreemptionGuard.should_stop
-    monkeypatch.setattr(preemption.PreemptionGuard, "should_stop",
-                        lambda self, step=None, agree=None: step == steps_per_epoch)
-    with pytest.raises(PreemptedError):
-        train.train_and_evaluate(config, tmp_path / "run", progress=False)
-    monkeypatch.setattr(preemption.PreemptionGuard, "should_stop", original)
-    train.train_and_evaluate(config, tmp_path / "run", progress=False)
-    import orbax.checkpoint as ocp  # noqa: PLC0415
-
-    def final(workdir):
-        with ocp.StandardCheckpointer() as checkpointer:
-            return checkpointer.restore(workdir / checkpoints.LATEST / str(2 * steps_per_epoch) / "state")
-
-    a, b = final(root / "run"), final(tmp_path / "run")
+    train_resumed_at_the_boundary(config, tmp_path / "run", monkeypatch)
+    a, b = final_state(root / "run"), final_state(tmp_path / "run")
     assert set(a) == {"step", "nets", "method_state", "bad_step", "epoch_state"}
     chex.assert_trees_all_equal(a, b)
     assert records(root / "run")[1]["fair_weights"] == records(tmp_path / "run")[-1]["fair_weights"]

@@ -15,11 +15,11 @@ import pytest
 import torch
 from jax.sharding import PartitionSpec as P
 
+from epoch_runs import fault_config
 from mmard_jax import checkpoints, config_lib, data, evaluate, parallel, robustness, swa, train, train_step
 from mmard_jax.errors import ConfigError
 from mmard_jax.interop import export
 from mmard_jax.models import store
-from mmard_jax.tools import fault_injection as fault
 from peers import swa as peer_swa
 from test_convert import rb
 from tolerances import assert_trees_close
@@ -31,9 +31,7 @@ N_TEST = 64
 def run(tmp_path_factory):
     """(workdir, config, summary) of the tiny run with only end-of-epoch checkpoints (both kept)."""
     root = tmp_path_factory.mktemp("swa")
-    namespace = {}
-    exec(fault.prepare(root).read_text(), namespace)
-    config = namespace["get_config"]()
+    config = fault_config(root)
     config.checkpoint_every_steps = 0
     config.eval.final_attacks = ("clean", "pgd_t")
     summary = train.train_and_evaluate(config, root / "run", progress=False)
