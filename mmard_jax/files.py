@@ -7,16 +7,17 @@ import json
 import os
 import pathlib
 import tempfile
-from typing import Any, Iterable, List, Mapping
+from typing import Any, Callable, Iterable, List, Mapping
 
 
-def write_text_atomic(path, text: str) -> pathlib.Path:
-    """Writes `text` via a temporary file in the same folder and a rename, so readers see old or new, never half."""
+def write_atomic(path, write: Callable[[Any], None], mode: str = "w", suffix: str = "") -> pathlib.Path:
+    """Calls `write(file)` on a temporary file in the same folder (opened with `mode`), syncs it and renames it to
+    `path`, so readers see the old file or the new one, never half; on any failure the temporary file is removed."""
     path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -24,6 +25,11 @@ def write_text_atomic(path, text: str) -> pathlib.Path:
         pathlib.Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path, text: str) -> pathlib.Path:
+    """Writes `text` through `write_atomic`."""
+    return write_atomic(path, lambda f: f.write(text))
 
 
 def write_json_atomic(path, obj: Any) -> pathlib.Path:

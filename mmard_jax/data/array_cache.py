@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
 import zipfile
 from typing import Mapping, Optional
 
 import numpy as np
+
+from mmard_jax import files
 
 KEY_FIELD = "source_key"
 
@@ -36,15 +37,5 @@ def read_cache(path: os.PathLike, key: str, fields: tuple[str, ...]) -> Optional
 
 def write_cache(path: os.PathLike, key: str, arrays: Mapping[str, np.ndarray]) -> pathlib.Path:
     """Writes `arrays` and `key` to `path` via a temporary file and a rename; on any failure nothing is left."""
-    path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{KEY_FIELD: np.array(key)}, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return files.write_atomic(path, lambda f: np.savez(f, **{KEY_FIELD: np.array(key)}, **arrays), mode="wb",
+                              suffix=".part")
