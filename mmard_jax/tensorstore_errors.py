@@ -70,14 +70,25 @@ class OrbaxThreadErrors(logging.Filter):
         return not (record.levelno >= logging.ERROR and ("/orbax/" in where or "/tensorstore/" in where))
 
 
+class AbandonedIoTasks(logging.Filter):
+    """Drops asyncio's 'Task exception was never retrieved' for the other writes of a failed save: orbax gathers
+    them, reports the first failure, and the rest surface when their tasks are collected (sooner or later)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        failure = record.exc_info[1] if record.exc_info else None
+        return not (failure is not None and "never retrieved" in record.getMessage() and is_io_failure(failure))
+
+
 @contextlib.contextmanager
 def quiet_thread_errors(log_filter: Optional[logging.Filter] = None):
     """While orbax reads or writes, and for good once that failed: the failure reaches the caller as one exception
     (the CLIs' one line), not also as the threads' logged tracebacks (the absl records `log_filter` rejects; default
-    `OrbaxThreadErrors`) and the 'Event loop is closed' noise of the I/O orbax abandons, which arrives after the
-    exception. After a success both are restored."""
+    `OrbaxThreadErrors`), the 'Event loop is closed' noise of the I/O orbax abandons, which arrives after the
+    exception, and asyncio's log of the sibling writes' failures (`AbandonedIoTasks`). After a success all three
+    are restored."""
     previous_hook, absl_logger = sys.unraisablehook, logging.getLogger("absl")
     log_filter = log_filter or OrbaxThreadErrors()
+    tasks_logger, tasks_filter = logging.getLogger("asyncio"), AbandonedIoTasks()
 
     def hook(unraisable):
         if not is_abandoned_io_noise(unraisable.exc_value):
@@ -85,6 +96,8 @@ def quiet_thread_errors(log_filter: Optional[logging.Filter] = None):
 
     sys.unraisablehook = hook
     absl_logger.addFilter(log_filter)
+    tasks_logger.addFilter(tasks_filter)
     yield
     sys.unraisablehook = previous_hook  # reached only after a success
     absl_logger.removeFilter(log_filter)
+    tasks_logger.removeFilter(tasks_filter)

@@ -9,6 +9,8 @@ moments (the fault-injection script, two trials).
 Every subprocess shares one XLA compilation cache, and one uninterrupted reference run serves every comparison.
 """
 
+import asyncio
+import gc
 import json
 import logging
 import os
@@ -474,3 +476,42 @@ def test_a_failed_read_is_told_once_not_also_by_orbax_threads():
     finally:
         absl_logger.removeHandler(handler)
     assert seen == ["orbax warning", "ours", "after the read"]
+
+
+def test_a_failed_write_s_sibling_tasks_are_not_logged_too():
+    """After a failed save, asyncio's 'Task exception was never retrieved' for orbax's other writes (collected at
+    any later moment, CI once printed their tracebacks under the one-line error) is dropped when the exception is
+    an I/O failure; a task that died of a bug is still logged, and after a successful save everything is."""
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(str(record.exc_info[1]))
+
+    async def fail(message):
+        raise ValueError(message)
+
+    def abandon(message):
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(fail(message))
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
+        del task
+        gc.collect()  # the task's finaliser hands its unretrieved exception to the loop's handler, which logs it
+
+    tasks_logger, handler = logging.getLogger("asyncio"), Keep()
+    tasks_logger.addHandler(handler)
+    io_error = "Failed to write 91413 bytes to file 16: File too large [os_error_code='27']"
+    try:
+        with tensorstore_errors.quiet_thread_errors():
+            abandon(io_error)
+        abandon(io_error)  # after a success: logged
+        with pytest.raises(ValueError), tensorstore_errors.quiet_thread_errors():
+            raise ValueError(io_error)
+        abandon(io_error)  # after a failure: dropped for good
+        abandon("unsupported pytree leaf")
+    finally:
+        tasks_logger.removeHandler(handler)
+        for f in [f for f in tasks_logger.filters if isinstance(f, tensorstore_errors.AbandonedIoTasks)]:
+            tasks_logger.removeFilter(f)
+    assert seen == [io_error, "unsupported pytree leaf"]
