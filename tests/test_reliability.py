@@ -351,15 +351,17 @@ def test_uninterrupted_run_writes_what_a_person_reads(reference):
 # ---------------------------------------------------------------- SIGKILL at random moments
 
 
-def test_fault_injection_two_trials_end_bitwise_equal(tiny, reference):
+def test_fault_injection_trial_ends_bitwise_equal(tiny, reference):
+    """One trial of scripts/fault_injection.py, the kind that matters most: SIGKILL during a checkpoint write (the
+    kill after a step is SIGTERM's test above without the handler; more trials: run the script)."""
     root, _, env = tiny
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "fault_injection.py"), "--trials=2", "--seed=0",
-                           f"--workdir={root}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=2 * TIMEOUT)
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "fault_injection.py"), "--trials=1", "--seed=0",
+                           f"--workdir={root}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if re.match(r"\| \d+ \|", line)]
-    assert len(rows) == 2 and all(row.endswith("| yes |") for row in rows), proc.stdout
-    assert "write #" in rows[0] and "the write of" in rows[0]  # the first kill is aimed at a checkpoint write
-    assert "2 of 2 trials ended bitwise equal to the uninterrupted run" in proc.stdout
+    assert len(rows) == 1 and rows[0].endswith("| yes |"), proc.stdout
+    assert "write #" in rows[0] and "the write of" in rows[0]  # the kill is aimed at a checkpoint write
+    assert "1 of 1 trials ended bitwise equal to the uninterrupted run" in proc.stdout
 
 
 # ---------------------------------------------------------------- the checkpoint class itself (in-process, small)
@@ -500,6 +502,9 @@ def test_a_failed_write_s_sibling_tasks_are_not_logged_too():
         gc.collect()  # the task's finaliser hands its unretrieved exception to the loop's handler, which logs it
 
     tasks_logger, handler = logging.getLogger("asyncio"), Keep()
+    earlier = [f for f in tasks_logger.filters if isinstance(f, tensorstore_errors.AbandonedIoTasks)]
+    for f in earlier:  # left, for good, by a failed save of an earlier test in this process
+        tasks_logger.removeFilter(f)
     tasks_logger.addHandler(handler)
     io_error = "Failed to write 91413 bytes to file 16: File too large [os_error_code='27']"
     try:
@@ -514,4 +519,6 @@ def test_a_failed_write_s_sibling_tasks_are_not_logged_too():
         tasks_logger.removeHandler(handler)
         for f in [f for f in tasks_logger.filters if isinstance(f, tensorstore_errors.AbandonedIoTasks)]:
             tasks_logger.removeFilter(f)
+        for f in earlier:
+            tasks_logger.addFilter(f)
     assert seen == [io_error, "unsupported pytree leaf"]
