@@ -506,6 +506,7 @@ def test_list_prints_the_imagenet_and_normalised_rows(capsys):
     convert._print_table()
     out = capsys.readouterr().out
     assert "imagenet Linf        Salman2020Do_50_2" in out and "torchvision_wide_resnet50_2(num_classes=1000" in out
+    assert [line.split()[3] for line in out.splitlines() if " Wong2020Fast " in line] == ["32x32x3", "288x288x3"]
     assert "cifar10  Linf        Ding2020MMA" in out and "per_image_standardize=True" in out
 
 

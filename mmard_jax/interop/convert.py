@@ -585,7 +585,8 @@ def define_flags() -> None:
     flags.DEFINE_string("input_shape", None, "Image shape H,W,C the model takes, with --arch (e.g. 64,64,3 for "
                         "Tiny-ImageNet); recorded in model.json. Default: the data set's of --published/--robustbench.")
     flags.DEFINE_bool("overwrite", False, "Replace --dst if it exists.")
-    flags.DEFINE_bool("list", False, "Print the supported RobustBench and published names and exit.")
+    flags.DEFINE_bool("list", False, "Print the supported RobustBench (CIFAR-10/100, ImageNet) and published names "
+                      "and exit.")
     xla_env.define_flags()
 
 
@@ -611,9 +612,12 @@ def _parse_input_shape(text: Optional[str]) -> Optional[Tuple[int, ...]]:
 
 
 def _print_table() -> None:
-    """The supported RobustBench names, grouped by dataset and threat model, then the published teachers."""
+    """The supported RobustBench names (with their input shape), grouped by dataset and threat model, then the
+    published teachers."""
     for (dataset, threat, name), entry in zoo.ZOO.items():
-        print(f"{dataset:8s} {threat:11s} {name:45s} {describe(entry.arch, entry.num_classes, entry.kwargs)}")
+        shape = _size(zoo.input_shape(name, dataset, threat))
+        model = describe(entry.arch, entry.num_classes, entry.kwargs)
+        print(f"{dataset:8s} {threat:11s} {name:45s} {shape:11s} {model}")
     for name, entry in published.PUBLISHED.items():
         print(f"--published={name:20s} {entry.dataset} {entry.threat_model} {_size(entry.input_shape)} "
               f"{describe(entry.arch, entry.num_classes, entry.kwargs)} <- {entry.url}")
