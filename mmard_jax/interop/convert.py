@@ -369,10 +369,14 @@ def fit_hint(state: Mapping[str, Any], chosen: Tuple[str, int, Dict[str, Any]],
     flags_text = f"--arch={arch} --arch_kwargs='{json.dumps(kwargs)}' --num_classes={num_classes}"
     if not fits:
         return f"The file looks like {describe(*guess)} but does not fit it either; check its origin."
-    note = " (its activation and mean/std are not stored in the file: take them from the model's source)" \
-        if arch in DEEPMIND_ARCHS else ""
-    same = [f"{n} ({d}/{t})" for (d, t, n), e in zoo.ZOO.items()
+    rows = [((d, t, n), e) for (d, t, n), e in zoo.ZOO.items()
             if e.arch == arch and e.num_classes == num_classes and all(e.kwargs.get(k) == v for k, v in kwargs.items())]
+    same = [f"{n} ({d}/{t})" for (d, t, n), _ in rows]
+    note = ""
+    if arch in DEEPMIND_ARCHS:
+        note = " (its activation and mean/std are not stored in the file: take them from the model's source)"
+    elif any(e.kwargs.get("mean") is not None or e.kwargs.get("per_image_standardize") for _, e in rows):
+        note = " (an input normalisation, if the model has one, is not stored in the file: see its RobustBench row)"
     more = " ..." if len(same) > 6 else ""
     known = f" RobustBench models of this shape: {', '.join(same[:6])}{more}." if same else ""
     return f"The file fits {describe(*guess)}{note}: convert it with {flags_text}.{known}"
