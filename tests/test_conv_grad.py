@@ -13,6 +13,10 @@ from mmard_jax.models import layers
 # A small instance of every registered family (the switch is the same attribute in each).
 SMALL = {
     "resnet18": {"base_width": 4},
+    "resnet50": {"base_width": 4},
+    "torchvision_resnet18": {},
+    "torchvision_resnet50": {"width_per_group": 16},
+    "torchvision_wide_resnet50_2": {},
     "preact_resnet18": {"base_width": 4, "out_shortcut": True},
     "preact_resnet18_saad": {"base_width": 4},
     "preact_resnet18_dgad": {"base_width": 4},

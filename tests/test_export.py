@@ -11,12 +11,14 @@ from flax import traverse_util
 from safetensors.torch import load_file
 
 from mmard_jax import checkpoints, files, models
-from mmard_jax.interop import convert, export, naming
+from mmard_jax.interop import convert, export, naming, zoo
 from mmard_jax.models import store
+from peers import torchvision_resnet as tv
 from peers.mobilenetv2 import MobileNetV2
-from test_convert import REPO, assert_same_logits, randomize, rb, state_of
+from test_convert import REPO, assert_same_logits, normalize_model, randomize, rb, state_of, zoo_file_class
 
 C100_MEAN, C100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+IMAGENET = {"mean": zoo.IMAGENET_MEAN, "std": zoo.IMAGENET_STD}  # the rows' settings: one compiled forward each
 
 # case -> (arch, num_classes, kwargs, peer constructor, export with sub_block1)
 CASES = {
@@ -112,6 +114,56 @@ def test_printed_constructor_builds_the_peer(arch, kwargs, expected):
     keys = {k for k in peer.state_dict() if not k.endswith("num_batches_tracked")}
     containers = models.MODELS[arch].torch_containers
     assert keys == {naming.flax_path_to_torch_key(p, containers) for p in naming.flatten_variables(abstract)}
+
+
+@pytest.mark.parametrize("arch, kwargs, expected", [
+    ("torchvision_resnet18", IMAGENET,
+     f"normalize_model(resnet18(num_classes=10), {zoo.IMAGENET_MEAN}, {zoo.IMAGENET_STD})"),
+    ("torchvision_resnet50", {"width_per_group": 16}, "resnet50(num_classes=10, width_per_group=16)"),
+], ids=["tv_resnet18_normalized", "tv_resnet50_wpg16"])
+def test_printed_torchvision_constructor_builds_the_peer(arch, kwargs, expected):
+    """The torchvision constructor the exporter prints builds (with RobustBench's normalize_model) a module whose
+    state_dict keys are exactly the export's."""
+    text = export.torch_constructor({"arch": arch, "num_classes": 10, "kwargs": kwargs})
+    assert text.split("  #")[0] == expected
+    namespace = {**vars(tv), "normalize_model": normalize_model}
+    with torch.device("meta"):
+        peer = eval(text, namespace)  # noqa: S307 - our own output, evaluated against the peers
+    abstract = store.abstract_variables(models.create(arch, num_classes=10, **kwargs), (32, 32, 3))
+    zeros = {p: np.zeros(a.shape, np.float32) for p, a in naming.flatten_variables(abstract).items()}
+    exported = export.to_torch_state_dict(traverse_util.unflatten_dict(zeros), arch, kwargs=kwargs)
+    assert set(exported) == set(peer.state_dict())
+
+
+def test_normalised_cifar_model_loads_strictly_into_its_robustbench_class(tmp_path):
+    """A normalised CIFAR model exports the `mu`/`sigma` buffers of RobustBench's subclass (`Wong2020FastNet`), which
+    loads the file with strict=True and then holds the model's statistics (the logits follow from the names:
+    test_export_loads_strictly_with_same_logits, and the subclass's forward: test_convert's exact cases)."""
+    entry = zoo.lookup("Wong2020Fast", "cifar10")
+    variables = random_variables(entry.arch, entry.num_classes, entry.kwargs)
+    directory = store.save_model(tmp_path / "model", store.model_spec(entry.arch, 10, entry.kwargs), variables)
+    out = export.export_model(directory, tmp_path / "wong.pt")
+    peer, state = load_strict(lambda: zoo_file_class("cifar10.py", "Wong2020FastNet")(), out)
+    np.testing.assert_array_equal(peer.mu.flatten().numpy(), np.float32(entry.kwargs["mean"]))
+    np.testing.assert_array_equal(peer.sigma.flatten().numpy(), np.float32(entry.kwargs["std"]))
+    assert state["mu"].shape == (1, 3, 1, 1)
+
+
+def test_convert_then_export_keeps_the_normalisation(tmp_path):
+    """RobustBench's wrapper state_dict (normalize.mean/std beside model.*) -> Flax -> the same state_dict."""
+    torch.manual_seed(6)
+    peer = randomize(normalize_model(tv.resnet18(num_classes=10), (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)))
+    original = state_of(peer)
+    src = tmp_path / "wrapped.pt"
+    torch.save(original, src)
+    directory = convert.convert_file(src, tmp_path / "model", arch="torchvision_resnet18", num_classes=10)
+    spec = store.read_spec(directory)
+    assert spec["kwargs"]["mean"] == [np.float32(v) for v in (0.4, 0.5, 0.6)]  # taken from the file
+    back = export.to_torch_state_dict(models.load_pretrained(directory)[1], spec["arch"], kwargs=spec["kwargs"])
+    assert sorted(back) == sorted(original)
+    for key, value in original.items():
+        if not key.endswith("num_batches_tracked"):
+            torch.testing.assert_close(back[key], value, rtol=0, atol=0, msg=key)
 
 
 def test_training_workdir_exports_best_checkpoint_via_cli(tmp_path):

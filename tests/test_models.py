@@ -1,8 +1,9 @@
 """Model zoo against its PyTorch peers: parameter counts, names and shapes, logits, BatchNorm modes, dtypes.
 
-The peers are RobustBench's own architecture files (loaded by `peers.robustbench.load_arch`) and
-`peers/mobilenetv2.py`. Big models are only traced (`jax.eval_shape`, torch on the meta device);
-numerical comparisons use small configurations, so the file runs in seconds on a CPU.
+The peers are RobustBench's own architecture files (loaded by `peers.robustbench.load_arch`),
+`peers/mobilenetv2.py` and `peers/torchvision_resnet.py` (torchvision's ImageNet ResNets). Big models are only
+traced (`jax.eval_shape`, torch on the meta device); numerical comparisons use small configurations, so the file
+runs in seconds on a CPU.
 """
 
 import functools
@@ -19,7 +20,8 @@ from jax.sharding import PartitionSpec as P
 
 from mmard_jax import models
 from mmard_jax.interop import naming
-from mmard_jax.models import dm_preact_resnet, dm_wide_resnet, layers
+from mmard_jax.models import blocks, dm_preact_resnet, dm_wide_resnet, layers
+from peers import torchvision_resnet as tv
 from peers.interop import randomize_batch_norm
 from peers.mobilenetv2 import MobileNetV2
 from peers.robustbench import load_arch
@@ -55,6 +57,14 @@ PEERS = {
         ),
     ),
     "mobilenet_v2": ("mobilenet_v2", {}, lambda nc: MobileNetV2(num_classes=nc)),
+    "resnet50": (
+        "resnet50", {},
+        lambda nc: rb("resnet").ResNet(rb("resnet").Bottleneck, [3, 4, 6, 3], num_classes=nc),
+    ),
+    "torchvision_resnet18": ("torchvision_resnet18", {}, lambda nc: tv.resnet18(num_classes=nc)),
+    "torchvision_resnet50_wpg32": (
+        "torchvision_resnet50", {"width_per_group": 32}, lambda nc: tv.resnet50(num_classes=nc, width_per_group=32),
+    ),
     "wrn_34_10": (
         "wide_resnet", {"depth": 34, "width": 10},
         lambda nc: rb("wide_resnet").WideResNet(depth=34, widen_factor=10, num_classes=nc),
@@ -208,6 +218,11 @@ def torch_logits(peer, x_nhwc):
     "name, kwargs, expected",
     [
         ("resnet18", {}, 11_173_962),
+        # torchvision's documented sizes (`num_params` of the IMAGENET1K_V1 weights, pytorch/vision
+        # torchvision/models/resnet.py): 1000 classes.
+        ("torchvision_resnet18", {"num_classes": 1000}, 11_689_512),
+        ("torchvision_resnet50", {"num_classes": 1000}, 25_557_032),
+        ("torchvision_wide_resnet50_2", {"num_classes": 1000}, 68_883_240),
         ("wide_resnet", {"depth": 34, "width": 10}, 46_160_474),
         ("dm_wide_resnet", {"activation": "silu"}, 36_479_194),  # WRN-28-10, as RobustBench's module counts
         ("dm_preact_resnet", {}, 12_548_426),
@@ -333,6 +348,27 @@ def test_dm_preact_block_equals_peer(in_planes, out_planes, stride, activation, 
     with torch.no_grad():
         theirs = peer(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
     assert ours.shape == theirs.shape
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("in_planes, planes, stride", [
+    (16, 4, 1),  # identity shortcut
+    (8, 4, 1),  # width change: conv1x1+BN shortcut at stride 1
+    (8, 4, 2),  # stride 2 on the 3x3 conv and the shortcut
+])
+def test_cifar_bottleneck_equals_peer(in_planes, planes, stride):
+    """One CIFAR ResNet-50 block against RobustBench's `Bottleneck`, small (the whole net is fixed at width 64)."""
+    torch.manual_seed(0)
+    peer = randomize_batch_norm(rb("resnet").Bottleneck(in_planes, planes, stride))
+    block = blocks.Bottleneck(planes, stride, conv=layers.conv_factory(jnp.float32),
+                              norm=layers.batch_norm_factory(False, jnp.float32, None))
+    x = np.random.default_rng(1).normal(size=(2, 9, 9, in_planes)).astype(np.float32)
+    variables = torch_to_flax(peer, jax.eval_shape(block.init, jax.random.key(0), x))
+    with jax.default_matmul_precision("float32"):
+        ours = np.asarray(block.apply(variables, x))
+    with torch.no_grad():
+        theirs = peer(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    assert ours.shape == theirs.shape and np.abs(theirs).max() > 0.1
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
 
 
@@ -487,6 +523,12 @@ def test_create_rejects_bad_values():
         flax_shapes(models.create("wide_resnet", depth=12))
     with pytest.raises(ValueError, match="depth must be one of"):
         flax_shapes(models.create("dm_preact_resnet", depth=50))
+    with pytest.raises(TypeError, match="width_per_group"):  # a BasicBlock net has width 64 only (torchvision's)
+        models.create("torchvision_resnet18", width_per_group=128)
+    with pytest.raises(ValueError, match="mean and std go together"):
+        flax_shapes(models.create("wide_resnet", depth=10, width=1, mean=(0.5, 0.5, 0.5)))
+    with pytest.raises(ValueError, match="per_image_standardize replaces mean/std"):
+        flax_shapes(models.create("resnet18", mean=0.5, std=0.5, per_image_standardize=True))
 
 
 @pytest.mark.parametrize("strides", [1, 2])

@@ -2,6 +2,8 @@
 
     python -m mmard_jax.convert --robustbench=Zhang2019Theoretically --dataset=cifar10 \\
         --src=Zhang2019Theoretically.pt --dst=teachers/Zhang2019Theoretically_cifar10
+    python -m mmard_jax.convert --robustbench=Salman2020Do_R50 --dataset=imagenet \\
+        --src=Salman2020Do_R50.pt --dst=teachers/Salman2020Do_R50
     python -m mmard_jax.convert --published=tiny_linf_wrn28-10 --src=tiny_linf_wrn28-10.pt \\
         --dst=teachers/tiny_linf_wrn28-10
     python -m mmard_jax.convert --arch=resnet18 --num_classes=100 --src=rn18.pth --dst=teachers/rn18
@@ -11,8 +13,10 @@
 The file is read without running any of its code (`torch.load(weights_only=True)`, or safetensors);
 wrappers (`state_dict`/`model_state_dict`/`model`/`net`/`last` entries, `module.`/`model.` prefixes and the
 index of a one-model `nn.Sequential`, e.g. `module.0.`) are removed; keys the architecture never uses
-(TRADES's `sub_block1.*`, GradAlign's `model_preact_hl1.*` aliases, `num_batches_tracked`) are dropped; every
-other key must fit the architecture exactly, or nothing is written. The model directory records the input shape
+(TRADES's `sub_block1.*`, GradAlign's `model_preact_hl1.*` aliases, `num_batches_tracked`) are dropped; an input
+normalisation stored as buffers (`mu`/`sigma` of RobustBench's normalised CIFAR subclasses, `normalize.mean`/
+`normalize.std` of its ImageNet `normalize_model`) becomes the model's `mean`/`std`; every other key must fit the
+architecture exactly, or nothing is written. The model directory records the input shape
 the model was converted for (the RobustBench data set's, the published teacher's, or `--input_shape`), so
 `load_pretrained` builds it there without being told.
 """
@@ -48,6 +52,10 @@ UNUSED_PREFIXES = {
     "model_preact_hl1.": "GradAlign's alias of conv1 and layer1.0.bn1",
 }
 _LIST_LIMIT = 25  # keys shown per list in a mismatch error
+# Buffers of an input normalisation -> the statistic they hold: RobustBench's normalised CIFAR subclasses register
+# `mu`/`sigma` (robustbench 1.1.1 model_zoo/cifar10.py:77-82 and others), its `ImageNormalizer` `mean`/`std` under
+# `normalize_model`'s child `normalize` (model_zoo/architectures/utils_architectures.py).
+NORMALIZATION_KEYS = {"mu": "mean", "sigma": "std", "normalize.mean": "mean", "normalize.std": "std"}
 DEEPMIND_ARCHS = ("dm_wide_resnet", "dm_preact_resnet")  # activation and mean/std live in code, not in the file
 
 
@@ -136,16 +144,72 @@ def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> Dict[str, Any]:
 def strip_wrapper_prefixes(state: Mapping[str, Any]) -> Dict[str, Any]:
     """Removes `module.`/`model.` while every key carries it (DataParallel, wrapper modules), and an index all keys
     share: the one child holding state of an `nn.Sequential` wrapper (DM-Improves-AT saves
-    `DataParallel(Sequential(net))`, keys `module.0.*`: wzekai99/DM-Improves-AT core/models/__init__.py:57-62)."""
+    `DataParallel(Sequential(net))`, keys `module.0.*`: wzekai99/DM-Improves-AT core/models/__init__.py:57-62).
+    Normalisation buffers beside the network (`normalize.mean` next to `model.*`, as RobustBench's `normalize_model`
+    holds them) neither need nor lose the prefix."""
     state = dict(state)
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in (*WRAPPER_PREFIXES, _shared_index(state)):
-            if prefix and all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
-                stripped = True
-    return state
+    while True:
+        body = [k for k in state if k not in NORMALIZATION_KEYS]
+        prefix = next((p for p in (*WRAPPER_PREFIXES, _shared_index(body))
+                       if p and body and all(k.startswith(p) for k in body)), None)
+        if prefix is None:
+            return state
+        state = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+
+
+def split_normalization(state: Mapping[str, Any], source: str = "checkpoint"):
+    """(state without its normalisation buffers, their {'mean': (...), 'std': (...)} or None); ConversionError when
+    only one of the pair is there, or they are not three values each."""
+    state = dict(state)
+    found = {}
+    for key, stat in NORMALIZATION_KEYS.items():
+        if key in state:
+            if stat in found:
+                raise ConversionError(f"{source}: two input normalisations ({', '.join(NORMALIZATION_KEYS)})")
+            found[stat] = (key, state.pop(key))
+    if not found:
+        return state, None
+    if set(found) != {"mean", "std"}:
+        raise ConversionError(f"{source}: input normalisation {found[next(iter(found))][0]!r} without its pair")
+    stats = {}
+    for stat, (key, value) in found.items():
+        values = to_float32(value).reshape(-1)
+        if values.size != 3:
+            raise ConversionError(f"{source}: {key}: expected 3 channel statistics, got shape {tuple(value.shape)}")
+        stats[stat] = tuple(float(v) for v in values)
+    return state, stats
+
+
+def adopt_normalization(stats: Optional[Mapping[str, Tuple[float, ...]]], arch: str, kwargs: Mapping[str, Any],
+                        source: str, progress: Progress = None) -> Dict[str, Any]:
+    """`kwargs` with the file's normalisation statistics as `mean`/`std`: the module RobustBench loads the file into
+    takes its buffers from it (`load_state_dict`), whatever its class set at construction."""
+    kwargs = dict(kwargs)
+    if stats is None:
+        return kwargs
+    if "mean" not in models.accepted_arguments(arch):
+        raise ConversionError(f"{source} holds an input normalisation (mean {stats['mean']}, std {stats['std']}) "
+                              f"that {arch} has no place for")
+    if kwargs.get("per_image_standardize"):
+        raise ConversionError(f"{source} holds constant normalisation statistics, but the model standardises each "
+                              f"image (per_image_standardize)")
+    given, found = (kwargs.get("mean"), kwargs.get("std")), (stats["mean"], stats["std"])
+    if given != (None, None) and not _same_float32(given, found):
+        _log(progress, f"the file's normalisation (mean {found[0]}, std {found[1]}) replaces mean {given[0]}, "
+                       f"std {given[1]}")
+    if given == (None, None) or not _same_float32(given, found):
+        kwargs.update(mean=found[0], std=found[1])
+    return kwargs
+
+
+def _same_float32(a, b) -> bool:
+    """Whether two (mean, std) pairs are equal once rounded to float32, as the models compute with them (a scalar
+    stands for all three channels)."""
+    try:
+        return all(np.array_equal(np.broadcast_to(np.asarray(x, np.float32), (3,)),
+                                  np.broadcast_to(np.asarray(y, np.float32), (3,))) for x, y in zip(a, b))
+    except (TypeError, ValueError):
+        return False
 
 
 def _shared_index(state: Mapping[str, Any]) -> Optional[str]:
@@ -261,14 +325,33 @@ def infer_architecture(state: Mapping[str, Any]) -> Optional[Tuple[str, int, Dic
         return None if depth is None else ("dm_preact_resnet", state["logits.weight"].shape[0], {"depth": depth})
     if {"layers.0.conv1.weight", "linear.weight"} <= keys:
         return "mobilenet_v2", state["linear.weight"].shape[0], {}
+    if {"conv1.weight", "layer1.0.conv1.weight", "fc.weight"} <= keys and state["conv1.weight"].shape[-1] == 7:
+        return _torchvision_architecture(state)
     if {"conv1.weight", "layer4.0.conv1.weight", "linear.weight"} <= keys:
         width = state["conv1.weight"].shape[0]
         kwargs = {} if width == 64 else {"base_width": width}
+        if "layer1.0.conv3.weight" in keys:
+            return "resnet50", state["linear.weight"].shape[0], kwargs
         if "bn1.weight" in keys:
             return "resnet18", state["linear.weight"].shape[0], kwargs
         kwargs.update({"bn_before_fc": True} if "bn.weight" in keys else {})
         return "preact_resnet18", state["linear.weight"].shape[0], kwargs
     return None
+
+
+def _torchvision_architecture(state: Mapping[str, Any]) -> Optional[Tuple[str, int, Dict[str, Any]]]:
+    """The torchvision ResNet (18, 50 or Wide-50-2) a state_dict with a 7x7 stem and an `fc` is, or None."""
+    keys = set(state)
+    layers = tuple(_sub_count(keys, f"layer{i}.") for i in range(1, 5))
+    num_classes = state["fc.weight"].shape[0]
+    if "layer1.0.conv3.weight" not in keys:
+        return ("torchvision_resnet18", num_classes, {}) if layers == (2, 2, 2, 2) else None
+    if layers != (3, 4, 6, 3):
+        return None
+    width = state["layer1.0.conv1.weight"].shape[0]  # the bottleneck width of 64 planes is width_per_group
+    if width == 128:
+        return "torchvision_wide_resnet50_2", num_classes, {}
+    return "torchvision_resnet50", num_classes, {} if width == 64 else {"width_per_group": width}
 
 
 def fit_hint(state: Mapping[str, Any], chosen: Tuple[str, int, Dict[str, Any]],
@@ -286,10 +369,14 @@ def fit_hint(state: Mapping[str, Any], chosen: Tuple[str, int, Dict[str, Any]],
     flags_text = f"--arch={arch} --arch_kwargs='{json.dumps(kwargs)}' --num_classes={num_classes}"
     if not fits:
         return f"The file looks like {describe(*guess)} but does not fit it either; check its origin."
-    note = " (its activation and mean/std are not stored in the file: take them from the model's source)" \
-        if arch in DEEPMIND_ARCHS else ""
-    same = [f"{n} ({d}/{t})" for (d, t, n), e in zoo.ZOO.items()
+    rows = [((d, t, n), e) for (d, t, n), e in zoo.ZOO.items()
             if e.arch == arch and e.num_classes == num_classes and all(e.kwargs.get(k) == v for k, v in kwargs.items())]
+    same = [f"{n} ({d}/{t})" for (d, t, n), _ in rows]
+    note = ""
+    if arch in DEEPMIND_ARCHS:
+        note = " (its activation and mean/std are not stored in the file: take them from the model's source)"
+    elif any(e.kwargs.get("mean") is not None or e.kwargs.get("per_image_standardize") for _, e in rows):
+        note = " (an input normalisation, if the model has one, is not stored in the file: see its RobustBench row)"
     more = " ..." if len(same) > 6 else ""
     known = f" RobustBench models of this shape: {', '.join(same[:6])}{more}." if same else ""
     return f"The file fits {describe(*guess)}{note}: convert it with {flags_text}.{known}"
@@ -323,9 +410,14 @@ def convert_state_dict(
     input_shape: Optional[Sequence[int]] = None,
 ) -> Dict[str, Any]:
     """A PyTorch state_dict (or a checkpoint holding one) -> Flax variables {'params', 'batch_stats'}, built for
-    images of `input_shape` (H, W, C; default `store.LEGACY_INPUT_SHAPE`)."""
-    return _convert_owned(unwrap_state_dict(state_dict, source), arch, num_classes, kwargs, source, progress,
-                          input_shape)
+    images of `input_shape` (H, W, C; default `store.LEGACY_INPUT_SHAPE`). Normalisation buffers in it must equal
+    the `mean`/`std` of `kwargs` (the variables do not hold them; `convert_file` records the file's)."""
+    state, stats = split_normalization(unwrap_state_dict(state_dict, source), source)
+    adopted = adopt_normalization(stats, arch, kwargs or {}, source)
+    if adopted != dict(kwargs or {}):
+        raise ConversionError(f"{source} normalises its input with mean {stats['mean']}, std {stats['std']}: pass "
+                              f"them as the model's mean/std")
+    return _convert_owned(state, arch, num_classes, kwargs, source, progress, input_shape)
 
 
 def _convert_owned(state, arch, num_classes, kwargs, source, progress, input_shape=None) -> Dict[str, Any]:
@@ -393,7 +485,7 @@ def resolve_architecture(
         if arch or kwargs or num_classes:
             raise ConversionError("give either a RobustBench name or --arch/--arch_kwargs/--num_classes, not both")
         if not dataset:
-            raise ConversionError(f"--dataset (cifar10 or cifar100) is needed to look up {robustbench!r}")
+            raise ConversionError(f"--dataset ({', '.join(zoo.DATASETS)}) is needed to look up {robustbench!r}")
         try:
             entry = zoo.lookup(robustbench, dataset, threat_model)
         except ValueError as err:
@@ -408,15 +500,16 @@ def resolve_architecture(
 
 
 def resolve_input_shape(published_name: Optional[str] = None, robustbench: Optional[str] = None,
-                        dataset: Optional[str] = None,
-                        input_shape: Optional[Sequence[int]] = None) -> Optional[Tuple[int, int, int]]:
+                        dataset: Optional[str] = None, input_shape: Optional[Sequence[int]] = None,
+                        threat_model: str = "Linf") -> Optional[Tuple[int, int, int]]:
     """The (H, W, C) a conversion records: `input_shape` if given, else the published teacher's or the RobustBench
-    data set's; None (not recorded, built at `store.LEGACY_INPUT_SHAPE`) for an --arch conversion without it."""
+    model's (its data set's, or its own: Wong2020Fast's ImageNet crops are 288x288); None (not recorded, built at
+    `store.LEGACY_INPUT_SHAPE`) for an --arch conversion without it."""
     known = None
     if published_name:
         known = published.lookup(published_name).input_shape
     elif robustbench and dataset in zoo.INPUT_SHAPES:
-        known = zoo.INPUT_SHAPES[dataset]
+        known = zoo.input_shape(robustbench, dataset, threat_model)
     if input_shape is None:
         return known
     try:
@@ -453,15 +546,16 @@ def convert_file(
     src, dst = pathlib.Path(src), pathlib.Path(dst)
     arch, num_classes, kwargs = resolve_architecture(robustbench, dataset, threat_model, arch, num_classes, kwargs,
                                                      published_name)
-    input_shape = resolve_input_shape(published_name, robustbench, dataset, input_shape)
+    input_shape = resolve_input_shape(published_name, robustbench, dataset, input_shape, threat_model)
     if dst.exists() and not overwrite:
         raise ConversionError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
     start = time.perf_counter()
     size = src.stat().st_size / 1e6 if src.is_file() else 0.0
     _log(progress, f"reading {src} ({size:.1f} MB) for {describe(arch, num_classes, kwargs)}")
     # No reference to the file's tensors is kept here, so each one is freed as soon as it is converted.
-    variables = _convert_owned(unwrap_state_dict(read_checkpoint(src), str(src)), arch, num_classes, kwargs,
-                               str(src), progress, input_shape)
+    state, stats = split_normalization(unwrap_state_dict(read_checkpoint(src), str(src)), str(src))
+    kwargs = adopt_normalization(stats, arch, kwargs, str(src), progress)
+    variables = _convert_owned(state, arch, num_classes, kwargs, str(src), progress, input_shape)
     _log(progress, "hashing the source file")
     source = {"file": str(src.absolute()), "sha256": sha256(src), "converted_by": "mmard_jax.convert"}
     if robustbench:
@@ -495,7 +589,8 @@ def define_flags() -> None:
     flags.DEFINE_string("input_shape", None, "Image shape H,W,C the model takes, with --arch (e.g. 64,64,3 for "
                         "Tiny-ImageNet); recorded in model.json. Default: the data set's of --published/--robustbench.")
     flags.DEFINE_bool("overwrite", False, "Replace --dst if it exists.")
-    flags.DEFINE_bool("list", False, "Print the supported RobustBench and published names and exit.")
+    flags.DEFINE_bool("list", False, "Print the supported RobustBench (CIFAR-10/100, ImageNet) and published names "
+                      "and exit.")
     xla_env.define_flags()
 
 
@@ -521,9 +616,12 @@ def _parse_input_shape(text: Optional[str]) -> Optional[Tuple[int, ...]]:
 
 
 def _print_table() -> None:
-    """The supported RobustBench names, grouped by dataset and threat model, then the published teachers."""
+    """The supported RobustBench names (with their input shape), grouped by dataset and threat model, then the
+    published teachers."""
     for (dataset, threat, name), entry in zoo.ZOO.items():
-        print(f"{dataset:8s} {threat:11s} {name:45s} {describe(entry.arch, entry.num_classes, entry.kwargs)}")
+        shape = _size(zoo.input_shape(name, dataset, threat))
+        model = describe(entry.arch, entry.num_classes, entry.kwargs)
+        print(f"{dataset:8s} {threat:11s} {name:45s} {shape:11s} {model}")
     for name, entry in published.PUBLISHED.items():
         print(f"--published={name:20s} {entry.dataset} {entry.threat_model} {_size(entry.input_shape)} "
               f"{describe(entry.arch, entry.num_classes, entry.kwargs)} <- {entry.url}")

@@ -3,16 +3,19 @@
     python -m mmard_jax.export --src=runs/mmard_rn18 --dst=mmard_rn18.pt
 
 The file is a plain `{key: tensor}` dict written with `torch.save` (or `.safetensors`) that RobustBench's
-`ResNet18`/`PreActResNet`/`WideResNet`/`DMWideResNet`/`DMPreActResNet` (and the kuangliu-layout MobileNetV2,
-SAAD's `pResNet18`, DGAD's `PreActResNet18`, DM-Improves-AT's Tiny-ImageNet `WideResNet`) load with
-`strict=True`: float32 weights in PyTorch layout plus int64 `num_batches_tracked` buffers (zero: the count of
-training steps is not kept in Flax). Build the PyTorch model with the settings the program prints.
+`ResNet18`/`ResNet`/`PreActResNet`/`WideResNet`/`DMWideResNet`/`DMPreActResNet`, torchvision's
+`resnet18`/`resnet50`/`wide_resnet50_2` (and the kuangliu-layout MobileNetV2, SAAD's `pResNet18`, DGAD's
+`PreActResNet18`, DM-Improves-AT's Tiny-ImageNet `WideResNet`) load with `strict=True`: float32 weights in PyTorch
+layout plus int64 `num_batches_tracked` buffers (zero: the count of training steps is not kept in Flax). A model
+with an input normalisation is written as RobustBench's wrapper holds it: `mu`/`sigma` buffers beside the network
+(its normalised CIFAR subclasses), or `normalize.mean`/`normalize.std` and the network under `model.` (ImageNet's
+`normalize_model`). Build the PyTorch model with the settings the program prints.
 """
 
 import os
 import pathlib
 import tempfile
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 from absl import app, flags
@@ -23,6 +26,11 @@ from mmard_jax.interop import naming
 from mmard_jax.models import store
 
 SUB_BLOCK1 = "sub_block1."
+# Where RobustBench keeps a family's normalisation statistics in its state_dict: ImageNet's `normalize_model`
+# (`normalize.mean`/`.std`, the network under `model.`), the CIFAR subclasses' `mu`/`sigma` buffers. DeepMind's
+# classes hold theirs as plain attributes (not in the state_dict), so they have no entry.
+TORCHVISION_ARCHS = ("torchvision_resnet18", "torchvision_resnet50", "torchvision_wide_resnet50_2")
+BUFFER_NORMALIZED_ARCHS = ("resnet18", "resnet50", "preact_resnet18", "wide_resnet")
 # Our DeepMind activation names -> the PyTorch class RobustBench passes as `activation_fn`.
 TORCH_ACTIVATIONS = {"swish": "Swish", "silu": "nn.SiLU", "relu": "nn.ReLU"}
 
@@ -34,11 +42,13 @@ def _torch():
     return torch
 
 
-def to_torch_state_dict(variables: Mapping, arch: str, sub_block1: bool = False) -> Dict[str, Any]:
+def to_torch_state_dict(variables: Mapping, arch: str, sub_block1: bool = False,
+                        kwargs: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Flax variables of a registered `arch` -> PyTorch state_dict (float32, PyTorch layout and names).
 
     `sub_block1=True` adds TRADES's unused `sub_block1.*` (a copy of `block1.*`) so that RobustBench entries
-    built with `WideResNet(..., sub_block1=True)` load strictly too.
+    built with `WideResNet(..., sub_block1=True)` load strictly too. The model's `kwargs` (its model.json's) give
+    its input normalisation, written as RobustBench's wrapper of the family holds it (`with_normalization`).
     """
     torch = _torch()
     containers = models.MODELS[arch].torch_containers
@@ -55,7 +65,30 @@ def to_torch_state_dict(variables: Mapping, arch: str, sub_block1: bool = False)
         if arch != "wide_resnet":
             raise ExportError(f"sub_block1 exists only in the TRADES WideResNet (wide_resnet), not in {arch}")
         state.update({SUB_BLOCK1 + k[len("block1."):]: v.clone() for k, v in state.items() if k.startswith("block1.")})
-    return dict(sorted(state.items()))
+    return dict(sorted(with_normalization(state, arch, kwargs or {}).items()))
+
+
+def with_normalization(state: Dict[str, Any], arch: str, kwargs: Mapping[str, Any]) -> Dict[str, Any]:
+    """`state` as the state_dict of RobustBench's normalising wrapper of `arch` when `kwargs` has mean/std:
+    `normalize_model(net, mean, std)` for torchvision's networks (robustbench model_zoo/architectures/
+    utils_architectures.py), the (1, 3, 1, 1) `mu`/`sigma` buffers of the CIFAR subclasses (model_zoo/cifar10.py:
+    77-82); unchanged otherwise."""
+    if kwargs.get("mean") is None or arch not in TORCHVISION_ARCHS + BUFFER_NORMALIZED_ARCHS:
+        return state
+    torch = _torch()
+    mean, std = (torch.tensor([float(v) for v in _three(kwargs[k])], dtype=torch.float32).view(1, 3, 1, 1)
+                 for k in ("mean", "std"))
+    if arch in TORCHVISION_ARCHS:
+        return {"normalize.mean": mean, "normalize.std": std, **{f"model.{k}": v for k, v in state.items()}}
+    return {**state, "mu": mean, "sigma": std}
+
+
+def _three(stat: Any) -> Sequence[float]:
+    """A per-channel statistic as three values (a scalar applies to every channel)."""
+    values = list(stat) if isinstance(stat, (list, tuple)) else [stat] * 3
+    if len(values) != 3:
+        raise ExportError(f"expected 3 channel statistics, got {stat!r}")
+    return values
 
 
 def torch_constructor(spec: Mapping[str, Any]) -> str:
@@ -63,7 +96,8 @@ def torch_constructor(spec: Mapping[str, Any]) -> str:
     arch, nc, kw = spec["arch"], spec["num_classes"], dict(spec.get("kwargs", {}))
     if arch == "wide_resnet":
         bias = "" if kw.get("bias_last", True) else ", bias_last=False"
-        return f"WideResNet(depth={kw.get('depth', 34)}, widen_factor={kw.get('width', 10)}, num_classes={nc}{bias})"
+        return (f"WideResNet(depth={kw.get('depth', 34)}, widen_factor={kw.get('width', 10)}, num_classes={nc}{bias})"
+                f"{_buffers_note(kw)}")
     if arch == "dm_wide_resnet":
         size = f"depth={kw.get('depth', 28)}, width={kw.get('width', 10)}"
         if kw.get("adaptive_pool", False):  # RobustBench's avg_pool2d(out, 8) pools 64x64 inputs wrongly
@@ -72,11 +106,19 @@ def torch_constructor(spec: Mapping[str, Any]) -> str:
         return f"DMWideResNet(num_classes={nc}, {size}{_deepmind_settings(kw)})"
     if arch == "dm_preact_resnet":
         return f"DMPreActResNet(num_classes={nc}, depth={kw.get('depth', 18)}, width=0{_deepmind_settings(kw)})"
-    if arch == "resnet18":
-        return f"ResNet(BasicBlock, [2, 2, 2, 2], num_classes={nc})"
+    if arch in TORCHVISION_ARCHS:
+        width = f", width_per_group={kw['width_per_group']}" if "width_per_group" in kw else ""
+        net = f"{arch.removeprefix('torchvision_')}(num_classes={nc}{width})"
+        if kw.get("mean") is not None:
+            return (f"normalize_model({net}, {_stats(kw['mean'])}, {_stats(kw['std'])})  # torchvision.models; "
+                    f"robustbench.model_zoo.architectures.utils_architectures")
+        return f"{net}  # torchvision.models"
+    if arch in ("resnet18", "resnet50"):
+        block, blocks = ("BasicBlock", [2, 2, 2, 2]) if arch == "resnet18" else ("Bottleneck", [3, 4, 6, 3])
+        return f"ResNet({block}, {blocks}, num_classes={nc}){_buffers_note(kw)}"
     if arch == "preact_resnet18":
         extra = "".join(f", {k}={kw[k]}" for k in ("bn_before_fc", "out_shortcut") if k in kw)
-        return f"PreActResNet(PreActBlock, [2, 2, 2, 2], num_classes={nc}{extra})"
+        return f"PreActResNet(PreActBlock, [2, 2, 2, 2], num_classes={nc}{extra}){_buffers_note(kw)}"
     if arch == "preact_resnet18_saad":
         return f"pResNet18(num_classes={nc})  # HongsinLee/saad cifar100_models/preresnet.py"
     if arch == "preact_resnet18_dgad":
@@ -85,6 +127,21 @@ def torch_constructor(spec: Mapping[str, Any]) -> str:
     if arch == "mobilenet_v2":
         return f"MobileNetV2(num_classes={nc})  # kuangliu/pytorch-cifar layout"
     return f"{arch}(num_classes={nc}, **{kw})"
+
+
+def _stats(stat: Any) -> str:
+    """A statistic as the tuple literal a constructor call takes."""
+    return str(tuple(stat)) if isinstance(stat, (list, tuple)) else repr(stat)
+
+
+def _buffers_note(kw: Mapping[str, Any]) -> str:
+    """What a CIFAR network's RobustBench subclass adds around it, when the model normalises its input."""
+    if kw.get("per_image_standardize"):
+        return "  # inside per-image standardisation, as robustbench's Ding2020MMANet (cifar10.py)"
+    if kw.get("mean") is None:
+        return ""
+    return (f"  # with buffers mu={_stats(kw['mean'])}, sigma={_stats(kw['std'])} and x = (x - mu) / sigma first, "
+            f"as robustbench's normalised subclasses (e.g. Rice2020OverfittingNet, cifar10.py)")
 
 
 def _deepmind_settings(kw: Mapping[str, Any]) -> str:
@@ -120,7 +177,7 @@ def export_model(src, dst, sub_block1: bool = False, progress=None) -> pathlib.P
     if progress:
         progress(f"loading {src} ({spec['arch']}, {spec['num_classes']} classes)")
     _, variables = checkpoints.load_model(src)
-    state = to_torch_state_dict(variables, spec["arch"], sub_block1=sub_block1)
+    state = to_torch_state_dict(variables, spec["arch"], sub_block1=sub_block1, kwargs=spec.get("kwargs", {}))
     out = save_state_dict(state, dst)
     if progress:
         progress(f"wrote {out} ({len(state)} tensors); load it into {torch_constructor(spec)} with strict=True")

@@ -11,6 +11,7 @@ from mmard_jax.models.dm_wide_resnet import DMWideResNet
 from mmard_jax.models.mobilenet_v2 import MobileNetV2
 from mmard_jax.models.registry import MODELS, ModelSpec, accepted_arguments, count_params, create
 from mmard_jax.models.resnet import PreActResNet, ResNet
+from mmard_jax.models.torchvision_resnet import TorchvisionResNet
 from mmard_jax.models.wide_resnet import WideResNet
 
 
@@ -33,6 +34,7 @@ __all__ = [
     "ModelSpec",
     "PreActResNet",
     "ResNet",
+    "TorchvisionResNet",
     "WideResNet",
     "accepted_arguments",
     "count_params",

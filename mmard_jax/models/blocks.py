@@ -32,6 +32,11 @@ WIDE_STAGES = ((16, 1), (32, 2), (64, 2))
 WIDE_STEM_CHANNELS = 16
 # The conv1x1+BN projection shortcut of RobustBench's `BasicBlock` and kuangliu's MobileNetV2: `nn.Sequential`.
 SHORTCUT_CONV_BN = ("shortcut_0", "shortcut_1")
+# torchvision's: the `downsample` Sequential of conv1x1 and BN (pytorch/vision @ f50e776,
+# torchvision/models/resnet.py:178-182).
+DOWNSAMPLE_CONV_BN = ("downsample_0", "downsample_1")
+# Output channels per `planes` of a bottleneck block (torchvision resnet.py:76; RobustBench architectures/resnet.py:31).
+BOTTLENECK_EXPANSION = 4
 
 
 def activation_fn(name: str) -> Activation:
@@ -92,21 +97,50 @@ def needs_projection(x: jax.Array, features: int, strides: int) -> bool:
 
 
 class BasicBlock(nn.Module):
-    """Post-activation residual block (RobustBench `BasicBlock`); conv1x1+BN shortcut when stride or width changes."""
+    """Post-activation residual block (RobustBench and torchvision `BasicBlock`); conv1x1+BN shortcut, named
+    `shortcut_names`, when stride or width changes."""
 
     features: int
     strides: int
     conv: ModuleDef
     norm: ModuleDef
+    shortcut_names: Tuple[str, str] = SHORTCUT_CONV_BN
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         out = conv_bn_act(x, self.conv, self.norm, self.features, 3, ("conv1", "bn1"), self.strides)
         out = conv_bn(out, self.conv, self.norm, self.features, 3, ("conv2", "bn2"))
-        shortcut = x
-        if needs_projection(x, self.features, self.strides):
-            shortcut = conv_bn(x, self.conv, self.norm, self.features, 1, SHORTCUT_CONV_BN, self.strides)
-        return nn.relu(out + shortcut)
+        return nn.relu(out + projected(x, self.conv, self.norm, self.features, self.strides, self.shortcut_names))
+
+
+class Bottleneck(nn.Module):
+    """Post-activation bottleneck block (torchvision `Bottleneck`, resnet.py:75-115; RobustBench's CIFAR
+    `Bottleneck`, architectures/resnet.py:30-55, is the same at width `planes`): conv1x1 to `width`, conv3x3 at
+    the stride (torchvision v1.5), conv1x1 to 4 * planes, each with BN, ReLU after the sum with the shortcut."""
+
+    planes: int
+    strides: int
+    conv: ModuleDef
+    norm: ModuleDef
+    width: int = 0  # the inner width: torchvision's int(planes * width_per_group / 64) (resnet.py:83); 0 = planes
+    shortcut_names: Tuple[str, str] = SHORTCUT_CONV_BN
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = self.width or self.planes
+        features = self.planes * BOTTLENECK_EXPANSION
+        out = conv_bn_act(x, self.conv, self.norm, width, 1, ("conv1", "bn1"))
+        out = conv_bn_act(out, self.conv, self.norm, width, 3, ("conv2", "bn2"), self.strides)
+        out = conv_bn(out, self.conv, self.norm, features, 1, ("conv3", "bn3"))
+        return nn.relu(out + projected(x, self.conv, self.norm, features, self.strides, self.shortcut_names))
+
+
+def projected(x: jax.Array, conv: ModuleDef, norm: ModuleDef, features: int, strides: int,
+              names: Tuple[str, str]) -> jax.Array:
+    """A post-activation block's shortcut: x itself, or BN(conv1x1(x)) at the stride when the shape changes."""
+    if not needs_projection(x, features, strides):
+        return x
+    return conv_bn(x, conv, norm, features, 1, names, strides)
 
 
 class PreActLayout(NamedTuple):

@@ -11,6 +11,7 @@ from mmard_jax.models.dm_preact_resnet import DMPreActResNet
 from mmard_jax.models.dm_wide_resnet import DMWideResNet
 from mmard_jax.models.mobilenet_v2 import MobileNetV2
 from mmard_jax.models.resnet import PreActResNet, ResNet
+from mmard_jax.models.torchvision_resnet import TorchvisionResNet
 from mmard_jax.models.wide_resnet import WideResNet
 
 
@@ -23,9 +24,13 @@ class ModelSpec(NamedTuple):
 
 
 _RESNET_CONTAINERS = frozenset({"layer1", "layer2", "layer3", "layer4", "shortcut"})
+_TORCHVISION_CONTAINERS = frozenset({"layer1", "layer2", "layer3", "layer4", "downsample"})
 
 MODELS: Dict[str, ModelSpec] = {
-    "resnet18": ModelSpec(ResNet, {"num_blocks": (2, 2, 2, 2)}, _RESNET_CONTAINERS),
+    "resnet18": ModelSpec(ResNet, {"num_blocks": (2, 2, 2, 2), "block": "basic"}, _RESNET_CONTAINERS),
+    # RobustBench `ResNet(Bottleneck, [3, 4, 6, 3])`, the CIFAR ResNet-50 of Engstrom2019Robustness and
+    # Augustin2020Adversarial (robustbench 1.1.1 model_zoo/cifar10.py:89-104, 172-191).
+    "resnet50": ModelSpec(ResNet, {"num_blocks": (3, 4, 6, 3), "block": "bottleneck"}, _RESNET_CONTAINERS),
     "preact_resnet18": ModelSpec(PreActResNet, {"num_blocks": (2, 2, 2, 2)}, _RESNET_CONTAINERS),
     # SAAD's Tiny-ImageNet student `pResNet18` (HongsinLee/saad @ 295121c, cifar100_models/preresnet.py:8-30,
     # 59-95; utils.py:182-186): the shortcut conv reads relu(bn1(x)) (line 26), BN-ReLU before the pool
@@ -43,6 +48,15 @@ MODELS: Dict[str, ModelSpec] = {
     "wide_resnet": ModelSpec(WideResNet, {}, frozenset({"layer"})),
     "dm_wide_resnet": ModelSpec(DMWideResNet, {}, frozenset({"layer", "block"})),
     "dm_preact_resnet": ModelSpec(DMPreActResNet, {}, frozenset({"layer_0", "layer_1", "layer_2", "layer_3"})),
+    # torchvision's ImageNet networks (pytorch/vision @ f50e776 torchvision/models/resnet.py:222-231, 246-255,
+    # 310-325): RobustBench's ImageNet entries, `torchvision_resnet.py`.
+    "torchvision_resnet18": ModelSpec(
+        TorchvisionResNet, {"block": "basic", "layers": (2, 2, 2, 2), "width_per_group": 64}, _TORCHVISION_CONTAINERS),
+    "torchvision_resnet50": ModelSpec(
+        TorchvisionResNet, {"block": "bottleneck", "layers": (3, 4, 6, 3)}, _TORCHVISION_CONTAINERS),
+    "torchvision_wide_resnet50_2": ModelSpec(
+        TorchvisionResNet, {"block": "bottleneck", "layers": (3, 4, 6, 3), "width_per_group": 128},
+        _TORCHVISION_CONTAINERS),
 }
 
 _NOT_ARGUMENTS = frozenset({"parent", "name"})
