@@ -1,8 +1,10 @@
 """One process of the two-process checks of tests/test_multihost.py, started by scripts/launch_local.sh.
 
-    scripts/launch_local.sh 2 -- python tests/multihost_worker.py --out=DIR
+    scripts/launch_local.sh 2 -- python tests/multihost_worker.py --out=DIR --teacher=TEACHER_DIR
 
-Trains SAT for a few steps with `train.train_and_evaluate` (DIR/sat), evaluates a model directory it
+Trains ARD with Fair-ARD's plug-in (`plugins=fair`: a train-mode attack, and per-class counts summed over every
+device and process into the epoch state) for a few steps with `train.train_and_evaluate` (DIR/fair_ard, the teacher
+TEACHER_DIR), evaluates a model directory it
 saved from both processes with `evaluate.run_evaluation` (DIR/model, DIR/report), and exercises the
 agreement helpers; each process leaves what it observed in DIR/obs_<process>.json. The test runs the same
 work in one process over two devices and compares.
@@ -17,12 +19,13 @@ from mmard_jax import config_lib, distributed
 
 SPEC = {"arch": "wide_resnet", "num_classes": 10, "kwargs": {"depth": 10, "width": 1}}
 EVAL_ATTACKS = ("clean", "pgd_s")
+FAIR = ("fair",)  # the plug-in of the trained run (ARD + Fair-ARD)
 EVAL_N, EVAL_BATCH = 50, 16  # 3 full batches and one of 2 examples: the split does not divide by the batch
 
 
-def tiny_config(method: str, teacher: str = ""):
-    """A few steps of `method` on digits with a WRN-10-1 (the multi-process tests' configuration)."""
-    c = config_lib.base_config(method, "wide_resnet", "digits")
+def tiny_config(method: str, teacher: str = "", plugins=()):
+    """A few steps of `method` (with `plugins`) on digits with a WRN-10-1 (the multi-process tests' configuration)."""
+    c = config_lib.base_config(method, "wide_resnet", "digits", plugins=plugins)
     c.student.kwargs = {"depth": 10, "width": 1}
     c.teacher.checkpoint = teacher
     c.dataset.n_train = 96
@@ -75,6 +78,7 @@ def observe_helpers(out: pathlib.Path) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
+    p.add_argument("--teacher", required=True)
     p.add_argument("--coordinator_address")
     p.add_argument("--num_processes", type=int)
     p.add_argument("--process_id", type=int)
@@ -90,7 +94,7 @@ def main(argv=None) -> None:
     obs = observe_helpers(out)
     store.save_model(out / "model", store.model_spec(**SPEC), random_variables())
     obs["model_files"] = sorted(p.name for p in out.iterdir() if "model" in p.name)
-    summary = train.train_and_evaluate(tiny_config("sat"), out / "sat", progress=False)
+    summary = train.train_and_evaluate(tiny_config("ard", a.teacher, FAIR), out / "fair_ard", progress=False)
     obs["summary_final"] = summary["final"]
     report = evaluate.run_evaluation(out / "model", "digits", list(EVAL_ATTACKS), n_examples=EVAL_N,
                                      batch_size=EVAL_BATCH, output=str(out / "report"), unroll="1", progress=False)

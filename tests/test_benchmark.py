@@ -16,8 +16,8 @@ import torch
 from mmard_jax import methods, models, parallel, train_step
 from mmard_jax.data.augment import crop_and_flip, to_float
 from mmard_jax.interop import naming, published
-from mmard_jax.tools import bench_report, bench_step
-from mmard_jax.tools.bench_cases import CASES, CPU_TINY_IMAGENET
+from mmard_jax.tools import bench_cases, bench_report, bench_step
+from mmard_jax.tools.bench_cases import CASES, CPU_LATER, CPU_TINY_IMAGENET, transcription
 from peers import published_steps, torch_bench, torch_step
 from peers.architectures import build_model
 from peers.interop import copy_into_torch
@@ -58,6 +58,12 @@ def test_tiny_imagenet_case_first_step_losses_agree(tmp_path, monkeypatch):
     assert (full.method, full.student, full.teacher, full.size, full.num_classes) == shape
     # The benchmarked teacher is the published Tiny-ImageNet teacher's class, only shallower and narrower.
     assert {**full.teacher_kwargs, "depth": 28, "width": 10} == dict(published.PUBLISHED["tiny_linf_wrn28-10"].kwargs)
+    _first_step_losses_agree(case, tmp_path, monkeypatch)
+
+
+def _first_step_losses_agree(case, tmp_path, monkeypatch):
+    """One step of `case` through both workers of scripts/benchmark.py: the PyTorch row starts from the JAX row's
+    weights and first draws, and its first-step loss agrees within the benchmark's rule."""
     monkeypatch.setattr(bench_step, "step_flops", lambda case: 0.0)  # counted in test_flop_count_matches_...
     start = str(tmp_path / "start.npz")
     jax_row = bench_step.jax_worker(case, warmup=1, steps=1, unroll="1", start_file=start,
@@ -70,6 +76,35 @@ def test_tiny_imagenet_case_first_step_losses_agree(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
     check = bench_report.same_work(torch_row, jax_row)
     assert torch_row["weights"] == "the JAX row's" and check["comparable"] is True, (jax_row["first_loss"], check)
+
+
+def test_cpu_sota_has_a_case_per_later_method_against_its_transcription():
+    """`--cases=cpu_sota` runs a CPU case of every 2023-2026 method (SAAD, DGAD, ABSLD, Fair-ARD on ARD and RSLAD)
+    besides those of AdaAD, AdaIAD, IGDM and PeerAiD, each sized as the other CPU cases and timed against the PyTorch
+    transcription of its published script (the method, prefixed by its plug-ins: `fair_ard`), which uses the
+    networks ours does."""
+    names = bench_cases.case_names("cpu_sota")
+    assert {"saad", "dgad", "absld", "fair_ard", "fair_rslad"} <= set(CPU_LATER)
+    assert [transcription(CASES[n]) for n in names] == ["adaad", "adaiad", "igdm", "peeraid", *CPU_LATER]
+    size = lambda c: (c.student, c.student_kwargs, c.batch, c.size, c.dtype, c.pgd_steps)  # noqa: E731
+    for name in names:
+        case, peer = CASES[name], transcription(CASES[name])
+        assert size(case) == size(CASES["cpu_adaad_wrn16_2_wrn10_1_16px"]), name
+        assert case.teacher in ("", "wide_resnet") and case.teacher_kwargs in ({}, {"depth": 16, "width": 2}), name
+        assert peer in published_steps.STEPS, name
+        used = methods.get_method(case.method, plugins=case.plugins).networks()
+        assert used == {"student", *published_steps.NETWORKS.get(peer, ())}, name
+
+
+def test_later_method_case_first_step_losses_agree(tmp_path, monkeypatch):
+    """Fair-ARD's CPU case shrunk (`tiny_fair_ard`: a WRN-10-1 teacher, 8x8, batch 8, PGD-2) through both workers:
+    the plug-in reaches both sides (ours `plugins=fair`, the transcription of Fair-ARD.py), and so does the case's
+    sharpened teacher (its classifier x30, through the start file)."""
+    case = CASES["tiny_fair_ard"]
+    full = CASES["cpu_fair_ard_wrn16_2_wrn10_1_16px"]
+    assert (case.method, case.plugins, case.teacher_scale) == (full.method, full.plugins, full.teacher_scale)
+    assert (transcription(case), case.teacher_scale) == ("fair_ard", 30.0)
+    _first_step_losses_agree(case, tmp_path, monkeypatch)
 
 
 def test_flop_count_matches_unrolled_program():

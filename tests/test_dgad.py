@@ -13,7 +13,16 @@ import torch
 from mmard_jax import config_lib, methods, parallel
 from mmard_jax.methods import Logits, StepInfo, dgad
 from test_methods import kl, sm
-from test_train_step import IMG, CountingApply, build, init_vars, run_steps, tiny
+from test_train_step import (
+    IMG,
+    CountingApply,
+    RecordingApply,
+    assert_recorded_decisions_clear,
+    build,
+    init_vars,
+    run_steps,
+    tiny,
+)
 
 B, C = 12, 10
 INFO = StepInfo(epoch=jnp.asarray(3), lr_scale=jnp.asarray(1.0))
@@ -188,8 +197,14 @@ def split():
 
 
 def test_one_device_equals_two(split):
-    """The split's n and B are of the global batch (psum over the data axis): the same step on 1 and 2 devices."""
-    one, m1 = run_steps("dgad", 1, split)
+    """The split's n and B are of the global batch (psum over the data axis): the same step on 1 and 2 devices.
+    The groups are decisions (is the teacher right at x; at x'): every teacher forward of the one-device run is
+    first checked clear of a tie, so that a near-tie on another machine is reported as one, not as a mismatch."""
+    nets = []
+    one, m1 = run_steps("dgad", 1, split, wrap=lambda m: nets.append(RecordingApply(m)) or nets[-1])
+    teacher = nets[1]  # student, teacher, teacher2, peer (run_steps' order)
+    labels = split[1][:48].reshape(3, 16)  # step i: examples 16 i .. 16 i + 15
+    assert_recorded_decisions_clear(teacher.records, labels, 3, "DGAD's teacher (T(x), T(x'))")
     two, m2 = run_steps("dgad", 2, split)
     chex.assert_trees_all_close(one.nets, two.nets, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(m1, m2, rtol=1e-5, atol=1e-5)

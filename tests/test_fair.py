@@ -16,7 +16,16 @@ from epoch_runs import final_state, records, tiny_config, train_resumed_at_the_b
 from mmard_jax import config_lib, methods, parallel, train, train_step
 from mmard_jax.methods import Logits, StepInfo
 from test_methods import kl, sm
-from test_train_step import IMG, CountingApply, SmallNet, init_vars, small_frozen, tiny
+from test_train_step import (
+    IMG,
+    CountingApply,
+    RecordingApply,
+    SmallNet,
+    assert_recorded_decisions_clear,
+    init_vars,
+    small_frozen,
+    tiny,
+)
 
 B, C = 8, 10
 INFO = StepInfo(epoch=jnp.asarray(100), lr_scale=jnp.asarray(1.0))
@@ -165,12 +174,13 @@ def test_weighted_loss_does_not_depend_on_how_the_batch_is_split(lg, name):
 # ----------------------------------------------------------------------------- the real step
 
 
-def fair_steps(n_devices, images, labels, weights, n_steps=3, name="ard"):
-    """The train step of `name`+fair on SmallNets: (state, per-step metrics) after `n_steps` of 16 examples."""
+def fair_steps(n_devices, images, labels, weights, n_steps=3, name="ard", student=None):
+    """The train step of `name`+fair on SmallNets (the student: `student`, e.g. a RecordingApply of one): the state
+    after `n_steps` of 16 examples."""
     mesh = parallel.data_mesh(jax.devices()[:n_devices])
     method = config_lib.resolve_method(config_lib.method_block(name, plugins=("fair",)))
     schedule = train_step.make_lr_schedule(0.1, 4, 2)
-    nets = train_step.Networks(SmallNet(bn_axis_name=parallel.AXIS), SmallNet(width=16), SmallNet())
+    nets = train_step.Networks(student or SmallNet(bn_axis_name=parallel.AXIS), SmallNet(width=16), SmallNet())
     txs = {"student": train_step.make_optimizer(schedule)}
     settings = train_step.StepSettings(steps=3, crop_padding=2, unroll=1, **methods.attack_defaults(name))
     fn = train_step.make_train_step(nets, method, method.phase(10**6), txs, schedule, settings, mesh, seed=0)
@@ -219,7 +229,12 @@ def test_step_counts_are_summed_over_devices_and_one_device_equals_two():
     images = rng.integers(0, 256, (48,) + IMG, dtype=np.uint8)
     labels = rng.integers(0, C, 48).astype(np.int32)
     weights = rng.uniform(5 / 6, 5 / 2, C).astype(np.float32)
-    one, two = fair_steps(1, images, labels, weights), fair_steps(2, images, labels, weights)
+    student = RecordingApply(SmallNet(bn_axis_name=parallel.AXIS))
+    one, two = fair_steps(1, images, labels, weights, student=student), fair_steps(2, images, labels, weights)
+    # The counts are decisions (is the student right at the iterate): every student forward of the one-device run
+    # (the attack's iterates and the loss's) is first checked clear of a tie, so that a near-tie on another machine
+    # is reported as one, not as a mismatch of the counts.
+    assert_recorded_decisions_clear(student.records, labels.reshape(3, 16), 3, "Fair-ARD's student")
     chex.assert_trees_all_equal(one.epoch_state, two.epoch_state)  # integer sums: exactly equal
     chex.assert_trees_all_close(one.nets, two.nets, rtol=1e-5, atol=1e-6)
     sums = one.epoch_state["fair"]["sums"]

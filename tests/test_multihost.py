@@ -24,10 +24,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 import tolerances
-from mmard_jax import checkpoints, cli, distributed, evaluate, stopping, train
+from mmard_jax import checkpoints, cli, distributed, evaluate, methods, stopping, train
 from mmard_jax.models import store
 from mmard_jax.tools import bench_layouts as bmp
-from multihost_worker import EVAL_ATTACKS, EVAL_BATCH, EVAL_N, SPEC, random_variables, tiny_config
+from multihost_worker import EVAL_ATTACKS, EVAL_BATCH, EVAL_N, FAIR, SPEC, random_variables, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 LAUNCH = REPO / "scripts" / "launch_local.sh"
@@ -226,8 +226,9 @@ def runs(tmp_path_factory):
     """Every multi-process run of this file, overlapped to keep both cores busy, and their one-process references.
 
     Two processes train MMARD with the train CLI; process 1 is killed after the first checkpoint and the same
-    commands are rerun (resume). Meanwhile two other processes run tests/multihost_worker.py (SAT, an evaluation,
-    the agreement helpers), and this process computes the same MMARD, SAT and evaluation over two devices.
+    commands are rerun (resume). Meanwhile two other processes run tests/multihost_worker.py (ARD with Fair-ARD's
+    plug-in, an evaluation, the agreement helpers), and this process computes the same MMARD, Fair-ARD and evaluation
+    over two devices.
     """
     root = tmp_path_factory.mktemp("multihost")
     teacher = store.save_model(root / "teacher", store.model_spec(**SPEC), random_variables(seed=1))
@@ -243,7 +244,8 @@ def runs(tmp_path_factory):
     killer.start()
     while r.first.pid(1) is None:  # its port is chosen: the worker's launch picks another
         time.sleep(0.05)
-    r.work = Launch([sys.executable, str(TESTS / "multihost_worker.py"), f"--out={r.worker}"], root / "xla_cache")
+    r.work = Launch([sys.executable, str(TESTS / "multihost_worker.py"), f"--out={r.worker}", f"--teacher={teacher}"],
+                    root / "xla_cache")
 
     r.mmard_ref = train.train_and_evaluate(tiny_config("mmard", str(teacher)), root / "mmard_one_process",
                                            progress=False)
@@ -251,7 +253,8 @@ def runs(tmp_path_factory):
     killer.join()
     r.kept, r.finished_before_rerun = latest_step(r.mmard), (r.mmard / "summary.json").exists()
     r.second = Launch(command, root / "xla_cache")  # rerunning the same commands resumes
-    r.sat_ref = train.train_and_evaluate(tiny_config("sat"), root / "sat_one_process", progress=False)
+    r.fair_ref = train.train_and_evaluate(tiny_config("ard", str(teacher), FAIR), root / "fair_ard_one_process",
+                                          progress=False)
     model = store.save_model(root / "one_process" / "model", store.model_spec(**SPEC), random_variables())
     r.eval_ref = evaluate.run_evaluation(model, "digits", list(EVAL_ATTACKS), n_examples=EVAL_N,
                                          batch_size=EVAL_BATCH, output=str(root / "report_one_process"), unroll="1",
@@ -299,13 +302,27 @@ def test_files_a_person_reads_are_written_once_by_process_0(runs):
     assert runs.work.text.count("wrote ") == 1 and "[0] wrote " in runs.work.text  # the report is written once
 
 
-def test_sat_two_processes_match_two_devices(runs):
-    # SAT: the student's BatchNorm in train mode during the attack.
+def test_fair_ard_two_processes_match_two_devices(runs):
+    """ARD + Fair-ARD: the student's BatchNorm in train mode during the attack (synced over processes at every
+    iterate), and the epoch state: the per-class counts of correct attack iterates summed over devices and processes
+    (methods.core.EpochState), the class weights the epoch boundary makes of them, identical to one process's."""
     assert runs.work_status == 0, runs.work.text
-    assert_same_state(runs.worker / "sat", runs.root / "sat_one_process")
-    assert eval_records(runs.worker / "sat") == eval_records(runs.root / "sat_one_process")
+    assert methods.attack_defaults("ard")["student_bn"] == "train"
+    two, one = runs.worker / "fair_ard", runs.root / "fair_ard_one_process"
+    assert_same_state(two, one)
+    assert eval_records(two) == eval_records(one)
+    (_, a), (_, b) = latest_state(two), latest_state(one)
+    sums = a["epoch_state"]["fair"]["sums"]
+    # Epoch 2's counts are of the whole epoch: every example once (96, the two processes' halves summed).
+    assert int(np.sum(sums["examples"])) == tiny_config("ard").dataset.n_train and 0 < int(np.sum(sums["correct"]))
+    for part in ("sums", "value"):
+        for key, value in a["epoch_state"]["fair"][part].items():
+            np.testing.assert_array_equal(value, b["epoch_state"]["fair"][part][key], err_msg=f"{part}/{key}")
+    fair = [{k: v for k, v in r.items() if k.startswith("fair_")} for r in records(two)]
+    assert fair == [{k: v for k, v in r.items() if k.startswith("fair_")} for r in records(one)]
+    assert fair[0]["fair_weights"] == [1.0] * 10 and len(set(fair[1]["fair_weights"])) > 1  # moved by epoch 1's
     obs = [json.loads((runs.worker / f"obs_{i}.json").read_text()) for i in (0, 1)]
-    assert obs[0]["summary_final"] == obs[1]["summary_final"] == runs.sat_ref["final"]
+    assert obs[0]["summary_final"] == obs[1]["summary_final"] == runs.fair_ref["final"]
 
 
 def test_evaluation_two_processes_counts_every_example_once(runs):

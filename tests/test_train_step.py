@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tolerances
 from mmard_jax import checkpoints, config_lib, methods, models, parallel, train_step
 
 IMG = (8, 8, 3)
@@ -61,6 +62,33 @@ class CountingApply:
         return self.module.init(*args, **kwargs)
 
 
+class RecordingApply(CountingApply):
+    """Stands in for a module in the train step and hands the logits of every forward it runs to the host, in call
+    order (`records`): the values behind the step's decisions (correct or not), to check them clear of ties."""
+
+    def __init__(self, module):
+        super().__init__(module)
+        self.records = []
+
+    def apply(self, *args, **kwargs):
+        out = super().apply(*args, **kwargs)
+        logits = out[0] if isinstance(out, tuple) else out  # train mode: (logits, updated statistics)
+        jax.debug.callback(lambda v: self.records.append(np.asarray(v)), logits)
+        return out
+
+
+def assert_recorded_decisions_clear(records, labels, n_steps, what):
+    """Every logits a RecordingApply saw over `n_steps` steps of one device (step i: `labels[i]`, the same number of
+    forwards each) decides correct/incorrect clear of float32 reordering (tolerances.assert_decisions_clear): counts
+    of those decisions may then be compared exactly across device counts, and a near-tie says so."""
+    jax.effects_barrier()
+    assert records and len(records) % n_steps == 0, len(records)
+    per_step = len(records) // n_steps
+    for k, logits in enumerate(records):
+        tolerances.assert_decisions_clear(logits, labels[k // per_step], f"{what}, step {k // per_step}, "
+                                          f"forward {k % per_step}")
+
+
 def build(method_name, mesh, student=None, teacher=None, teacher2=None, peer=None, steps=3, **hp):
     method = config_lib.resolve_method(config_lib.method_block(method_name, **hp))
     schedule = train_step.make_lr_schedule(0.1, 4, 2)
@@ -80,10 +108,13 @@ def small_frozen():
     return {"teacher": init_vars(SmallNet(width=16), 7), "teacher2": init_vars(SmallNet(), 8)}
 
 
-def run_steps(method_name, n_devices, split, n_steps=3):
+def run_steps(method_name, n_devices, split, n_steps=3, wrap=lambda module: module):
+    """`n_steps` steps of 16 examples (step i: examples 16 i .. 16 i + 15 of `split`) on SmallNets, each network
+    passed through `wrap` (e.g. RecordingApply): (state, per-step metrics)."""
     mesh = parallel.data_mesh(jax.devices()[:n_devices])
-    fn, state = build(method_name, mesh, student=SmallNet(bn_axis_name=parallel.AXIS), teacher=SmallNet(width=16),
-                      teacher2=SmallNet(), peer=SmallNet(width=4, bn_axis_name=parallel.AXIS))
+    fn, state = build(method_name, mesh, student=wrap(SmallNet(bn_axis_name=parallel.AXIS)),
+                      teacher=wrap(SmallNet(width=16)), teacher2=wrap(SmallNet()),
+                      peer=wrap(SmallNet(width=4, bn_axis_name=parallel.AXIS)))
     state = parallel.put_replicated(state, mesh)
     frozen = parallel.put_replicated(small_frozen(), mesh)
     images, labels = parallel.put_replicated(split, mesh)

@@ -5,7 +5,7 @@ PyTorch rows (tests/peers/torch_bench.py): both implementations draw the same ba
 """
 
 import dataclasses
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 # Epoch given to both steps: past IAD's/AdaIAD's 60-epoch warm-up (the full sequence of forwards); the IGDM term's
 # weight is then (100 + 1) / 200.
@@ -14,8 +14,9 @@ EPOCH = 100
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One benchmarked step: method, student and teacher (arch, kwargs; none for PeerAiD, whose peer is the
-    student's architecture), batch, image size, compute dtype, classes (labels and classifiers)."""
+    """One benchmarked step: method (and plug-ins), student and teacher (arch, kwargs; none for PeerAiD, whose peer
+    is the student's architecture), batch, image size, compute dtype, classes (labels and classifiers); the teacher's
+    classifier kernel is scaled by `teacher_scale` on both sides (a confident teacher, see CPU_LATER)."""
 
     method: str
     student: str
@@ -28,6 +29,8 @@ class Case:
     pgd_steps: int = 10
     note: str = ""
     num_classes: int = 10
+    plugins: Tuple[str, ...] = ()
+    teacher_scale: float = 1.0
 
 
 WRN34_10 = ("wide_resnet", {"depth": 34, "width": 10})
@@ -52,6 +55,12 @@ DM_TINY_WRN28_10 = ("dm_wide_resnet", {**DM_TINY_WRN16_2[1], "depth": 28, "width
 
 def _case(method, student, teacher, **kw) -> Case:
     return Case(method, student[0], student[1], teacher[0], teacher[1], **kw)
+
+
+def transcription(case: Case) -> str:
+    """The name of the case's step in the PyTorch transcriptions (tests/peers/published_steps.py STEPS): the method,
+    prefixed by its plug-ins ('fair_ard' for ARD with `plugins=fair`, Fair-ARD.py)."""
+    return "_".join(tuple(case.plugins) + (case.method,))
 
 
 def _paper_cases(method: str, student, teacher, name: str, **kw) -> Dict[str, Case]:
@@ -100,6 +109,33 @@ CASES = {
     "tiny_bf16": _case("mmard", WRN10_1, WRN10_1, batch=8, size=8, pgd_steps=2, dtype="bfloat16"),
     "tiny_peeraid": _case("peeraid", WRN10_1, NO_TEACHER, batch=8, size=8, pgd_steps=2),
 }
+# The 2023-2026 methods (issue 24) on the CPU, sized as the cpu_* cases above (student WRN-10-1, teacher WRN-16-2,
+# batch 128, 16x16, PGD-10): one entry per method, {transcription name: the Case fields beyond those}; each becomes
+# the case cpu_<name>_wrn16_2_wrn10_1_16px of the group cpu_sota. A random teacher is near uniform, which leaves two
+# losses as float32 noise: SAAD weighs each example by 5 (H - min H), H the teacher's entropy at x' (saad.py:68-78),
+# ~1e-5 for a uniform teacher; Fair-ARD's KL at ARD's T = 30 (Fair-ARD.py:21) of two nearly uniform distributions
+# cancels. Their first-step losses then differ by more than 1e-4 (8x8 versions of the cases: 2.3e-4 and 5.8e-4), so
+# their teacher's classifier kernel is scaled x30, a confident teacher as the robust ones they distil (1.2e-6 and
+# 2.3e-6; tests/test_benchmark.py SHARP_TEACHER does the same for SAAD).
+CPU_LATER = {
+    "saad": {"teacher_scale": 30.0},
+    "dgad": {},
+    "absld": {},
+    "fair_ard": {"method": "ard", "plugins": ("fair",), "teacher_scale": 30.0},
+    "fair_rslad": {"method": "rslad", "plugins": ("fair",)},
+}
+
+
+def _cpu_later_case(name: str, fields: Dict[str, Any]) -> Case:
+    fields = dict(fields)
+    return _case(fields.pop("method", name), WRN10_1, WRN16_2, size=16, **fields)
+
+
+CASES.update({f"cpu_{name}_wrn16_2_wrn10_1_16px": _cpu_later_case(name, fields) for name, fields in CPU_LATER.items()})
+# Fair-ARD's case shrunk for tests (tests/test_benchmark.py): its plug-in and sharpened teacher on both sides, a
+# WRN-10-1 teacher, batch 8, 8x8, PGD-2.
+CASES["tiny_fair_ard"] = dataclasses.replace(CASES["cpu_fair_ard_wrn16_2_wrn10_1_16px"], teacher_kwargs=WRN10_1[1],
+                                             batch=8, size=8, pgd_steps=2)
 # The Tiny-ImageNet case shrunk for tests (tests/test_benchmark.py): the same method, architectures (the student at
 # base width 4, the teacher at depth 10, width 1), 64x64 inputs and 200 classes; batch 4, PGD-1.
 CASES["tiny_64px"] = dataclasses.replace(
@@ -114,8 +150,9 @@ GROUPS = {
     "paper_sota": "adaad_rn18_wrn34_10,adaiad_rn18_wrn34_10,igdm_rn18_wrn34_10,peeraid_rn18",
     "paper_sota_f32": "adaad_rn18_wrn34_10_f32,adaiad_rn18_wrn34_10_f32,igdm_rn18_wrn34_10_f32,peeraid_rn18_f32",
     "cpu": "cpu_mmard_wrn16_2_wrn10_1_16px,cpu_mmard_wrn16_2_mnv2_16px,cpu_rslad_wrn16_2_wrn10_1_16px",
-    "cpu_sota": "cpu_adaad_wrn16_2_wrn10_1_16px,cpu_adaiad_wrn16_2_wrn10_1_16px,cpu_igdm_wrn16_2_wrn10_1_16px,"
-                "cpu_peeraid_wrn10_1_16px",
+    "cpu_sota": ",".join(["cpu_adaad_wrn16_2_wrn10_1_16px", "cpu_adaiad_wrn16_2_wrn10_1_16px",
+                          "cpu_igdm_wrn16_2_wrn10_1_16px", "cpu_peeraid_wrn10_1_16px"]
+                         + [f"cpu_{name}_wrn16_2_wrn10_1_16px" for name in CPU_LATER]),
     "tiny_cpu": CPU_TINY_IMAGENET,
     "tiny_gpu": "adaad_prn18saad_dmwrn28_10_64px,adaad_prn18saad_dmwrn28_10_64px_f32",
 }
@@ -135,9 +172,11 @@ def describe(case: Case) -> str:
     classes where not 10)."""
     kw = lambda d: (" " + ",".join(f"{k}={v}" for k, v in d.items())) if d else ""  # noqa: E731
     source = f"teacher {case.teacher}{kw(case.teacher_kwargs)}" if case.teacher else "peer = the student's architecture"
-    return (f"{case.method.upper()}, student {case.student}{kw(case.student_kwargs)} <- {source}, batch {case.batch}, "
+    method = case.method.upper() + "".join(f" + {p}" for p in case.plugins)
+    return (f"{method}, student {case.student}{kw(case.student_kwargs)} <- {source}, batch {case.batch}, "
             f"{case.size}x{case.size}, {case.dtype}, PGD-{case.pgd_steps}"
             + (f", {case.num_classes} classes" if case.num_classes != 10 else "")
+            + (f", teacher's classifier x{case.teacher_scale:g}" if case.teacher_scale != 1.0 else "")
             + (f" ({case.note})" if case.note else ""))
 
 

@@ -84,7 +84,8 @@ def worker(case_name: str, warmup: int, steps: int, unroll: str, seed: int = 0) 
     shape = (case.size, case.size, 3)
     init = lambda m: jax.jit(lambda k: m.init(k, jnp.zeros((1,) + shape), train=False))(  # noqa: E731
         jax.random.key(seed + 1, impl="rbg"))
-    frozen = parallel.put_replicated(bench_step.frozen_variables(case, nets, init), mesh)
+    frozen = parallel.put_replicated(bench_step.sharpen_teacher(case, bench_step.frozen_variables(case, nets, init)),
+                                     mesh)
     state = parallel.put_replicated(train_step.init_state(nets, method, txs, jax.random.key(seed, impl="rbg"), shape),
                                     mesh)
     rng = np.random.default_rng(seed)  # the same draws in every process

@@ -85,7 +85,7 @@ def jax_step_builder(case: Case, seed: int = 0):
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[case.dtype]
     mesh = parallel.data_mesh()
     parallel.check_divisible(case.batch, mesh)
-    method = methods.get_method(case.method)
+    method = methods.get_method(case.method, plugins=case.plugins)
     common = {"dtype": dtype, "conv_grad": layers.default_conv_grad()}  # a row's --conv_grad: $MMARD_JAX_CONV_GRAD
     classes = case.num_classes
     student = models.create(case.student, classes, bn_axis_name=parallel.AXIS, **common, **case.student_kwargs)
@@ -137,6 +137,17 @@ def frozen_variables(case: Case, nets, init):
     return {"teacher": init(nets.teacher)} if nets.teacher is not None else {}
 
 
+def sharpen_teacher(case: Case, frozen):
+    """The teacher's classifier kernel (`fc`) x `case.teacher_scale` (a confident teacher; bench_cases.CPU_LATER)."""
+    if case.teacher_scale == 1.0:
+        return frozen
+    params = frozen["teacher"]["params"]
+    if "fc" not in params:
+        raise ValueError(f"teacher_scale needs a classifier named 'fc'; {case.teacher} has {sorted(params)}")
+    fc = dict(params["fc"], kernel=params["fc"]["kernel"] * case.teacher_scale)
+    return {**frozen, "teacher": {**frozen["teacher"], "params": {**params, "fc": fc}}}
+
+
 def _abstract_args(case: Case, nets, method, txs, n_images: int):
     """Shapes and dtypes of the step's arguments (no memory, no compilation)."""
     import jax
@@ -176,7 +187,7 @@ def _initial(case: Case, seed: int, mesh, nets, method, txs):
     rep = parallel.replicated(mesh)
     init = lambda m: jax.jit(lambda k: m.init(k, jnp.zeros((1,) + shape), train=False))(  # noqa: E731
         jax.random.key(seed + 1, impl="rbg"))
-    frozen = jax.device_put(frozen_variables(case, nets, init), rep)
+    frozen = jax.device_put(sharpen_teacher(case, frozen_variables(case, nets, init)), rep)
     state = jax.device_put(train_step.init_state(nets, method, txs, jax.random.key(seed, impl="rbg"), shape), rep)
     return state, frozen
 

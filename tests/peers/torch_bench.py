@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from mmard_jax import methods
-from mmard_jax.tools.bench_cases import EPOCH, Case, bench_data
+from mmard_jax.tools.bench_cases import EPOCH, Case, bench_data, transcription
 from mmard_jax.tools.bench_step import load_start, peak_rss_bytes, summarize
 from peers import torch_step
 from peers.architectures import build_model
@@ -32,7 +32,7 @@ def torch_worker(case: Case, warmup: int, steps: int, form_text: str, seed: int 
     if device.type == "cuda" and form.name != "eager":
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(seed)
-    used = methods.get_method(case.method).networks()
+    used = methods.get_method(case.method, plugins=case.plugins).networks()
     arch = {"student": (case.student, case.student_kwargs), "peer": (case.student, case.student_kwargs),
             "teacher": (case.teacher, case.teacher_kwargs)}
     nets = {name: build_model(arch[name][0], case.num_classes, arch[name][1]) for name in arch if name in used}
@@ -44,7 +44,8 @@ def torch_worker(case: Case, warmup: int, steps: int, form_text: str, seed: int 
     nets = {name: net.to(device) for name, net in nets.items()}
     # Our semantics where the published scripts differ in value only: the start projected (the random images hold
     # 0 and 255) and the exact KL (RSLAD's/MTARD's 1e-5); see peers.torch_step's docstring.
-    settings = torch_step.Settings(method=case.method, steps=case.pgd_steps, kl_form="exact", project_start=True)
+    settings = torch_step.Settings(method=transcription(case), steps=case.pgd_steps, kl_form="exact",
+                                   project_start=True)
     step = torch_step.TorchTrainStep(nets["student"], nets.get("teacher"), settings, form, seed=seed,
                                      peer=nets.get("peer"))
     total = warmup + steps
