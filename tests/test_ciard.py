@@ -1,7 +1,9 @@
 """CIARD, the row `ciard` (mmard_jax/methods/ciard.py): the loss, the push weight and the temperature update against
 NumPy written from eminentgu/CIARD @93a9a2d CIARD.py:91-122, :212-251, the hyper-parameters, the forwards (S(x) and
-R(x) before the attack), the robust teacher held before epoch 50, and the real step on 1 and 2 devices (the push
-selection, the weight and the temperatures are of the global batch). Step equality with the script:
+R(x) before the attack) and the real step on 1 and 2 devices (the push selection, the weight and the temperatures are
+of the global batch) from one shared 1-device run; through the real trainer (tests/epoch_runs.py), the robust teacher
+held in the first epoch and trained in the second, and a resume at that boundary bitwise. Step equality with the
+script:
 tests/test_published_steps.py::test_ciard_step_equals_the_published_script."""
 
 import math
@@ -12,9 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmard_jax import methods, parallel, train_step
+from epoch_runs import STEPS_PER_EPOCH, final_state, tiny_config, train_resumed_at_the_boundary
+from mmard_jax import config_lib, methods, parallel, train, train_step
 from mmard_jax.methods import Logits, StepInfo
-from test_train_step import IMG, CountingApply, SmallNet, init_vars, tiny
+from mmard_jax.models import store
+from test_train_step import IMG, CountingApply, SmallNet, init_vars
 
 B, C = 12, 10
 STATE = {"temp_adv": 2.0, "temp_nat": 1.5, "temp_rate": 1e-3}
@@ -125,39 +129,18 @@ def test_every_hyper_parameter_changes_the_loss_or_is_refused(lg):
             methods.get_method("ciard", **bad)
 
 
-def build(mesh, phase, student, rteacher, teacher2, steps=2):
+def build(mesh, student, rteacher, teacher2):
+    """CIARD's main-phase step (its robust teacher trained) with 1-step attacks, and its initial state."""
     method = methods.get_method("ciard")
     schedule = train_step.make_lr_schedule(0.1, 4, 300, "cosine_exp", (149,))
     nets = train_step.Networks(student, teacher2=teacher2, rteacher=rteacher)
     txs = {"student": train_step.make_optimizer(schedule),
            "rteacher": train_step.make_optimizer(train_step.make_lr_schedule(0.05, 4, 300, "cosine_exp", (49,)),
                                                  momentum=0.1)}
-    settings = train_step.StepSettings(steps=steps, crop_padding=2, unroll=1, **methods.attack_defaults("ciard"))
-    fn = train_step.make_train_step(nets, method, phase, txs, schedule, settings, mesh, seed=0)
+    settings = train_step.StepSettings(steps=1, crop_padding=2, unroll=1, **methods.attack_defaults("ciard"))
+    fn = train_step.make_train_step(nets, method, "main", txs, schedule, settings, mesh, seed=0)
     initial = {"rteacher": init_vars(rteacher.module if hasattr(rteacher, "module") else rteacher, 5)}
     return fn, train_step.init_state(nets, method, txs, jax.random.key(1, impl="rbg"), IMG, initial=initial), initial
-
-
-def test_only_declared_forwards_are_computed():
-    """S(x) and R(x) in train mode before the attack (CIARD.py:201, :204), T2(x) (:203), the eval-mode attack's S(x'),
-    then S(x'), R(x') in train mode and T2(x') (mtard_loss.py:60-62); R is never run in inference mode."""
-    mesh = parallel.data_mesh(jax.devices()[:1])
-    for phase in ("main",):
-        student, rteacher, teacher2 = (CountingApply(tiny(parallel.AXIS)), CountingApply(tiny(parallel.AXIS)),
-                                       CountingApply(tiny()))
-        fn, state, _ = build(mesh, phase, student, rteacher, teacher2)
-        for net in (student, rteacher):
-            net.calls.clear()
-        images, labels = np.zeros((16,) + IMG, np.uint8), np.zeros(16, np.int32)
-        jax.eval_shape(fn, state, {"teacher2": init_vars(tiny(), 3)}, images, labels, jnp.arange(16), jnp.asarray(0))
-        assert (sum(student.calls), len(student.calls) - sum(student.calls)) == (2, 1)
-        assert rteacher.calls == [True, True]
-        assert len(teacher2.calls) == 2 and not any(teacher2.calls)
-    method = methods.get_method("ciard")
-    assert method.networks() == {"student", "rteacher", "teacher2"}
-    assert method.pre_attack_order("main") == ("s_nat", "r_nat") and method.train_order("main") == ("s_adv", "r_adv")
-    needed = methods.get_method("ciard", train_forwards="needed")
-    assert needed.pre_attack_order("main") == () and needed.train_order("main") == ("s_adv", "s_nat", "r_adv")
 
 
 @pytest.fixture(scope="module")
@@ -166,24 +149,50 @@ def split():
     return rng.integers(0, 256, (48,) + IMG, dtype=np.uint8), rng.integers(0, 10, 48).astype(np.int32)
 
 
-def run(n_devices, split, phase="main", n_steps=2):
+def run(n_devices, split, count=False):
+    """Two main-phase steps on `n_devices` (with `count`, through CountingApply: the forwards of its one trace)."""
     mesh = parallel.data_mesh(jax.devices()[:n_devices])
-    fn, state, initial = build(mesh, phase, SmallNet(bn_axis_name=parallel.AXIS),
-                               SmallNet(width=4, bn_axis_name=parallel.AXIS), SmallNet(), steps=1)
+    wrap = CountingApply if count else (lambda m: m)
+    nets = (wrap(SmallNet(bn_axis_name=parallel.AXIS)), wrap(SmallNet(width=4, bn_axis_name=parallel.AXIS)),
+            wrap(SmallNet()))
+    fn, state, initial = build(mesh, *nets)
+    for net in nets:
+        getattr(net, "calls", []).clear()  # the initializations' forwards
     state = parallel.put_replicated(state, mesh)
     frozen = parallel.put_replicated({"teacher2": init_vars(SmallNet(), 8)}, mesh)
     images, labels = parallel.put_replicated(split, mesh)
     idx = parallel.put_batch(np.arange(32, dtype=np.int32).reshape(2, 16), mesh, axis=1)
     metrics = []
-    for i in range(n_steps):
-        state, m = fn(state, frozen, images, labels, idx[i], np.int32(100 if phase == "main" else 0))
+    for i in range(2):
+        state, m = fn(state, frozen, images, labels, idx[i], np.int32(100))
         metrics.append(jax.device_get(m))
-    return jax.device_get(state), metrics, initial
+    calls = [list(net.calls) for net in nets] if count else None
+    return jax.device_get(state), metrics, initial, calls
 
 
-def test_one_device_equals_two(split):
-    one, m1, initial = run(1, split)
-    two, m2, _ = run(2, split)
+@pytest.fixture(scope="module")
+def one_device(split):
+    """The 1-device run, shared by the forwards count and the 1 == 2 devices test (one compilation)."""
+    return run(1, split, count=True)
+
+
+def test_only_declared_forwards_are_computed(one_device):
+    """S(x) and R(x) in train mode before the attack (CIARD.py:201, :204), T2(x) (:203), the eval-mode attack's S(x'),
+    then S(x'), R(x') in train mode and T2(x') (mtard_loss.py:60-62); R is never run in inference mode."""
+    student, rteacher, teacher2 = one_device[3]
+    assert (sum(student), len(student) - sum(student)) == (2, 1)
+    assert rteacher == [True, True]
+    assert len(teacher2) == 2 and not any(teacher2)
+    method = methods.get_method("ciard")
+    assert method.networks() == {"student", "rteacher", "teacher2"}
+    assert method.pre_attack_order("main") == ("s_nat", "r_nat") and method.train_order("main") == ("s_adv", "r_adv")
+    needed = methods.get_method("ciard", train_forwards="needed")
+    assert needed.pre_attack_order("main") == () and needed.train_order("main") == ("s_adv", "s_nat", "r_adv")
+
+
+def test_one_device_equals_two(one_device, split):
+    one, m1, initial, _ = one_device
+    two, m2, _, _ = run(2, split)
     chex.assert_trees_all_close((one.nets, one.method_state), (two.nets, two.method_state), rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(m1, m2, rtol=1e-5, atol=1e-5)
     assert int(one.bad_step) == -1 and all(m["push_examples"] > 0 for m in m1)
@@ -191,20 +200,6 @@ def test_one_device_equals_two(split):
     moved = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(one.nets["rteacher"].params),
                                                     jax.tree.leaves(initial["rteacher"]["params"])))
     assert moved > 1e-4
-
-
-def test_warmup_holds_the_robust_teacher_but_moves_its_statistics(split):
-    """Before 1-based epoch 51 the teacher is not stepped (CIARD.py:291-293: no update, no decay, no momentum) while
-    its train-mode forwards move its BatchNorm statistics; its schedule's count advances with the run."""
-    state, _, initial = run(1, split, phase="warmup")  # two steps
-    chex.assert_trees_all_equal(state.nets["rteacher"].params, initial["rteacher"]["params"])
-    trace = [a for a in jax.tree.leaves(state.nets["rteacher"].opt_state) if a.dtype != np.int32]
-    assert all(np.all(a == 0) for a in trace)
-    counts = [int(a) for a in jax.tree.leaves(state.nets["rteacher"].opt_state) if a.dtype == np.int32]
-    assert counts and all(c == 2 for c in counts)
-    stats = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(state.nets["rteacher"].batch_stats),
-                                                    jax.tree.leaves(initial["rteacher"]["batch_stats"])))
-    assert stats > 1e-4
 
 
 def test_schedule_is_the_scripts():
@@ -218,3 +213,56 @@ def test_schedule_is_the_scripts():
     for e in (51, 100, 215, 300):
         want = 1e-4 * (0.5 + 0.5 * math.cos(math.pi * (e - 50) / 250)) * math.exp(-0.01 * (e - 50) ** 2 / 250 ** 2)
         np.testing.assert_allclose(float(t(e - 1)), want, rtol=1e-6, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- two epochs through the trainer
+
+
+def tiny_ciard_config(root):
+    """The tiny trainer run as CIARD (both teachers its WRN-10-1 teacher): the robust teacher held in epoch 1
+    (ciard_teacher_start 1) and trained in epoch 2 at the rate of the script's schedule (300 epochs) x 100."""
+    config = tiny_config(root, config_lib.method_block("ciard", dataset="digits", ciard_teacher_start=1))
+    config.teacher2.checkpoint = config.teacher.checkpoint
+    config.attack.init, config.attack.student_bn = "gaussian", "eval"
+    config.rteacher.optim.lr, config.rteacher.optim.schedule_epochs = 0.01, 300
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ciard")
+    config = tiny_ciard_config(root)
+    train.train_and_evaluate(config, root / "run", progress=False)
+    return root, config
+
+
+def test_warmup_holds_the_robust_teacher_but_moves_its_statistics(trained):
+    """Before 1-based epoch 51 (here: the first epoch) the teacher is not stepped (CIARD.py:291-293: no update, no
+    decay, no momentum) while its train-mode forwards move its BatchNorm statistics; its schedule's count advances
+    with the run; then it trains from config.teacher's variables."""
+    root, config = trained
+    start = jax.device_get(store.load_model(config.teacher.checkpoint)[1])
+    held = jax.device_get(final_state(root / "run", STEPS_PER_EPOCH)["nets"]["rteacher"])
+    chex.assert_trees_all_equal(held["params"], start["params"])
+    assert all(np.all(a == 0) for a in jax.tree.leaves(held["opt_state"]) if a.dtype != np.int32)
+    counts = [int(a) for a in jax.tree.leaves(held["opt_state"]) if a.dtype == np.int32]
+    assert counts and all(c == STEPS_PER_EPOCH for c in counts)
+    stats = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(held["batch_stats"]),
+                                                    jax.tree.leaves(start["batch_stats"])))
+    assert stats > 1e-4
+    end = jax.device_get(final_state(root / "run"))
+    moved = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(end["nets"]["rteacher"]["params"]),
+                                                    jax.tree.leaves(start["params"])))
+    assert moved > 1e-4
+    # The temperatures moved from 1 (one of the two rises at each step, the other stays clipped at 1).
+    assert max(float(end["method_state"][k]) for k in ("temp_adv", "temp_nat")) > 1.0
+
+
+def test_resume_across_the_epoch_boundary_is_bitwise(trained, tmp_path, monkeypatch):
+    """Stopped (and saved) after the held epoch's last step; the rerun trains the robust teacher in epoch 2 and ends
+    equal: the student, the robust teacher's parameters, statistics and optimizer state, the temperatures."""
+    root, config = trained
+    train_resumed_at_the_boundary(config, tmp_path / "run", monkeypatch)
+    a, b = final_state(root / "run"), final_state(tmp_path / "run")
+    assert set(a["nets"]) == {"student", "rteacher"} and set(a["method_state"]) == {"temp_adv", "temp_nat", "temp_rate"}
+    chex.assert_trees_all_equal(a, b)
