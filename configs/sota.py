@@ -40,6 +40,13 @@ script's MobileNetV2 loss (`dgad_form='mobilenetv2_script'`, main.py:439-441). I
 distils its own TRADES PreAct-ResNet-18 (`teacher_models/TinyImageNet/TRADES/best_PGD10_acc_model.pth`,
 main_tiny.py:226-229), whose weights are not published: no `preact_resnet18_dgad` row.
 
+CIARD (ICCV 2025; eminentgu/CIARD @93a9a2d) runs as CIARD.py: MobileNetV2 (CIARD.py:67) and ResNet-18 on CIFAR-10, and
+ResNet-18 on CIFAR-100, recipe RECIPES['ciard'] (300 epochs, 'cosine_exp' from 0-based epoch 149). Its robust teacher
+(trained during the run, config.rteacher.optim) starts from config.teacher: TRADES' WRN-34-10 on CIFAR-10 (CIARD.py:
+136 loads `model_cifar_wrn.pt`, Zhang2019Theoretically), the paper teacher WRN-70-16 on CIFAR-100 (the script names
+none). Its clean teacher is config.teacher2, a naturally trained network of the user's (the script's ResNet-56,
+CIARD.py:154-155, has no architecture here; docs/design.md "Deviations" 37).
+
 """
 
 from mmard_jax import config_lib
@@ -63,9 +70,10 @@ FAIR = {"fair_ard": "ard", "fair_iad": "iad", "fair_rslad": "rslad", "fair_mtard
 # resnet18_absld_cifar10.py, whose teacher is TRADES' WRN-34-10, :61-62 `model_cifar_wrn.pt`, RobustBench's
 # Zhang2019Theoretically: our paper teacher; recipe RECIPES['absld']).
 # DGAD: main.py:180-183 (students mobilenetV2, resnet18), :206-245 (teachers on CIFAR-10 and CIFAR-100 only).
-METHODS_OF = {"resnet18_cifar10": METHODS + tuple(FAIR) + ("absld", "saad", "dgad"),
-              "mobilenet_v2_cifar10": ("mmard", "adaad", "adaiad", "igdm", "dgad"),
-              "resnet18_cifar100": METHODS + ("dgad",),
+# CIARD: CIARD.py:67 trains MobileNetV2 (resnet18 the commented alternative) on CIFAR-10; the paper adds CIFAR-100.
+METHODS_OF = {"resnet18_cifar10": METHODS + tuple(FAIR) + ("absld", "saad", "dgad", "ciard"),
+              "mobilenet_v2_cifar10": ("mmard", "adaad", "adaiad", "igdm", "dgad", "ciard"),
+              "resnet18_cifar100": METHODS + ("dgad", "ciard"),
               "preact_resnet18_tiny_imagenet": ("adaad", "igdm", "saad"),
               "resnet18_tiny_imagenet": ("peeraid",), "wrn34_10_tiny_imagenet": ("peeraid",),
               "resnet18_svhn": ("adaad", "igdm", "saad")}

@@ -46,6 +46,16 @@ ADDED_SINCE: Mapping[str, Any] = {
     "swa.start_epoch": -1,  # when it is enabled
     "swa.every_epochs": 1,
     "swa.bn_recompute": True,
+    # CIARD's robust-teacher optimizer (config_lib.RTEACHER_OPTIM); runs of every other method never read it.
+    "rteacher.optim.lr": 1e-4,
+    "rteacher.optim.momentum": 0.1,
+    "rteacher.optim.weight_decay": 2e-4,
+    "rteacher.optim.nesterov": False,
+    "rteacher.optim.schedule": "cosine_exp",
+    "rteacher.optim.boundaries": [49],
+    "rteacher.optim.decay": 0.1,
+    "rteacher.optim.per_epoch": False,
+    "rteacher.optim.schedule_epochs": 0,
 }
 # Keys that may only grow, and only when the caller allows it (the flag that allows it, for messages).
 EXTENDABLE: Mapping[str, str] = {"num_epochs": "--extend_epochs"}

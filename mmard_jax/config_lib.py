@@ -111,6 +111,9 @@ def optim_block(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(block)
 
 
+# CIARD's robust-teacher optimizer (config.rteacher.optim; eminentgu/CIARD @93a9a2d CIARD.py:148-149, :272-279).
+RTEACHER_OPTIM = {"lr": 1e-4, "momentum": 0.1, "weight_decay": 2e-4, "schedule": "cosine_exp", "boundaries": (49,)}
+
 # Published training recipes where a method's code differs from the paper's unified one (section 4.1):
 # method -> {num_epochs, optim overrides, attack overrides, batch_size per dataset}. The MMARD paper keeps "the
 # default settings of the original papers" for its baselines (section 4.1, "Baselines"): Tables 3 and 4 use
@@ -136,6 +139,11 @@ RECIPES = {
     # ABSLD (zhaoshiji123/ABSLD @7407c3a) resnet18_absld_cifar10.py:20-21 (300 epochs, batch 128), :54 (SGD 0.1,
     # momentum 0.9, wd 2e-4), :173-176 (x0.1 after epochs 215, 260, 285; the temperatures' rate with it).
     "absld": {"num_epochs": 300, "optim": {**PIECEWISE, "boundaries": (215, 260, 285)}},
+    # CIARD (eminentgu/CIARD @93a9a2d) CIARD.py:33-34 (300 epochs, batch 128), :76 (SGD 0.1, momentum 0.9, wd 2e-4),
+    # :262-270 (0.1 until 1-based epoch 150, then (1 + cos) / 2 x exp per epoch: 'cosine_exp' from 0-based 149),
+    # :52-56 (crop 32 padded by 4, flip), :209-210 (eps 8/255, step 2/255, 10 steps). The robust teacher's optimizer
+    # is config.rteacher.optim (RTEACHER_OPTIM).
+    "ciard": {"num_epochs": 300, "optim": {"schedule": "cosine_exp", "boundaries": (149,), "per_epoch": True}},
     # AdaAD main.py:58-64 (200 epochs, SGD 0.1, momentum 0.9, wd 5e-4) and :113-139 (x0.1 at epochs 100, 150).
     "adaad": {"num_epochs": 200, "optim": {**PIECEWISE, "weight_decay": 5e-4, "boundaries": (100, 150)}},
     "adaiad": {"num_epochs": 200, "optim": {**PIECEWISE, "weight_decay": 5e-4, "boundaries": (100, 150)}},
@@ -246,7 +254,8 @@ def base_config(method: str = "mmard", student: str = "resnet18", dataset: str =
                                            "conv_grad": default_conv_grad()})
     c.method = method_block(method, inner=inner, plugins=plugins, dataset=dataset)
     networks = resolve_method(c.method).networks()
-    needs_teacher = "teacher" in networks and dataset in DEFAULT_TEACHER
+    # CIARD's trained robust teacher starts from config.teacher's checkpoint.
+    needs_teacher = bool({"teacher", "rteacher"} & networks) and dataset in DEFAULT_TEACHER
     # teacher.conv_grad also serves teacher2.
     c.teacher = ml_collections.ConfigDict(
         {"checkpoint": teacher_dir(dataset, teacher) if needs_teacher else "", "dtype": "float32",
@@ -260,6 +269,10 @@ def base_config(method: str = "mmard", student: str = "resnet18", dataset: str =
     # PeerAiD's peer: the student's architecture unless set (PeerAiD README.md:31), its own optimizer.
     c.peer = ml_collections.ConfigDict({"arch": "", "kwargs": ml_collections.ConfigDict(), "dtype": "float32",
                                         "optim": optim_block()})
+    # CIARD's robust teacher, trained during distillation from config.teacher's checkpoint with its own optimizer
+    # (eminentgu/CIARD @93a9a2d CIARD.py:148-149: SGD lr 1e-4, momentum 0.1, wd 2e-4; :272-279: the rate from
+    # 1-based epoch 50 decays as (1 + cos) / 2 x exp; the 300 epochs of :33 are the run's).
+    c.rteacher = ml_collections.ConfigDict({"optim": optim_block(**RTEACHER_OPTIM)})
     # Inner maximization: PGD-10, eps 8/255, step 2/255; the start and the student's BatchNorm mode follow
     # the method's published code (methods.ROWS), the Gaussian start has scale 0.001.
     c.attack = ml_collections.ConfigDict(

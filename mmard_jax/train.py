@@ -130,6 +130,7 @@ class Run:
     swa_bn: Any = None  # the jitted BN recompute of the SWA student (swa.make_bn_pass) where config.swa is on
     num_classes: int = 0
     epoch_update: Any = None  # the jitted method.epoch_update where the method keeps state across epochs
+    initial: Dict[str, Any] = dataclasses.field(default_factory=dict)  # trained networks' starting variables
 
     def step_fn(self, phase: str):
         """The compiled step of a phase (built on first use)."""
@@ -180,14 +181,26 @@ def build_networks(config, method: methods.Method, num_classes: int, input_shape
         if role in used:
             nets[role], frozen[role] = load_frozen(config[role], role, num_classes, input_shape,
                                                    config.teacher.conv_grad)
+    if "rteacher" in used:  # CIARD: the robust teacher of config.teacher, trained (its variables start the state)
+        module, frozen["rteacher"] = load_frozen(config.teacher, "teacher", num_classes, input_shape,
+                                                 config.teacher.conv_grad)
+        nets["rteacher"] = module.clone(bn_axis_name=parallel.AXIS)
     return train_step.Networks(**nets), frozen, spec
 
 
+def split_initial(frozen: Dict[str, Any]):
+    """(the teachers' variables the step reads, {trained network: the variables it starts from} where not a random
+    initialization: CIARD's robust teacher)."""
+    initial = {k: v for k, v in frozen.items() if k in methods.core.TRAINED}
+    return {k: v for k, v in frozen.items() if k not in initial}, initial
+
+
 def build_optimizers(config, nets: train_step.Networks, steps_per_epoch: int):
-    """One optimizer per trained network (the peer has its own block), and the student's schedule."""
+    """One optimizer per trained network (the peer and CIARD's robust teacher have their own blocks), and the
+    student's schedule."""
     txs, schedules = {}, {}
     for name in nets.trained():
-        opt = config.optim if name == "student" else config.peer.optim
+        opt = {"student": config.optim, "peer": config.peer.optim}.get(name) or config.rteacher.optim
         epochs = opt.get("schedule_epochs", 0) or config.num_epochs
         schedules[name] = train_step.make_lr_schedule(opt.lr, steps_per_epoch, epochs, opt.schedule,
                                                       tuple(opt.boundaries), opt.decay, opt.per_epoch)
@@ -209,6 +222,7 @@ def setup(config, workdir: pathlib.Path, progress: bool, guard) -> Run:
     train, test = load_data(config)
     method = config_lib.resolve_method(config.method)
     nets, frozen, spec = build_networks(config, method, train.num_classes, train.images.shape[1:])
+    frozen, initial = split_initial(frozen)
     steps_per_epoch = data.num_train_steps(len(train), config.batch_size)
     txs, schedule = build_optimizers(config, nets, steps_per_epoch)
     eval_student = store.build_module(spec, config.student.dtype, conv_grad=config.student.conv_grad)
@@ -231,6 +245,7 @@ def setup(config, workdir: pathlib.Path, progress: bool, guard) -> Run:
               checkpoints.TrainCheckpoints(workdir, config.best_metric, say=sinks.say, swa=with_swa), sinks,
               guard, stopping.StopAgreement(mesh))
     run.num_classes = train.num_classes
+    run.initial = initial
     if method.epoch_terms:
         run.epoch_update = jax.jit(method.epoch_update, donate_argnums=(0,), out_shardings=parallel.replicated(mesh))
     if with_swa:
@@ -256,7 +271,7 @@ def restore_or_init(run: Run):
     swa_init = swa.init if swa_enabled(run.config) else None
     state = parallel.put_replicated(
         train_step.init_state(run.nets, run.method, run.txs, key, run.input_shape, swa_init=swa_init,
-                              num_classes=run.num_classes), run.mesh)
+                              num_classes=run.num_classes, initial=run.initial), run.mesh)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), saved_form(state))
     restored = run.ckpt.restore(abstract)
     if restored is None:
@@ -462,7 +477,9 @@ def record_start(workdir: pathlib.Path, config, extend_epochs: bool) -> None:
 def teacher_fingerprints(config) -> Dict[str, str]:
     """What the teachers the method uses hold (checkpoints.fingerprint), recorded in config.json: a resume whose teacher
     changed behind the same path is refused like any other change of what is trained."""
-    used = config_lib.resolve_method(config.method).networks()
+    used = set(config_lib.resolve_method(config.method).networks())
+    if "rteacher" in used:  # CIARD's trained robust teacher starts from config.teacher
+        used.add("teacher")
     return {role: checkpoints.fingerprint(config[role].checkpoint) if pathlib.Path(config[role].checkpoint).is_dir()
             else "missing" for role in ("teacher", "teacher2") if role in used}
 

@@ -4,8 +4,8 @@ jitted program, written per device and mapped over the 'data' mesh axis with `ja
 Semantics do not depend on the device or process count: the loss is the mean over the global batch (a pmean
 of per-device means), BatchNorm averages its batch statistics over the axis, and every random draw is keyed
 by the example's position in the global batch. With N devices the step computes what one device computes on
-the same global batch. The networks a method trains (the student, and PeerAiD's peer) each have their own
-optimizer and are updated from one gradient of the summed loss; teachers are frozen inputs, never saved.
+the same global batch. The networks a method trains (the student, PeerAiD's peer, CIARD's robust teacher) each have
+their own optimizer and are updated from one gradient of the summed loss; teachers are frozen inputs, never saved.
 """
 
 import dataclasses
@@ -38,7 +38,7 @@ class TrainState:
     """Everything that changes during training (teachers are inputs of the step, never part of it)."""
 
     step: Array
-    nets: Dict[str, NetState]  # 'student', and 'peer' where the method trains one
+    nets: Dict[str, NetState]  # 'student', and 'peer' / 'rteacher' where the method trains one
     method_state: Any
     bad_step: Array  # first step whose loss or gradient was not finite (-1 if none); updates stop there
     swa: Any = None  # swa.SwaState where config.swa is enabled (updated between epochs, never by the step)
@@ -53,7 +53,7 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class Networks:
-    """The modules of a step: the trained ones (student; peer) and the frozen teachers (None where unused).
+    """The modules of a step: the trained ones (student; peer; rteacher) and the frozen teachers (None where unused).
 
     Trained modules must be built with `bn_axis_name='data'` (BatchNorm statistics of the global batch)."""
 
@@ -61,6 +61,7 @@ class Networks:
     teacher: Any = None
     teacher2: Any = None
     peer: Any = None
+    rteacher: Any = None  # CIARD's robust teacher, trained from the checkpoint of config.teacher
 
     def trained(self) -> tuple:
         return tuple(n for n in methods.core.TRAINED if getattr(self, n) is not None)
@@ -98,7 +99,8 @@ def make_optimizer(lr_schedule: Callable, momentum: float = 0.9, weight_decay: f
 def make_lr_schedule(base_lr: float, steps_per_epoch: int, num_epochs: int, name: str = "cosine",
                      boundaries_epochs=(), decay: float = 0.1, per_epoch: bool = False) -> Callable:
     """Learning rate as a function of the step, from optax: cosine annealing to 0 over the run, or
-    piecewise-constant (x `decay` at each boundary epoch). `per_epoch=True` holds the cosine constant within an
+    piecewise-constant (x `decay` at each boundary epoch), or CIARD's per-epoch cosine-times-Gaussian decay from
+    one boundary epoch ('cosine_exp'). `per_epoch=True` holds the cosine constant within an
     epoch (PyTorch's CosineAnnealingLR stepped once per epoch); piecewise rates change at epoch starts anyway."""
     if name == "cosine":
         if per_epoch:
@@ -110,25 +112,42 @@ def make_lr_schedule(base_lr: float, steps_per_epoch: int, num_epochs: int, name
         for b in sorted(boundaries_epochs):
             bounds[int(b) * steps_per_epoch] = bounds.get(int(b) * steps_per_epoch, 1.0) * decay
         return optax.piecewise_constant_schedule(base_lr, bounds)
-    raise ValueError(f"unknown lr schedule {name!r}; known: cosine, piecewise")
+    if name == "cosine_exp":
+        # CIARD.py:262-267 (the student, from 1-based epoch 150) and :272-279 (its robust teacher, from 50), per
+        # epoch: base until the 0-based epoch b = boundaries[0], then base (1 + cos(pi t)) / 2 exp(-0.01 t^2) with
+        # t = (epoch - b) / (num_epochs - 1 - b) (the script's (e - s) / (E - s) at 1-based e = epoch + 1, s = b + 1).
+        if len(boundaries_epochs) != 1 or not 0 <= int(boundaries_epochs[0]) < num_epochs - 1:
+            raise ValueError(f"lr schedule 'cosine_exp' takes one boundary epoch in [0, {num_epochs - 1}), got "
+                             f"{tuple(boundaries_epochs)}")
+        b = int(boundaries_epochs[0])
+
+        def cosine_exp(step):
+            t = jnp.maximum(jnp.floor_divide(step, steps_per_epoch) - b, 0) / (num_epochs - 1 - b)
+            return base_lr * (0.5 + 0.5 * jnp.cos(jnp.pi * t)) * jnp.exp(-0.01 * t * t)
+
+        return cosine_exp
+    raise ValueError(f"unknown lr schedule {name!r}; known: cosine, piecewise, cosine_exp")
 
 
 def init_state(nets: Networks, method: methods.Method, txs: Mapping[str, Any], rng, input_shape,
-               swa_init: Callable = None, num_classes: int = 0) -> TrainState:
+               swa_init: Callable = None, num_classes: int = 0, initial: Mapping[str, Any] = None) -> TrainState:
     """Initial variables and optimizer states of the trained networks, and the method's state and epoch state
     (for `num_classes`, by default the student's; and, given `swa_init(params, batch_stats)`, the SWA student's
-    state from the student's initial variables).
+    state from the student's initial variables). `initial`: {network: variables} it starts from instead of a
+    random initialization (CIARD's robust teacher: the pretrained checkpoint).
 
     One jitted program: eager Flax init compiles one small program per parameter (13 s for a ResNet-18 on CPU),
     and eager optax init one per buffer shape (13 for a WRN).
     """
 
-    def build(rng):
+    initial = dict(initial or {})
+
+    def build(rng, initial):
         x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
         states = {}
         for i, name in enumerate(nets.trained()):
             key = rng if name == "student" else jax.random.fold_in(rng, i)
-            variables = getattr(nets, name).init(key, x, train=False)
+            variables = initial[name] if name in initial else getattr(nets, name).init(key, x, train=False)
             states[name] = NetState(variables["params"], variables.get("batch_stats", {}),
                                     txs[name].init(variables["params"]))
         swa = None if swa_init is None else swa_init(states["student"].params, states["student"].batch_stats)
@@ -139,7 +158,7 @@ def init_state(nets: Networks, method: methods.Method, txs: Mapping[str, Any], r
         return TrainState(step=jnp.zeros((), jnp.int32), nets=states, method_state=method.init_state(),
                           bad_step=jnp.full((), -1, jnp.int32), swa=swa, epoch_state=epoch_state)
 
-    return jax.jit(build)(rng)
+    return jax.jit(build)(rng, initial)
 
 
 # ----------------------------------------------------------------------------- per-device pieces
@@ -237,6 +256,29 @@ def trained_forwards(nets: Networks, order, params, batch_stats, at) -> tuple:
     return logits, batch_stats
 
 
+def forwards_before_attack(nets: Networks, before, needed, state: TrainState, x):
+    """The train-mode forwards at x that run before the attack (CIARD.py:201, :204), in order: ({name: logits of
+    its first run, where the loss reads it}, {name: its pullback to the network's parameters}, the state with the
+    BatchNorm statistics they moved, which the attack and the later forwards read)."""
+    logits, pullbacks, nets_state = {}, {}, dict(state.nets)
+    for name in before:
+        net = methods.OUTER_FORWARDS[name][0]
+        s = nets_state[net]
+
+        def forward(params, s=s, net=net):
+            out, upd = getattr(nets, net).apply({"params": params, "batch_stats": s.batch_stats}, x, train=True,
+                                                mutable=["batch_stats"])
+            return out, upd["batch_stats"]
+
+        if name in needed and name not in logits:
+            out, pullback, stats = jax.vjp(forward, s.params, has_aux=True)
+            logits[name], pullbacks[name] = out, pullback
+        else:
+            _, stats = forward(jax.lax.stop_gradient(s.params))
+        nets_state[net] = s.replace(batch_stats=stats)
+    return logits, pullbacks, state.replace(nets=nets_state)
+
+
 def frozen_forwards(nets: Networks, needed, frozen, at, consts) -> Dict[str, Array]:
     """The teachers' outer forwards, in inference mode (T(x) reused from the attack's constants)."""
     out = {}
@@ -258,6 +300,12 @@ def guarded_update(state: TrainState, nets: Dict[str, NetState], method_state, o
                         (state.nets, state.method_state, state.epoch_state))
     bad = jnp.where((state.bad_step < 0) & ~ok, state.step, state.bad_step)
     return state.replace(step=state.step + 1, nets=kept[0], method_state=kept[1], epoch_state=kept[2], bad_step=bad)
+
+
+def advance_counts(opt_state, steps=1):
+    """An optimizer state with its step counts (its integer leaves: optax's schedule counts) `steps` on and every
+    buffer (momentum) unchanged: what a step that does not update the network leaves."""
+    return jax.tree.map(lambda a: a + steps if jnp.issubdtype(a.dtype, jnp.integer) else a, opt_state)
 
 
 def _all_finite(tree) -> Array:
@@ -284,9 +332,13 @@ def make_train_step(nets: Networks, method: methods.Method, phase: str, txs: Map
     needed, order, forwards = method.outer_needs(phase), method.train_order(phase), method.forwards(phase)
     base_key = jax.random.key(seed)
 
+    before, held = method.pre_attack_order(phase), method.held(phase)
+
     def per_device(state: TrainState, frozen, images, labels, idx, epoch):
         k_aug, k_init = jax.random.split(jax.random.fold_in(base_key, state.step))
         x, y = augment_batch(images, labels, idx, k_aug, settings)
+        start = state  # a non-finite step keeps this one (BatchNorm statistics included)
+        pre_logits, pre_vjps, state = forwards_before_attack(nets, before, needed, state, x)
         consts = inner_constants(nets, forwards, state, frozen, x, y)
         keys = parallel.example_keys(k_init, parallel.global_positions(idx.shape[0]))
         x_adv, s_stats, correct = adversarial_input(nets, method, settings, state, frozen, x, y, consts, keys)
@@ -296,27 +348,35 @@ def make_train_step(nets: Networks, method: methods.Method, phase: str, txs: Map
         info = methods.StepInfo(epoch=epoch, lr_scale=lr / settings.base_lr, phase=phase, axis_name=parallel.AXIS)
         stats = {n: (s_stats if n == "student" else state.nets[n].batch_stats) for n in state.nets}
 
-        def loss_fn(params):
+        def loss_fn(params, pre):
             trained, new_stats = trained_forwards(nets, order, params, stats, at)
-            logits = methods.Logits(**{k: v for k, v in {**trained, **teachers}.items() if k in needed})
+            logits = methods.Logits(**{k: v for k, v in {**trained, **pre, **teachers}.items() if k in needed})
             local, metrics, new_mstate = method.loss(logits, y, state.method_state, info, state.epoch_state)
             # The global loss: mean over devices of per-device batch means (equal local batch sizes).
             return jax.lax.pmean(local, parallel.AXIS), (metrics | _accuracies(trained, y), new_mstate, new_stats,
                                                          jax.lax.stop_gradient(logits))
 
         params = {n: s.params for n, s in state.nets.items()}
-        (loss, (metrics, new_mstate, new_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (loss, (metrics, new_mstate, new_stats, logits)), (grads, pre_grads) = jax.value_and_grad(
+            loss_fn, argnums=(0, 1), has_aux=True)(params, pre_logits)
+        for name, pullback in pre_vjps.items():  # the pre-attack forwards' share of the gradient
+            net = methods.OUTER_FORWARDS[name][0]
+            grads[net] = jax.tree.map(jnp.add, grads[net], pullback(pre_grads[name])[0])
         # The epoch states' sums over the global batch (a psum over every device and process).
         new_estate = method.accumulate(state.epoch_state, methods.core.Tally(y, logits, correct), parallel.AXIS)
         # grads are already the gradient of the global loss: shard_map sums the per-device contributions to a
         # replicated input (no extra pmean; docs/design.md, "Data parallelism and multi-host").
         new_nets = {}
         for n, s in state.nets.items():
+            if n in held:  # not trained in this phase: no update, no weight decay, no momentum (CIARD.py:291-293);
+                # its schedule's step count advances with the run's (the rate is a function of the epoch, :272-282).
+                new_nets[n] = NetState(s.params, new_stats[n], advance_counts(s.opt_state))
+                continue
             updates, opt_state = txs[n].update(grads[n], s.opt_state, s.params)
             new_nets[n] = NetState(optax.apply_updates(s.params, updates), new_stats[n], opt_state)
         ok = jnp.isfinite(loss) & _all_finite(grads) & (state.bad_step < 0)
         out = {"loss": loss, "lr": lr, **jax.lax.pmean(metrics, parallel.AXIS)}
-        return guarded_update(state, new_nets, new_mstate, ok, new_estate), out
+        return guarded_update(start, new_nets, new_mstate, ok, new_estate), out
 
     mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(), P(parallel.AXIS), P()),
                            out_specs=(P(), P()))

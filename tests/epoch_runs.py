@@ -38,10 +38,10 @@ def records(workdir):
     return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def final_state(workdir):
-    """The train state saved after the run's last step (a pytree of NumPy arrays)."""
+def final_state(workdir, step=fault.STEPS):
+    """The train state saved after `step` (by default the run's last step; a pytree of NumPy arrays)."""
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(pathlib.Path(workdir) / checkpoints.LATEST / str(fault.STEPS) / "state")
+        return checkpointer.restore(pathlib.Path(workdir) / checkpoints.LATEST / str(step) / "state")
 
 
 def train_resumed_at_the_boundary(config, workdir, monkeypatch) -> None:

@@ -146,6 +146,7 @@ def test_a_run_saved_before_a_key_existed_resumes_with_its_old_behaviour(base):
                        ("dataset", "class_order")):
         del old[block][key]
     del old["swa"]  # the SWA student's block (tests/test_swa.py checks that turning it on is refused)
+    del old["rteacher"]  # CIARD's robust-teacher optimizer block
     allowed = check_resume(old, base)
     assert {c.key for c in allowed} == set(config_guard.ADDED_SINCE) and {c.kind for c in allowed} == {"added"}
     with pytest.raises(ConfigChangedError, match=r"attack.norm: \(absent\) -> \"L2\""):
@@ -154,3 +155,5 @@ def test_a_run_saved_before_a_key_existed_resumes_with_its_old_behaviour(base):
         check_resume(old, _new(base, student__conv_grad="lax"))
     with pytest.raises(ConfigChangedError, match=r"dataset.class_order: \(absent\) -> \"wnids\""):
         check_resume(old, _new(base, dataset__class_order="wnids"))
+    with pytest.raises(ConfigChangedError, match=r"rteacher.optim.lr: \(absent\) -> 0.01"):
+        check_resume(old, _new(base, rteacher__optim__lr=0.01))

@@ -72,7 +72,7 @@ def test_tables_cover_the_paper():
     assert len([r for r in runs if r[0] == "table7_readings"]) == 16
     sota = [a for t, a in runs if t == "sota"]
     rows = ("mmard", "adaad", "adaiad", "igdm", "peeraid", "fair_ard", "fair_iad", "fair_rslad", "fair_mtard", "absld",
-            "saad", "dgad")
+            "saad", "dgad", "ciard")
     assert {a.split(",")[0] for a in sota} == {f"method={m}" for m in rows}
     assert "method=peeraid,setting=mobilenet_v2_cifar10" not in sota  # not reported by its paper
     # Beyond CIFAR: only the rows whose published code runs there (DGAD's Tiny-ImageNet teacher is unpublished).
@@ -343,7 +343,9 @@ def structure_key(config, method):
                      for p in phases(method, config.num_epochs))
     return (config.student.arch, tuple(sorted(config.student.kwargs.items())), tuple(sorted(method.networks())),
             method.inner.name, method.outer.name, tuple(p.name for p in method.plugins), forwards,
-            config.attack.student_bn, IMAGE_SHAPE[config.dataset.name])
+            config.attack.student_bn, IMAGE_SHAPE[config.dataset.name],
+            # a trained teacher's variables are part of the state (CIARD's robust teacher)
+            config.teacher.checkpoint if "rteacher" in method.networks() else "")
 
 
 @pytest.mark.parametrize("table,arg", list(all_runs()))
@@ -359,16 +361,21 @@ def test_every_run_builds_abstractly(table, arg):
         arch = config.peer.arch or config.student.arch
         nets["peer"] = create(arch, num_classes, bn_axis_name=parallel.AXIS,
                               **traced_kwargs(arch, config.peer.kwargs if config.peer.arch else config.student.kwargs))
-    frozen = {}
+    frozen, initial = {}, {}
     for role in ("teacher", "teacher2"):
         if role in method.networks():
             nets[role], frozen[role] = abstract_teacher(config[role].checkpoint, shape)
             assert nets[role].num_classes == num_classes
-        else:
+        elif not (role == "teacher" and "rteacher" in method.networks()):
             assert not config[role].checkpoint, role
+    if "rteacher" in method.networks():  # CIARD: the robust teacher of config.teacher, trained from its variables
+        module, initial["rteacher"] = abstract_teacher(config.teacher.checkpoint, shape)
+        nets["rteacher"] = module.clone(bn_axis_name=parallel.AXIS)
+        assert module.num_classes == num_classes
     nets = train_step.Networks(**nets)
     txs, schedule = train.build_optimizers(config, nets, steps_per_epoch)
-    state = jax.eval_shape(lambda: train_step.init_state(nets, method, txs, jax.random.key(0), shape))
+    state = jax.eval_shape(lambda init: train_step.init_state(nets, method, txs, jax.random.key(0), shape,
+                                                              initial=init), initial)
     key = structure_key(config, method)
     if key in _TRACED:  # the same program was traced for another run of this session
         assert jax.tree.structure(_TRACED[key]) == jax.tree.structure(state)

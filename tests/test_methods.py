@@ -17,7 +17,7 @@ from mmard_jax.methods import InnerInputs, Logits, StepInfo
 
 B, C = 8, 10
 INFO = StepInfo(epoch=jnp.asarray(100), lr_scale=jnp.asarray(1.0))
-FORWARDS = ("s_adv", "s_nat", "s_mir", "t_nat", "t_adv", "t_mir", "t2_nat", "p_adv")
+FORWARDS = ("s_adv", "s_nat", "s_mir", "t_nat", "t_adv", "t_mir", "t2_nat", "t2_adv", "p_adv", "r_adv", "r_nat")
 
 
 def sm(z, t=1.0):
@@ -249,6 +249,10 @@ NOT_ON_THE_LOSS = {"train_forwards"}
 NOT_ON_THE_LOSS |= {"absld_temp_lr", "absld_temp_min", "absld_temp_max", "absld_teacher_temps"}
 # SAAD's lambda_inner moves the attack (its target's correction), not the outer loss: tests/test_saad.py checks it.
 NOT_ON_THE_LOSS |= {"lambda_inner"}
+# CIARD's temperature bounds, rate and its decay move the next steps' temperatures (from a state away from the
+# bounds, at an epoch no milestone touches, not this step's loss), its teacher start the phase: tests/test_ciard.py.
+NOT_ON_THE_LOSS |= {"ciard_temp_min", "ciard_temp_max", "ciard_temp_lr", "ciard_temp_decay", "ciard_teacher_start"}
+CHOICES["ciard_temp_decay"] = ("per_step", "per_epoch")
 
 
 @pytest.mark.parametrize("name", methods.METHODS)
@@ -315,7 +319,7 @@ def test_outer_gradient_reaches_declared_student_forwards(lg):
     for name in methods.METHODS:
         m = methods.get_method(name)
         needs = m.outer_needs("main")
-        student = sorted(n for n in needs if n.startswith(("s_", "p_")))
+        student = sorted(n for n in needs if n.startswith(("s_", "p_", "r_")))  # every trained network's
 
         def f(*s):
             full = {k: jnp.asarray(v, jnp.float32) for k, v in arrays.items()}
@@ -369,9 +373,10 @@ def test_attacks_follow_published_code():
         "mtard": ("gaussian", "eval"), "mmard": ("gaussian", "eval"), "adaad": ("gaussian", "eval"),
         "adaiad": ("gaussian", "eval"), "igdm": ("gaussian", "eval"), "peeraid": ("gaussian", "eval"),
         "absld": ("gaussian", "eval"), "saad": ("gaussian", "eval"), "dgad": ("gaussian", "eval"),
+        "ciard": ("gaussian", "eval"),
     }
     shared = {n for n in methods.METHODS if methods.ROWS[n].inner == "ce"}
-    assert shared == {"sat", "ard", "iad", "mtard"}  # one inner row, shared
+    assert shared == {"sat", "ard", "iad", "mtard", "ciard"}  # one inner row, shared
 
 
 def test_train_order_follows_published_code():
@@ -414,8 +419,8 @@ def test_every_pair_resolves():
         m = methods.get_method("mmard", inner=inner, outer=outer)
         for phase in m.phases:
             assert m.forwards(phase) >= m.outer_needs(phase)
-            trained_needed = {n for n in m.outer_needs(phase) if methods.OUTER_FORWARDS[n][0] in ("student", "peer")}
-            assert trained_needed <= set(m.train_order(phase)), (inner, outer, phase)
+            trained_needed = {n for n in m.outer_needs(phase) if methods.OUTER_FORWARDS[n][0] in methods.core.TRAINED}
+            assert trained_needed <= set(m.train_order(phase)) | set(m.pre_attack_order(phase)), (inner, outer, phase)
 
 
 VARIANTS = [(n, {}) for n in methods.METHODS] + [

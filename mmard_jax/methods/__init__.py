@@ -3,7 +3,8 @@
 
 A method is data, not a branch in the train loop (`core` has the vocabulary and the interfaces, `inner`
 the inner objectives, `baselines` the paper's methods, `sota` AdaAD, AdaIAD, IGDM and PeerAiD, `fair` Fair-ARD,
-`absld` ABSLD, `saad` SAAD, `dgad` DGAD). Inner and outer objectives combine freely (the paper's Table 6 and
+`absld` ABSLD, `saad` SAAD, `dgad` DGAD,
+`ciard` CIARD). Inner and outer objectives combine freely (the paper's Table 6 and
 Figure 4); plug-ins add to any outer objective (IGDM on AdaAD, AdaIAD, RSLAD or MMARD). Adding a method is an outer
 function, an `Objective` and a row.
 """
@@ -11,11 +12,12 @@ function, an `Objective` and a row.
 import warnings
 from typing import Any, Dict, Mapping, Optional, Sequence
 
-from mmard_jax.methods import absld, baselines, dgad, fair, saad, sota
+from mmard_jax.methods import absld, baselines, ciard, dgad, fair, saad, sota
 from mmard_jax.methods.core import (
     INNER_FORWARDS,
     OUTER_FORWARDS,
     TRAIN_FORWARDS,
+    TRAINED,
     InnerInputs,
     InnerObjective,
     Logits,
@@ -27,9 +29,10 @@ from mmard_jax.methods.core import (
 )
 from mmard_jax.methods.inner import INNER
 
-OUTER: Dict[str, Objective] = {**baselines.OUTER, **sota.OUTER, **absld.OUTER, **saad.OUTER, **dgad.OUTER}
+OUTER: Dict[str, Objective] = {**baselines.OUTER, **sota.OUTER, **absld.OUTER, **saad.OUTER, **dgad.OUTER,
+                               **ciard.OUTER}
 PLUGINS: Dict[str, Objective] = {**sota.PLUGINS, "fair": fair.FAIR}
-ROWS: Dict[str, MethodRow] = {**baselines.ROWS, **sota.ROWS, **absld.ROWS, **saad.ROWS, **dgad.ROWS}
+ROWS: Dict[str, MethodRow] = {**baselines.ROWS, **sota.ROWS, **absld.ROWS, **saad.ROWS, **dgad.ROWS, **ciard.ROWS}
 DATASET_HPARAMS = {**baselines.DATASET_HPARAMS, **sota.DATASET_HPARAMS, **saad.DATASET_HPARAMS}
 METHODS = tuple(ROWS)
 METHOD_HPARAMS = {"train_forwards": "published"}  # hyper-parameters of every method (core.TRAIN_FORWARDS)
@@ -69,6 +72,12 @@ def _check_vocabulary(method: Method) -> None:
         if unknown:
             raise ValueError(f"method {method.name!r} declares unknown outer forward(s) {unknown} in phase {phase!r}; "
                              f"known: {', '.join(OUTER_FORWARDS)}")
+    for phase in method.phases:
+        before = [n for n in method.pre_attack_order(phase)
+                  if n not in OUTER_FORWARDS or OUTER_FORWARDS[n][1] != "nat" or OUTER_FORWARDS[n][0] not in TRAINED]
+        if before:
+            raise ValueError(f"method {method.name!r}: forward(s) {before} cannot run before the attack (only a "
+                             "trained network's forward at x can)")
     unknown = sorted(set(method.inner.needs) - set(INNER_FORWARDS))
     if unknown:
         raise ValueError(f"inner objective {method.inner.name!r} declares unknown forward(s) {unknown}; "

@@ -29,14 +29,17 @@ INNER_FORWARDS = {
               "backward), constant during the loop (SAAD)",
 }
 # Forwards of the outer loss: name -> (network, point). Points: nat = x, adv = x', mir = x - (x' - x) (IGDM).
-# Trained networks (student, peer) run in train mode and are differentiated; teachers in inference mode, never.
+# Trained networks (student, peer, CIARD's robust teacher 'rteacher') run in train mode and are differentiated;
+# teachers in inference mode, never.
 OUTER_FORWARDS = {
     "s_adv": ("student", "adv"), "s_nat": ("student", "nat"), "s_mir": ("student", "mir"),
     "t_adv": ("teacher", "adv"), "t_nat": ("teacher", "nat"), "t_mir": ("teacher", "mir"),
-    "t2_nat": ("teacher2", "nat"),
+    "t2_nat": ("teacher2", "nat"), "t2_adv": ("teacher2", "adv"),
     "p_adv": ("peer", "adv"),
+    "r_adv": ("rteacher", "adv"), "r_nat": ("rteacher", "nat"),
 }
-TRAINED = ("student", "peer")
+# 'rteacher': a robust teacher trained during distillation (CIARD), starting from config.teacher's checkpoint.
+TRAINED = ("student", "peer", "rteacher")
 INNER_NETWORK = {"s_nat": "student", "t_nat": "teacher", "t_iter": "teacher", "p_nat": "peer", "t_grad": "teacher"}
 TRAIN_FORWARDS = ("published", "needed")  # hp 'train_forwards': the published train-mode sequence, or each needed once
 
@@ -65,7 +68,10 @@ class Logits(NamedTuple):
     t_nat: Optional[Array] = None
     t_mir: Optional[Array] = None
     t2_nat: Optional[Array] = None
+    t2_adv: Optional[Array] = None
     p_adv: Optional[Array] = None
+    r_adv: Optional[Array] = None
+    r_nat: Optional[Array] = None
 
 
 class StepInfo(NamedTuple):
@@ -178,6 +184,14 @@ def _no_check(hp: HParams) -> None:
     return None
 
 
+def _none_before(hp: HParams, phase: str) -> Tuple[str, ...]:
+    return ()
+
+
+def _none_held(hp: HParams, phase: str) -> frozenset:
+    return frozenset()
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
     """An outer objective or a plug-in term: `loss(logits, labels, state, hp, info) -> (loss, metrics, state)`.
@@ -186,6 +200,9 @@ class Objective:
     forwards (repeats included: each moves the BatchNorm statistics); `phase(hp, epoch)` (host side, static),
     `phases`: every phase it can return; `check(hp)` refuses settings that would not change the loss;
     `epoch_state`: its state across steps and epochs; a plug-in's `example_weights` weigh the outer's examples;
+    an outer's `pre_attack(hp, phase)`: train-mode forwards at x that run before the attack (CIARD's S(x): the
+    eval-mode attack then reads the statistics they moved); `held(hp, phase)`: trained networks whose parameters
+    and optimizer state the phase leaves unchanged (CIARD's robust teacher before its training starts);
     a plug-in's `rows`: the rows it applies to (PluginRow); an outer's `attack_teacher` turns T(x) into the
     attack's target (ABSLD's class temperatures).
     """
@@ -207,6 +224,8 @@ class Objective:
     # An outer objective's target for the attack: (its epoch state's value, T(x) logits, labels, hp) -> the logits
     # the inner objective reads as T(x) (ABSLD divides them by the class temperatures); None: T(x) itself.
     attack_teacher: Optional[Callable[[Any, Array, Array, HParams], Array]] = None
+    pre_attack: Callable[[HParams, str], Tuple[str, ...]] = _none_before
+    held: Callable[[HParams, str], frozenset] = _none_held
 
 
 def needs_of(*names: str) -> Callable[[HParams, str], frozenset]:
@@ -285,16 +304,29 @@ class Method:
         extra = tuple(n for p in self.plugins for n in p.order(self.hparams, phase) if n not in base)
         return base + extra
 
+    def pre_attack_order(self, phase: str) -> Tuple[str, ...]:
+        """The train-mode forwards at x that run before the attack, in order (none with train_forwards='needed':
+        then every forward runs after the attack, once)."""
+        if self.hparams["train_forwards"] == "needed":
+            return ()
+        return self.outer.pre_attack(self.hparams, phase)
+
+    def held(self, phase: str) -> frozenset:
+        """The trained networks the step of this phase does not update (their BatchNorm statistics still move)."""
+        return frozenset(self.outer.held(self.hparams, phase))
+
     def forwards(self, phase: str) -> frozenset:
         """Every forward the step computes: inner needs (prefixed 'inner:'), outer needs and train-mode forwards."""
         inner = frozenset(f"inner:{n}" for n in self.inner.needs)
-        return inner | self.outer_needs(phase) | frozenset(self.train_order(phase))
+        train = frozenset(self.train_order(phase)) | frozenset(self.pre_attack_order(phase))
+        return inner | self.outer_needs(phase) | train
 
     def networks(self) -> frozenset:
         """The networks this method uses in any phase (derived from the forwards, never listed by hand)."""
         nets = {INNER_NETWORK[n] for n in self.inner.needs}
         for phase in self.phases:
-            nets |= {OUTER_FORWARDS[n][0] for n in self.outer_needs(phase) | set(self.train_order(phase))}
+            train = set(self.train_order(phase)) | set(self.pre_attack_order(phase))
+            nets |= {OUTER_FORWARDS[n][0] for n in self.outer_needs(phase) | train}
         return frozenset(nets | {"student"})
 
     def init_state(self) -> Any:

@@ -2,6 +2,7 @@
 sequence of forwards and the outer loss (file and line cited at each step); `peers.torch_step` runs them."""
 
 import dataclasses
+import math
 from typing import Callable, Dict
 
 import torch
@@ -569,3 +570,138 @@ NETWORKS = {"ard": ("teacher",), "iad": ("teacher",), "rslad": ("teacher",), "mt
             "fair_iad": ("teacher",), "fair_rslad": ("teacher",), "fair_mtard": ("teacher",), "absld": ("teacher",),
             "saad": ("teacher",), "dgad": ("teacher",)}
 TRAINED = ("student", "peer")
+
+
+# CIARD (eminentgu/CIARD @93a9a2d; CIARD2025/CIARD is the same commit): its step as CIARD.py:192-293 runs it, with
+# its own optimizers and teacher state, outside STEPS (the robust teacher is trained by its own optimizer and backward).
+CIARD_HPARAMS = {"temp_lr": 0.001, "temp_min": 1.0, "temp_max": 10.0, "push_T": 5.0, "teacher_lr": 0.0001,
+                 "epochs": 300}  # CIARD.py:169, :178-179, :111, :148, :33
+
+
+def ciard_kl_loss(a, b):
+    """CIARD.py:91-93."""
+    return -a * b + torch.log(b + 1e-5) * b
+
+
+def ciard_entropy_value(a):
+    """CIARD.py:95-97."""
+    return torch.log(a + 1e-5) * a
+
+
+def ciard_scale_to_magnitude(a, b, c):
+    """CIARD.py:99-109 (returns the scale factor, not scaled c)."""
+    if math.isclose(a, 0, rel_tol=1e-9):
+        a += 1e-7
+    if math.isclose(b, 0, rel_tol=1e-9):
+        b += 1e-7
+    if math.isclose(c, 0, rel_tol=1e-9):
+        c += 1e-7
+    target = min(math.floor(math.log10(abs(a))), math.floor(math.log10(abs(b))))
+    return 10 ** (target - math.floor(math.log10(abs(c))))
+
+
+def ciard_push_loss(teacher_logits, students_logits, labels, T=5):
+    """CIARD.py:111-122."""
+    diff_indices = (torch.argmax(teacher_logits, dim=1) != labels).nonzero(as_tuple=True)[0]
+    return ciard_kl_loss(F.log_softmax(students_logits[diff_indices] / T, dim=1),
+                         F.softmax(teacher_logits[diff_indices].detach(), dim=1))
+
+
+class CiardScript:
+    """CIARD.py's training step on given modules: the student's SGD (0.1, momentum 0.9, wd 2e-4, :76), the robust
+    teacher's (1e-4, momentum 0.1, wd 2e-4, :148-149), the temperatures and their rate as the script's Python floats
+    (:169, :175-176). `step(x, y, noise, epoch)` with x the augmented batch and `noise` the attack's start offset
+    (mtard_loss.py:42's 0.001 randn, given); `epoch` 1-based as the script's loop."""
+
+    def __init__(self, student, teacher, teacher_nat, hp=None, steps=10, eps=8 / 255.0, step_size=2 / 255.0):
+        self.student, self.teacher, self.teacher_nat = student, teacher, teacher_nat
+        self.hp = dict(CIARD_HPARAMS, **(hp or {}))
+        self.steps, self.eps, self.step_size = steps, eps, step_size
+        self.optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
+        self.teacher_optimizer = torch.optim.SGD(teacher.parameters(), lr=self.hp["teacher_lr"], momentum=0.1,
+                                                 weight_decay=2e-4)
+        self.temp_adv, self.temp_nat, self.temp_learn_rate = 1.0, 1.0, self.hp["temp_lr"]
+        teacher.train()  # :151
+        teacher_nat.eval()  # :165
+
+    def _inner(self, x_natural, y, noise):
+        """robust_inner_loss_push (mtard_loss.py:27-64) with its 0.001 randn start given."""
+        model = self.student
+        model.eval()
+        x_adv = x_natural.detach() + noise
+        for _ in range(self.steps):
+            x_adv.requires_grad_()
+            with torch.enable_grad():
+                loss_ce = F.cross_entropy(model(x_adv), y)
+            grad = torch.autograd.grad(loss_ce, [x_adv])[0]
+            x_adv = x_adv.detach() + self.step_size * torch.sign(grad.detach())
+            x_adv = torch.min(torch.max(x_adv, x_natural - self.eps), x_natural + self.eps)
+            x_adv = torch.clamp(x_adv, 0.0, 1.0)
+        model.train()
+        self.teacher.train()
+        self.teacher_nat.eval()
+        x_adv = torch.clamp(x_adv, 0.0, 1.0).detach()
+        self.optimizer.zero_grad()
+        self.teacher_optimizer.zero_grad()
+        return model(x_adv), self.teacher(x_adv), self.teacher_nat(x_adv)
+
+    def step(self, x, y, noise, epoch):
+        hp = self.hp
+        self.student.train()  # :193-194
+        self.teacher.train()
+        self.optimizer.zero_grad()
+        self.teacher_optimizer.zero_grad()
+        student_nat_logits = self.student(x)  # :201
+        with torch.no_grad():
+            teacher_nat_logits = self.teacher_nat(x)  # :203
+            self.teacher(x)  # :204 (adv_teacher_nat: read by nothing)
+        student_adv_logits, teacher_adv_logits, nat_adv_logits = self._inner(x, y, noise)  # :206-210
+        kl1 = ciard_kl_loss(F.log_softmax(student_adv_logits, dim=1),
+                            F.softmax(teacher_adv_logits.detach() / self.temp_adv, dim=1)).mean()  # :212, :214
+        kl2 = ciard_kl_loss(F.log_softmax(student_nat_logits, dim=1),
+                            F.softmax(teacher_nat_logits.detach() / self.temp_nat, dim=1)).mean()  # :213, :215
+        h_adv = torch.mean(ciard_entropy_value(F.softmax(teacher_adv_logits.detach() / self.temp_adv, dim=1)))
+        h_nat = torch.mean(ciard_entropy_value(F.softmax(teacher_nat_logits.detach() / self.temp_nat, dim=1)))
+        temps_used = (self.temp_adv, self.temp_nat)
+        self.temp_adv = self.temp_adv - self.temp_learn_rate * torch.sign(h_adv / h_nat - 1).item()  # :218-221
+        self.temp_nat = self.temp_nat - self.temp_learn_rate * torch.sign(h_nat / h_adv - 1).item()
+        self.temp_adv = max(min(hp["temp_max"], self.temp_adv), hp["temp_min"])
+        self.temp_nat = max(min(hp["temp_max"], self.temp_nat), hp["temp_min"])
+        total_loss = 1 * kl1 + 1 * kl2  # :242
+        kl3 = ciard_push_loss(nat_adv_logits, student_adv_logits, y, hp["push_T"])  # :245
+        weight = 0.0
+        if torch.isnan(kl3).any() or kl3.numel() == 0:  # :246-251
+            kl3 = torch.tensor(0.0)
+        else:
+            kl3 = torch.mean(kl3)
+            weight = ciard_scale_to_magnitude(float(kl1.item()), float(kl2.item()), float(kl3.item()))
+            total_loss = total_loss - weight * kl3
+        e = hp["epochs"]
+        if epoch < 150:  # :262-270
+            lr = 0.1
+        else:
+            lr = 0.1 * (0.5 + 0.5 * math.cos(math.pi * (epoch - 150) / (e - 150))) * math.exp(
+                -0.01 * (epoch - 150) ** 2 / (e - 150) ** 2)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if epoch < 50:  # :272-282
+            teacher_lr = 0
+        else:
+            teacher_lr = hp["teacher_lr"] * (0.5 + 0.5 * math.cos(math.pi * (epoch - 50) / (e - 50))) * math.exp(
+                -0.01 * (epoch - 50) ** 2 / (e - 50) ** 2)
+        for group in self.teacher_optimizer.param_groups:
+            group["lr"] = teacher_lr
+        if epoch in [215, 260, 285]:  # :283-285, at every step of those epochs
+            self.temp_learn_rate *= 0.1
+        self.student.train()
+        total_loss.backward()  # :288-289
+        self.optimizer.step()
+        teacher_loss = F.cross_entropy(teacher_adv_logits, y)  # :290
+        if epoch > 50:  # :291-293
+            teacher_loss.backward()
+            self.teacher_optimizer.step()
+        n = int((torch.argmax(nat_adv_logits, dim=1) != y).sum())
+        values = {"student_loss": total_loss, "kl_adv_radv": kl1, "kl_nat_t2nat": kl2, "push": kl3,
+                  "teacher_ce": teacher_loss}
+        return {**{k: float(v.detach()) for k, v in values.items()}, "push_weight": float(weight),
+                "push_examples": n, "temp_adv": temps_used[0], "temp_nat": temps_used[1]}
