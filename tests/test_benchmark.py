@@ -4,6 +4,7 @@ scripts/benchmark.py (mmard_jax.tools.bench_*).
 No timing assertions: performance numbers come from `scripts/benchmark.py` runs recorded in BENCHMARKS.md.
 """
 
+import dataclasses
 import functools
 import pathlib
 
@@ -79,21 +80,53 @@ def _first_step_losses_agree(case, tmp_path, monkeypatch):
 
 
 def test_cpu_sota_has_a_case_per_later_method_against_its_transcription():
-    """`--cases=cpu_sota` runs a CPU case of every 2023-2026 method (SAAD, DGAD, ABSLD, Fair-ARD on ARD and RSLAD)
-    besides those of AdaAD, AdaIAD, IGDM and PeerAiD, each sized as the other CPU cases and timed against the PyTorch
-    transcription of its published script (the method, prefixed by its plug-ins: `fair_ard`), which uses the
-    networks ours does."""
+    """`--cases=cpu_sota` runs a CPU case of every 2023-2026 method (SAAD, DGAD, ABSLD, Fair-ARD on ARD and RSLAD,
+    CIARD) besides those of AdaAD, AdaIAD, IGDM and PeerAiD, each sized as the other CPU cases and timed against the
+    PyTorch transcription of its published script (the method, prefixed by its plug-ins: `fair_ard`; CIARD's own
+    loop, published_steps.LOOPS), which uses the networks ours does. CIARD's case runs in its main phase (the robust
+    teacher trained) on both sides: ours builds the robust teacher from the teacher's start weights with the
+    trainer's config.rteacher optimizer and the clean teacher from other weights (the state's shapes only:
+    `jax.eval_shape`), and the PyTorch step is CiardScript's."""
     names = bench_cases.case_names("cpu_sota")
-    assert {"saad", "dgad", "absld", "fair_ard", "fair_rslad"} <= set(CPU_LATER)
+    assert {"saad", "dgad", "absld", "fair_ard", "fair_rslad", "ciard"} <= set(CPU_LATER)
     assert [transcription(CASES[n]) for n in names] == ["adaad", "adaiad", "igdm", "peeraid", *CPU_LATER]
     size = lambda c: (c.student, c.student_kwargs, c.batch, c.size, c.dtype, c.pgd_steps)  # noqa: E731
     for name in names:
         case, peer = CASES[name], transcription(CASES[name])
         assert size(case) == size(CASES["cpu_adaad_wrn16_2_wrn10_1_16px"]), name
         assert case.teacher in ("", "wide_resnet") and case.teacher_kwargs in ({}, {"depth": 16, "width": 2}), name
-        assert peer in published_steps.STEPS, name
+        assert peer in published_steps.STEPS or peer in published_steps.LOOPS, name
         used = methods.get_method(case.method, plugins=case.plugins).networks()
         assert used == {"student", *published_steps.NETWORKS.get(peer, ())}, name
+    _ciard_case_builds_both_teachers(CASES["cpu_ciard_wrn16_2_wrn10_1_16px"])
+
+
+def _ciard_case_builds_both_teachers(case):
+    """CIARD's benchmark step, abstractly: the robust teacher trained with its own optimizer from the teacher's start
+    (the same weights, sharpened alike), the clean teacher frozen with other weights; the PyTorch side's step is
+    CiardScript's on the three networks, its loss the student's plus the robust teacher's CE in the main phase."""
+    _, nets, method, txs, _ = bench_step.jax_step_builder(case)
+    assert method.phase(bench_cases.EPOCH) == "main" and nets.trained() == ("student", "rteacher")
+    assert nets.teacher is None and nets.teacher2 is not None
+    one = {"w": jnp.ones(())}
+    first_update = lambda tx: float(tx.update(one, tx.init(one), one)[0]["w"])  # noqa: E731 - gradient 1 at w = 1
+    # The robust teacher's own rate (1e-4, CIARD.py:148; the student's 0.1), both with weight decay 2e-4.
+    np.testing.assert_allclose(first_update(txs["rteacher"]), -1e-4 * (1 + 2e-4), rtol=1e-6)
+    np.testing.assert_allclose(first_update(txs["student"]), -0.1 * (1 + 2e-4), rtol=1e-6)
+    init = lambda m, salt: {"params": {"fc": {"kernel": jnp.full((2, 2), 1.0 + salt)}}}  # noqa: E731
+    start = bench_step.sharpen_teacher(dataclasses.replace(case, teacher_scale=3.0),
+                                       bench_step.frozen_variables(case, nets, init))
+    frozen, initial = bench_step.split_start(start)
+    assert set(frozen) == {"teacher2"} and set(initial) == {"rteacher"}
+    assert float(initial["rteacher"]["params"]["fc"]["kernel"][0, 0]) == 3.0  # the teacher's start (salt 0), x3
+    assert float(frozen["teacher2"]["params"]["fc"]["kernel"][0, 0]) == 2.0  # other weights, not sharpened
+    shapes = bench_step._abstract_args(case, nets, method, txs, n_images=512)
+    assert set(shapes[0].nets) == {"student", "rteacher"} and set(shapes[1]) == {"teacher2"}
+    torch_nets = {n: build_model("wide_resnet", 10, WRN10_1) for n in ("student", "rteacher", "teacher2")}
+    settings = torch_step.Settings(method=transcription(case), steps=1)
+    step = torch_step.make_step(settings, torch_nets)
+    assert isinstance(step.script, published_steps.CiardScript)
+    assert (step.script.teacher, step.script.teacher_nat) == (torch_nets["rteacher"], torch_nets["teacher2"])
 
 
 def test_later_method_case_first_step_losses_agree(tmp_path, monkeypatch):

@@ -123,6 +123,10 @@ CPU_LATER = {
     "absld": {},
     "fair_ard": {"method": "ard", "plugins": ("fair",), "teacher_scale": 30.0},
     "fair_rslad": {"method": "rslad", "plugins": ("fair",)},
+    # CIARD: the teacher's architecture and start weights for its robust teacher (trained with its own optimizer,
+    # config_lib.RTEACHER_OPTIM; the PyTorch side published_steps.CiardScript's), a second random one for its clean
+    # teacher; EPOCH is past CIARD.py:291's 50, so the robust teacher's update is timed too.
+    "ciard": {},
 }
 
 

@@ -74,7 +74,6 @@ def table(rows: List[Dict[str, Any]]) -> str:
 def worker(case_name: str, warmup: int, steps: int, unroll: str, seed: int = 0) -> Dict[str, Any]:
     """Compiles and times the case's train step on the global mesh (every process; the result is process 0's)."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from mmard_jax import parallel, train_step
@@ -82,12 +81,11 @@ def worker(case_name: str, warmup: int, steps: int, unroll: str, seed: int = 0) 
     case = bench_cases.CASES[case_name]
     build, nets, method, txs, mesh = bench_step.jax_step_builder(case, seed)
     shape = (case.size, case.size, 3)
-    init = lambda m: jax.jit(lambda k: m.init(k, jnp.zeros((1,) + shape), train=False))(  # noqa: E731
-        jax.random.key(seed + 1, impl="rbg"))
-    frozen = parallel.put_replicated(bench_step.sharpen_teacher(case, bench_step.frozen_variables(case, nets, init)),
-                                     mesh)
-    state = parallel.put_replicated(train_step.init_state(nets, method, txs, jax.random.key(seed, impl="rbg"), shape),
-                                    mesh)
+    frozen, initial = bench_step.split_start(bench_step.sharpen_teacher(
+        case, bench_step.frozen_variables(case, nets, bench_step.teacher_init(seed, shape))))
+    frozen = parallel.put_replicated(frozen, mesh)
+    state = parallel.put_replicated(train_step.init_state(nets, method, txs, jax.random.key(seed, impl="rbg"), shape,
+                                                          initial=initial), mesh)
     rng = np.random.default_rng(seed)  # the same draws in every process
     n_images = max(4 * case.batch, 512)
     images, labels = parallel.put_replicated((rng.integers(0, 256, (n_images,) + shape, dtype=np.uint8),

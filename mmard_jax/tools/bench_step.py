@@ -90,12 +90,17 @@ def jax_step_builder(case: Case, seed: int = 0):
     classes = case.num_classes
     student = models.create(case.student, classes, bn_axis_name=parallel.AXIS, **common, **case.student_kwargs)
     used = method.networks()
-    teacher = models.create(case.teacher, classes, **common, **case.teacher_kwargs) if "teacher" in used else None
+    # The case's teacher architecture serves every teacher role: the frozen teacher, CIARD's clean teacher
+    # (teacher2) and its trained robust teacher (rteacher, cross-device BatchNorm as every trained network).
+    teachers = {role: models.create(case.teacher, classes, **common, **case.teacher_kwargs,
+                                    **({"bn_axis_name": parallel.AXIS} if role == "rteacher" else {}))
+                for role in ("teacher", "teacher2", "rteacher") if role in used}
     peer = models.create(case.student, classes, bn_axis_name=parallel.AXIS, **common, **case.student_kwargs) \
         if "peer" in used else None
-    nets = train_step.Networks(student, teacher, None, peer)
+    nets = train_step.Networks(student, peer=peer, **teachers)
     schedule = train_step.make_lr_schedule(0.1, 390, 300)
-    txs = {n: train_step.make_optimizer(schedule) for n in nets.trained()}
+    txs = {n: rteacher_optimizer() if n == "rteacher" else train_step.make_optimizer(schedule)
+           for n in nets.trained()}
 
     def build(pgd_steps: int, unroll: str):
         settings = step_settings(case, pgd_steps, unroll)
@@ -132,20 +137,51 @@ def jax_step_draws(seed: int, step: int, batch: int, image_shape, settings) -> D
             "noise": None if noise is None else np.asarray(noise)}
 
 
+def rteacher_optimizer():
+    """CIARD's robust-teacher optimizer as the trainer builds it from config.rteacher.optim (config_lib.RTEACHER_OPTIM:
+    SGD 1e-4, momentum 0.1, wd 2e-4, 'cosine_exp' from 0-based epoch 49), at the benchmark's 390 steps x 300 epochs."""
+    from mmard_jax import config_lib, train_step
+
+    o = config_lib.optim_block(**config_lib.RTEACHER_OPTIM)
+    schedule = train_step.make_lr_schedule(o.lr, 390, 300, o.schedule, tuple(o.boundaries), o.decay, o.per_epoch)
+    return train_step.make_optimizer(schedule, o.momentum, o.weight_decay, o.nesterov)
+
+
 def frozen_variables(case: Case, nets, init):
-    """The teachers' variables: `init(module)` for each frozen network the case uses."""
-    return {"teacher": init(nets.teacher)} if nets.teacher is not None else {}
+    """The variables of the teachers the case uses: `init(module, salt)` for each (the teacher salt 0, the clean
+    teacher 1), and CIARD's robust teacher's start, the teacher's weights (salt 0), as the trainer starts it from
+    config.teacher's checkpoint (`train.build_networks`); `split_start` separates it from the frozen ones."""
+    out = {"teacher": init(nets.teacher, 0)} if nets.teacher is not None else {}
+    if nets.teacher2 is not None:
+        out["teacher2"] = init(nets.teacher2, 1)
+    if nets.rteacher is not None:
+        out["rteacher"] = init(nets.rteacher, 0)
+    return out
+
+
+def split_start(variables):
+    """`frozen_variables`' output -> (the frozen teachers' variables the step reads, {trained network: its start})."""
+    from mmard_jax import methods
+
+    initial = {k: v for k, v in variables.items() if k in methods.core.TRAINED}
+    return {k: v for k, v in variables.items() if k not in initial}, initial
 
 
 def sharpen_teacher(case: Case, frozen):
-    """The teacher's classifier kernel (`fc`) x `case.teacher_scale` (a confident teacher; bench_cases.CPU_LATER)."""
+    """The teacher's classifier kernel (`fc`) x `case.teacher_scale` (a confident teacher; bench_cases.CPU_LATER):
+    the frozen teacher's, or the start of CIARD's robust teacher."""
     if case.teacher_scale == 1.0:
         return frozen
-    params = frozen["teacher"]["params"]
-    if "fc" not in params:
-        raise ValueError(f"teacher_scale needs a classifier named 'fc'; {case.teacher} has {sorted(params)}")
-    fc = dict(params["fc"], kernel=params["fc"]["kernel"] * case.teacher_scale)
-    return {**frozen, "teacher": {**frozen["teacher"], "params": {**params, "fc": fc}}}
+    out = dict(frozen)
+    for role in ("teacher", "rteacher"):
+        if role not in frozen:
+            continue
+        params = frozen[role]["params"]
+        if "fc" not in params:
+            raise ValueError(f"teacher_scale needs a classifier named 'fc'; {case.teacher} has {sorted(params)}")
+        fc = dict(params["fc"], kernel=params["fc"]["kernel"] * case.teacher_scale)
+        out[role] = {**frozen[role], "params": {**params, "fc": fc}}
+    return out
 
 
 def _abstract_args(case: Case, nets, method, txs, n_images: int):
@@ -156,9 +192,11 @@ def _abstract_args(case: Case, nets, method, txs, n_images: int):
     from mmard_jax import train_step
 
     shape = (case.size, case.size, 3)
-    frozen = frozen_variables(
-        case, nets, lambda m: jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1,) + shape), train=False)))
-    state = jax.eval_shape(lambda: train_step.init_state(nets, method, txs, jax.random.key(0), shape))
+    frozen, initial = split_start(frozen_variables(
+        case, nets,
+        lambda m, salt: jax.eval_shape(lambda: m.init(jax.random.key(salt), jnp.zeros((1,) + shape), train=False))))
+    state = jax.eval_shape(lambda: train_step.init_state(nets, method, txs, jax.random.key(0), shape,
+                                                         initial=initial))
     return (state, frozen, jax.ShapeDtypeStruct((n_images,) + shape, jnp.uint8),
             jax.ShapeDtypeStruct((n_images,), jnp.int32), jax.ShapeDtypeStruct((case.batch,), jnp.int32),
             jax.ShapeDtypeStruct((), jnp.int32))
@@ -177,19 +215,26 @@ def step_flops(case: Case) -> float:
 
 
 def _initial(case: Case, seed: int, mesh, nets, method, txs):
-    """The step's initial state and the teachers' variables, replicated over `mesh` (random weights)."""
+    """The step's initial state and the teachers' variables, replicated over `mesh` (random weights; CIARD's robust
+    teacher starts from the teacher's)."""
     import jax
-    import jax.numpy as jnp
 
     from mmard_jax import parallel, train_step
 
     shape = (case.size, case.size, 3)
     rep = parallel.replicated(mesh)
-    init = lambda m: jax.jit(lambda k: m.init(k, jnp.zeros((1,) + shape), train=False))(  # noqa: E731
-        jax.random.key(seed + 1, impl="rbg"))
-    frozen = jax.device_put(sharpen_teacher(case, frozen_variables(case, nets, init)), rep)
-    state = jax.device_put(train_step.init_state(nets, method, txs, jax.random.key(seed, impl="rbg"), shape), rep)
-    return state, frozen
+    frozen, initial = split_start(sharpen_teacher(case, frozen_variables(case, nets, teacher_init(seed, shape))))
+    state = train_step.init_state(nets, method, txs, jax.random.key(seed, impl="rbg"), shape, initial=initial)
+    return jax.device_put(state, rep), jax.device_put(frozen, rep)
+
+
+def teacher_init(seed: int, shape):
+    """`init(module, salt)` of `frozen_variables`: the module's random variables from key seed + 1 + salt."""
+    import jax
+    import jax.numpy as jnp
+
+    return lambda m, salt: jax.jit(lambda k: m.init(k, jnp.zeros((1,) + tuple(shape)), train=False))(
+        jax.random.key(seed + 1 + salt, impl="rbg"))
 
 
 def write_start(case: Case, path: str, state, frozen, seed: int = 0) -> None:

@@ -568,7 +568,7 @@ NETWORKS = {"ard": ("teacher",), "iad": ("teacher",), "rslad": ("teacher",), "mt
             "mmard": ("teacher",), "adaad": ("teacher",), "adaiad": ("teacher",), "igdm": ("teacher",),
             "peeraid": ("peer",), "fair_ard": ("teacher",),
             "fair_iad": ("teacher",), "fair_rslad": ("teacher",), "fair_mtard": ("teacher",), "absld": ("teacher",),
-            "saad": ("teacher",), "dgad": ("teacher",)}
+            "saad": ("teacher",), "dgad": ("teacher",), "ciard": ("rteacher", "teacher2")}
 TRAINED = ("student", "peer")
 
 
@@ -705,3 +705,8 @@ class CiardScript:
                   "teacher_ce": teacher_loss}
         return {**{k: float(v.detach()) for k, v in values.items()}, "push_weight": float(weight),
                 "push_examples": n, "temp_adv": temps_used[0], "temp_nat": temps_used[1]}
+
+
+# Transcriptions that run their published loop themselves (their own optimizers, state and backward), outside STEPS:
+# {name: class}; peers.torch_step.CiardTrainStep gives CIARD's the benchmark's call.
+LOOPS = {"ciard": CiardScript}

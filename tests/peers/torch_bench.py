@@ -33,8 +33,9 @@ def torch_worker(case: Case, warmup: int, steps: int, form_text: str, seed: int 
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(seed)
     used = methods.get_method(case.method, plugins=case.plugins).networks()
+    teacher = (case.teacher, case.teacher_kwargs)  # every teacher role: CIARD's robust and clean teachers too
     arch = {"student": (case.student, case.student_kwargs), "peer": (case.student, case.student_kwargs),
-            "teacher": (case.teacher, case.teacher_kwargs)}
+            "teacher": teacher, "rteacher": teacher, "teacher2": teacher}
     nets = {name: build_model(arch[name][0], case.num_classes, arch[name][1]) for name in arch if name in used}
     draws, weights = {}, "own (random)"
     if start_file and os.path.exists(start_file):
@@ -46,8 +47,7 @@ def torch_worker(case: Case, warmup: int, steps: int, form_text: str, seed: int 
     # 0 and 255) and the exact KL (RSLAD's/MTARD's 1e-5); see peers.torch_step's docstring.
     settings = torch_step.Settings(method=transcription(case), steps=case.pgd_steps, kl_form="exact",
                                    project_start=True)
-    step = torch_step.TorchTrainStep(nets["student"], nets.get("teacher"), settings, form, seed=seed,
-                                     peer=nets.get("peer"))
+    step = torch_step.make_step(settings, nets, form, seed=seed)
     total = warmup + steps
     images_np, labels_np, idx_np = bench_data(case, total, seed)
     images = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(device)

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from peers.published_losses import up
-from peers.published_steps import ATTACKS, HPARAMS, NETWORKS, STEPS, TRAINED
+from peers.published_steps import ATTACKS, HPARAMS, LOOPS, NETWORKS, STEPS, TRAINED
 
 OPTIONS = ("cl", "bf16", "compile", "f64")
 
@@ -178,6 +178,14 @@ class _Nets:
         return x_adv.detach()
 
 
+def crop_flip_draws(s: Settings, g: torch.Generator, device, batch: int):
+    """Random crop offsets [B, 2] and flips [B], drawn like data.augment.crop_flip_params."""
+    offsets = torch.randint(0, 2 * s.crop_padding + 1, (batch, 2), generator=g, device=device)
+    flips = (torch.rand(batch, generator=g, device=device) < 0.5) if s.flip else \
+        torch.zeros(batch, dtype=torch.bool, device=device)
+    return offsets, flips
+
+
 class TorchTrainStep:
     """One training step of `settings.method` as its published script runs it; trained networks (student, peer)
     are updated in place. Call with a batch's indices (and optionally the augmentation and start noise)."""
@@ -238,11 +246,7 @@ class TorchTrainStep:
 
     def augment_params(self, batch: int):
         """Random crop offsets [B, 2] and flips [B], drawn like data.augment.crop_flip_params."""
-        s, g = self.settings, self.generator
-        offsets = torch.randint(0, 2 * s.crop_padding + 1, (batch, 2), generator=g, device=self.device)
-        flips = (torch.rand(batch, generator=g, device=self.device) < 0.5) if s.flip else \
-            torch.zeros(batch, dtype=torch.bool, device=self.device)
-        return offsets, flips
+        return crop_flip_draws(self.settings, self.generator, self.device, batch)
 
     def start_noise(self, shape) -> Optional[torch.Tensor]:
         """The attack's start offset from x: U(-eps, eps) or gaussian_scale * N(0, 1); None for start 'none'."""
@@ -277,6 +281,59 @@ class TorchTrainStep:
                 self.opts[name].step()
         self.step_count += 1
         return {"loss": loss.detach(), **{k: torch.as_tensor(v).detach() for k, v in metrics.items()}}
+
+
+class CiardTrainStep:
+    """CIARD.py's step (`published_steps.CiardScript`: its student and robust-teacher optimizers, temperatures and
+    backward) behind TorchTrainStep's call: the batch gathered, cropped and flipped, the attack's 0.001 N(0, 1) start
+    (mtard_loss.py:42) drawn or given, projected where `settings.project_start` (ours); `epoch` 0-based (the
+    script's 1-based loop variable is epoch + 1). Its loss is ours: the student's plus the robust teacher's CE where
+    the script steps the teacher (1-based epoch > 50, CIARD.py:291; ours: phase 'main')."""
+
+    def __init__(self, student: torch.nn.Module, rteacher: torch.nn.Module, teacher2: torch.nn.Module,
+                 settings: Settings, form: Form = Form(), seed: int = 0):
+        self.settings, self.form = settings, form
+        self.device = next(student.parameters()).device
+        self.memory_format = torch.channels_last if form.channels_last else torch.contiguous_format
+        dtype = torch.float64 if form.f64 else torch.float32
+        nets = [m.to(dtype=dtype, memory_format=self.memory_format) for m in (student, rteacher, teacher2)]
+        nets = [torch.compile(m) for m in nets] if form.compile else nets
+        self.script = LOOPS["ciard"](*nets, steps=settings.steps, eps=settings.eps, step_size=settings.step_size)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def __call__(self, images_u8: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor,
+                 offsets: Optional[torch.Tensor] = None, flips: Optional[torch.Tensor] = None,
+                 noise: Optional[torch.Tensor] = None, epoch: int = 0) -> Dict[str, torch.Tensor]:
+        s = self.settings
+        if offsets is None:
+            offsets, flips = crop_flip_draws(s, self.generator, self.device, idx.shape[0])
+        x = augment(images_u8, idx, offsets, flips, s.crop_padding)
+        if noise is None:
+            noise = s.gaussian_scale * torch.randn(x.shape, generator=self.generator, device=self.device)
+        if s.project_start:
+            noise = project(x + noise, x, s.eps) - x
+        dtype = torch.float64 if self.form.f64 else torch.float32
+        x, noise = (t.to(dtype).contiguous(memory_format=self.memory_format) for t in (x, noise))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.form.bf16):
+            out = self.script.step(x, labels[idx], noise, epoch=epoch + 1)
+        loss = out["student_loss"] + (out["teacher_ce"] if epoch + 1 > 50 else 0.0)
+        return {"loss": torch.tensor(loss), **{k: torch.tensor(float(v)) for k, v in out.items()}}
+
+
+# The step of a transcription: one of STEPS (TorchTrainStep) or a loop of its own (LOOPS: CiardTrainStep).
+OWN_LOOP_STEPS = {"ciard": CiardTrainStep}
+
+
+def make_step(settings: Settings, nets: Mapping[str, torch.nn.Module], form: Form = Form(), seed: int = 0):
+    """The step of `settings.method` on `nets` ({role: module}: student, teacher, peer; CIARD's rteacher, teacher2)."""
+    if settings.method in OWN_LOOP_STEPS:
+        needed = ("student",) + NETWORKS[settings.method]
+        missing = [n for n in needed if nets.get(n) is None]
+        if missing:
+            raise ValueError(f"method {settings.method!r} needs network(s) {missing}")
+        return OWN_LOOP_STEPS[settings.method](*(nets[n] for n in needed), settings, form, seed=seed)
+    return TorchTrainStep(nets["student"], nets.get("teacher"), settings, form, seed=seed,
+                          teacher2=nets.get("teacher2"), peer=nets.get("peer"))
 
 
 @functools.cache
