@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from epoch_runs import final_state, records, tiny_config, train_resumed_at_the_boundary
+from fast_compile import FastCompiled
 from mmard_jax import config_lib, methods, parallel, train, train_step
 from mmard_jax.methods import Logits, StepInfo
 from test_methods import ce, kl
@@ -204,7 +205,7 @@ def build_step(nets, mesh, method):
     schedule = train_step.make_lr_schedule(0.1, 4, 2)
     txs = {"student": train_step.make_optimizer(schedule)}
     settings = train_step.StepSettings(steps=3, crop_padding=2, unroll=1, **methods.attack_defaults("absld"))
-    fn = train_step.make_train_step(nets, method, "main", txs, schedule, settings, mesh, seed=0)
+    fn = FastCompiled(train_step.make_train_step(nets, method, "main", txs, schedule, settings, mesh, seed=0))
     state = train_step.init_state(nets, method, txs, jax.random.key(1, impl="rbg"), IMG, num_classes=C)
     return fn, state, settings
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from epoch_runs import STEPS_PER_EPOCH, final_state, tiny_config, train_resumed_at_the_boundary
+from fast_compile import FastCompiled
 from mmard_jax import config_lib, methods, parallel, train, train_step
 from mmard_jax.methods import Logits, StepInfo
 from mmard_jax.models import store
@@ -138,7 +139,7 @@ def build(mesh, student, rteacher, teacher2):
            "rteacher": train_step.make_optimizer(train_step.make_lr_schedule(0.05, 4, 300, "cosine_exp", (49,)),
                                                  momentum=0.1)}
     settings = train_step.StepSettings(steps=1, crop_padding=2, unroll=1, **methods.attack_defaults("ciard"))
-    fn = train_step.make_train_step(nets, method, "main", txs, schedule, settings, mesh, seed=0)
+    fn = FastCompiled(train_step.make_train_step(nets, method, "main", txs, schedule, settings, mesh, seed=0))
     initial = {"rteacher": init_vars(rteacher.module if hasattr(rteacher, "module") else rteacher, 5)}
     return fn, train_step.init_state(nets, method, txs, jax.random.key(1, impl="rbg"), IMG, initial=initial), initial
 

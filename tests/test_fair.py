@@ -13,6 +13,7 @@ import torch
 from jax.sharding import PartitionSpec as P
 
 from epoch_runs import final_state, records, tiny_config, train_resumed_at_the_boundary
+from fast_compile import FastCompiled
 from mmard_jax import config_lib, methods, parallel, train, train_step
 from mmard_jax.methods import Logits, StepInfo
 from test_methods import kl, sm
@@ -183,7 +184,8 @@ def fair_steps(n_devices, images, labels, weights, n_steps=3, name="ard", studen
     nets = train_step.Networks(student or SmallNet(bn_axis_name=parallel.AXIS), SmallNet(width=16), SmallNet())
     txs = {"student": train_step.make_optimizer(schedule)}
     settings = train_step.StepSettings(steps=3, crop_padding=2, unroll=1, **methods.attack_defaults(name))
-    fn = train_step.make_train_step(nets, method, method.phase(10**6), txs, schedule, settings, mesh, seed=0)
+    fn = FastCompiled(train_step.make_train_step(nets, method, method.phase(10**6), txs, schedule, settings, mesh,
+                                                 seed=0))
     state = train_step.init_state(nets, method, txs, jax.random.key(1, impl="rbg"), IMG, num_classes=C)
     state = state.replace(epoch_state=epoch_state(weights))
     state = parallel.put_replicated(state, mesh)
@@ -213,7 +215,8 @@ def test_only_declared_forwards_are_computed(name):
     schedule = train_step.make_lr_schedule(0.1, 4, 2)
     txs = {"student": train_step.make_optimizer(schedule)}
     settings = train_step.StepSettings(steps=3, crop_padding=2, unroll=1, **methods.attack_defaults(name))
-    fn = train_step.make_train_step(nets, method, method.phase(10**6), txs, schedule, settings, mesh, seed=0)
+    fn = FastCompiled(train_step.make_train_step(nets, method, method.phase(10**6), txs, schedule, settings, mesh,
+                                                 seed=0))
     state = train_step.init_state(nets, method, txs, jax.random.key(1, impl="rbg"), IMG, num_classes=C)
     student.calls.clear()
     frozen = {"teacher": init_vars(tiny(), 3), "teacher2": init_vars(tiny(), 3)}

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fast_compile import FastCompiled
 from mmard_jax import config_lib, methods, parallel, train_step
 from mmard_jax.methods import Logits, StepInfo
 from test_methods import kl, sm
@@ -195,7 +196,7 @@ def build_step(nets, mesh, method, steps=3):
     schedule = train_step.make_lr_schedule(0.1, 4, 2)
     txs = {"student": train_step.make_optimizer(schedule)}
     settings = train_step.StepSettings(steps=steps, crop_padding=2, unroll=1, **methods.attack_defaults("saad"))
-    fn = train_step.make_train_step(nets, method, "main", txs, schedule, settings, mesh, seed=0)
+    fn = FastCompiled(train_step.make_train_step(nets, method, "main", txs, schedule, settings, mesh, seed=0))
     state = train_step.init_state(nets, method, txs, jax.random.key(1, impl="rbg"), IMG, num_classes=C)
     return fn, state
 

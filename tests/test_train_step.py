@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import tolerances
+from fast_compile import FastCompiled
 from mmard_jax import checkpoints, config_lib, methods, models, parallel, train_step
 
 IMG = (8, 8, 3)
@@ -101,7 +102,7 @@ def build(method_name, mesh, student=None, teacher=None, teacher2=None, peer=Non
     phase = method.phase(10**6)
     fn = train_step.make_train_step(nets, method, phase, txs, schedule, settings, mesh, seed=0)
     state = train_step.init_state(nets, method, txs, jax.random.key(1, impl="rbg"), IMG)
-    return fn, state
+    return FastCompiled(fn), state
 
 
 def small_frozen():
