@@ -33,6 +33,15 @@ def tiny_config(root, method_block):
     return config
 
 
+def train_uninterrupted(tmp_path_factory, name, make_config):
+    """(root, config) of `make_config(root)` trained to the end in ROOT/run, ROOT a fresh temporary folder `name`
+    (the module-scoped reference run the epoch-state tests compare against)."""
+    root = tmp_path_factory.mktemp(name)
+    config = make_config(root)
+    train.train_and_evaluate(config, root / "run", progress=False)
+    return root, config
+
+
 def records(workdir):
     """The per-epoch records of a workdir's metrics.jsonl."""
     return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from epoch_runs import final_state, records, tiny_config, train_resumed_at_the_boundary
+from epoch_runs import final_state, records, tiny_config, train_resumed_at_the_boundary, train_uninterrupted
 from fast_compile import FastCompiled
-from mmard_jax import config_lib, methods, parallel, train, train_step
+from mmard_jax import config_lib, methods, parallel, train_step
 from mmard_jax.methods import Logits, StepInfo
 from test_methods import ce, kl
 from test_train_step import IMG, CountingApply, SmallNet, init_vars, small_frozen, tiny
@@ -296,10 +296,7 @@ def tiny_absld_config(root):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("absld")
-    config = tiny_absld_config(root)
-    train.train_and_evaluate(config, root / "run", progress=False)
-    return root, config
+    return train_uninterrupted(tmp_path_factory, "absld", tiny_absld_config)
 
 
 def test_epoch_two_temperatures_come_from_epoch_one_losses(trained):

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from epoch_runs import STEPS_PER_EPOCH, final_state, tiny_config, train_resumed_at_the_boundary
+from epoch_runs import STEPS_PER_EPOCH, final_state, tiny_config, train_resumed_at_the_boundary, train_uninterrupted
 from fast_compile import FastCompiled
-from mmard_jax import config_lib, methods, parallel, train, train_step
+from mmard_jax import config_lib, methods, parallel, train_step
 from mmard_jax.methods import Logits, StepInfo
 from mmard_jax.models import store
 from test_train_step import IMG, CountingApply, SmallNet, init_vars
@@ -231,10 +231,7 @@ def tiny_ciard_config(root):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ciard")
-    config = tiny_ciard_config(root)
-    train.train_and_evaluate(config, root / "run", progress=False)
-    return root, config
+    return train_uninterrupted(tmp_path_factory, "ciard", tiny_ciard_config)
 
 
 def test_warmup_holds_the_robust_teacher_but_moves_its_statistics(trained):

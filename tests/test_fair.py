@@ -12,9 +12,9 @@ import pytest
 import torch
 from jax.sharding import PartitionSpec as P
 
-from epoch_runs import final_state, records, tiny_config, train_resumed_at_the_boundary
+from epoch_runs import final_state, records, tiny_config, train_resumed_at_the_boundary, train_uninterrupted
 from fast_compile import FastCompiled
-from mmard_jax import config_lib, methods, parallel, train, train_step
+from mmard_jax import config_lib, methods, parallel, train_step
 from mmard_jax.methods import Logits, StepInfo
 from test_methods import kl, sm
 from test_train_step import (
@@ -257,10 +257,7 @@ def tiny_fair_config(root):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fair")
-    config = tiny_fair_config(root)
-    train.train_and_evaluate(config, root / "run", progress=False)
-    return root, config
+    return train_uninterrupted(tmp_path_factory, "fair", tiny_fair_config)
 
 
 def test_epoch_two_weights_come_from_epoch_one_counts(trained):
