@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict
 import jax
 import numpy as np
 
-# The options the benchmark tests already compile with (tests/test_benchmark.py FAST_COMPILE).
+# Also the options of the step-equality and step-memory tests' explicit compiles.
 OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import fast_compile
 from mmard_jax import methods, models, parallel, train_step
 from mmard_jax.data.augment import crop_and_flip, to_float
 from mmard_jax.interop import naming, published
@@ -265,7 +266,7 @@ def biased_running_var(module):
 
 # XLA:CPU spends most of these tests compiling; LLVM's effort does not change the HLO's arithmetic (measured: a
 # tiny MMARD step 14.5 s -> 6.0 s of CPU to compile).
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_COMPILE = fast_compile.OPTIONS
 
 
 @functools.lru_cache(maxsize=None)

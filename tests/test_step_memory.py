@@ -1,10 +1,11 @@
 """scripts/step_memory.py's accounting (mmard_jax.tools.bench_memory) against XLA's own totals on a tiny case."""
 
+import fast_compile
 from mmard_jax.tools import bench_memory
 from mmard_jax.tools.bench_cases import CASES
 
-# XLA:CPU's cheaper LLVM passes (as tests/test_benchmark.py): the same buffers, compiled in a fraction of the time.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+# XLA:CPU's cheaper LLVM passes (tests/fast_compile.py): the same buffers, compiled in a fraction of the time.
+FAST_COMPILE = fast_compile.OPTIONS
 
 
 def test_step_memory_accounts_for_every_argument():
