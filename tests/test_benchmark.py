@@ -501,3 +501,25 @@ def test_rslad_kl_loss_is_the_kl_plus_a_constant():
     g_pub, = torch.autograd.grad(published.sum(), a)
     g_exact, = torch.autograd.grad(exact.sum(), a)
     torch.testing.assert_close(g_pub, g_exact)
+
+
+def test_processor_is_read_from_cpuinfo_and_sysfs(tmp_path):
+    """Every benchmark row names its processor: model, x86 family/model, the last-level cache from sysfs and the
+    widest vector extension, from the first processor block of /proc/cpuinfo (written here in its format)."""
+    from mmard_jax.tools import machine
+
+    (tmp_path / "cpuinfo").write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC 9B14\n"
+        "flags\t\t: fpu sse4_2 avx avx2 avx512f\n\nprocessor\t: 1\nmodel name\t: other\n")
+    for index, (level, size) in enumerate([(1, "32K"), (2, "1024K"), (3, "32768K")]):
+        folder = tmp_path / "cache" / f"index{index}"
+        folder.mkdir(parents=True)
+        (folder / "level").write_text(f"{level}\n")
+        (folder / "size").write_text(f"{size}\n")
+    p = machine.processor(str(tmp_path / "cpuinfo"), str(tmp_path / "cache"))
+    assert (p["model"], p["family"], p["model_number"], p["l3_bytes"], p["isa"]) == (
+        "AMD EPYC 9B14", "25", "17", 32 * 2 ** 20, "avx512f")
+    assert machine.describe(p) == f"AMD EPYC 9B14 (x86 family 25 model 17), {p['cores']} cores, 32 MiB last-level " \
+                                  "cache, avx512f"
+    missing = machine.processor(str(tmp_path / "none"), str(tmp_path / "none"))
+    assert machine.describe(missing).startswith("unknown processor, ")

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmard_jax.models import layers
+from mmard_jax.tools import machine
 from mmard_jax.tools.bench_cases import CASES
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -45,6 +46,7 @@ def test_gpu_check_dry_run_writes_every_part(tmp_path):
     assert jax_row["flops_per_step"] > 0 and torch_row["flops_per_step"] == jax_row["flops_per_step"]
     assert jax_row["images_per_s"] > 0 and torch_row["images_per_s"] > 0 and jax_row["peak_mem_bytes"] > 0
     assert torch_row["weights"] == "the JAX row's" and torch_row["comparable"] is True, torch_row
+    assert jax_row["processor"] == torch_row["processor"] == machine.describe()  # every row names its processor
     np.testing.assert_allclose(torch_row["first_loss"], jax_row["first_loss"], rtol=1e-4)
     table = (work / "b_bench.md").read_text()
     assert "| tiny | jax |" in table and "| tiny | torch | eager |" in table and "not comparable" not in table

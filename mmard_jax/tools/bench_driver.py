@@ -14,7 +14,7 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from mmard_jax.tools import bench_report
+from mmard_jax.tools import bench_report, machine
 from mmard_jax.tools.bench_cases import CASES
 
 
@@ -87,6 +87,7 @@ def run(names: Sequence[str], options: Options, worker: Sequence[str],
     """Measures every row of `names` (each in a fresh `worker` process, e.g. [python, scripts/benchmark.py]);
     the merged and completed rows, also written to `options.json` after every row when set."""
     plan = plan_rows(names, options)
+    processor = machine.describe()  # every row names the processor it ran on (the JSON's rows travel alone)
     rounds = [[] for _ in plan]
     cpus = [int(c) for c in options.cpus.split(",") if c] or None
     deadline = time.monotonic() + options.deadline_s if options.deadline_s else None
@@ -101,7 +102,7 @@ def run(names: Sequence[str], options: Options, worker: Sequence[str],
                     row = run_worker(worker, kind, name, option, options.warmup, options.steps,
                                      min(options.timeout, left), env, cpus,
                                      starts[name] if (writes or kind == "torch") else None)
-                rounds[i].append(dict(row, case=name))
+                rounds[i].append(dict(row, case=name, processor=processor))
                 say(f"[round {r + 1}/{options.repeat}] " + _progress(rounds[i][-1]))
                 if options.json:
                     _write_json(options.json, _results(plan, rounds))

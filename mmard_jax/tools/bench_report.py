@@ -5,6 +5,7 @@ import datetime
 import os
 from typing import Any, Dict, List, Optional
 
+from mmard_jax.tools import machine
 from mmard_jax.tools.bench_cases import CASES, EPOCH, describe
 
 # Dense peak TFLOP/s by device kind substring (first match wins) and compute dtype. float32 rows run on
@@ -131,7 +132,7 @@ def section(results: List[Dict[str, Any]], options, title: str, command: str) ->
     return (
         f"\n## {datetime.date.today().isoformat()} - {title or ', '.join(devices)}\n\n"
         f"Device: {'; '.join(devices)} ({os.cpu_count()} CPU cores, workers pinned to "
-        f"{options.cpus or 'all'}). Versions: {'; '.join(versions)}.\n"
+        f"{options.cpus or 'all'}). Processor: {machine.describe()}. Versions: {'; '.join(versions)}.\n"
         f"Command: `{command}`; {options.warmup} warm-up + {options.steps} timed "
         f"steps per row, each row in its own process. XLA_FLAGS: {', '.join(repr(f) for f in flags) or '(none)'}.\n"
         f"FLOPs: XLA cost analysis, f(0 PGD steps) + steps x (f(1) - f(0)) (a rolled loop body counts once); "
