@@ -12,15 +12,13 @@ with an input normalisation is written as RobustBench's wrapper holds it: `mu`/`
 `normalize_model`). Build the PyTorch model with the settings the program prints.
 """
 
-import os
 import pathlib
-import tempfile
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 from absl import app, flags
 
-from mmard_jax import checkpoints, cli, models, runtime, xla_env
+from mmard_jax import checkpoints, cli, files, models, runtime, xla_env
 from mmard_jax.errors import ExportError
 from mmard_jax.interop import naming
 from mmard_jax.models import store
@@ -155,19 +153,12 @@ def save_state_dict(state: Mapping[str, Any], dst) -> pathlib.Path:
     """Writes a state_dict atomically: `.safetensors` by suffix, otherwise `torch.save` of a plain dict."""
     dst = pathlib.Path(dst).absolute()
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
-    os.close(fd)
-    try:
-        if dst.name.endswith(".safetensors"):
-            from safetensors.torch import save_file  # noqa: PLC0415
+    if dst.name.endswith(".safetensors"):
+        from safetensors.torch import save  # noqa: PLC0415
 
-            save_file(dict(state), tmp)
-        else:
-            _torch().save(dict(state), tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        files.write_atomic(dst, lambda f: f.write(save(dict(state))), mode="wb")
+    else:
+        files.write_atomic(dst, lambda f: _torch().save(dict(state), f), mode="wb")
     return dst
 
 
