@@ -29,7 +29,7 @@ from absl import app, flags
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # mmard_jax, and the PyTorch peers (`peers`)
 
-from mmard_jax.tools import bench_cases, bench_driver, bench_report  # noqa: E402 - no JAX yet: a worker sets XLA's flags first
+from mmard_jax.tools import bench_cases, bench_defaults, bench_driver, bench_report  # noqa: E402 - no JAX yet: a worker sets XLA's flags first
 
 flags.DEFINE_string("cases", "cpu_mmard_wrn16_2_wrn10_1_16px",
                     f"Comma-separated names from --list, or groups: {', '.join(bench_cases.GROUPS)}.")
@@ -58,6 +58,8 @@ flags.DEFINE_string("append", None, "Append a section with the table to this Mar
 flags.DEFINE_string("json", None, "Write all rows as JSON here (rewritten after every row).")
 flags.DEFINE_string("title", "", "Section title (default: the device).")
 flags.DEFINE_string("impls", "jax,torch", "Which implementations to time (the FLOP count is always made).")
+flags.DEFINE_bool("check_defaults", False, "Measure each CPU default (XLA flag, unroll, conv2d gradient, depthwise "
+                  "form) against its alternative on this processor, for the --cases, and say whether it holds.")
 flags.DEFINE_bool("multiprocess", False, "Compare process layouts (1x2 vs 2x1, ...) with "
                   "scripts/benchmark_multiprocess.py; the other arguments are that script's.")
 flags.DEFINE_enum("worker", None, ["jax", "torch", "flops"], "(internal) Measure one row in this process.")
@@ -112,7 +114,19 @@ def main(argv):
         unroll=FLAGS.unroll, conv_grad=FLAGS.conv_grad, xla_flags=FLAGS.xla_flags, impls=FLAGS.impls,
         cpus=FLAGS.cpus, warmup=FLAGS.warmup, steps=FLAGS.steps, repeat=FLAGS.repeat, timeout=FLAGS.timeout,
         deadline_s=FLAGS.deadline_s, json=FLAGS.json)
-    results = bench_driver.run(names, options, worker=[sys.executable, str(pathlib.Path(__file__).resolve())],
+    worker = [sys.executable, str(pathlib.Path(__file__).resolve())]
+    if FLAGS.check_defaults:
+        say = lambda line: print(line, flush=True)  # noqa: E731
+        checks = bench_defaults.verdicts(bench_defaults.run(names, options, worker, say=say))
+        print("\n" + bench_defaults.table(checks))
+        if FLAGS.json:
+            pathlib.Path(FLAGS.json).write_text(json.dumps(checks, indent=2))
+        if FLAGS.append:
+            command = "python scripts/benchmark.py " + " ".join(sys.argv[1:])
+            with open(FLAGS.append, "a") as f:
+                f.write(bench_defaults.section(checks, options, command))
+        return
+    results = bench_driver.run(names, options, worker=worker,
                                say=lambda line: print(line, flush=True))
     print("\n" + bench_report.table(results))
     if FLAGS.append:

@@ -523,3 +523,27 @@ def test_processor_is_read_from_cpuinfo_and_sysfs(tmp_path):
                                   "cache, avx512f"
     missing = machine.processor(str(tmp_path / "none"), str(tmp_path / "none"))
     assert machine.describe(missing).startswith("unknown processor, ")
+
+
+def test_check_defaults_plans_one_change_per_row_and_judges_by_the_spread():
+    """--check_defaults: per case an all-defaults row, then each default's alternative alone; a default holds when
+    its median step is not slower than the alternative's beyond the rounds' spread."""
+    from mmard_jax.tools import bench_defaults
+
+    rows = bench_defaults.plan(["tiny"])
+    assert [r[1] for r in rows] == ["defaults"] + [c.setting for c in bench_defaults.CHECKS]
+    assert all(r[2] == "auto" and r[3] == {} for r in rows[:1])
+    assert {r[1]: (r[2], r[3]) for r in rows[1:]} == {c.setting: (c.option, dict(c.env)) for c in bench_defaults.CHECKS}
+    xla, unroll, conv = (c.setting for c in bench_defaults.CHECKS[:3])
+
+    def row(setting, times):
+        return {"case": "tiny", "setting": setting, "processor": "p", "step_s": sorted(times)[(len(times) - 1) // 2],
+                "step_s_rounds": times}
+
+    checks = bench_defaults.verdicts([row("defaults", [1.0, 1.1]), row(xla, [1.5, 1.6]), row(unroll, [0.95, 0.97]),
+                                      row(conv, [0.5, 0.5]), {"case": "tiny", "setting": unroll, "processor": "p",
+                                                              "error": "exit 1"}])
+    assert [v["holds"] for v in checks] == [True, True, False, None]  # slower alt; within spread; clearly faster
+    assert checks[0]["ratio"] == pytest.approx(1.5)  # the medians of two rounds: the lower one (merge_rounds)
+    table = bench_defaults.table(checks)
+    assert "| **no** |" in table and "failed: exit 1" in table
