@@ -624,6 +624,12 @@ CASES = {
     "imagenet_salman2020do_r18": (
         lambda: normalize_model(tv.resnet18(), *IMAGENET_STATS), {"robustbench": "Salman2020Do_R18", "dataset":
                                                                    "imagenet"}, "torchvision_bare.pth", None),
+    # The full-size ImageNet WRN-50-2 (Salman2020Do_50_2; ResNet-50 differs only in width_per_group, 64 vs 128, which
+    # the smaller case below and the parameter counts cover), its bare torchvision file. 32x32 inputs.
+    "imagenet_salman2020do_50_2": (
+        lambda: normalize_model(tv.wide_resnet50_2(), *IMAGENET_STATS), {"robustbench": "Salman2020Do_50_2",
+                                                                          "dataset": "imagenet"},
+        "torchvision_bare.pth", None),
     # A bottleneck net of width_per_group 16 saved from RobustBench's wrapper (`normalize.mean`/`std` beside
     # `model.*`): converted by --arch without statistics, which the file then supplies.
     "imagenet_resnet50_wpg16_wrapper": (
