@@ -18,7 +18,18 @@ Script facts (`resnet18_absld_cifar10.py`, `absld_loss.py`; docs/design.md, "abs
 import jax.numpy as jnp
 
 from mmard_jax import losses
-from mmard_jax.methods.core import KL_REDUCTION, EpochState, Logits, MethodRow, Objective, Tally, kl, needs_of, order_of
+from mmard_jax.methods.core import (
+    KL_REDUCTION,
+    EpochState,
+    Logits,
+    MethodRow,
+    Objective,
+    Tally,
+    check_learned_temperatures,
+    kl,
+    needs_of,
+    order_of,
+)
 
 TEACHER_TEMPS = ("aliased", "separate")
 
@@ -94,13 +105,7 @@ def _summary(state, hp):
 def _check(hp):
     if hp["absld_teacher_temps"] not in TEACHER_TEMPS:
         raise ValueError(f"absld_teacher_temps must be one of {TEACHER_TEMPS}, got {hp['absld_teacher_temps']!r}")
-    if not 0.0 < hp["absld_temp_min"] <= hp["absld_temp_init"] <= hp["absld_temp_max"]:
-        raise ValueError("ABSLD's temperatures need 0 < absld_temp_min <= absld_temp_init <= absld_temp_max, got "
-                         f"{hp['absld_temp_min']}, {hp['absld_temp_init']}, {hp['absld_temp_max']}")
-    if hp["absld_temp_lr"] < 0.0:
-        raise ValueError(f"absld_temp_lr must be >= 0 (0 keeps the temperatures at absld_temp_init), "
-                         f"got {hp['absld_temp_lr']}")
-
+    check_learned_temperatures(hp, "absld", "ABSLD")
 
 OUTER = {
     # alpha 5/6 (resnet18_absld_cifar10.py:125), torch.mean over B*C (:123-124); temperatures ones (:66-67),

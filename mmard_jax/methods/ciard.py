@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from mmard_jax import losses
-from mmard_jax.methods.core import Logits, MethodRow, Objective, as_global_sum, global_mean
+from mmard_jax.methods.core import Logits, MethodRow, Objective, as_global_sum, check_learned_temperatures, global_mean
 
 # The 1-based epochs whose steps multiply the temperature rate by 0.1 (CIARD.py:283-285).
 TEMP_MILESTONES = (215, 260, 285)
@@ -145,11 +145,7 @@ def _held(hp, phase):
 def _check(hp):
     if hp["ciard_temp_decay"] not in TEMP_DECAYS:
         raise ValueError(f"ciard_temp_decay must be one of {TEMP_DECAYS}, got {hp['ciard_temp_decay']!r}")
-    if not 0.0 < hp["ciard_temp_min"] <= hp["ciard_temp_init"] <= hp["ciard_temp_max"]:
-        raise ValueError("CIARD's temperatures need 0 < ciard_temp_min <= ciard_temp_init <= ciard_temp_max, got "
-                         f"{hp['ciard_temp_min']}, {hp['ciard_temp_init']}, {hp['ciard_temp_max']}")
-    if hp["ciard_temp_lr"] < 0.0:
-        raise ValueError(f"ciard_temp_lr must be >= 0, got {hp['ciard_temp_lr']}")
+    check_learned_temperatures(hp, "ciard", "CIARD")
     if hp["push_temperature"] <= 0.0:
         raise ValueError(f"push_temperature must be > 0, got {hp['push_temperature']}")
     if hp["ciard_teacher_start"] < 0:

@@ -228,6 +228,18 @@ class Objective:
     held: Callable[[HParams, str], frozenset] = _none_held
 
 
+def check_learned_temperatures(hp: HParams, prefix: str, method: str) -> None:
+    """ValueError unless 0 < {prefix}_temp_min <= {prefix}_temp_init <= {prefix}_temp_max and {prefix}_temp_lr >= 0:
+    the bounds and rate of the per-class temperatures ABSLD and CIARD learn."""
+    low, init, high = (hp[f"{prefix}_temp_{k}"] for k in ("min", "init", "max"))
+    if not 0.0 < low <= init <= high:
+        raise ValueError(f"{method}'s temperatures need 0 < {prefix}_temp_min <= {prefix}_temp_init <= "
+                         f"{prefix}_temp_max, got {low}, {init}, {high}")
+    if hp[f"{prefix}_temp_lr"] < 0.0:
+        raise ValueError(f"{prefix}_temp_lr must be >= 0 (0 keeps the temperatures at {prefix}_temp_init), "
+                         f"got {hp[f'{prefix}_temp_lr']}")
+
+
 def needs_of(*names: str) -> Callable[[HParams, str], frozenset]:
     """A `needs` function that ignores hyper-parameters and phase."""
     names_set = frozenset(names)
