@@ -7,7 +7,7 @@ with MMARD or RSLAD, on the teacher's published adversarial-training recipe, str
 No ARD paper reports ImageNet (docs/design.md, "ImageNet distillation"): the recipe is the teacher's. The default
 teacher is Salman et al. 2020's WideResNet-50-2 (RobustBench Salman2020Do_50_2, L-inf 4/255: RobustBench/robustbench
 @78fcc9e model_info/imagenet/Linf/Salman2020Do_50_2.json); `teacher=` takes any RobustBench ImageNet L-inf entry that
-`mmard_jax.convert --dataset=imagenet` converts (Salman2020Do_R50, Salman2020Do_R18, Engstrom2019Robustness, ...),
+`mmard_jax.convert --dataset=imagenet` converts at 224x224 (TEACHERS: Salman2020Do_R50, Salman2020Do_R18, ...),
 found in teachers/<name>_imagenet as the README's convert command writes it. Salman et al. trained their models
 with MadryLab's robustness library (microsoft/robust-models-transfer @cea2c37 README.md:20); its ImageNet training
 defaults are the recipe (RECIPE below, cited by line). `batch_size` is the global batch, split evenly over the
@@ -16,11 +16,14 @@ learning rate linearly (Goyal et al. 2017's rule; docs/design.md).
 """
 
 from mmard_jax import config_lib
-from mmard_jax.interop import zoo
 
 METHODS = ("mmard", "rslad")
 STUDENTS = {"resnet18": "torchvision_resnet18", "resnet50": "torchvision_resnet50"}  # models/registry.py
 DEFAULT_TEACHER = "Salman2020Do_50_2"
+# The robust RobustBench ImageNet L-inf entries the converter covers (mmard_jax/interop/zoo.py) that take 224x224 inputs
+# (Wong2020Fast is evaluated at 288, Standard_R50 is not adversarially trained).
+TEACHERS = ("Salman2020Do_50_2", "Salman2020Do_R50", "Salman2020Do_R18", "Engstrom2019Robustness",
+            "Chen2024Data_WRN_50_2")
 # RobustBench's ImageNet protocol (robustbench/data.py:146-153: at most 5000 validation images, 'Res256Crop224';
 # model_info/imagenet/Linf/*.json "eps": "4/255"): mmard_jax.data.eval_stream / eval_transforms.
 EVAL_EXAMPLES = 5000
@@ -57,7 +60,8 @@ def get_config(arg=None):
         raise ValueError(f"unknown method {a['method']!r}; known: {', '.join(METHODS)}")
     if a["student"] not in STUDENTS:
         raise ValueError(f"unknown student {a['student']!r}; known: {', '.join(STUDENTS)}")
-    zoo.lookup(a["teacher"], "imagenet")  # a ValueError naming close entries when it is not a converted one
+    if a["teacher"] not in TEACHERS:
+        raise ValueError(f"unknown teacher {a['teacher']!r}; known: {', '.join(TEACHERS)}")
     check_mesh(a["batch_size"], a["hosts"], a["gpus"])
     c = config_lib.base_config(a["method"], STUDENTS[a["student"]], "imagenet")
     c.teacher.checkpoint = f"teachers/{a['teacher']}_imagenet"

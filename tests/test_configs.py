@@ -467,5 +467,9 @@ def test_imagenet_config_follows_the_teacher_recipe():
     assert (big.batch_size, big.optim.lr, big.student.arch, big.method.name) == (1024, 0.4, "torchvision_resnet18",
                                                                                 "mmard")
     assert imagenet.get_config("teacher=Salman2020Do_R18").teacher.checkpoint == "teachers/Salman2020Do_R18_imagenet"
-    with pytest.raises(ValueError, match="Salman2020Do_R51"):
+    with pytest.raises(ValueError, match="unknown teacher 'Salman2020Do_R51'"):
         imagenet.get_config("teacher=Salman2020Do_R51")
+    for name in imagenet.TEACHERS:  # each a converted RobustBench ImageNet entry at 224x224, adversarially trained
+        entry = robustbench_zoo.lookup(name, "imagenet")
+        assert robustbench_zoo.input_shape(name, "imagenet") == (224, 224, 3) and name != "Standard_R50", name
+        assert entry.num_classes == 1000, name
