@@ -73,6 +73,9 @@ def get_config(arg=None):
                    weight_decay=RECIPE["weight_decay"], schedule="piecewise", per_epoch=True,
                    boundaries=RECIPE["boundaries"], decay=RECIPE["decay"])
     c.attack.update(norm="Linf", eps=EPS, steps=RECIPE["steps"], step_size=RECIPE["step_size"])
+    if c.method.get("kl_class_mean"):  # RSLAD: its KL is a mean over batch x classes (rslad_loss.py), which the
+        # published scripts scale by classes / 10 (1 on CIFAR-10, 10 on CIFAR-100: methods.DATASET_HPARAMS): 100 here
+        c.method.kl_scale = config_lib.NUM_CLASSES["imagenet"] / 10
     c.eval.update(norm="Linf", eps=EPS, n_examples=EVAL_EXAMPLES, batch_size=EVAL_BATCH,
                   final_attacks=("clean", "fgsm", "pgd_s", "pgd_t", "cw", "aa"))
     return c

@@ -450,6 +450,9 @@ def test_imagenet_config_follows_the_teacher_recipe():
     assert (c.student.arch, c.method.name, c.dataset.name, c.dataset.pipeline) == (
         "torchvision_resnet50", "rslad", "imagenet", "stream")
     assert c.teacher.checkpoint == "teachers/Salman2020Do_50_2_imagenet"
+    # RSLAD's class-mean KL at 1000 classes: x100, the published x1 (10 classes) and x10 (100) continued.
+    assert (c.method.kl_class_mean, c.method.kl_scale) == (True, 100.0)
+    assert imagenet.get_config("method=mmard").method.kl_scale == 1.0
     assert (c.num_epochs, c.batch_size, c.optim.lr, c.optim.momentum, c.optim.weight_decay) == (200, 256, 0.1, 0.9,
                                                                                               1e-4)
     assert (c.attack.norm, c.attack.eps, c.attack.steps) == ("Linf", 4 / 255, 7)
