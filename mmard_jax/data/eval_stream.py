@@ -10,8 +10,8 @@ import importlib.util
 import pathlib
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
-import grain
 import numpy as np
+from absl import flags
 from PIL import Image
 
 from mmard_jax import errors
@@ -30,10 +30,14 @@ def chunks(source, transform: Callable[[np.ndarray], np.ndarray], chunk_size: in
     else in `threads` reader threads of this process. Every chunk but the last holds chunk_size examples."""
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    import grain  # here, not at import: importing grain takes about a second, and only streamed runs need it
+
     n = len(source) if n_examples <= 0 else min(n_examples, len(source))
     ds = grain.MapDataset.source(source)[:n].map(RecordTransform(transform))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(threads, 1), prefetch_buffer_size=chunk_size))
     if workers > 0:
+        if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags: their defaults outside an absl program
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     for batch in it.batch(chunk_size, drop_remainder=False):
         yield np.asarray(batch["image"], np.uint8), np.asarray(batch["label"], np.int32)
