@@ -288,16 +288,18 @@ def run_evaluation(
 
 def streamed_source(dataset: str, data_dir: str, image_list: str = "robustbench"):
     """The test source of a streamed data set: RobustBench's listed images of the val folder `data_dir`, or (image_list
-    'first') the whole folder or prepared tfds copy as mmard_jax.data.sources reads it, evaluated from its start."""
+    'first') the whole folder, or the validation split of a prepared tfds `imagenet2012` copy in `data_dir`, as
+    mmard_jax.data.sources reads them, evaluated from its start."""
     if dataset not in STREAMED:
         raise cli.UserError(f"{dataset} is not evaluated streamed; streamed: {', '.join(STREAMED)}")
     if image_list == "robustbench":
         return eval_stream.robustbench_imagenet(data_dir)
     from mmard_jax.data import sources  # the streamed pipeline's sources (issue 26)
 
-    root = pathlib.Path(data_dir)
-    return sources.image_folder(root) if root.is_dir() and any(p.is_dir() for p in root.iterdir()) else (
-        sources.tfds("imagenet2012", "validation", data_dir))
+    root = pathlib.Path(data_dir)  # a prepared tfds copy keeps its data set's folder (tfds data_dir layout)
+    if (root / "imagenet2012").is_dir():
+        return sources.tfds("imagenet2012", "validation", data_dir)
+    return sources.image_folder(root)
 
 
 def run_streamed_evaluation(
