@@ -32,7 +32,7 @@ PAPER_TEACHERS = {
 }
 DEFAULT_TEACHER = {"cifar10": "wrn34_10", "cifar100": "wrn70_16", "tiny_imagenet": "tiny_linf_wrn28-10",
                    "svhn": "svhn_linf_wrn28-10"}
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10, "tiny_imagenet": 200, "svhn": 10}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10, "tiny_imagenet": 200, "svhn": 10, "imagenet": 1000}
 
 
 def teacher_dir(dataset: str, teacher: Optional[str] = None) -> str:

@@ -4,9 +4,14 @@
         [--attacks=clean,fgsm,pgd_s,pgd_t,cw,aa] [--n_examples=N] [--batch_size=500] [--eps=8/255] \\
         [--seed=0] [--output=DIR] [--data_dir=DIR] [--source=auto]
 
+    python -m mmard_jax.evaluate --checkpoint=DIR --dataset=imagenet --data_dir=IMAGENET/val \\
+        [--image_list=robustbench] [--chunk_size=1000] [--eval_workers=8]
+
 DIR is a model directory (`mmard_jax.convert`) or a training workdir (its best checkpoint). The whole
 test split is evaluated by default; every example counts once (the last partial batch is padded and
-masked). Writes into --output (default DIR/robustness_<dataset>):
+masked). ImageNet streams (`run_streamed_evaluation`): RobustBench's protocol, its 5000 listed validation images
+of an image folder (or the first --n_examples of a source), resized to 256 and centre-cropped to 224, at eps 4/255,
+read --chunk_size images at a time. Writes into --output (default DIR/robustness_<dataset>):
   report.json   accuracies, counts, settings, AutoAttack's per-component breakdown, trust flags, timings
   report.md     the same as a Markdown table in the paper's column order, then the flags
   masks.npz     one bool array [N] per attack: True = example correctly classified under that attack
@@ -36,10 +41,16 @@ from mmard_jax import (
     xla_env,
 )
 from mmard_jax.attacks import autoattack, suite
+from mmard_jax.data import eval_stream, eval_transforms
 from mmard_jax.models import store
 
 FLAGS = flags.FLAGS
 DEFAULT_ATTACKS = ("clean", "fgsm", "pgd_s", "pgd_t", "cw", "aa")
+# Data sets evaluated from a source in chunks (robustness.evaluate_source), never resident: name -> (RobustBench's
+# preprocessing, its default L-inf radius, its number of test images). robustbench/data.py:146-153, :20-26;
+# model_info/imagenet/Linf/*.json "eps": "4/255".
+STREAMED = {"imagenet": ("Res256Crop224", 4 / 255, eval_stream.ROBUSTBENCH_IMAGENET_EXAMPLES)}
+IMAGE_LISTS = ("robustbench", "first")
 
 
 def aa_config_from(n_iter: int = 100, n_targets: int = 9, square_queries: int = 5000,
@@ -129,7 +140,8 @@ def define_flags():
     """The CLI's flags, defined only when run as a program (the module is also a library)."""
     flags.DEFINE_string("checkpoint", None,
                         "Model directory (mmard_jax.convert) or training workdir (its best checkpoint).")
-    flags.DEFINE_enum("dataset", "cifar10", list(data.DATASETS), "Data set whose test split is evaluated.")
+    flags.DEFINE_enum("dataset", "cifar10", list(data.DATASETS) + list(STREAMED),
+                      "Data set whose test split is evaluated (imagenet: streamed from --data_dir).")
     flags.DEFINE_list("attacks", list(DEFAULT_ATTACKS), f"Attacks, from: {', '.join(suite.ATTACKS)}.")
     flags.DEFINE_integer("n_examples", None, "Evaluate the first N test examples (default: the whole split).")
     flags.DEFINE_integer("batch_size", 500, "Global batch size (a multiple of the device count).")
@@ -141,6 +153,11 @@ def define_flags():
     flags.DEFINE_enum("source", "auto", list(data.SOURCES), "Where the data set is read from (see data.load_dataset).")
     flags.DEFINE_enum("class_order", None, list(data.CLASS_ORDERS),
                       "tiny_imagenet: labels by sorted wnids (default) or wnids.txt's order (see data.load_dataset).")
+    flags.DEFINE_enum("image_list", "robustbench", list(IMAGE_LISTS),
+                      "imagenet: RobustBench's 5000 listed images of the val folder --data_dir, or the first "
+                      "--n_examples images of the source.")
+    flags.DEFINE_integer("chunk_size", 1000, "imagenet: images read and attacked at a time (host memory bound).")
+    flags.DEFINE_integer("eval_workers", 0, "imagenet: grain worker processes decoding images (0: reader threads).")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of the model.")
     flags.DEFINE_string("unroll", "auto", "Unrolling of the white-box PGD loops: auto | full | N.")
     flags.DEFINE_integer("aa_iters", 100, "AutoAttack: APGD/APGD-T/FAB-T iterations (standard: 100).")
@@ -165,6 +182,12 @@ def check_flags() -> None:
         cli.positive_int(name, FLAGS[name].value)
     if FLAGS.n_examples is not None:
         cli.positive_int("n_examples", FLAGS.n_examples)
+    for name in ("chunk_size",):
+        cli.positive_int(name, FLAGS[name].value)
+    if FLAGS.dataset in STREAMED:
+        if not FLAGS.data_dir:
+            raise cli.UserError(f"--dataset={FLAGS.dataset} reads --data_dir (an image folder: <root>/<class>/<image>)")
+        return
     cli.choice("source", FLAGS.source, data.DATASET_SOURCES[FLAGS.dataset])
     if FLAGS.class_order is not None and FLAGS.dataset != "tiny_imagenet":
         raise cli.UserError(f"--class_order applies to --dataset=tiny_imagenet only, not {FLAGS.dataset}")
@@ -176,10 +199,22 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     check_flags()
     eps = robustness.DEFAULT_EPS[FLAGS.norm] if FLAGS.eps is None else cli.parse_eps(FLAGS.eps, norm=FLAGS.norm)
+    if FLAGS.dataset in STREAMED and FLAGS.eps is None and FLAGS.norm == "Linf":
+        eps = STREAMED[FLAGS.dataset][1]
     runtime.quiet_logging()  # before joining: jax.distributed logs at INFO level
     distributed.initialize_from_flags()
     with stopping.exit_on_lost_process(FLAGS.heartbeat_timeout, then="Rerun the same commands."):
         runtime.enable_compilation_cache(FLAGS.compilation_cache)
+        if FLAGS.dataset in STREAMED:
+            run_streamed_evaluation(
+                FLAGS.checkpoint, streamed_source(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_list), FLAGS.dataset,
+                FLAGS.attacks, n_examples=FLAGS.n_examples or -1, chunk_size=FLAGS.chunk_size,
+                workers=FLAGS.eval_workers, batch_size=FLAGS.batch_size, eps=eps, norm=FLAGS.norm, seed=FLAGS.seed,
+                output=FLAGS.output, dtype=FLAGS.dtype, unroll=FLAGS.unroll,
+                matmul_precision=None if FLAGS.tf32 else "highest",
+                aa_config=aa_config_from(FLAGS.aa_iters, FLAGS.aa_targets, FLAGS.aa_queries, FLAGS.aa_restarts,
+                                         FLAGS.norm))
+            return
         run_evaluation(
             FLAGS.checkpoint, FLAGS.dataset, FLAGS.attacks, n_examples=FLAGS.n_examples or -1,
             batch_size=FLAGS.batch_size, eps=eps, norm=FLAGS.norm, seed=FLAGS.seed, output=FLAGS.output,
@@ -249,6 +284,88 @@ def run_evaluation(
         print(markdown_report(title, setup, report))
         print(f"wrote {output / 'report.json'}, report.md, masks.npz", flush=True)
     return report
+
+
+def streamed_source(dataset: str, data_dir: str, image_list: str = "robustbench"):
+    """The test source of a streamed data set: RobustBench's listed images of the val folder `data_dir`, or (image_list
+    'first') the whole folder, or the validation split of a prepared tfds `imagenet2012` copy in `data_dir`, as
+    mmard_jax.data.sources reads them, evaluated from its start."""
+    if dataset not in STREAMED:
+        raise cli.UserError(f"{dataset} is not evaluated streamed; streamed: {', '.join(STREAMED)}")
+    if image_list == "robustbench":
+        return eval_stream.robustbench_imagenet(data_dir)
+    from mmard_jax.data import sources  # the streamed pipeline's sources (issue 26)
+
+    root = pathlib.Path(data_dir)  # a prepared tfds copy keeps its data set's folder (tfds data_dir layout)
+    if (root / "imagenet2012").is_dir():
+        return sources.tfds("imagenet2012", "validation", data_dir)
+    return sources.image_folder(root)
+
+
+def run_streamed_evaluation(
+    checkpoint,
+    source,
+    dataset: str = "imagenet",
+    attacks: Sequence[str] = DEFAULT_ATTACKS,
+    *,
+    n_examples: int = -1,
+    chunk_size: int = 1000,
+    workers: int = 0,
+    batch_size: int = 500,
+    eps: Optional[float] = None,
+    norm: str = "Linf",
+    seed: int = 0,
+    output: Optional[str] = None,
+    dtype: str = "float32",
+    unroll="auto",
+    aa_config: Optional[autoattack.AutoAttackConfig] = None,
+    matmul_precision: Optional[str] = "highest",
+    preprocessing: Optional[str] = "default",
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """`run_evaluation` for a split read from `source` in chunks (robustness.evaluate_source): the data set's
+    RobustBench preprocessing (STREAMED; or `preprocessing`, an eval_transforms.PREPROCESSINGS name), its number
+    of test images unless `n_examples`, the model at the preprocessed size. Writes and prints the same report."""
+    checkpoint = pathlib.Path(checkpoint).absolute()
+    mesh = parallel.data_mesh()
+    parallel.check_divisible(batch_size, mesh, "--batch_size")
+    default_prep, default_eps, default_n = STREAMED.get(dataset, (None, None, -1))
+    prep = default_prep if preprocessing == "default" else preprocessing
+    transform = eval_transforms.PREPROCESSINGS[prep]
+    n = min(len(source), n_examples if n_examples > 0 else (default_n if default_n > 0 else len(source)))
+    first = transform(np.asarray(source[0]["image"], np.uint8))
+    module, variables = checkpoints.load_model(checkpoint, dtype=dtype, input_shape=first.shape)
+    num_classes = getattr(source, "num_classes", None)
+    if num_classes is not None and module.num_classes != num_classes:
+        raise cli.UserError(f"{checkpoint} has {module.num_classes} classes, the source has {num_classes}")
+    eps = default_eps if eps is None and norm == "Linf" else eps  # None otherwise: the norm's default radius
+    start = time.perf_counter()
+    report = robustness.evaluate_source(
+        module, variables, source, transform=transform, attacks=attacks, norm=norm, eps=eps,
+        chunk_size=chunk_size, n_examples=n, workers=workers, batch_size=batch_size, seed=seed, mesh=mesh,
+        progress=progress, compute_dtype=dtype, unroll=runtime.resolve_unroll(unroll), aa_config=aa_config,
+        matmul_precision=matmul_precision)
+    body = report.as_dict()
+    body["masks"] = dict(report.masks)
+    if report.autoattack is not None:
+        body["masks"]["aa_fooled_by"] = report.autoattack["fooled_by_example"]
+    body["seconds"]["total"] = time.perf_counter() - start
+    setup = {
+        "model": checkpoint.name, "checkpoint": str(checkpoint), "arch": store.read_spec(checkpoint)["arch"],
+        "dataset": f"{dataset} ({n} of {len(source)} images, {prep or 'as stored'}, streamed in chunks of "
+                   f"{chunk_size})",
+        "norm": norm,
+        "eps": f"{report.eps:.6g} ({report.eps * 255:.4g}/255)" if norm == "Linf" else f"{report.eps:.6g}",
+        "seed": seed, "batch size": batch_size, "devices": f"{mesh.devices.size} x {jax.devices()[0].platform}",
+        "dtype": dtype, "matmul precision": matmul_precision or "default (TF32 on GPUs)",
+    }
+    output = pathlib.Path(output) if output else checkpoint / f"robustness_{dataset}"
+    title = f"Robustness of {checkpoint.name} on {dataset}"
+    if parallel.is_primary():
+        write_report(output, title, setup, body)
+        print(markdown_report(title, setup, body))
+        print(f"wrote {output / 'report.json'}, report.md, masks.npz", flush=True)
+    return body
 
 
 def run():

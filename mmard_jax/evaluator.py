@@ -68,8 +68,10 @@ def input_floats(images: Array) -> Array:
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-    """One compiled attack: its per-device `body(variables, images, labels, idx, valid, *args)` -> per-example
-    outputs, and where each of its own `args` lives: 'example' (a row per point, batched with them) or 'shared'."""
+    """One compiled attack: its per-device `body(variables, images, labels, base, idx, valid, *args)` -> per-example
+    outputs, and where each of its own `args` lives: 'example' (a row per point, batched with them) or 'shared'.
+    `idx` indexes the resident arrays; `base + idx` is the example's position in the whole split, which keys its
+    random starts (a streamed evaluation holds one chunk of the split, starting at `base`)."""
 
     key: Tuple[str, str]
     body: Callable
@@ -79,10 +81,10 @@ class Program:
 def white_box_program(apply: Callable, name: str, eps: float, norm: str, unroll) -> Program:
     """Clean or a white-box attack (suite.PER_BATCH): correct [B]; arg: the attack's key."""
 
-    def body(variables, images, labels, idx, valid, key):
+    def body(variables, images, labels, base, idx, valid, key):
         x, y = input_floats(images[idx]), labels[idx]
         return suite.correct_under(name, functools.partial(apply, variables), x, y, eps=eps,
-                                   rng=parallel.example_keys(key, idx), unroll=unroll, norm=norm)
+                                   rng=parallel.example_keys(key, base + idx), unroll=unroll, norm=norm)
 
     return Program(("white_box", name), body, ("shared",))
 
@@ -91,10 +93,10 @@ def component_program(apply: Callable, program: str, eps: float, config: autoatt
     """One run of an AutoAttack program (autoattack.PROGRAMS): (fooled and verified [B], x_adv); args: the run's key
     (hashed per example, not drawn: counter_rng.py) and the program's traced argument (autoattack.program_arg)."""
 
-    def body(variables, images, labels, idx, valid, key, arg):
+    def body(variables, images, labels, base, idx, valid, key, arg):
         x, y = input_floats(images[idx]), labels[idx]
         apply_fn = functools.partial(apply, variables)
-        keys = counter_rng.example_keys(key, idx)
+        keys = counter_rng.example_keys(key, base + idx)
         x_adv, _ = autoattack.run_program(program, apply_fn, x, y, keys, arg, eps=eps, config=config, active=valid)
         return valid & autoattack.fooled_check(apply_fn, x, x_adv, y, eps, config.norm), x_adv
 
@@ -105,9 +107,9 @@ def square_program(apply: Callable, eps: float, config: autoattack.AutoAttackCon
     """A chunk of Square's queries: (x_best, margin_best, fooled and verified, x_adv); args: the run's key, the
     per-example carry (x_best, margin_best) and the query span (start, stop)."""
 
-    def body(variables, images, labels, idx, valid, key, carry, span):
+    def body(variables, images, labels, base, idx, valid, key, carry, span):
         x, y = input_floats(images[idx]), labels[idx]
-        keys = counter_rng.example_keys(key, idx)
+        keys = counter_rng.example_keys(key, base + idx)
         return _square_chunk(functools.partial(apply, variables), x, y, keys, valid, carry, span, eps, config)
 
     return Program(("aa", "square"), body, ("shared", "example", "shared"))
@@ -116,7 +118,7 @@ def square_program(apply: Callable, eps: float, config: autoattack.AutoAttackCon
 def gradient_program(apply: Callable) -> Program:
     """The cross-entropy input gradient's health at x: (all zero [B], not finite [B])."""
 
-    def body(variables, images, labels, idx, valid):
+    def body(variables, images, labels, base, idx, valid):
         x, y = input_floats(images[idx]), labels[idx]
         return suite.input_gradient_health(functools.partial(apply, variables), x, y)
 
@@ -147,19 +149,13 @@ class Evaluator:
         """`model`: a Flax module or any `apply_fn(variables, x) -> logits` (`as_apply_fn`); `images`: uint8, or
         float NHWC in [0, 1]; `norm`: the threat model ('Linf' or 'L2') of every attack, eps its radius (default:
         the AutoAttack config's, whose norm must agree)."""
-        chex.assert_rank(images, 4)
-        chex.assert_shape(labels, (images.shape[0],))
-        if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
-            raise TypeError(f"Evaluator expects uint8 or float images in [0, 1], got {images.dtype}")
-        if images.dtype != np.uint8:
-            images = np.asarray(images, np.float32)
         batch_plan.CompileClock.start()
         norm = aa_config.norm if norm is None else norm
         if aa_config.norm != norm:
             raise ValueError(f"the AutoAttack config's norm {aa_config.norm!r} is not the evaluator's {norm!r}")
         self.apply, self.eps, self.norm, self.unroll, self.aa_config = as_apply_fn(model), eps, norm, unroll, aa_config
         self.mesh = mesh or parallel.data_mesh()
-        self.batch_size, self.n = batch_size, len(labels)
+        self.batch_size = batch_size
         self.shapes = batch_plan.batch_shapes(batch_size, self.mesh.devices.size)
         # CPUs: a batch costs its size (BATCH_OVERHEAD_EXAMPLES), so the points left may go in several batches,
         # and batches whose activations outgrow the last-level cache cost more per example (`plan_shapes`); on
@@ -167,21 +163,35 @@ class Evaluator:
         # processes must plan alike (their caches may differ): neither there.
         self.split_batches = self.mesh.devices.flat[0].platform == "cpu" and jax.process_count() == 1
         self._cpu_shapes: Optional[Tuple[int, ...]] = None
-        self.images, self.labels = parallel.put_replicated(
-            (np.asarray(images), np.asarray(labels, np.int32)), self.mesh)
+        self.load(images, labels)
         self.precision = matmul_precision
         self.progress = progress and parallel.is_primary()  # one progress display per run, process 0's
         self.square_chunks = square_chunks
         self._fns: Dict[Tuple[str, str], Callable] = {}
         self._compiled: Dict[Tuple[str, str], set] = {}
         self._costs: Dict[Tuple[str, str], Tuple[float, float]] = {}  # (s per example and unit of work, s per compile)
-        self.images_host, self.labels_host = images, np.asarray(labels)  # the split as given (uint8 or float)
+
+    def load(self, images: np.ndarray, labels: np.ndarray, base: int = 0, n: Optional[int] = None) -> None:
+        """Makes (images, labels) the resident split: its first `n` rows (default all) are the examples at
+        positions base .. base + n - 1 of the whole split, the rest padding. A streamed evaluation loads one chunk
+        after another in one shape, so the compiled programs are reused (robustness.evaluate_source)."""
+        chex.assert_rank(images, 4)
+        chex.assert_shape(labels, (images.shape[0],))
+        if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
+            raise TypeError(f"Evaluator expects uint8 or float images in [0, 1], got {images.dtype}")
+        if images.dtype != np.uint8:
+            images = np.asarray(images, np.float32)
+        self.n = len(labels) if n is None else int(n)
+        self.images, self.labels, self.base = parallel.put_replicated(
+            (np.asarray(images), np.asarray(labels, np.int32), np.int32(base)), self.mesh)
+        self.images_host, self.labels_host = images[:self.n], np.asarray(labels)[:self.n]  # as given (uint8/float)
 
     def _jitted(self, program: Program) -> Callable:
         """The jitted, data-parallel function of one program (one per program key; jit caches its shapes)."""
         if program.key not in self._fns:
             sharded = P(parallel.AXIS)
-            specs = (P(), P(), P(), sharded, sharded) + tuple(sharded if a == "example" else P() for a in program.args)
+            own = tuple(sharded if a == "example" else P() for a in program.args)
+            specs = (P(), P(), P(), P(), sharded, sharded) + own  # variables, images, labels, base, idx, valid
             mapped = jax.shard_map(program.body, mesh=self.mesh, in_specs=specs, out_specs=sharded,
                                    check_vma=False)  # loop carries become per-device inside
             self._fns[program.key] = jax.jit(mapped)
@@ -237,7 +247,8 @@ class Evaluator:
                 valid = np.arange(size) < len(chunk)
                 own = [jax.tree.map(lambda a: parallel.put_batch(np.asarray(a)[start:start + size][rows], self.mesh),
                                     arg) if where == "example" else arg for arg, where in zip(args, program.args)]
-                outs.append((len(chunk), fn(variables, self.images, self.labels, parallel.put_batch(idx, self.mesh),
+                outs.append((len(chunk), fn(variables, self.images, self.labels, self.base,
+                                            parallel.put_batch(idx, self.mesh),
                                             parallel.put_batch(valid, self.mesh), *own)))
                 compiled.add(size)
                 start += size

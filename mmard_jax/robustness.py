@@ -4,11 +4,15 @@
     report = robustness.evaluate(apply_fn, variables, images, labels, attacks=("clean", "pgd_s", "aa"))
     report.accuracy["aa"], report.per_class["aa"]["worst"], report.flags
     x_adv, report = robustness.autoattack(apply_fn, variables, images, labels, norm="L2")
+    report = robustness.evaluate_source(apply_fn, variables, source, transform=eval_transforms.res256_crop224,
+                                        eps=4 / 255, chunk_size=1000, n_examples=5000)   # a split too large to hold
 
 `apply_fn(variables, x) -> logits` is any JAX-traceable function (a Flax module's `apply`, a Haiku or Equinox
 network wrapped as a function, a jitted function of a parameter dict); x is float32 NHWC in [0, 1] (uint8 images
 are accepted and scaled exactly by 1/255); the class count comes from `jax.eval_shape`. Batching, devices,
 per-example keys and AutoAttack's cascade are `evaluator.Evaluator`'s; this module turns its masks into a report.
+`evaluate_source` reads the split from a source in chunks (mmard_jax.data.eval_stream) and gives the same
+per-example results as the resident form: each chunk is attacked at its examples' positions in the split.
 """
 
 import dataclasses
@@ -21,6 +25,7 @@ import numpy as np
 from mmard_jax import errors, evaluator, parallel
 from mmard_jax.attacks import autoattack as aa_lib
 from mmard_jax.attacks import suite
+from mmard_jax.data import eval_stream
 
 NORMS = ("Linf", "L2")
 # RobustBench's two leaderboards' radii for CIFAR (robustbench/model_zoo: threat models Linf 8/255, L2 0.5).
@@ -194,3 +199,70 @@ def autoattack(apply_fn: Callable, variables, images, labels, *, norm: str = "Li
     seconds["aa"] = sum(result.seconds.values())
     report = report_of(ev, variables, {"clean": clean, "aa": result.robust}, seconds, result)
     return result.x_adv, report
+
+
+def merge_autoattack(parts: Sequence[aa_lib.AutoAttackResult]) -> aa_lib.AutoAttackResult:
+    """The cascade's result over consecutive chunks as one result over their union (seconds summed)."""
+    return aa_lib.AutoAttackResult(
+        robust=np.concatenate([p.robust for p in parts]),
+        after={c: np.concatenate([p.after[c] for p in parts]) for c in parts[0].after},
+        fooled_by=np.concatenate([p.fooled_by for p in parts]),
+        seconds={c: float(sum(p.seconds.get(c, 0.0) for p in parts)) for c in parts[0].seconds})
+
+
+def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
+    """`array` with its last row repeated up to `rows` rows (the last chunk in the shape of the others)."""
+    return np.concatenate([array, np.repeat(array[-1:], rows - len(array), axis=0)]) if len(array) < rows else array
+
+
+def evaluate_source(apply_fn: Callable, variables, source, *, transform: Callable[[np.ndarray], np.ndarray],
+                    attacks: Sequence[str] = DEFAULT_ATTACKS, norm: str = "Linf", eps: Optional[float] = None,
+                    chunk_size: int = 1000, n_examples: int = -1, workers: int = 0, batch_size: int = 500,
+                    seed: int = 0, mesh=None, progress: bool = True, checks: bool = True,
+                    compute_dtype: str = "float32", **options) -> RobustnessReport:
+    """`evaluate` over a source's first `n_examples` records (all when <= 0), each through `transform` (e.g.
+    eval_transforms.res256_crop224), read `chunk_size` at a time through grain (`workers` decoding processes): the
+    host holds one chunk and the next being prepared, never the split. Per-example results equal the resident
+    form's on the same images: each chunk's random starts are keyed by its examples' positions in the split, and
+    AutoAttack's cascade attacks, within each chunk, only the points no earlier attack or run has broken."""
+    unknown = [a for a in attacks if a not in suite.ATTACKS]
+    if unknown:
+        raise errors.UserError(f"unknown attack(s) {unknown}; known: {', '.join(suite.ATTACKS)}")
+    ev, base, labels, masks, aa_parts, health = None, 0, [], [], [], []
+    seconds: Dict[str, float] = {}
+    for images, chunk_labels in eval_stream.chunks(source, transform, chunk_size, n_examples, workers):
+        n = len(chunk_labels)
+        if ev is None:
+            ev = make_evaluator(apply_fn, images, chunk_labels, norm=norm, eps=eps, batch_size=batch_size, mesh=mesh,
+                                progress=progress, **options)
+            variables = ev.place(variables)
+        else:
+            rows = ev.images.shape[0]  # the first chunk's shape: the programs compiled for it serve every chunk
+            ev.load(pad_rows(images, rows), pad_rows(chunk_labels, rows), base=base, n=n)
+        result = ev.run(variables, attacks, seed=seed)
+        masks.append(result.masks)
+        aa_parts += [result.autoattack] if result.autoattack is not None else []
+        for name, s in result.seconds.items():
+            seconds[name] = seconds.get(name, 0.0) + s
+        if checks:
+            start = time.perf_counter()
+            health.append(ev.gradient_health(variables))
+            seconds["gradient_check"] = seconds.get("gradient_check", 0.0) + time.perf_counter() - start
+        labels.append(chunk_labels)
+        base += n
+    if ev is None:
+        raise errors.UserError("the source holds no example to evaluate")
+    labels_all = np.concatenate(labels)
+    masks_all = {a: np.concatenate([m[a] for m in masks]) for a in attacks}
+    gradients = {k: np.concatenate([h[k] for h in health]) for k in health[0]} if health else None
+    aa_result = merge_autoattack(aa_parts) if aa_parts else None
+    accuracy = {k: float(v.mean()) for k, v in masks_all.items()}
+    return RobustnessReport(
+        norm=ev.norm, eps=ev.eps, accuracy=accuracy, masks=masks_all,
+        per_class=per_class(masks_all, labels_all, ev.num_classes(variables)),
+        flags=suite.trust_flags(accuracy, gradients=gradients,
+                                aa_after=None if aa_result is None else aa_result.accuracies()) if checks else [],
+        gradients={} if gradients is None else {k: float(v.mean()) for k, v in gradients.items()},
+        autoattack=None if aa_result is None else autoattack_summary(aa_result, ev.aa_config, compute_dtype,
+                                                                      ev.precision),
+        seconds=seconds)

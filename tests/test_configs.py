@@ -18,9 +18,11 @@ from mmard_jax.interop import zoo as robustbench_zoo
 from mmard_jax.models import create
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-TABLES = ("table3", "table4", "table5", "table6", "table7", "table7_readings", "figure4", "sota")
-TRAIN_SIZE = {"cifar10": 50000, "cifar100": 50000, "tiny_imagenet": 100000, "svhn": 73257}
-IMAGE_SHAPE = {"cifar10": (32, 32, 3), "cifar100": (32, 32, 3), "tiny_imagenet": (64, 64, 3), "svhn": (32, 32, 3)}
+TABLES = ("table3", "table4", "table5", "table6", "table7", "table7_readings", "figure4", "sota", "imagenet")
+# ImageNet: ILSVRC-2012's 1,281,167 training images (tensorflow-datasets imagenet2012 `train`).
+TRAIN_SIZE = {"cifar10": 50000, "cifar100": 50000, "tiny_imagenet": 100000, "svhn": 73257, "imagenet": 1281167}
+IMAGE_SHAPE = {"cifar10": (32, 32, 3), "cifar100": (32, 32, 3), "tiny_imagenet": (64, 64, 3), "svhn": (32, 32, 3),
+               "imagenet": (224, 224, 3)}
 
 
 def load_config_file(name):
@@ -37,9 +39,10 @@ def all_runs():
 
 
 def split_teacher_dir(path: str):
-    """teachers/<name>_<dataset> -> (name, dataset); data set names may hold '_' (tiny_imagenet)."""
+    """teachers/<name>_<dataset> -> (name, dataset); data set names may hold '_' (tiny_imagenet; checked first, as
+    'imagenet' ends it too)."""
     stem = pathlib.Path(path).name
-    dataset = next(d for d in data.DATASETS if stem.endswith(f"_{d}"))
+    dataset = next(d for d in (*data.DATASETS, "imagenet") if stem.endswith(f"_{d}"))
     return stem[: -len(dataset) - 1], dataset
 
 
@@ -435,3 +438,41 @@ def test_readme_config_commands_build():
         wanted = only.split(" --only=")[1:]
         runs = [r for r in load_config_file(table).RUNS if all(o in r.split(",") for o in wanted)]
         assert runs, (table, wanted)
+
+
+def test_imagenet_config_follows_the_teacher_recipe():
+    """configs/imagenet.py: the teacher's adversarial-training recipe, written here from MadryLab/robustness @a954124
+    independently of the config (defaults.py:26-31 ImageNet 200 epochs, batch 256, wd 1e-4, x0.1 every 50 epochs
+    stepped per epoch (train.py:374); :71 lr 0.1, :73 momentum 0.9, :92 7 PGD steps; README.rst:125-126 step
+    2.5 * eps / steps), RobustBench's ImageNet evaluation (4/255, 5000 images), the batch over hosts x gpus."""
+    imagenet = load_config_file("imagenet")
+    c = imagenet.get_config("method=rslad,student=resnet50,hosts=4,gpus=8")
+    assert (c.student.arch, c.method.name, c.dataset.name, c.dataset.pipeline) == (
+        "torchvision_resnet50", "rslad", "imagenet", "stream")
+    assert c.teacher.checkpoint == "teachers/Salman2020Do_50_2_imagenet"
+    # RSLAD's class-mean KL at 1000 classes: x100, the published x1 (10 classes) and x10 (100) continued.
+    assert (c.method.kl_class_mean, c.method.kl_scale) == (True, 100.0)
+    assert imagenet.get_config("method=mmard").method.kl_scale == 1.0
+    assert (c.num_epochs, c.batch_size, c.optim.lr, c.optim.momentum, c.optim.weight_decay) == (200, 256, 0.1, 0.9,
+                                                                                              1e-4)
+    assert (c.attack.norm, c.attack.eps, c.attack.steps) == ("Linf", 4 / 255, 7)
+    assert c.attack.step_size == pytest.approx(2.5 * (4 / 255) / 7)
+    assert (c.eval.norm, c.eval.eps, c.eval.n_examples) == ("Linf", 4 / 255, 5000) and "aa" in c.eval.final_attacks
+    spe = TRAIN_SIZE["imagenet"] // c.batch_size
+    lr = train_step.make_lr_schedule(c.optim.lr, spe, c.num_epochs, c.optim.schedule, tuple(c.optim.boundaries),
+                                     c.optim.decay, c.optim.per_epoch)
+    assert [float(lr(e * spe + d)) for e, d in ((49, spe - 1), (50, 0), (99, spe - 1), (100, 0), (150, 0))] == (
+        pytest.approx([0.1, 0.01, 0.01, 0.001, 0.0001]))
+    assert imagenet.check_mesh(256, 4, 8) == 8 and imagenet.check_mesh(256, 1, 1) == 256
+    with pytest.raises(ValueError, match="does not divide over hosts x gpus = 24 devices"):
+        imagenet.get_config("hosts=3,gpus=8")
+    big = imagenet.get_config("student=resnet18,hosts=8,gpus=8,batch_size=1024")  # linear lr scaling with the batch
+    assert (big.batch_size, big.optim.lr, big.student.arch, big.method.name) == (1024, 0.4, "torchvision_resnet18",
+                                                                                "mmard")
+    assert imagenet.get_config("teacher=Salman2020Do_R18").teacher.checkpoint == "teachers/Salman2020Do_R18_imagenet"
+    with pytest.raises(ValueError, match="unknown teacher 'Salman2020Do_R51'"):
+        imagenet.get_config("teacher=Salman2020Do_R51")
+    for name in imagenet.TEACHERS:  # each a converted RobustBench ImageNet entry at 224x224, adversarially trained
+        entry = robustbench_zoo.lookup(name, "imagenet")
+        assert robustbench_zoo.input_shape(name, "imagenet") == (224, 224, 3) and name != "Standard_R50", name
+        assert entry.num_classes == 1000, name

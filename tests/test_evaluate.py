@@ -12,9 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 import tolerances
 from mmard_jax import checkpoints, data, evaluate, files, reporting
+from mmard_jax.data import eval_stream
 from mmard_jax.models import store
 from test_attacks_peer import EPS, our_report
 
@@ -104,3 +106,26 @@ def test_only_a_float32_full_precision_evaluation_is_standard():
     bf16 = autoattack.describe(autoattack.STANDARD, compute_dtype="bfloat16")
     tf32 = autoattack.describe(autoattack.STANDARD, matmul_precision=None)
     assert bf16 == "custom (bfloat16 compute)" and tf32.startswith("custom (matmul precision default")
+
+
+def test_streamed_evaluation_of_an_image_folder(tmp_path, wrn):
+    """`run_streamed_evaluation` (the `--dataset=imagenet` path) on a RobustBench-style val folder: 32 digits as PNGs
+    in class folders, listed out of folder order, read in chunks of 8 through grain: the clean mask is the resident
+    one's for the listed images, in the list's order, and the report files hold it."""
+    variables, clean = wrn
+    test = data.load_dataset("digits", "test")
+    order = np.random.default_rng(0).permutation(32)
+    ids = []
+    for i in order:
+        (tmp_path / "val" / str(test.labels[i])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(test.images[i]).save(tmp_path / "val" / str(test.labels[i]) / f"{i:03d}.png")
+        ids.append(f"{test.labels[i]}/{i:03d}.png")
+    source = eval_stream.ListedImages(tmp_path / "val", ids)
+    model_dir = store.save_model(tmp_path / "wrn", SPEC, variables)
+    body = evaluate.run_streamed_evaluation(model_dir, source, "imagenet", ("clean",), chunk_size=8, batch_size=8,
+                                            preprocessing=None, output=tmp_path / "report", progress=False)
+    np.testing.assert_array_equal(body["masks"]["clean"], clean[order])
+    report, masks, markdown = read_outputs(tmp_path / "report")
+    np.testing.assert_array_equal(masks["clean"], clean[order])
+    assert report["accuracy"]["clean"] == pytest.approx(clean[order].mean()) and report["eps"] == pytest.approx(4 / 255)
+    assert "imagenet (32 of 32 images, as stored, streamed in chunks of 8)" in markdown
