@@ -18,6 +18,7 @@ KINDS = ("pad_crop", "random_resized_crop")
 RRC_SCALE = (0.08, 1.0)  # transforms.py:904
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # transforms.py:905
 RRC_ATTEMPTS = 10  # transforms.py:945
+EVAL_CROP_FRACTION = 224 / 256  # ImageNet's evaluation view: resize 256, centre crop 224 (RobustBench's protocol)
 
 
 def pad_crop_params(rng: np.random.Generator, padding: int, flip: bool) -> tuple[np.ndarray, bool]:
@@ -65,7 +66,7 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(PIL.Image.fromarray(image).resize((size, size), PIL.Image.Resampling.BILINEAR))
 
 
-def center_crop_resize(image: np.ndarray, size: int, crop_fraction: float = 0.875) -> np.ndarray:
+def center_crop_resize(image: np.ndarray, size: int, crop_fraction: float = 1.0) -> np.ndarray:
     """The evaluation view: the central square of side (shorter side x `crop_fraction`), resized to `size` (resize
     256 + centre crop 224 is crop_fraction 224/256 = 0.875). An image already size x size is returned as is."""
     height, width = image.shape[:2]
@@ -79,7 +80,7 @@ def center_crop_resize(image: np.ndarray, size: int, crop_fraction: float = 0.87
 @dataclasses.dataclass(frozen=True)
 class Augment:
     """One recipe: `kind` (KINDS), the pad-crop's `padding`, `flip`, and the output `size` (0: as stored; pad-crop
-    resizes to it first where the stored size differs). `aug(image, rng)` -> uint8 HWC."""
+    takes the central square resized to it first where the stored size differs). `aug(image, rng)` -> uint8 HWC."""
 
     kind: str = "pad_crop"
     padding: int = 4
@@ -95,7 +96,7 @@ class Augment:
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if self.kind == "pad_crop":
             if self.size:
-                image = resize(image, self.size)
+                image = center_crop_resize(image, self.size)
             offset, flip = pad_crop_params(rng, self.padding, self.flip)
             return pad_crop_flip(image, offset, flip, self.padding)
         top, left, h, w = resized_crop_params(rng, *image.shape[:2])
