@@ -365,6 +365,8 @@ def test_fault_injection_trial_ends_bitwise_equal(tiny):
     rows = [line for line in proc.stdout.splitlines() if re.match(r"\| \d+ \|", line)]
     assert len(rows) == 1 and rows[0].endswith("| yes |"), proc.stdout
     assert "write #" in rows[0] and "the write of" in rows[0]  # the kill is aimed at a checkpoint write
+    resumed = re.search(r"\| (\d+)(?: \(fallback\))? \| yes \|$", rows[0])
+    assert resumed and int(resumed.group(1)) % STEPS_PER_EPOCH, rows[0]  # grain's state restored inside an epoch
     assert "1 of 1 trials ended bitwise equal to the uninterrupted run" in proc.stdout
 
 
