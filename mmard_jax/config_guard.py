@@ -32,6 +32,7 @@ RESUMABLE: Mapping[str, str] = {
     "dataset.data_dir": "data location",
     "dataset.source": "data location (the same split read from another copy)",
     "dataset.download": "whether a missing data set may be downloaded",
+    "dataset.workers": "grain worker processes (a streamed batch is keyed by its position, not by who reads it)",
     "progress": "progress display",
 }
 # Keys added to the config after runs were started with it, and the value that does what those runs did: a run
@@ -42,6 +43,11 @@ ADDED_SINCE: Mapping[str, Any] = {
     "attack.norm": "Linf",  # the L2 threat model
     "eval.norm": "Linf",
     "dataset.class_order": "",  # tiny_imagenet's label order ('' = load_dataset's default)
+    "dataset.pipeline": "device",  # the streamed input pipeline (input_pipeline.py); the split was resident before
+    "dataset.augment": "pad_crop",
+    "dataset.image_size": 0,
+    "dataset.test_split": "test",
+    "dataset.workers": 0,
     "swa.enabled": False,  # stochastic weight averaging of the student (mmard_jax/swa.py); the others only matter
     "swa.start_epoch": -1,  # when it is enabled
     "swa.every_epochs": 1,

@@ -246,7 +246,12 @@ def base_config(method: str = "mmard", student: str = "resnet18", dataset: str =
     c.dataset = ml_collections.ConfigDict(
         {"name": dataset, "data_dir": "", "source": "auto", "download": False, "crop_padding": 4, "flip": True,
          "n_train": -1,  # n_train > 0: train on the first n_train examples only (smoke runs)
-         "class_order": ""}  # tiny_imagenet's labels: '' = data.load_dataset's default ('sorted'), or 'wnids'
+         "class_order": "",  # tiny_imagenet's labels: '' = data.load_dataset's default ('sorted'), or 'wnids'
+         # The input pipeline (mmard_jax/input_pipeline.py): 'device' (the split resident on every device), 'stream'
+         # (grain reads, augments and batches on the CPU), 'auto' (streams splits over data.stream.AUTO_STREAM_BYTES);
+         # the streamed augmentation ('pad_crop' | 'random_resized_crop'), the images' side (0: as stored), the test
+         # split of folder/tfds sources, and grain's worker processes (0: read by threads in the trainer's process).
+         "pipeline": "device", "augment": "pad_crop", "image_size": 0, "test_split": "test", "workers": 0}
     )
     # conv_grad: how the convolutions' input gradient is computed, 'auto' | 'custom' | 'lax'
     # (layers.resolve_conv_grad; default $MMARD_JAX_CONV_GRAD or 'auto'); the student's also serves the peer.

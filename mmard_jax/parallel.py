@@ -78,6 +78,15 @@ def put_batch(global_array: np.ndarray, mesh: Mesh, axis: int = 0) -> jax.Array:
     return jax.make_array_from_process_local_data(batch_sharded(mesh, axis), local, global_array.shape)
 
 
+def put_process_batch(local: np.ndarray, mesh: Mesh, global_rows: int) -> jax.Array:
+    """This process's block of a global batch (its `local_rows`: the streamed pipeline reads only those) as the
+    global array sharded over 'data', built with `jax.make_array_from_process_local_data`."""
+    local = np.asarray(local)
+    if jax.process_count() == 1:
+        return jax.device_put(local, batch_sharded(mesh))
+    return jax.make_array_from_process_local_data(batch_sharded(mesh), local, (global_rows, *local.shape[1:]))
+
+
 def to_host(tree):
     """A pytree of global arrays as NumPy arrays on every process (gathered across processes when needed)."""
     def one(x):

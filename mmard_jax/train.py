@@ -33,6 +33,7 @@ from mmard_jax import (
     distributed,
     evaluator,
     files,
+    input_pipeline,
     methods,
     models,
     parallel,
@@ -46,7 +47,7 @@ from mmard_jax import (
     xla_env,
 )
 from mmard_jax.attacks import autoattack, suite
-from mmard_jax.errors import ConfigError, NonFiniteLossError
+from mmard_jax.errors import CheckpointError, ConfigError, NonFiniteLossError
 from mmard_jax.models import layers, store
 
 
@@ -73,7 +74,7 @@ def check_config(config) -> None:
     for block in ("attack", "eval"):
         norm = cli.choice(f"config.{block}.norm", config[block].norm, robustness.NORMS)
         cli.parse_eps(config[block].eps, f"config.{block}.eps", norm=norm)
-    cli.choice("config.dataset.name", config.dataset.name, data.DATASETS)
+    input_pipeline.check(config)  # the data set's name, source, pipeline and augmentation
     cli.choice("config.dataset.class_order", config.dataset.get("class_order", ""), ("",) + data.CLASS_ORDERS)
     for name in ("student.arch",) + (("peer.arch",) if config.peer.arch else ()):
         cli.choice(f"config.{name}", _get(config, name), sorted(models.MODELS))
@@ -131,27 +132,20 @@ class Run:
     num_classes: int = 0
     epoch_update: Any = None  # the jitted method.epoch_update where the method keeps state across epochs
     initial: Dict[str, Any] = dataclasses.field(default_factory=dict)  # trained networks' starting variables
+    feed: Any = None  # the grain stream (data.stream.Stream) of this process's batches where the pipeline streams
 
     def step_fn(self, phase: str):
-        """The compiled step of a phase (built on first use)."""
+        """The compiled step of a phase (built on first use; the streamed step where the pipeline streams)."""
         if phase not in self.step_fns:
             self.step_fns[phase] = train_step.make_train_step(self.nets, self.method, phase, self.txs, self.schedule,
-                                                              self.settings, self.mesh, self.config.seed)
+                                                              self.settings, self.mesh, self.config.seed,
+                                                              streamed=self.feed is not None)
         return self.step_fns[phase]
 
 
 def load_data(config):
-    """The training and test splits of the config's data set (optionally their first examples only)."""
-    ds = config.dataset
-    kw = dict(data_dir=ds.data_dir or None, source=ds.source, download=ds.download,
-              class_order=ds.get("class_order") or None)
-    train, test = data.load_dataset(ds.name, "train", **kw), data.load_dataset(ds.name, "test", **kw)
-    if ds.n_train > 0:
-        train = dataclasses.replace(train, images=train.images[: ds.n_train], labels=train.labels[: ds.n_train])
-    if config.eval.n_examples > 0:
-        n = config.eval.n_examples
-        test = dataclasses.replace(test, images=test.images[:n], labels=test.labels[:n])
-    return train, test
+    """The training and test splits of the config's data set (optionally their first examples only), resident."""
+    return input_pipeline.load_by_name(config)
 
 
 def load_frozen(cfg, role: str, num_classes: int, input_shape, conv_grad: str = "auto"):
@@ -219,19 +213,25 @@ def step_settings(config) -> train_step.StepSettings:
 def setup(config, workdir: pathlib.Path, progress: bool, guard) -> Run:
     """Data, networks, optimizers, evaluator, checkpoints and metric sinks of a run (no state yet)."""
     mesh = parallel.data_mesh()  # its batch sizes divide: check_config ran first
-    train, test = load_data(config)
+    inputs = input_pipeline.load(config)
+    test = inputs.test
     method = config_lib.resolve_method(config.method)
-    nets, frozen, spec = build_networks(config, method, train.num_classes, train.images.shape[1:])
+    nets, frozen, spec = build_networks(config, method, inputs.num_classes, inputs.input_shape)
     frozen, initial = split_initial(frozen)
-    steps_per_epoch = data.num_train_steps(len(train), config.batch_size)
+    steps_per_epoch = data.num_train_steps(inputs.n_train, config.batch_size)
     txs, schedule = build_optimizers(config, nets, steps_per_epoch)
     eval_student = store.build_module(spec, config.student.dtype, conv_grad=config.student.conv_grad)
     ev = robustness.make_evaluator(eval_student, test.images, test.labels, mesh=mesh,
                                    batch_size=config.eval.batch_size, eps=config.eval.eps, norm=config.eval.norm,
                                    unroll=runtime.resolve_unroll(config.eval.unroll),
                                    matmul_precision=config.eval.get("matmul_precision", "highest"), progress=progress)
-    # Every process holds the whole training split on every device and gathers its batches from it (CIFAR: 150 MB).
-    images, labels = parallel.put_replicated((train.images, train.labels), mesh)
+    # Resident: every process holds the whole training split on every device and gathers its batches from it (CIFAR:
+    # 150 MB). Streamed: each process reads its rows of every global batch from the source (input_pipeline).
+    feed, images, labels = None, None, None
+    if inputs.pipeline == "device":
+        images, labels = parallel.put_replicated((inputs.train.images, inputs.train.labels), mesh)
+    else:
+        feed = input_pipeline.open_stream(config, inputs, parallel.local_rows(mesh, config.batch_size))
     with_swa = swa_enabled(config)
     if parallel.is_primary():
         files.write_json_atomic(workdir / store.SPEC_FILE, spec)
@@ -241,10 +241,10 @@ def setup(config, workdir: pathlib.Path, progress: bool, guard) -> Run:
     sinks = reporting.MetricSinks(workdir, progress)
     settings = step_settings(config)
     run = Run(config, workdir, mesh, method, nets, parallel.put_replicated(frozen, mesh), txs, schedule,
-              settings, images, labels, len(train), train.images.shape[1:], steps_per_epoch, ev,
+              settings, images, labels, inputs.n_train, tuple(inputs.input_shape), steps_per_epoch, ev,
               checkpoints.TrainCheckpoints(workdir, config.best_metric, say=sinks.say, swa=with_swa), sinks,
-              guard, stopping.StopAgreement(mesh))
-    run.num_classes = train.num_classes
+              guard, stopping.StopAgreement(mesh), feed=feed)
+    run.num_classes = inputs.num_classes
     run.initial = initial
     if method.epoch_terms:
         run.epoch_update = jax.jit(method.epoch_update, donate_argnums=(0,), out_shardings=parallel.replicated(mesh))
@@ -278,6 +278,12 @@ def restore_or_init(run: Run):
         return state
     form, meta = restored
     state = train_step.TrainState(**form)
+    stream_state = meta.pop(input_pipeline.STATE_KEY, None)
+    if run.feed is not None:
+        if stream_state is None:
+            raise CheckpointError(f"{run.workdir / checkpoints.LATEST}: the checkpoint of step {int(state.step)} "
+                                  "holds no input stream position (written by the device pipeline?)")
+        run.feed.restore(stream_state)  # grain's iterator continues exactly after the saved step's batch
     run.meta = {**run.meta, **meta}
     run.sinks.say(f"resumed from step {int(state.step)} ({run.workdir})")
     return state
@@ -299,15 +305,24 @@ def train_epoch(run: Run, state, epoch: int):
     """One epoch of steps from wherever the state is; returns the state and the epoch's mean training metrics."""
     cfg, spe = run.config, run.steps_per_epoch
     step_fn = run.step_fn(run.method.phase(epoch))
-    batches = parallel.put_batch(
-        data.train_batch_indices(cfg.seed, epoch, run.n_train, cfg.batch_size), run.mesh, axis=1)
+    if run.feed is None:
+        batches = parallel.put_batch(
+            data.train_batch_indices(cfg.seed, epoch, run.n_train, cfg.batch_size), run.mesh, axis=1)
+
+        def batch(i):  # the resident split and the global batch's indices into it
+            return run.images, run.labels, batches[i]
+    else:
+        def batch(i):  # this process's rows of the global batch, read and augmented by grain ahead of the step
+            images, labels = run.feed.next()
+            return (parallel.put_process_batch(images, run.mesh, cfg.batch_size),
+                    parallel.put_process_batch(labels.astype(np.int32), run.mesh, cfg.batch_size))
     epoch_t = np.asarray(epoch, np.int32)
     first = int(state.step) - epoch * spe
     run.sinks.start_epoch(epoch, cfg.num_epochs, spe, first)
     history, chunks = [], []
     try:
         for i in range(first, spe):
-            state, metrics = step_fn(state, run.frozen, run.images, run.labels, batches[i], epoch_t)
+            state, metrics = step_fn(state, run.frozen, *batch(i), epoch_t)
             history.append(metrics)
             step = epoch * spe + i + 1
             if due(step, cfg.log_every_steps, last=i == spe - 1):
@@ -399,8 +414,11 @@ def swa_catch_up(run: Run, state):
     return state
 
 def save_latest(run: Run, state) -> None:
+    """The latest checkpoint: the train state, the best-checkpoint bookkeeping and, where the pipeline streams, the
+    grain iterator's state (JSON in the metadata; every process's is the same: they read in lockstep)."""
     _raise_if_nonfinite(state, run.ckpt)
-    run.ckpt.save_latest(saved_form(state), run.meta)
+    meta = run.meta if run.feed is None else {**run.meta, input_pipeline.STATE_KEY: run.feed.state()}
+    run.ckpt.save_latest(saved_form(state), meta)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, progress: bool = True,
@@ -454,6 +472,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, progress: 
                         "final": swa_final}
         run.sinks.close()
         run.ckpt.close()
+        if run.feed is not None:
+            run.feed.close()
         return reporting.finish_run(workdir, config, run.sinks.records, run.meta, final, evaluation_notes(config),
                                     swa=swa_info)
 

@@ -322,25 +322,37 @@ def _accuracies(logits: Mapping[str, Array], y) -> Dict[str, Array]:
 
 
 def make_train_step(nets: Networks, method: methods.Method, phase: str, txs: Mapping[str, Any],
-                    lr_schedule: Callable, settings: StepSettings, mesh, seed: int):
+                    lr_schedule: Callable, settings: StepSettings, mesh, seed: int, streamed: bool = False):
     """The jitted step `(state, frozen, images, labels, idx, epoch) -> (state, metrics)` of one phase.
 
     `frozen` holds the teachers' variables by name; `images`/`labels` are the whole training split
     (replicated), `idx` the global batch of split indices (sharded over 'data'). Only the forwards
-    `method.forwards(phase)` names are computed.
+    `method.forwards(phase)` names are computed. `streamed=True` gives the streamed pipeline's step
+    `(state, frozen, images, labels, epoch)`: `images` the global batch already augmented on the CPU (uint8
+    [B,H,W,C]) and `labels` int32 [B], both sharded over 'data'; the rest (attack keys included) as above.
     """
     needed, order, forwards = method.outer_needs(phase), method.train_order(phase), method.forwards(phase)
     base_key = jax.random.key(seed)
 
     before, held = method.pre_attack_order(phase), method.held(phase)
 
-    def per_device(state: TrainState, frozen, images, labels, idx, epoch):
-        k_aug, k_init = jax.random.split(jax.random.fold_in(base_key, state.step))
+    def step_keys(state: TrainState):
+        """(augmentation key, attack-start key) of the step: the streamed step draws the second only, the same."""
+        return jax.random.split(jax.random.fold_in(base_key, state.step))
+
+    def per_device_resident(state: TrainState, frozen, images, labels, idx, epoch):
+        k_aug, k_init = step_keys(state)
         x, y = augment_batch(images, labels, idx, k_aug, settings)
+        return per_device(state, frozen, x, y, epoch, k_init)
+
+    def per_device_streamed(state: TrainState, frozen, images, labels, epoch):
+        return per_device(state, frozen, to_float(images), labels, epoch, step_keys(state)[1])
+
+    def per_device(state: TrainState, frozen, x, y, epoch, k_init):
         start = state  # a non-finite step keeps this one (BatchNorm statistics included)
         pre_logits, pre_vjps, state = forwards_before_attack(nets, before, needed, state, x)
         consts = inner_constants(nets, forwards, state, frozen, x, y)
-        keys = parallel.example_keys(k_init, parallel.global_positions(idx.shape[0]))
+        keys = parallel.example_keys(k_init, parallel.global_positions(x.shape[0]))
         x_adv, s_stats, correct = adversarial_input(nets, method, settings, state, frozen, x, y, consts, keys)
         at = points(x, x_adv, needed | set(order))
         teachers = frozen_forwards(nets, needed, frozen, at, consts)
@@ -378,6 +390,10 @@ def make_train_step(nets: Networks, method: methods.Method, phase: str, txs: Map
         out = {"loss": loss, "lr": lr, **jax.lax.pmean(metrics, parallel.AXIS)}
         return guarded_update(start, new_nets, new_mstate, ok, new_estate), out
 
-    mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(), P(parallel.AXIS), P()),
-                           out_specs=(P(), P()))
+    if streamed:
+        mapped = jax.shard_map(per_device_streamed, mesh=mesh,
+                               in_specs=(P(), P(), P(parallel.AXIS), P(parallel.AXIS), P()), out_specs=(P(), P()))
+    else:
+        mapped = jax.shard_map(per_device_resident, mesh=mesh,
+                               in_specs=(P(), P(), P(), P(), P(parallel.AXIS), P()), out_specs=(P(), P()))
     return jax.jit(mapped, donate_argnums=(0,))

@@ -3,7 +3,8 @@
     scripts/launch_local.sh 2 -- python tests/multihost_worker.py --out=DIR --teacher=TEACHER_DIR
 
 Trains ARD with Fair-ARD's plug-in (`plugins=fair`: a train-mode attack, and per-class counts summed over every
-device and process into the epoch state) for a few steps with `train.train_and_evaluate` (DIR/fair_ard, the teacher
+device and process into the epoch state) on the streamed input pipeline (each process reads its rows of every
+global batch through grain) for a few steps with `train.train_and_evaluate` (DIR/fair_ard, the teacher
 TEACHER_DIR), evaluates a model directory it
 saved from both processes with `evaluate.run_evaluation` (DIR/model, DIR/report), and exercises the
 agreement helpers; each process leaves what it observed in DIR/obs_<process>.json. The test runs the same
@@ -39,6 +40,8 @@ def tiny_config(method: str, teacher: str = "", plugins=()):
     c.best_metric = "clean"
     c.checkpoint_every_steps = 3 if method == "mmard" else 0  # the kill test's mid-epoch checkpoint is MMARD's
     c.log_every_steps = 2
+    if "fair" in plugins:  # the Fair-ARD run streams (grain): each process reads only its half of every batch
+        c.dataset.pipeline = "stream"
     return c
 
 

@@ -139,11 +139,13 @@ def test_append_history_and_load_saved_config(tmp_path):
 
 
 def test_a_run_saved_before_a_key_existed_resumes_with_its_old_behaviour(base):
-    """A workdir whose config.json predates student/teacher.conv_grad, attack/eval.norm and dataset.class_order
-    resumes when the new config holds the values those runs used (auto, Linf, ''), and is refused with any other."""
+    """A workdir whose config.json predates student/teacher.conv_grad, attack/eval.norm, dataset.class_order and the
+    input pipeline's keys resumes when the new config holds the values those runs used (auto, Linf, '', device ...),
+    and is refused with any other."""
     old = _saved(base)
     for block, key in (("student", "conv_grad"), ("teacher", "conv_grad"), ("attack", "norm"), ("eval", "norm"),
-                       ("dataset", "class_order")):
+                       ("dataset", "class_order"), ("dataset", "pipeline"), ("dataset", "augment"),
+                       ("dataset", "image_size"), ("dataset", "test_split"), ("dataset", "workers")):
         del old[block][key]
     del old["swa"]  # the SWA student's block (tests/test_swa.py checks that turning it on is refused)
     del old["rteacher"]  # CIARD's robust-teacher optimizer block
@@ -155,5 +157,7 @@ def test_a_run_saved_before_a_key_existed_resumes_with_its_old_behaviour(base):
         check_resume(old, _new(base, student__conv_grad="lax"))
     with pytest.raises(ConfigChangedError, match=r"dataset.class_order: \(absent\) -> \"wnids\""):
         check_resume(old, _new(base, dataset__class_order="wnids"))
+    with pytest.raises(ConfigChangedError, match=r"dataset.pipeline: \(absent\) -> \"stream\""):
+        check_resume(old, _new(base, dataset__pipeline="stream"))
     with pytest.raises(ConfigChangedError, match=r"rteacher.optim.lr: \(absent\) -> 0.01"):
         check_resume(old, _new(base, rteacher__optim__lr=0.01))

@@ -305,7 +305,9 @@ def test_files_a_person_reads_are_written_once_by_process_0(runs):
 def test_fair_ard_two_processes_match_two_devices(runs):
     """ARD + Fair-ARD: the student's BatchNorm in train mode during the attack (synced over processes at every
     iterate), and the epoch state: the per-class counts of correct attack iterates summed over devices and processes
-    (methods.core.EpochState), the class weights the epoch boundary makes of them, identical to one process's."""
+    (methods.core.EpochState), the class weights the epoch boundary makes of them, identical to one process's. The
+    run streams its input (config.dataset.pipeline='stream'): each process reads only its shard of every global batch,
+    the shards' union is the epoch (the counts below) and the global batches are one process's (the states)."""
     assert runs.work_status == 0, runs.work.text
     assert methods.attack_defaults("ard")["student_bn"] == "train"
     two, one = runs.worker / "fair_ard", runs.root / "fair_ard_one_process"
@@ -315,6 +317,10 @@ def test_fair_ard_two_processes_match_two_devices(runs):
     sums = a["epoch_state"]["fair"]["sums"]
     # Epoch 2's counts are of the whole epoch: every example once (96, the two processes' halves summed).
     assert int(np.sum(sums["examples"])) == tiny_config("ard").dataset.n_train and 0 < int(np.sum(sums["correct"]))
+    assert tiny_config("ard", plugins=FAIR).dataset.pipeline == "stream"
+    for workdir in (two, one):  # grain's iterator position (batches read by each process) is checkpointed
+        meta = json.loads((workdir / checkpoints.LATEST / str(latest_step(workdir)) / "meta" / "metadata").read_text())
+        assert meta["stream_state"] == {"next_index": 12}
     for part in ("sums", "value"):
         for key, value in a["epoch_state"]["fair"][part].items():
             np.testing.assert_array_equal(value, b["epoch_state"]["fair"][part][key], err_msg=f"{part}/{key}")

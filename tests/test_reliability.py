@@ -3,8 +3,8 @@ scripts/fault_injection.py): SIGTERM mid-epoch saves that step and exits 143, an
 to an uninterrupted run; a second SIGTERM during the save exits at once and keeps the previous checkpoint; a
 second trainer on a workdir in use is refused; a dead run's lock is taken over; a resume with other settings
 is refused in one line; --extend_epochs trains longer and is recorded; a damaged latest checkpoint falls back
-to the previous one, all damaged is refused; a failed write keeps the previous checkpoint; SIGKILL at random
-moments (the fault-injection script, two trials).
+to the previous one, all damaged is refused; a failed write keeps the previous checkpoint; SIGKILL at a random
+moment (the fault-injection script, one trial, on the streamed input pipeline).
 
 Every subprocess shares one XLA compilation cache, and one uninterrupted reference run serves every comparison.
 """
@@ -351,16 +351,22 @@ def test_uninterrupted_run_writes_what_a_person_reads(reference):
 # ---------------------------------------------------------------- SIGKILL at random moments
 
 
-def test_fault_injection_trial_ends_bitwise_equal(tiny, reference):
+def test_fault_injection_trial_ends_bitwise_equal(tiny):
     """One trial of scripts/fault_injection.py, the kind that matters most: SIGKILL during a checkpoint write (the
-    kill after a step is SIGTERM's test above without the handler; more trials: run the script)."""
+    kill after a step is SIGTERM's test above without the handler; more trials: run the script), on the streamed
+    input pipeline: the killed run's grain iterator state comes back from the checkpoint with the train state, and
+    the resumed run ends bitwise equal to an uninterrupted streamed one (the resident pipeline's resumes are the
+    SIGTERM and damaged-checkpoint tests above)."""
     root, _, env = tiny
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "fault_injection.py"), "--trials=1", "--seed=0",
-                           f"--workdir={root}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+                           f"--workdir={root}", "--pipeline=stream"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if re.match(r"\| \d+ \|", line)]
     assert len(rows) == 1 and rows[0].endswith("| yes |"), proc.stdout
     assert "write #" in rows[0] and "the write of" in rows[0]  # the kill is aimed at a checkpoint write
+    resumed = re.search(r"\| (\d+)(?: \(fallback\))? \| yes \|$", rows[0])
+    assert resumed and int(resumed.group(1)) % STEPS_PER_EPOCH, rows[0]  # grain's state restored inside an epoch
     assert "1 of 1 trials ended bitwise equal to the uninterrupted run" in proc.stdout
 
 

@@ -15,6 +15,10 @@ A trial passes when the resumed run ends with the same train state (every leaf: 
 statistics, optimizer state) and the same best checkpoint, bitwise, and the same final accuracies as the
 reference.
 
+`pipeline='stream'` runs every command with the streamed input pipeline (grain; its iterator state is in the
+checkpoint too) and without the SWA student (its BatchNorm recompute reads the resident split); its reference is
+ROOT/reference_stream.
+
 Subprocesses share a persistent XLA compilation cache ($MMARD_XLA_CACHE, default ROOT/xla_cache).
 """
 
@@ -64,6 +68,10 @@ def get_config(arg=None):
     return c
 '''
 STEPS = 16  # 2 epochs x 256 / 32
+PIPELINES = ("device", "stream")
+# The trainer's extra flags per pipeline (the config file is the same).
+# The streamed run keeps no SWA student (its BatchNorm recompute reads the resident split; the device run covers it).
+PIPELINE_FLAGS = {"device": (), "stream": ("--config.dataset.pipeline=stream", "--config.swa.enabled=false")}
 
 
 # ---------------------------------------------------------------- the run
@@ -179,31 +187,38 @@ class Watch:
         return self.proc.returncode, self.output.decode("utf-8", "replace")
 
 
-def run_to_end(config, workdir, env, timeout: float) -> Tuple[int, str, Watch, float]:
+def run_to_end(config, workdir, env, timeout: float, extra=()) -> Tuple[int, str, Watch, float]:
     """One uninterrupted run of the trainer: (return code, output, its watch, wall seconds)."""
     begin = time.monotonic()
-    watch = Watch(start(config, workdir, env), workdir)
+    watch = Watch(start(config, workdir, env, *extra), workdir)
     code, out = watch.finish(timeout)
     return code, out, watch, time.monotonic() - begin
 
 
-def save_reference_stats(root, seconds: float, watch: Watch) -> Dict[str, float]:
-    """DIR/reference_stats.json of a finished reference run: its wall time and its shortest checkpoint write."""
+def reference_name(pipeline: str = "device") -> str:
+    """The reference run's folder in ROOT: 'reference' (the device pipeline) or 'reference_stream'."""
+    return "reference" if pipeline == "device" else f"reference_{pipeline}"
+
+
+def save_reference_stats(root, seconds: float, watch: Watch, pipeline: str = "device") -> Dict[str, float]:
+    """DIR/<reference>_stats.json of a finished reference run: its wall time and its shortest checkpoint write."""
     stats = {"seconds": seconds, "write_s": min(watch.lifetimes) if watch.lifetimes else 0.05}
-    (pathlib.Path(root) / "reference_stats.json").write_text(json.dumps(stats))
+    (pathlib.Path(root) / f"{reference_name(pipeline)}_stats.json").write_text(json.dumps(stats))
     return stats
 
 
-def reference(root, config, env, timeout: float) -> Dict[str, float]:
-    """DIR/reference, trained once (reused when complete): {'seconds': wall time, 'write_s': its shortest write}."""
-    workdir, stats_file = pathlib.Path(root) / "reference", pathlib.Path(root) / "reference_stats.json"
+def reference(root, config, env, timeout: float, pipeline: str = "device") -> Dict[str, float]:
+    """DIR/reference (or reference_stream), trained once (reused when complete): {'seconds': wall time, 'write_s': its
+    shortest write}."""
+    name = reference_name(pipeline)
+    workdir, stats_file = pathlib.Path(root) / name, pathlib.Path(root) / f"{name}_stats.json"
     if (workdir / "summary.json").is_file() and stats_file.is_file():
         return json.loads(stats_file.read_text())
     shutil.rmtree(workdir, ignore_errors=True)
-    code, out, watch, seconds = run_to_end(config, workdir, env, timeout)
+    code, out, watch, seconds = run_to_end(config, workdir, env, timeout, PIPELINE_FLAGS[pipeline])
     if code != 0:
         raise SystemExit(f"fault_injection: the reference run failed (status {code}):\n{out[-3000:]}")
-    return save_reference_stats(root, seconds, watch)
+    return save_reference_stats(root, seconds, watch, pipeline)
 
 
 # ---------------------------------------------------------------- final states
@@ -311,16 +326,17 @@ def kill_when_due(watch: Watch, plan: Plan, write_s: float, timeout: float) -> s
     return f"not killed: the run ended first (status {watch.proc.returncode})"
 
 
-def trial(i: int, plan: Plan, root: pathlib.Path, config, env, stats, timeout: float, expected) -> Dict[str, str]:
+def trial(i: int, plan: Plan, root: pathlib.Path, config, env, stats, timeout: float, expected,
+          extra=()) -> Dict[str, str]:
     """One trial: start, kill at the plan's moment, rerun the same command to the end, compare with the reference."""
     workdir = root / "trials" / f"trial_{i:02d}"
     shutil.rmtree(workdir, ignore_errors=True)
-    watch = Watch(start(config, workdir, env), workdir)
+    watch = Watch(start(config, workdir, env, *extra), workdir)
     moment = kill_when_due(watch, plan, stats["write_s"], timeout)
     on_disk = committed(workdir)
     row = {"trial": str(i), "plan": plan.describe(), "killed": moment,
            "on disk": ", ".join(map(str, on_disk)) or "-", "lock": "-", "resumed from": "-", "equal": "no"}
-    code, out, _, _ = run_to_end(config, workdir, env, timeout)
+    code, out, _, _ = run_to_end(config, workdir, env, timeout, extra)
     (workdir / "rerun.log").write_text(out)
     if "taking over the stale lock" in out:
         row["lock"] = "taken over"
@@ -345,22 +361,26 @@ def table(rows: List[Dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def run(trials: int, seed: int, root, keep: bool = False, timeout: float = 900, say=print) -> List[Dict[str, str]]:
+def run(trials: int, seed: int, root, keep: bool = False, timeout: float = 900, say=print,
+        pipeline: str = "device") -> List[Dict[str, str]]:
     """The reference run (reused when complete), then `trials` kills and resumes in ROOT/trials; the rows of `table`.
 
-    Passing trials' workdirs are deleted unless `keep`; `say` reports progress one line at a time."""
+    Passing trials' workdirs are deleted unless `keep`; `say` reports progress one line at a time; `pipeline`: the
+    trainer's input pipeline (PIPELINES)."""
     if trials <= 0:
         raise ValueError(f"trials={trials} must be a positive integer")
+    if pipeline not in PIPELINES:
+        raise ValueError(f"pipeline={pipeline!r}: expected one of {', '.join(PIPELINES)}")
     root = pathlib.Path(root).absolute()
     config = prepare(root)
     env = environment(root)
-    stats = reference(root, config, env, timeout)
-    expected = final_state(root / "reference")
-    say(f"reference: {root / 'reference'} ({stats['seconds']:.0f} s, its shortest checkpoint write "
+    stats = reference(root, config, env, timeout, pipeline)
+    expected = final_state(root / reference_name(pipeline))
+    say(f"reference: {root / reference_name(pipeline)} ({stats['seconds']:.0f} s, its shortest checkpoint write "
         f"{1000 * stats['write_s']:.0f} ms)")
     rows = []
     for i, plan in enumerate(plans(trials, seed, stats["seconds"])):
-        row = trial(i, plan, root, config, env, stats, timeout, expected)
+        row = trial(i, plan, root, config, env, stats, timeout, expected, PIPELINE_FLAGS[pipeline])
         rows.append(row)
         say(f"trial {i}: {plan.describe()}: killed {row['killed']}; bitwise equal: {row['equal']}")
         if row["equal"] == "yes" and not keep:
