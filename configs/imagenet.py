@@ -38,6 +38,11 @@ RECIPE = {"num_epochs": 200, "batch_size": 256, "lr": 0.1, "momentum": 0.9, "wei
           "boundaries": (50, 100, 150), "decay": 0.1, "steps": 7, "step_size": 2.5 * EPS / 7}
 EVAL_BATCH = 256  # per evaluation batch over the mesh (ResNet-50 attacks at 224x224: 500 outgrows one GPU's memory)
 
+IMAGE_SIZE = 224  # the teachers' and RobustBench's input side
+EVAL_CHUNK = 1000  # test images decoded and held at a time (224x224x3 uint8: 150 MB), attacked while the next decodes
+SOURCES = {"tfds": "validation", "folder": "val"}  # where the training split is read from: its test split's name
+WORKERS = 8  # grain decoding processes per host (BENCHMARKS.md, "Input pipeline": the cores a GPU's step needs)
+
 RUNS = tuple(f"method={m},student={s}" for s in STUDENTS for m in METHODS)
 LAYOUT = {"rows": "method", "groups": "student", "columns": ("clean", "pgd_s", "aa")}
 
@@ -55,7 +60,7 @@ def check_mesh(batch_size: int, hosts: int, gpus: int) -> int:
 
 def get_config(arg=None):
     a = config_lib.parse_arg(arg, method="mmard", student="resnet18", teacher=DEFAULT_TEACHER, hosts=1, gpus=8,
-                             batch_size=RECIPE["batch_size"])
+                             batch_size=RECIPE["batch_size"], source="tfds", workers=WORKERS)
     if a["method"] not in METHODS:
         raise ValueError(f"unknown method {a['method']!r}; known: {', '.join(METHODS)}")
     if a["student"] not in STUDENTS:
@@ -65,8 +70,13 @@ def get_config(arg=None):
     check_mesh(a["batch_size"], a["hosts"], a["gpus"])
     c = config_lib.base_config(a["method"], STUDENTS[a["student"]], "imagenet")
     c.teacher.checkpoint = f"teachers/{a['teacher']}_imagenet"
-    c.dataset.pipeline = "stream"  # 1.28M JPEGs: read from disk while training
-    c.dataset.crop_padding = 0  # ImageNet's augmentation is the random-resized crop, not CIFAR's padded crop
+    if a["source"] not in SOURCES:
+        raise ValueError(f"unknown source {a['source']!r}; known: {', '.join(SOURCES)}")
+    # 1.28M JPEGs read from disk while training (input_pipeline): a prepared tfds imagenet2012 (array_record) or the
+    # usual folder tree (data_dir/train/<wnid>/*.JPEG, data_dir/val/<wnid>/*.JPEG); the random-resized crop at 224
+    # and its evaluation view (resize 256, centre crop 224); the test split evaluated EVAL_CHUNK images at a time.
+    c.dataset.update(pipeline="stream", source=a["source"], augment="random_resized_crop", image_size=IMAGE_SIZE,
+                     test_split=SOURCES[a["source"]], workers=a["workers"], crop_padding=0)
     c.num_epochs = RECIPE["num_epochs"]
     c.batch_size = a["batch_size"]
     c.optim.update(lr=RECIPE["lr"] * a["batch_size"] / RECIPE["batch_size"], momentum=RECIPE["momentum"],
@@ -76,6 +86,6 @@ def get_config(arg=None):
     if c.method.get("kl_class_mean"):  # RSLAD: its KL is a mean over batch x classes (rslad_loss.py), which the
         # published scripts scale by classes / 10 (1 on CIFAR-10, 10 on CIFAR-100: methods.DATASET_HPARAMS): 100 here
         c.method.kl_scale = config_lib.NUM_CLASSES["imagenet"] / 10
-    c.eval.update(norm="Linf", eps=EPS, n_examples=EVAL_EXAMPLES, batch_size=EVAL_BATCH,
+    c.eval.update(norm="Linf", eps=EPS, n_examples=EVAL_EXAMPLES, batch_size=EVAL_BATCH, chunk_size=EVAL_CHUNK,
                   final_attacks=("clean", "fgsm", "pgd_s", "pgd_t", "cw", "aa"))
     return c

@@ -48,6 +48,7 @@ ADDED_SINCE: Mapping[str, Any] = {
     "dataset.image_size": 0,
     "dataset.test_split": "test",
     "dataset.workers": 0,
+    "eval.chunk_size": 0,  # the streamed evaluation; the test split was resident before
     "swa.enabled": False,  # stochastic weight averaging of the student (mmard_jax/swa.py); the others only matter
     "swa.start_epoch": -1,  # when it is enabled
     "swa.every_epochs": 1,

@@ -299,6 +299,7 @@ def base_config(method: str = "mmard", student: str = "resnet18", dataset: str =
         "eps": 8 / 255,
         "batch_size": 500,
         "n_examples": -1,
+        "chunk_size": 0,  # > 0: the test split streamed from its source this many at a time (input_pipeline)
         "unroll": "auto",  # 'auto' | 'full' | 'N': see runtime.resolve_unroll
         "matmul_precision": "highest",  # float32 models at full float32 precision (no TF32 on GPUs)
     })

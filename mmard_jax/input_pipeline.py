@@ -13,18 +13,19 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
 from mmard_jax import cli, data
-from mmard_jax.data import host_augment, sources, stream, svhn
+from mmard_jax.data import eval_transforms, host_augment, sources, stream, svhn
 from mmard_jax.errors import ConfigError
 
 PIPELINES = ("device", "stream", "auto")
 STREAM_SOURCES = ("folder", "tfds")  # sources of any data set name (read by data.sources)
-TFDS_NAMES = {"cifar10": "cifar10", "cifar100": "cifar100", "svhn": svhn.TFDS_NAME}
+TFDS_NAMES = {"cifar10": "cifar10", "cifar100": "cifar100", "svhn": svhn.TFDS_NAME, "imagenet": "imagenet2012"}
 DEFAULTS = {"pipeline": "device", "workers": 0, "augment": "pad_crop", "image_size": 0, "test_split": "test"}
 STATE_KEY = "stream_state"  # the grain iterator's state in the latest checkpoint's metadata
 
@@ -49,6 +50,10 @@ def check(config) -> None:
     if not isinstance(workers, int) or workers < 0:
         raise ConfigError(f"--config.dataset.workers={workers!r}: give 0 (read in this process) or a number of grain "
                           "worker processes")
+    chunk = config.eval.get("chunk_size", 0)
+    if not isinstance(chunk, int) or chunk < 0:
+        raise ConfigError(f"--config.eval.chunk_size={chunk!r}: give 0 (the test split resident) or a number of test "
+                          "examples to evaluate at a time")
     if not isinstance(size, int) or size < 0:
         raise ConfigError(f"--config.dataset.image_size={size!r}: give 0 (as stored) or a positive side in pixels")
     cli.choice("config.dataset.source", ds.source, data.SOURCES + ("folder",))
@@ -83,15 +88,23 @@ def open_source(ds, split: str):
     return stream.ArraySource(loaded.images, loaded.labels, loaded.num_classes)
 
 
-def read_split(source, n: int, size: int, name: str, split: str, crop_fraction: float = 1.0) -> data.Dataset:
-    """The first `n` examples of a source (n <= 0: all) in memory, centre-cropped (`crop_fraction` of the shorter
-    side) and resized to `size` where given."""
+def eval_view(ds) -> Callable[[np.ndarray], np.ndarray]:
+    """The test images' transform: ImageNet's resize + centre crop for a random-resized-crop recipe
+    (`eval_transforms.imagenet_view`: RobustBench's Res256Crop224 at 224), the central square resized for another
+    `image_size`, the image as stored otherwise. Picklable (grain's workers run it)."""
+    size = setting(ds, "image_size")
+    if setting(ds, "augment") == "random_resized_crop":
+        return eval_transforms.imagenet_view(size)
+    return functools.partial(host_augment.center_crop_resize, size=size) if size else eval_transforms.identity
+
+
+def read_split(source, n: int, view: Callable[[np.ndarray], np.ndarray], name: str, split: str) -> data.Dataset:
+    """The first `n` examples of a source (n <= 0: all) in memory, each through `view`."""
     n = len(source) if n <= 0 else min(n, len(source))
-    if isinstance(source, stream.ArraySource) and not size:
+    if isinstance(source, stream.ArraySource) and view is eval_transforms.identity:
         images, labels = source.images[:n], source.labels[:n]
     else:
         records = [source[i] for i in range(n)]
-        view = (lambda im: host_augment.center_crop_resize(im, size, crop_fraction)) if size else (lambda im: im)
         images = np.stack([view(np.asarray(r["image"], np.uint8)) for r in records])
         labels = np.asarray([r["label"] for r in records], np.int32)
     return data.Dataset(np.ascontiguousarray(images), np.asarray(labels, np.int32), source.num_classes, name, split)
@@ -109,6 +122,8 @@ class Inputs:
     num_classes: int
     train: Optional[data.Dataset] = None
     train_source: Any = None
+    test_source: Any = None  # where the evaluation streams (config.eval.chunk_size > 0): `test` is its first chunk
+    test_view: Callable[[np.ndarray], np.ndarray] = eval_transforms.identity
 
 
 def split_bytes(source, n: int, size: int) -> int:
@@ -122,22 +137,32 @@ def load(config) -> Inputs:
     device does not have)."""
     ds = config.dataset
     choice, size = setting(ds, "pipeline"), setting(ds, "image_size")
+    chunk = config.eval.get("chunk_size", 0)
     if choice == "device" and by_name(ds):
         train, test = load_by_name(config)
-        return Inputs("device", test, len(train), train.images.shape[1:], train.num_classes, train=train)
+        streamed_test = {}
+        if chunk > 0:  # the loaded split evaluated chunk by chunk, as a source
+            streamed_test = dict(test_source=stream.ArraySource(test.images, test.labels, test.num_classes))
+            test = dataclasses.replace(test, images=test.images[:chunk], labels=test.labels[:chunk])
+        return Inputs("device", test, len(train), train.images.shape[1:], train.num_classes, train=train,
+                      **streamed_test)
     test_split = "test" if by_name(ds) else setting(ds, "test_split")
     source = open_source(ds, "train")
     n = len(source) if ds.n_train <= 0 else min(ds.n_train, len(source))
     pipeline = ("stream" if setting(ds, "augment") != "pad_crop" else
                 stream.resolve_pipeline(choice, split_bytes(source, n, size)))
-    # ImageNet's evaluation view (random-resized-crop training): resize 256 + centre crop 224, i.e. 0.875.
-    fraction = host_augment.EVAL_CROP_FRACTION if setting(ds, "augment") == "random_resized_crop" else 1.0
-    test = read_split(open_source(ds, test_split), config.eval.n_examples, size, ds.name, test_split, fraction)
+    view, n_test = eval_view(ds), config.eval.n_examples
+    test_source = open_source(ds, test_split)
+    # A streamed evaluation holds one chunk at a time; `test` is the first, which shapes the evaluator's programs.
+    first = n_test if chunk <= 0 else chunk if n_test <= 0 else min(chunk, n_test)
+    test = read_split(test_source, first, view, ds.name, test_split)
+    streamed_test = dict(test_source=test_source, test_view=view) if chunk > 0 else {}
     if pipeline == "device":
-        train = read_split(source, n, size, ds.name, "train")
-        return Inputs("device", test, n, train.images.shape[1:], source.num_classes, train=train)
+        train_view = functools.partial(host_augment.center_crop_resize, size=size) if size else eval_transforms.identity
+        train = read_split(source, n, train_view, ds.name, "train")
+        return Inputs("device", test, n, train.images.shape[1:], source.num_classes, train=train, **streamed_test)
     shape = (size, size, 3) if size else tuple(np.shape(source[0]["image"]))
-    return Inputs("stream", test, n, shape, source.num_classes, train_source=source)
+    return Inputs("stream", test, n, shape, source.num_classes, train_source=source, **streamed_test)
 
 
 def load_by_name(config):

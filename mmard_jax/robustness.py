@@ -219,25 +219,30 @@ def evaluate_source(apply_fn: Callable, variables, source, *, transform: Callabl
                     attacks: Sequence[str] = DEFAULT_ATTACKS, norm: str = "Linf", eps: Optional[float] = None,
                     chunk_size: int = 1000, n_examples: int = -1, workers: int = 0, batch_size: int = 500,
                     seed: int = 0, mesh=None, progress: bool = True, checks: bool = True,
-                    compute_dtype: str = "float32", **options) -> RobustnessReport:
+                    compute_dtype: str = "float32", prepared: Optional[evaluator.Evaluator] = None,
+                    **options) -> RobustnessReport:
     """`evaluate` over a source's first `n_examples` records (all when <= 0), each through `transform` (e.g.
     eval_transforms.res256_crop224), read `chunk_size` at a time through grain (`workers` decoding processes): the
     host holds one chunk and the next being prepared, never the split. Per-example results equal the resident
     form's on the same images: each chunk's random starts are keyed by its examples' positions in the split, and
-    AutoAttack's cascade attacks, within each chunk, only the points no earlier attack or run has broken."""
+    AutoAttack's cascade attacks, within each chunk, only the points no earlier attack or run has broken.
+    `prepared`: an evaluator made for this source's chunk shape before (the trainer's, every epoch), its programs
+    reused; `apply_fn` and the evaluator options are then its own."""
     unknown = [a for a in attacks if a not in suite.ATTACKS]
     if unknown:
         raise errors.UserError(f"unknown attack(s) {unknown}; known: {', '.join(suite.ATTACKS)}")
-    ev, base, labels, masks, aa_parts, health = None, 0, [], [], [], []
+    ev, base, labels, masks, aa_parts, health = prepared, 0, [], [], [], []
+    if ev is not None:
+        variables = ev.place(variables)
     seconds: Dict[str, float] = {}
     for images, chunk_labels in eval_stream.chunks(source, transform, chunk_size, n_examples, workers):
         n = len(chunk_labels)
-        if ev is None:
+        if ev is None:  # the first chunk's shape: the programs compiled for it serve every chunk
             ev = make_evaluator(apply_fn, images, chunk_labels, norm=norm, eps=eps, batch_size=batch_size, mesh=mesh,
                                 progress=progress, **options)
             variables = ev.place(variables)
         else:
-            rows = ev.images.shape[0]  # the first chunk's shape: the programs compiled for it serve every chunk
+            rows = ev.images.shape[0]
             ev.load(pad_rows(images, rows), pad_rows(chunk_labels, rows), base=base, n=n)
         result = ev.run(variables, attacks, seed=seed)
         masks.append(result.masks)
@@ -250,7 +255,7 @@ def evaluate_source(apply_fn: Callable, variables, source, *, transform: Callabl
             seconds["gradient_check"] = seconds.get("gradient_check", 0.0) + time.perf_counter() - start
         labels.append(chunk_labels)
         base += n
-    if ev is None:
+    if base == 0:
         raise errors.UserError("the source holds no example to evaluate")
     labels_all = np.concatenate(labels)
     masks_all = {a: np.concatenate([m[a] for m in masks]) for a in attacks}

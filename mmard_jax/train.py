@@ -132,6 +132,7 @@ class Run:
     num_classes: int = 0
     epoch_update: Any = None  # the jitted method.epoch_update where the method keeps state across epochs
     initial: Dict[str, Any] = dataclasses.field(default_factory=dict)  # trained networks' starting variables
+    test_stream: Any = None  # (source, view) where the evaluation streams in chunks (config.eval.chunk_size > 0)
     feed: Any = None  # the grain stream (data.stream.Stream) of this process's batches where the pipeline streams
 
     def step_fn(self, phase: str):
@@ -246,6 +247,7 @@ def setup(config, workdir: pathlib.Path, progress: bool, guard) -> Run:
               guard, stopping.StopAgreement(mesh), feed=feed)
     run.num_classes = inputs.num_classes
     run.initial = initial
+    run.test_stream = (inputs.test_source, inputs.test_view) if inputs.test_source is not None else None
     if method.epoch_terms:
         run.epoch_update = jax.jit(method.epoch_update, donate_argnums=(0,), out_shardings=parallel.replicated(mesh))
     if with_swa:
@@ -340,12 +342,32 @@ def train_epoch(run: Run, state, epoch: int):
     return state, reporting.weighted_means(chunks)
 
 
+def n_test(run: Run) -> int:
+    """How many test examples an evaluation covers (a streamed one: the source's, up to config.eval.n_examples)."""
+    if run.test_stream is None:
+        return run.evaluator.n
+    n, limit = len(run.test_stream[0]), run.config.eval.n_examples
+    return n if limit <= 0 else min(n, limit)
+
+
+def evaluate(run: Run, variables, attacks, seed: int) -> robustness.RobustnessReport:
+    """The student under `attacks` on the test split: resident, or streamed chunk by chunk through the run's
+    evaluator (its compiled programs reused every epoch) where config.eval.chunk_size > 0."""
+    if run.test_stream is None:
+        return robustness.run(run.evaluator, variables, attacks, seed=seed, checks=False)
+    source, view = run.test_stream
+    cfg = run.config
+    return robustness.evaluate_source(None, variables, source, transform=view, attacks=attacks, seed=seed,
+                                      chunk_size=cfg.eval.chunk_size, n_examples=cfg.eval.n_examples,
+                                      workers=input_pipeline.setting(cfg.dataset, "workers"),
+                                      prepared=run.evaluator, progress=False, checks=False)
+
+
 def evaluate_epoch(run: Run, variables, epoch: int, prefix: str = "test") -> Dict[str, Any]:
     """Test accuracies of a student (`prefix` 'test': the student, 'swa_test': the SWA student) after `epoch`
     (1-based) under the training-time attacks, as `{prefix}_{attack}`, and their per-class numbers
     (`robustness.per_class`) under `per_class_{prefix}`."""
-    report = robustness.run(run.evaluator, variables, run.config.eval.attacks, seed=eval_seed(run.config, epoch),
-                            checks=False)
+    report = evaluate(run, variables, run.config.eval.attacks, eval_seed(run.config, epoch))
     return {**{f"{prefix}_{k}": v for k, v in report.accuracy.items()}, f"per_class_{prefix}": report.per_class}
 
 
@@ -380,8 +402,7 @@ def final_evaluation(run: Run, meta, records, swa_student: bool = False) -> Dict
     if missing:
         _, variables = checkpoints.load_model(directory, dtype=run.config.student.dtype,
                                               input_shape=run.input_shape)
-        report = robustness.run(run.evaluator, variables, missing, seed=eval_seed(run.config, best_epoch),
-                                checks=False)
+        report = evaluate(run, variables, missing, eval_seed(run.config, best_epoch))
         final.update(report.accuracy)
         per_class.update(report.per_class)
     return {"accuracy": {a: final[a] for a in attacks}, "per_class": {a: per_class[a] for a in attacks
@@ -440,7 +461,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, progress: 
             state = swa_catch_up(run, state)
         run.sinks.open(int(state.step))
         run.sinks.say(f"{config.method.name}: {config.student.arch} on {config.dataset.name} ({run.n_train} train / "
-                      f"{run.evaluator.n} test), {run.steps_per_epoch} steps/epoch x {config.num_epochs} epochs, "
+                      f"{n_test(run)} test), {run.steps_per_epoch} steps/epoch x {config.num_epochs} epochs, "
                       f"batch {config.batch_size} on {run.mesh.devices.size} device(s), "
                       f"{jax.process_count()} process(es)")
         for epoch in range(int(state.step) // run.steps_per_epoch, config.num_epochs):

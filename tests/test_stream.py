@@ -2,10 +2,12 @@
 copy), the grain stream's epochs, shards, reproducibility and resume state, the CPU augmentation against the device
 formula and torchvision's random-resized-crop rules, the streamed step against the resident one, config errors."""
 
+import json
 import pickle
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
@@ -15,6 +17,7 @@ from mmard_jax import config_lib, input_pipeline, methods, parallel, train, trai
 from mmard_jax.data import host_augment, pipeline, sources, stream
 from mmard_jax.data.augment import crop_and_flip
 from mmard_jax.errors import DatasetNotFoundError, UserError
+from mmard_jax.models import store
 from test_data import _prepare_tfds_cifar10
 from test_train_step import SmallNet
 
@@ -192,11 +195,19 @@ def test_random_resized_crop_stays_in_bounds_and_sized(shape):
     assert out.shape == (16, 16, 3) and out.dtype == np.uint8
 
 
-def test_center_crop_resize_is_the_evaluation_view():
+def test_evaluation_views():
+    """A small set at another side: the central square resized; ImageNet's view (random-resized-crop recipes): the
+    shorter side to size / 0.875 and a centre crop, RobustBench's Res256Crop224 at 224."""
+    from mmard_jax.data import eval_transforms
+
     image = np.random.default_rng(0).integers(0, 256, (40, 64, 3), dtype=np.uint8)
-    out = host_augment.center_crop_resize(image, 35, crop_fraction=0.875)  # shorter side 40 -> central 35 x 35
-    np.testing.assert_array_equal(out, image[2:37, 14:49])
+    np.testing.assert_array_equal(host_augment.center_crop_resize(image, 40), image[:, 12:52])
     assert host_augment.center_crop_resize(image, 20).shape == (20, 20, 3)
+    photo = np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(eval_transforms.imagenet_view(224)(photo), eval_transforms.res256_crop224(photo))
+    np.testing.assert_array_equal(eval_transforms.imagenet_view(32)(photo),
+                                  eval_transforms.center_crop(eval_transforms.resize_shorter(photo, 37), 32))
+    assert pickle.loads(pickle.dumps(eval_transforms.imagenet_view(32)))(photo).shape == (32, 32, 3)
 
 
 # ---------------------------------------------------------------- the streamed step and the trainer's config
@@ -273,3 +284,59 @@ def test_auto_streams_large_splits_only(tmp_path):
     config.dataset.update(augment="random_resized_crop", image_size=8)  # the device has no random-resized crop
     big = input_pipeline.load(config)
     assert big.pipeline == "stream" and big.input_shape == (8, 8, 3) and big.test.images.shape == (6, 8, 8, 3)
+
+
+# ---------------------------------------------------------------- configs/imagenet.py end to end, tiny
+
+
+def _write_imagenet_folder(root, classes=4, train_per_class=50, val_per_class=8, side=64):
+    """root/train/<wnid>/*.JPEG and root/val/<wnid>/*.JPEG: smooth random 64x64 images (ImageNet's folder layout)."""
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        for c in range(classes):
+            folder = root / split / f"n0{c:07d}"
+            folder.mkdir(parents=True)
+            for k in range(per_class):
+                coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)  # upsampled: JPEG-friendly, like photographs
+                image = PIL.Image.fromarray(coarse).resize((side, side), PIL.Image.Resampling.BILINEAR)
+                image.save(folder / f"n0{c:07d}_{k}.JPEG", quality=90)
+
+
+def test_imagenet_config_trains_and_evaluates_a_jpeg_folder_end_to_end(tmp_path):
+    """configs/imagenet.py through the real trainer on 200 64x64 JPEGs (random-resized crops to 32 read, decoded and
+    batched by grain), a tiny student and teacher in place of the ResNets; the test split streamed in two chunks. The
+    streamed per-epoch evaluation equals a resident evaluation of the saved student on the same view of the same
+    images, and the checkpoint holds the stream's position."""
+    from mmard_jax import checkpoints, robustness
+    from test_configs import load_config_file
+
+    root = tmp_path / "imagenet"
+    _write_imagenet_folder(root)
+    spec = store.model_spec("wide_resnet", 4, {"depth": 10, "width": 1})
+    teacher = store.build_module(spec)
+    store.save_model(tmp_path / "teacher", spec, jax.jit(lambda k: teacher.init(k, jnp.zeros((1, 32, 32, 3)),
+                                                                                 train=False))(jax.random.key(0)))
+    config = load_config_file("imagenet").get_config("method=rslad,source=folder,workers=0,batch_size=32,gpus=1")
+    config.dataset.update(data_dir=str(root), image_size=32)
+    config.student.update(arch="wide_resnet", kwargs={"depth": 10, "width": 1})
+    config.teacher.checkpoint = str(tmp_path / "teacher")
+    config.num_epochs, config.attack.steps, config.attack.unroll, config.eval.unroll = 1, 1, "1", "1"
+    config.eval.update(n_examples=24, chunk_size=16, batch_size=16, attacks=("clean", "fgsm"),
+                       final_attacks=("clean", "fgsm"))
+    config.best_metric = "fgsm"
+    train.check_config(config)
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(config, workdir, progress=False)
+
+    (record,) = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert record["step"] == 200 // 32
+    student, variables = checkpoints.load_model(workdir, input_shape=(32, 32, 3))  # the best (only) epoch's student
+    view = input_pipeline.eval_view(config.dataset)  # ImageNet's view at 32: resize 37, centre crop 32
+    test = input_pipeline.read_split(sources.image_folder(root / "val"), 24, view, "imagenet", "val")
+    assert test.images.shape == (24, 32, 32, 3) and sorted(set(test.labels.tolist())) == [0, 1, 2]
+    ev = robustness.make_evaluator(student, test.images, test.labels, eps=config.eval.eps, batch_size=16,
+                                   progress=False)
+    resident = robustness.run(ev, variables, ("clean", "fgsm"), seed=train.eval_seed(config, 1), checks=False)
+    assert {k: record[f"test_{k}"] for k in ("clean", "fgsm")} == resident.accuracy
+    meta = json.loads((workdir / checkpoints.LATEST / str(200 // 32) / "meta" / "metadata").read_text())
+    assert meta[input_pipeline.STATE_KEY] == {"next_index": 200 // 32}  # grain's position: batches read

@@ -10,6 +10,7 @@ Resize default; `center_crop`: top/left int(round((size - 224) / 2)), zero paddi
 smaller than the crop). The records are the source protocol's {"image": uint8 HWC, "label": int}.
 """
 
+import functools
 from typing import Callable, Dict, Optional
 
 import numpy as np
@@ -39,9 +40,20 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return image[top:top + size, left:left + size]
 
 
+def resize_center_crop(image: np.ndarray, resize: int, crop: int) -> np.ndarray:
+    """torchvision's `Resize(resize)` then `CenterCrop(crop)`: the ImageNet evaluation view at any size."""
+    return center_crop(resize_shorter(image, resize), crop)
+
+
 def res256_crop224(image: np.ndarray) -> np.ndarray:
     """RobustBench's 'Res256Crop224' (data.py:21-26): resize the shorter side to 256, centre crop 224."""
-    return center_crop(resize_shorter(image, 256), 224)
+    return resize_center_crop(image, 256, 224)
+
+
+def imagenet_view(size: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The evaluation view of a network trained on random-resized crops of side `size`: the shorter side resized to
+    size / 0.875, centre crop `size` (Res256Crop224 at 224). A partial of module functions: picklable for grain."""
+    return functools.partial(resize_center_crop, resize=int(round(size / 0.875)), crop=size)
 
 
 def identity(image: np.ndarray) -> np.ndarray:

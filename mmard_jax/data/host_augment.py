@@ -18,7 +18,6 @@ KINDS = ("pad_crop", "random_resized_crop")
 RRC_SCALE = (0.08, 1.0)  # transforms.py:904
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # transforms.py:905
 RRC_ATTEMPTS = 10  # transforms.py:945
-EVAL_CROP_FRACTION = 224 / 256  # ImageNet's evaluation view: resize 256, centre crop 224 (RobustBench's protocol)
 
 
 def pad_crop_params(rng: np.random.Generator, padding: int, flip: bool) -> tuple[np.ndarray, bool]:
@@ -66,13 +65,13 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(PIL.Image.fromarray(image).resize((size, size), PIL.Image.Resampling.BILINEAR))
 
 
-def center_crop_resize(image: np.ndarray, size: int, crop_fraction: float = 1.0) -> np.ndarray:
-    """The evaluation view: the central square of side (shorter side x `crop_fraction`), resized to `size` (resize
-    256 + centre crop 224 is crop_fraction 224/256 = 0.875). An image already size x size is returned as is."""
+def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """The central square (side: the shorter side) resized to `size`: a small set's images at another side. An
+    image already size x size is returned as is."""
     height, width = image.shape[:2]
     if (height, width) == (size, size):
         return image
-    side = max(1, int(round(min(height, width) * crop_fraction)))
+    side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2
     return resize(np.ascontiguousarray(image[top: top + side, left: left + side]), size)
 
