@@ -60,6 +60,12 @@ flags.DEFINE_string("title", "", "Section title (default: the device).")
 flags.DEFINE_string("impls", "jax,torch", "Which implementations to time (the FLOP count is always made).")
 flags.DEFINE_bool("check_defaults", False, "Measure each CPU default (XLA flag, unroll, conv2d gradient, depthwise "
                   "form) against its alternative on this processor, for the --cases, and say whether it holds.")
+flags.DEFINE_bool("pipeline", False, "Measure the streamed input pipeline: grain's images/s per worker count "
+                  "(ImageNet-shaped JPEGs, 32x32 PNGs), the resident and streamed trainers on one case, and the CPU "
+                  "cores per GPU an ImageNet step needs (mmard_jax/tools/bench_pipeline.py).")
+flags.DEFINE_string("pipeline_workers", "0,1,2", "--pipeline: the grain worker-process counts measured.")
+flags.DEFINE_integer("pipeline_images", 256, "--pipeline: ImageNet-shaped JPEGs written and read.")
+flags.DEFINE_integer("pipeline_batches", 16, "--pipeline: batches timed per loader row (after the first).")
 flags.DEFINE_bool("multiprocess", False, "Compare process layouts (1x2 vs 2x1, ...) with "
                   "scripts/benchmark_multiprocess.py; the other arguments are that script's.")
 flags.DEFINE_enum("worker", None, ["jax", "torch", "flops"], "(internal) Measure one row in this process.")
@@ -95,7 +101,32 @@ def torch_forms() -> str:
     return torch_bench.default_torch_forms()
 
 
+def pipeline_main() -> None:
+    """--pipeline: the three parts of tools/bench_pipeline.py in this process (JAX's CPU defaults first)."""
+    from mmard_jax import xla_env  # noqa: PLC0415
+
+    xla_env.apply_cpu_defaults()
+    from mmard_jax import runtime  # noqa: PLC0415
+    from mmard_jax.tools import bench_pipeline, machine  # noqa: PLC0415
+
+    runtime.quiet_logging()  # orbax's INFO lines (the trainer's checkpoints), unless --verbosity asks for them
+
+    workers = [int(w) for w in FLAGS.pipeline_workers.split(",") if w]
+    cases = bench_cases.case_names(FLAGS.cases if FLAGS["cases"].present else "imagenet_gpu")
+    result = bench_pipeline.run(workers, FLAGS.pipeline_images, FLAGS.pipeline_batches, cases,
+                                say=lambda line: print(line, flush=True))
+    text = bench_pipeline.markdown(result, machine.describe(), "python scripts/benchmark.py " + " ".join(sys.argv[1:]))
+    print(text)
+    if FLAGS.json:
+        pathlib.Path(FLAGS.json).write_text(json.dumps(result, indent=2))
+    if FLAGS.append:
+        with open(FLAGS.append, "a") as f:
+            f.write(text)
+
+
 def main(argv):
+    if FLAGS.pipeline:
+        return pipeline_main()
     if FLAGS.list:
         for name, case in bench_cases.CASES.items():
             print(f"{name}: {bench_cases.describe(case)}")

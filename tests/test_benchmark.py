@@ -547,3 +547,26 @@ def test_check_defaults_plans_one_change_per_row_and_judges_by_the_spread():
     assert checks[0]["ratio"] == pytest.approx(1.5)  # the medians of two rounds: the lower one (merge_rounds)
     table = bench_defaults.table(checks)
     assert "| **no** |" in table and "failed: exit 1" in table
+
+
+def test_pipeline_benchmark_parts_on_a_tiny_source():
+    """--pipeline's pieces: the loader's steady rate is measured on the trainer's stream (its batches' shape), the
+    cores per GPU are the GPU's demand over the best per-worker rate, and the section holds every row."""
+    from mmard_jax.data import host_augment, stream
+    from mmard_jax.tools import bench_pipeline
+
+    images = np.stack([bench_pipeline.photo(np.random.default_rng(i), 24, 20) for i in range(16)])
+    assert images.dtype == np.uint8 and images.shape == (16, 24, 20, 3) and images.std() > 10
+    source = stream.ArraySource(images, np.arange(16) % 4, 4)
+    row = bench_pipeline.loader_rate(source, host_augment.Augment("random_resized_crop", size=8), batch=4, batches=3,
+                                     workers=0)
+    assert row["shape"] == [4, 8, 8, 3] and row["images_per_s"] > 0 and row["first_batch_s"] > 0
+    loader = [{"input": "ImageNet-shaped", "workers": w, "batch": 4, "images_per_s": r, "first_batch_s": 0.1}
+              for w, r in ((0, 500.0), (1, 300.0), (2, 400.0))]
+    demand = [{"case": "c", "gflop_per_image": 500.0, "gpu_images_per_s": [600.0, 1000.0]}]
+    (cores,) = bench_pipeline.cores_per_gpu(loader, demand)
+    assert cores["per_worker_images_per_s"] == 300.0 and cores["cores_per_gpu"] == [2.0, 1000.0 / 300.0]
+    trainer = [{"pipeline": "device", "source": "memory", "step_s": 0.5, "images_per_s": 256.0, "first_epoch_s": 9.0}]
+    text = bench_pipeline.markdown({"loader": loader, "trainer": trainer, "demand": demand, "cores": [cores]}, "cpu",
+                                   "cmd")
+    assert text.count("| ImageNet-shaped |") == 3 and "| device, memory | 0.500 |" in text and "| 2.0-3.3 |" in text

@@ -37,6 +37,9 @@ WRN34_10 = ("wide_resnet", {"depth": 34, "width": 10})
 WRN16_2 = ("wide_resnet", {"depth": 16, "width": 2})
 WRN10_1 = ("wide_resnet", {"depth": 10, "width": 1})
 RN18 = ("resnet18", {})
+TV_RN18 = ("torchvision_resnet18", {})  # torchvision's ImageNet layout (models/torchvision_resnet.py)
+TV_RN50 = ("torchvision_resnet50", {})
+TV_WRN50_2 = ("torchvision_wide_resnet50_2", {})
 MNV2 = ("mobilenet_v2", {})
 NO_TEACHER = ("", {})
 # Tiny-ImageNet (64x64, 200 classes): SAAD's PreAct-ResNet-18 student (`pResNet18`, HongsinLee/saad @ 295121c,
@@ -86,6 +89,12 @@ CASES = {
     # (its device memory: scripts/step_memory.py, BENCHMARKS.md "Device memory").
     **_paper_cases("adaad", SAAD_PRN18, DM_TINY_WRN28_10, "adaad_prn18saad_dmwrn28_10_64px", size=64,
                    num_classes=200),
+    # ImageNet as configs/imagenet.py distils (224x224, 1000 classes, PGD-7, the default teacher Salman2020Do_50_2),
+    # 32 images per GPU (the recipe's global 256 on 8): GPU targets, and the demand of `--pipeline`'s estimate.
+    **_paper_cases("mmard", TV_RN50, TV_WRN50_2, "mmard_tvrn50_tvwrn50_2_224px", size=224, num_classes=1000,
+                   batch=32, pgd_steps=7),
+    **_paper_cases("rslad", TV_RN18, TV_WRN50_2, "rslad_tvrn18_tvwrn50_2_224px", size=224, num_classes=1000,
+                   batch=32, pgd_steps=7),
     # CPU-sized cases: a WRN-16-2 teacher, small students, 16x16 or 32x32 images.
     "cpu_mmard_wrn16_2_wrn10_1_16px": _case("mmard", WRN10_1, WRN16_2, size=16,
                                             note="docs/design.md, \"Performance choices\" case"),
@@ -159,6 +168,7 @@ GROUPS = {
                          + [f"cpu_{name}_wrn16_2_wrn10_1_16px" for name in CPU_LATER]),
     "tiny_cpu": CPU_TINY_IMAGENET,
     "tiny_gpu": "adaad_prn18saad_dmwrn28_10_64px,adaad_prn18saad_dmwrn28_10_64px_f32",
+    "imagenet_gpu": "mmard_tvrn50_tvwrn50_2_224px,rslad_tvrn18_tvwrn50_2_224px",
 }
 
 
