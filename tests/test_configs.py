@@ -430,7 +430,7 @@ def test_readme_config_commands_build():
     for table, arg in args:
         config = load_config_file(table).get_config(arg)
         train.check_config(config)
-        if config.dataset.name == "tiny_imagenet" and config.teacher.checkpoint:  # the README converts it there
+        if config.dataset.name in ("tiny_imagenet", "imagenet") and config.teacher.checkpoint:  # README converts it
             assert f"--dst={config.teacher.checkpoint}" in readme
     tables = re.findall(r"run_table\.py --table=configs/(\w+)\.py --workroot=\S+((?: --only=\S+)*)", readme)
     assert ("sota", " --only=setting=preact_resnet18_tiny_imagenet") in tables
@@ -458,6 +458,12 @@ def test_imagenet_config_follows_the_teacher_recipe():
     assert (c.attack.norm, c.attack.eps, c.attack.steps) == ("Linf", 4 / 255, 7)
     assert c.attack.step_size == pytest.approx(2.5 * (4 / 255) / 7)
     assert (c.eval.norm, c.eval.eps, c.eval.n_examples) == ("Linf", 4 / 255, 5000) and "aa" in c.eval.final_attacks
+    # Streamed: random-resized crops at 224 (data_augmentation.py:40-42), the validation split in chunks of 1000.
+    assert (c.dataset.source, c.dataset.augment, c.dataset.image_size, c.dataset.test_split, c.eval.chunk_size) == (
+        "tfds", "random_resized_crop", 224, "validation", 1000)
+    assert imagenet.get_config("source=folder,workers=2").dataset.test_split == "val"
+    with pytest.raises(ValueError, match="unknown source 'zip'"):
+        imagenet.get_config("source=zip")
     spe = TRAIN_SIZE["imagenet"] // c.batch_size
     lr = train_step.make_lr_schedule(c.optim.lr, spe, c.num_epochs, c.optim.schedule, tuple(c.optim.boundaries),
                                      c.optim.decay, c.optim.per_epoch)
