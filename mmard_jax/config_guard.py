@@ -29,6 +29,7 @@ RESUMABLE: Mapping[str, str] = {
     "checkpoint_every_steps": "checkpoint cadence",
     "eval.batch_size": "evaluation batch size (attacks draw per-example randomness; evaluation only)",
     "eval.unroll": "evaluation loop unrolling (evaluation only; training's attack.unroll may change rounding)",
+    "eval.chunk_size": "the test split read in chunks (per-example results equal the resident evaluation's)",
     "dataset.data_dir": "data location",
     "dataset.source": "data location (the same split read from another copy)",
     "dataset.download": "whether a missing data set may be downloaded",
@@ -48,7 +49,6 @@ ADDED_SINCE: Mapping[str, Any] = {
     "dataset.image_size": 0,
     "dataset.test_split": "test",
     "dataset.workers": 0,
-    "eval.chunk_size": 0,  # the streamed evaluation; the test split was resident before
     "swa.enabled": False,  # stochastic weight averaging of the student (mmard_jax/swa.py); the others only matter
     "swa.start_epoch": -1,  # when it is enabled
     "swa.every_epochs": 1,
