@@ -143,8 +143,8 @@ def depthwise_input_grad(g: jax.Array, kernel: jax.Array, in_hw: Tuple[int, int]
 
 def depthwise_kernel_grad(x: jax.Array, g: jax.Array, kernel_hw: Tuple[int, int], strides: int, padding) -> jax.Array:
     """Kernel gradient [kh, kw, 1, C] of `depthwise_taps`: per tap, the product of its input slice with `g` summed
-    over height and width (each at most XLA:CPU's 32-wide reduction window, so no reduce-window rewrite), the
-    [N, kh*kw*C] partial sums then over the batch in one reduction (at least float32)."""
+    over height and width (on maps up to 32x32 within XLA:CPU's 32-wide reduction window: no reduce-window rewrite),
+    the [N, kh*kw*C] partial sums then over the batch in one reduction (accumulated in at least float32)."""
     kh, kw = kernel_hw
     acc = jnp.promote_types(g.dtype, jnp.float32)
     xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
