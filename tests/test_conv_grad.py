@@ -1,10 +1,14 @@
 """The convolution input gradient switch: a module attribute (`conv_grad`) of every family, set through
 `models.create` and `config.student` / `config.teacher`, resolved by backend at trace time ('auto')."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from flax import linen as nn
 
 from mmard_jax import cli, config_lib, models, train
@@ -60,21 +64,22 @@ def _custom_vjp_calls(module, size=8) -> int:
     return str(jax.make_jaxpr(lambda v, z: module.apply(v, z))(v, x)).count("custom_vjp_call")
 
 
-def _plain_conv_kernels(module, size=8) -> int:
-    """The module's plain (not depthwise) conv kernels: each should go through the switch."""
+def _conv_kernels(module, size=8) -> int:
+    """The module's conv kernels, plain and depthwise (MobileNetV2's taps): each should go through the switch."""
     v = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.ones((1, size, size, 3))))
-    return sum(1 for a in jax.tree.leaves(v["params"]) if a.ndim == 4 and a.shape[2] != 1)
+    return sum(1 for a in jax.tree.leaves(v["params"]) if a.ndim == 4)
 
 
 @pytest.mark.parametrize("arch", sorted(models.MODELS))
 def test_every_family_passes_its_conv_grad_to_every_conv(arch):
-    """'custom' sends each plain conv of the model through conv2d's custom VJP, 'lax' none."""
+    """'custom' sends each conv of the model through a custom VJP (plain ones `conv2d`'s, MobileNetV2's depthwise taps
+    `depthwise_conv`'s), 'lax' none."""
     assert set(SMALL) == set(models.MODELS)
     custom = models.create(arch, **SMALL[arch], conv_grad="custom")
     lax = models.create(arch, **SMALL[arch], conv_grad="lax")
     assert custom.conv_grad == "custom" and "conv_grad" in models.accepted_arguments(arch)
     size = SIZE.get(arch, 8)
-    n = _plain_conv_kernels(custom, size)
+    n = _conv_kernels(custom, size)
     assert n > 0 and _custom_vjp_calls(custom, size) == n
     assert _custom_vjp_calls(lax, size) == 0
 
@@ -160,3 +165,87 @@ def test_conv_grad_modes_agree_on_a_model():
         results.append(jax.device_get(jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(variables["params"], x)))
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+# (input size, stride, padding) of the depthwise VJP checks: MobileNetV2's torch padding at both strides, and an odd
+# size at stride 2 with an asymmetric padding (DeepMind's stride-2 form).
+DEPTHWISE_CASES = ((9, 1, ((1, 1), (1, 1))), (8, 2, ((1, 1), (1, 1))), (7, 2, ((0, 1), (0, 1))))
+TOLERANCE = {"float64": {"rtol": 1e-12, "atol": 1e-12}, "float32": {"rtol": 1e-5, "atol": 1e-6}}
+
+
+def _torch_depthwise_vjp(x, w, cotangent, strides, padding):
+    """(values, input gradient, kernel gradient) of PyTorch's `F.conv2d(groups=C)` on the same NHWC/HWIO arrays."""
+    xt = torch.tensor(np.transpose(x, (0, 3, 1, 2)), requires_grad=True)
+    wt = torch.tensor(np.transpose(w, (3, 2, 0, 1)), requires_grad=True)  # (C, 1, kh, kw)
+    (top, bottom), (left, right) = padding
+    y = F.conv2d(F.pad(xt, (left, right, top, bottom)), wt, stride=strides, groups=x.shape[-1])
+    y.backward(torch.tensor(np.transpose(cotangent, (0, 3, 1, 2))))
+    return (np.transpose(y.detach().numpy(), (0, 2, 3, 1)), np.transpose(xt.grad.numpy(), (0, 2, 3, 1)),
+            np.transpose(wt.grad.numpy(), (2, 3, 1, 0)))
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _depthwise_vjps(x, w, cotangent, strides, padding):
+    """(values, input gradient, kernel gradient) of `layers.depthwise_conv` and of lax's grouped convolution."""
+    lax_conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(strides, strides), padding=padding,
+                                 dimension_numbers=layers.NHWC_HWIO, feature_group_count=x.shape[-1])
+    out = []
+    for fn in (lambda a, b: layers.depthwise_conv(a, b, strides, padding), lax_conv):
+        y, vjp = jax.vjp(fn, x, w)
+        out.append((y, *vjp(cotangent)))
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_depthwise_vjp_equals_lax_and_torch(dtype):
+    """`layers.depthwise_conv`'s hand-written input and kernel gradients (and its values) equal autodiff of
+    `lax.conv_general_dilated(feature_group_count=C)` and PyTorch's `F.conv2d(groups=C)` on the same arrays."""
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(dtype == "float64"):
+        for size, strides, padding in DEPTHWISE_CASES:
+            x = rng.normal(size=(2, size, size, 5)).astype(dtype)
+            w = rng.normal(size=(3, 3, 1, 5)).astype(dtype)
+            out_size = (size + sum(padding[0]) - 3) // strides + 1
+            cotangent = rng.normal(size=(2, out_size, out_size, 5)).astype(dtype)
+            ours, lax_ref = _depthwise_vjps(x, w, cotangent, strides, padding)
+            assert all(a.dtype == np.dtype(dtype) for a in ours)
+            for reference in (lax_ref, _torch_depthwise_vjp(x, w, cotangent, strides, padding)):
+                for a, b in zip(ours, reference):
+                    np.testing.assert_allclose(a, b, **TOLERANCE[dtype])
+
+
+def test_depthwise_conv_grad_switch(monkeypatch):
+    """A depthwise layer's `conv_grad`: 'custom' (the CPU's 'auto') differentiates the taps by `depthwise_conv`'s
+    hand-written VJP, 'lax' by autodiff of the tap sum; the library form (impl 'conv') never (MobileNetV2 passes its
+    own attribute on: test_every_family_passes_its_conv_grad_to_every_conv)."""
+    x = jnp.ones((1, 5, 5, 4))
+
+    def custom_calls(**kwargs):
+        layer = layers.DepthwiseConv((3, 3), 1, **kwargs)
+        v = jax.eval_shape(layer.init, jax.random.key(0), x)
+        return str(jax.make_jaxpr(layer.apply)(v, x)).count("custom_vjp_call")
+
+    assert custom_calls(impl="taps", conv_grad="custom") == custom_calls(impl="taps") == 1
+    assert custom_calls(impl="taps", conv_grad="lax") == custom_calls(impl="conv", conv_grad="custom") == 0
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert custom_calls(impl="taps") == 0 and custom_calls(impl="taps", conv_grad="custom") == 1
+
+
+def test_depthwise_vjp_inside_shard_map():
+    """Inside `shard_map` (the train step's data parallelism) the replicated kernel's hand-written gradient is the sum
+    over the devices, typed as the kernel (a per-device one is refused by JAX), equal to autodiff's outside."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((1,), ("data",))
+    rng = np.random.default_rng(1)
+    x = jax.device_put(rng.normal(size=(2, 6, 6, 3)).astype("float32"), NamedSharding(mesh, P("data")))
+    w = jax.device_put(rng.normal(size=(3, 3, 1, 3)).astype("float32"), NamedSharding(mesh, P()))
+
+    def grads(fn):
+        return jax.grad(lambda k, z: jnp.sum(jnp.sin(fn(z, k, 2, ((1, 1), (1, 1))))), argnums=(0, 1))
+
+    mapped = jax.jit(jax.shard_map(grads(layers.depthwise_conv), mesh=mesh, in_specs=(P(), P("data")),
+                                   out_specs=(P(), P("data"))))(w, x)
+    for a, b in zip(mapped, jax.jit(grads(layers.depthwise_taps))(w, x)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -103,6 +103,12 @@ def window_avg_pool_flatten(x: jax.Array, window: int) -> jax.Array:
 DEPTHWISE_IMPLS = ("auto", "taps", "conv")
 
 
+def _tap_slices(x: jax.Array, kh: int, kw: int, strides: int, out_h: int, out_w: int):
+    """The kh*kw shifted, strided [N, out_h, out_w, C] slices of an (already padded) NHWC map, row-major by tap."""
+    return [[x[:, i:i + (out_h - 1) * strides + 1:strides, j:j + (out_w - 1) * strides + 1:strides, :]
+             for j in range(kw)] for i in range(kh)]
+
+
 def depthwise_taps(x: jax.Array, kernel: jax.Array, strides: int, padding) -> jax.Array:
     """Depthwise convolution (kernel [kh, kw, 1, C]) as the sum over the kh*kw taps of a shifted, strided
     slice of the padded input times that tap's per-channel weights: the values of `lax.conv` with
@@ -112,21 +118,80 @@ def depthwise_taps(x: jax.Array, kernel: jax.Array, strides: int, padding) -> ja
     out_h = (x.shape[1] - kh) // strides + 1
     out_w = (x.shape[2] - kw) // strides + 1
     out = None
-    for i in range(kh):
-        for j in range(kw):
-            tap = x[:, i:i + (out_h - 1) * strides + 1:strides, j:j + (out_w - 1) * strides + 1:strides, :]
+    for i, row in enumerate(_tap_slices(x, kh, kw, strides, out_h, out_w)):
+        for j, tap in enumerate(row):
             term = tap * kernel[i, j, 0]
             out = term if out is None else out + term
     return out
 
 
+def depthwise_input_grad(g: jax.Array, kernel: jax.Array, in_hw: Tuple[int, int], strides: int, padding) -> jax.Array:
+    """Input gradient of `depthwise_taps` for output gradient `g`: a stride-1 tap sum of the flipped kernel over
+    `g` dilated by the stride and padded as the transposed convolution needs (`_transpose_padding`), i.e. the
+    forward's own fusible form instead of the scatter (interior pads of every tap) that autodiff produces."""
+    kh, kw = kernel.shape[:2]
+    pads = [_transpose_padding(in_hw[a], (kh, kw)[a], strides, tuple(padding[a])) for a in range(2)]
+    zero = jnp.zeros((), g.dtype)
+    dilated = jax.lax.pad(g, zero, ((0, 0, 0), pads[0] + (strides - 1,), pads[1] + (strides - 1,), (0, 0, 0)))
+    out = None
+    for i, row in enumerate(_tap_slices(dilated, kh, kw, 1, in_hw[0], in_hw[1])):
+        for j, tap in enumerate(row):
+            term = tap * kernel[kh - 1 - i, kw - 1 - j, 0].astype(g.dtype)
+            out = term if out is None else out + term
+    return out
+
+
+def depthwise_kernel_grad(x: jax.Array, g: jax.Array, kernel_hw: Tuple[int, int], strides: int, padding) -> jax.Array:
+    """Kernel gradient [kh, kw, 1, C] of `depthwise_taps`: per tap, the product of its input slice with `g` summed
+    over height and width (on maps up to 32x32 within XLA:CPU's 32-wide reduction window: no reduce-window rewrite),
+    the [N, kh*kw*C] partial sums then over the batch in one reduction (accumulated in at least float32)."""
+    kh, kw = kernel_hw
+    acc = jnp.promote_types(g.dtype, jnp.float32)
+    xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    taps = [t for row in _tap_slices(xp, kh, kw, strides, g.shape[1], g.shape[2]) for t in row]
+    partial = jnp.concatenate([jnp.sum(t * g, axis=(1, 2), dtype=acc) for t in taps], axis=-1)
+    return jnp.sum(partial, axis=0).reshape(kh, kw, 1, g.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: int, padding: Tuple[Tuple[int, int], ...]) -> jax.Array:
+    """`depthwise_taps` with a hand-written VJP (`depthwise_input_grad`, `depthwise_kernel_grad`): the same values
+    as autodiff of the tap sum, in forms XLA's CPU backend runs faster (BENCHMARKS.md, "Measured alternatives")."""
+    return depthwise_taps(x, kernel, strides, padding)
+
+
+def _depthwise_conv_fwd(x, kernel, strides, padding):
+    return depthwise_taps(x, kernel, strides, padding), (x, kernel)
+
+
+def _cotangent_like(ct: jax.Array, primal: jax.Array) -> jax.Array:
+    """`ct` as the cotangent of `primal`: in its dtype and, inside `shard_map`, summed over the mapped axes along which
+    `ct` varies and `primal` does not (the transpose of the broadcast JAX inserts where a replicated parameter meets
+    per-device data: a kernel's gradient is the sum over the devices); elsewhere unchanged."""
+    ct = ct.astype(primal.dtype)
+    _, pull = jax.vjp(lambda p: p + 0 * ct, primal)
+    return pull(ct)[0]
+
+
+def _depthwise_conv_bwd(strides, padding, residuals, g):
+    x, kernel = residuals
+    dx = depthwise_input_grad(g, kernel, x.shape[1:3], strides, padding)
+    dk = depthwise_kernel_grad(x, g, kernel.shape[:2], strides, padding)
+    return _cotangent_like(dx, x), _cotangent_like(dk, kernel)
+
+
+depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
+
+
 class DepthwiseConv(nn.Module):
     """Bias-free depthwise conv with `nn.Conv(feature_group_count=C)`'s parameter (name, shape, init), so
-    checkpoints and conversion are unchanged; `impl` picks how it is computed.
+    checkpoints and conversion are unchanged; `impl` picks how it is computed, `conv_grad` how the taps are
+    differentiated.
 
     XLA's CPU backend runs grouped convolutions ~20x slower than PyTorch (3x3, 192 channels, 16x16,
     batch 128: 223 ms vs 11.6 ms forward); the tap sum takes 8.6 ms (BENCHMARKS.md). 'auto' uses the
-    taps on CPU and the library convolution (cuDNN) elsewhere.
+    taps on CPU and the library convolution (cuDNN) elsewhere. Where `resolve_conv_grad(conv_grad)` is 'custom'
+    (the CPU's default) the taps go through `depthwise_conv`'s hand-written VJP, else through autodiff.
     """
 
     kernel_size: tuple
@@ -135,6 +200,7 @@ class DepthwiseConv(nn.Module):
     dtype: Dtype = jnp.float32
     kernel_init: Callable = TORCH_DEFAULT_KERNEL_INIT
     impl: str = "auto"
+    conv_grad: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -145,7 +211,9 @@ class DepthwiseConv(nn.Module):
         x, kernel = jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype)
         impl = self.impl if self.impl != "auto" else ("taps" if jax.default_backend() == "cpu" else "conv")
         if impl == "taps":
-            return depthwise_taps(x, kernel, self.strides, self.padding)
+            padding = tuple(tuple(int(p) for p in pair) for pair in self.padding)
+            taps = depthwise_conv if resolve_conv_grad(self.conv_grad) == "custom" else depthwise_taps
+            return taps(x, kernel, int(self.strides), padding)
         return jax.lax.conv_general_dilated(
             x, kernel, (self.strides, self.strides), self.padding,
             dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels,
@@ -174,10 +242,11 @@ def default_conv_grad() -> str:
 
 
 def resolve_conv_grad(setting: str, backend: Optional[str] = None) -> str:
-    """How a model's plain 2-D convolutions are differentiated under its `conv_grad` setting: 'custom' (`conv2d`'s
-    hand-written input gradient, measured faster on XLA:CPU only) or 'lax' (the library convolution and JAX's own
-    transpose rule). 'auto' is 'custom' on the CPU backend and 'lax' on every other (`backend`, default
-    `jax.default_backend()` at trace time); 'custom' or 'lax' force one, so that a GPU run can time both."""
+    """How a model's convolutions are differentiated under its `conv_grad` setting: 'custom' (`conv2d`'s hand-written
+    input gradient for plain 2-D convolutions, `depthwise_conv`'s VJP for MobileNetV2's depthwise taps; measured
+    faster on XLA:CPU only) or 'lax' (the library convolution and JAX's own transpose rule, autodiff of the taps).
+    'auto' is 'custom' on the CPU backend and 'lax' on every other (`backend`, default `jax.default_backend()` at
+    trace time); 'custom' or 'lax' force one, so that a GPU run can time both."""
     if check_conv_grad(setting) != "auto":
         return setting
     return "custom" if (backend or jax.default_backend()) == "cpu" else "lax"

@@ -36,13 +36,14 @@ class InvertedResidual(nn.Module):
     conv: ModuleDef
     norm: ModuleDef
     depthwise: str = "auto"
+    conv_grad: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         in_planes = x.shape[-1]
         out = blocks.conv_bn_act(x, self.conv, self.norm, self.expansion * in_planes, 1, ("conv1", "bn1"))
         out = DepthwiseConv((3, 3), self.strides, PAD_SAME_TORCH, dtype=self.conv.keywords["dtype"],
-                            impl=self.depthwise, name="conv2")(out)
+                            impl=self.depthwise, conv_grad=self.conv_grad, name="conv2")(out)
         out = blocks.bn_act(out, self.norm, "bn2")
         out = blocks.conv_bn(out, self.conv, self.norm, self.features, 1, ("conv3", "bn3"))
         if self.strides != 1:
@@ -60,7 +61,7 @@ class MobileNetV2(nn.Module):
     dtype: Dtype = jnp.float32
     bn_axis_name: Optional[str] = None
     depthwise: str = "auto"  # how the depthwise convs compute: 'auto' | 'taps' | 'conv' (layers.DepthwiseConv)
-    conv_grad: str = "auto"  # the convolutions' input gradient: 'auto' | 'custom' | 'lax' (layers.resolve_conv_grad)
+    conv_grad: str = "auto"  # the convs' gradients (plain and depthwise taps): 'auto' | 'custom' | 'lax' (layers)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -68,6 +69,6 @@ class MobileNetV2(nn.Module):
         x = blocks.conv_bn_act(jnp.asarray(x, self.dtype), conv, norm, STEM_CHANNELS, 3, ("conv1", "bn1"))
         for i, (expansion, features, strides) in enumerate(block_plan()):
             x = InvertedResidual(expansion, features, strides, conv=conv, norm=norm, depthwise=self.depthwise,
-                                 name=f"layers_{i}")(x)
+                                 conv_grad=self.conv_grad, name=f"layers_{i}")(x)
         x = blocks.conv_bn_act(x, conv, norm, HEAD_CHANNELS, 1, ("conv2", "bn2"))
         return classifier(global_avg_pool(x), self.num_classes, self.dtype, name="linear")

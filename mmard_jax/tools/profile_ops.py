@@ -75,7 +75,8 @@ def layer_inputs(batch: int, size: int, channels: int) -> Dict[str, np.ndarray]:
 
 def jax_layer_pieces(inputs: Dict[str, np.ndarray]) -> Dict[str, Dict[Tuple[str, str], Callable[[], object]]]:
     """{layer: {(row name, piece): callable}}: the 1x1 conv (`layers.conv2d`) and the 3x3 depthwise conv (the
-    library's grouped convolution and `layers.depthwise_taps`), loss sum(sin(out)) for the gradients."""
+    library's grouped convolution, `layers.depthwise_taps` under autodiff and `layers.depthwise_conv`'s hand-written
+    VJP), loss sum(sin(out)) for the gradients."""
     import jax
     import jax.numpy as jnp
 
@@ -91,9 +92,13 @@ def jax_layer_pieces(inputs: Dict[str, np.ndarray]) -> Dict[str, Dict[Tuple[str,
     def depthwise_taps(x, w):
         return layers.depthwise_taps(x, w, 1, ((1, 1), (1, 1)))
 
+    def depthwise_taps_vjp(x, w):
+        return layers.depthwise_conv(x, w, 1, ((1, 1), (1, 1)))
+
     x1, xd, w1, wd = (inputs[k] for k in ("x1", "xd", "w1", "wd"))
     jax_fns = {"1x1 conv": {"": (conv1x1, x1, w1)},
-               "3x3 depthwise": {"library": (depthwise_lib, xd, wd), "taps": (depthwise_taps, xd, wd)}}
+               "3x3 depthwise": {"library": (depthwise_lib, xd, wd), "taps, autodiff": (depthwise_taps, xd, wd),
+                                 "taps, hand-written VJP": (depthwise_taps_vjp, xd, wd)}}
     out = {}
     for layer, impls in jax_fns.items():
         out[layer] = {}
