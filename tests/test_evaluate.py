@@ -129,3 +129,8 @@ def test_streamed_evaluation_of_an_image_folder(tmp_path, wrn):
     np.testing.assert_array_equal(masks["clean"], clean[order])
     assert report["accuracy"]["clean"] == pytest.approx(clean[order].mean()) and report["eps"] == pytest.approx(4 / 255)
     assert "imagenet (32 of 32 images, as stored, streamed in chunks of 8)" in markdown
+    # --image_list=first: the whole folder as data.sources reads it (sorted classes, then sorted files).
+    folder = evaluate.streamed_source("imagenet", str(tmp_path / "val"), "first")
+    assert len(folder) == 32 and folder.class_names == tuple(sorted(str(c) for c in set(test.labels[:32].tolist())))
+    first = min(i for i in range(32) if test.labels[i] == int(folder.class_names[0]))
+    np.testing.assert_array_equal(folder[0]["image"], test.images[first])
