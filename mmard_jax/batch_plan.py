@@ -14,6 +14,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jex_core
 
 
 def batch_shapes(batch_size: int, n_devices: int) -> Tuple[int, ...]:
@@ -108,6 +109,32 @@ def activation_bytes(apply_fn: Callable, variables, image_shape) -> int:
     jaxpr = jax.make_jaxpr(apply_fn)(variables, x).jaxpr
     return sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize
                for eqn in jaxpr.eqns if eqn.primitive.name in MATERIALISED for v in eqn.outvars)
+
+
+def forward_peak_bytes(apply_fn: Callable, variables, image_shape) -> int:
+    """Bytes a forward-only pass keeps live per example at its widest point: the outputs of MATERIALISED
+    operations, each live from where it is computed to its last reader (through the elementwise operations fused
+    into its readers), summed at the worst position of the jaxpr. A program without a backward (Square) frees
+    each activation once read, so its working set is a block's few activations, not all of them."""
+    x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
+    jaxpr = jax.make_jaxpr(apply_fn)(variables, x).jaxpr
+    roots: Dict = {}  # var -> the materialised outputs it is made of (itself, or what fused elementwise ops read)
+    born, last, size = {}, {}, {}
+    for position, eqn in enumerate(jaxpr.eqns):
+        read = set().union(*(roots.get(v, ()) for v in eqn.invars if isinstance(v, jex_core.Var)))
+        for m in read:
+            last[m] = position
+        for v in eqn.outvars:
+            if eqn.primitive.name in MATERIALISED:
+                roots[v], born[v], last[v] = {v}, position, position
+                size[v] = math.prod(v.aval.shape) * v.aval.dtype.itemsize
+            else:
+                roots[v] = read
+    for v in jaxpr.outvars:
+        for m in roots.get(v, ()) if isinstance(v, jex_core.Var) else ():
+            last[m] = len(jaxpr.eqns)
+    return max((sum(size[m] for m in size if born[m] <= position <= last[m])
+                for position in range(len(jaxpr.eqns) + 1)), default=0)
 
 
 def cache_cap(shapes: Sequence[int], per_example: int, cache: Optional[int]) -> int:

@@ -69,11 +69,14 @@ def input_floats(images: Array) -> Array:
 @dataclasses.dataclass(frozen=True)
 class Program:
     """One compiled attack: its per-device `body(variables, images, labels, idx, valid, *args)` -> per-example
-    outputs, and where each of its own `args` lives: 'example' (a row per point, batched with them) or 'shared'."""
+    outputs, where each of its own `args` lives: 'example' (a row per point, batched with them) or 'shared', and
+    whether it only runs the model forward (no input gradient: its CPU batches are capped by the forward's
+    working set, `Evaluator.plan_shapes`)."""
 
     key: Tuple[str, str]
     body: Callable
     args: Tuple[str, ...] = ()
+    forward_only: bool = False
 
 
 def white_box_program(apply: Callable, name: str, eps: float, norm: str, unroll) -> Program:
@@ -110,7 +113,7 @@ def square_program(apply: Callable, eps: float, config: autoattack.AutoAttackCon
         keys = counter_rng.example_keys(key, idx)
         return _square_chunk(functools.partial(apply, variables), x, y, keys, valid, carry, span, eps, config)
 
-    return Program(("aa", "square"), body, ("shared", "example", "shared"))
+    return Program(("aa", "square"), body, ("shared", "example", "shared"), forward_only=True)
 
 
 def gradient_program(apply: Callable) -> Program:
@@ -166,7 +169,7 @@ class Evaluator:
         # an accelerator a small batch costs about a full one, so the points go in one padded batch. Several
         # processes must plan alike (their caches may differ): neither there.
         self.split_batches = self.mesh.devices.flat[0].platform == "cpu" and jax.process_count() == 1
-        self._cpu_shapes: Optional[Tuple[int, ...]] = None
+        self._cpu_shapes: Dict[bool, Tuple[int, ...]] = {}  # forward_only -> the CPU shapes of that kind
         self.images, self.labels = parallel.put_replicated(
             (np.asarray(images), np.asarray(labels, np.int32)), self.mesh)
         self.precision = matmul_precision
@@ -194,20 +197,23 @@ class Evaluator:
     def component(self, name: str) -> Program:
         return component_program(self.apply, autoattack.PROGRAMS[name], self.eps, self.aa_config)
 
-    def plan_shapes(self, variables=None) -> Tuple[int, ...]:
-        """The shapes a plan draws from: all of them, but on a CPU (`split_batches`) only those whose activations
-        fit the last-level cache (`cache_cap`). Measured on the AutoAttack benchmark's WRN-10-1 (32 MiB L3):
-        APGD-T 0.62-0.71 ms per example and iteration in batches of 8 to 128, 0.87-0.91 in one of 163
-        (BENCHMARKS.md); `activation_bytes` counts 0.64 MB per example for it (cap 48)."""
+    def plan_shapes(self, variables=None, forward_only: bool = False) -> Tuple[int, ...]:
+        """The shapes a plan draws from: all of them, but on a CPU (`split_batches`) only those whose working set
+        fits the last-level cache (`cache_cap`). A gradient program keeps every activation for its backward
+        (`activation_bytes`; measured on the AutoAttack benchmark's WRN-10-1, 32 MiB L3: APGD-T 0.62-0.71 ms per
+        example and iteration in batches of 8 to 128, 0.87-0.91 in one of 163, BENCHMARKS.md; 0.64 MB per example,
+        cap 48); a forward-only one (`Program.forward_only`: Square) only a block's few live activations
+        (`forward_peak_bytes`: 0.19 MB for that WRN-10-1, cap 128)."""
         if not self.split_batches:
             return self.shapes
-        if self._cpu_shapes is None:
+        if forward_only not in self._cpu_shapes:
             if variables is None:
                 raise ValueError("plan_shapes: the first call on a CPU needs the variables (to size the activations)")
-            per_example = batch_plan.activation_bytes(self.apply, variables, self.images_host.shape[1:])
+            size = batch_plan.forward_peak_bytes if forward_only else batch_plan.activation_bytes
+            per_example = size(self.apply, variables, self.images_host.shape[1:])
             cap = batch_plan.cache_cap(self.shapes, per_example, batch_plan.cache_bytes())
-            self._cpu_shapes = tuple(s for s in self.shapes if s <= cap)
-        return self._cpu_shapes
+            self._cpu_shapes[forward_only] = tuple(s for s in self.shapes if s <= cap)
+        return self._cpu_shapes[forward_only]
 
     def map_points(self, program: Program, variables, indices: np.ndarray, *args, work: float = 1.0,
                    work_left: Optional[float] = None):
@@ -225,7 +231,7 @@ class Evaluator:
         # plan without them (reuse within 2x).
         timed = rate is not None and jax.process_count() == 1
         cost = (rate * (work if work_left is None else work_left), compile_s) if timed else None
-        sizes = batch_plan.plan_batches(len(indices), self.plan_shapes(variables), compiled, cost,
+        sizes = batch_plan.plan_batches(len(indices), self.plan_shapes(variables, program.forward_only), compiled, cost,
                                         split=self.split_batches)
         outs, start, fresh = [], 0, any(size not in compiled for size in sizes)
         began, compiling = time.perf_counter(), batch_plan.CompileClock.seconds
