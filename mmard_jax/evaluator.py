@@ -7,7 +7,8 @@ result as values. A partial batch, or the points still robust in an AutoAttack c
 smallest shape that holds it (padded less than 1.5x), or in a larger shape already compiled when the
 times measured so far say the extra padded work costs less than compiling (`plan_batches`; never past
 2x). On a CPU, where a batch's time is about proportional to its size until its activations outgrow the
-last-level cache, only the shapes that fit that cache run (`plan_shapes`), and the rest may be split into
+last-level cache, only the shapes that fit that cache run (`plan_shapes`: per kind of program, gradient or
+forward-only, then timed near that cap once the work left is worth it: `measure_cap`), and the rest may be split into
 several batches that together pad less (104 points: 96 + 8 rather than 128) when the measured times say the
 compilations pay off. Square runs in chunks of queries with the examples fooled so far dropped between chunks
 (`square_points`), so its work follows the examples left, as the original's does. Every random start is
@@ -170,6 +171,7 @@ class Evaluator:
         # processes must plan alike (their caches may differ): neither there.
         self.split_batches = self.mesh.devices.flat[0].platform == "cpu" and jax.process_count() == 1
         self._cpu_shapes: Dict[bool, Tuple[int, ...]] = {}  # forward_only -> the CPU shapes of that kind
+        self.measured_caps: Dict[bool, int] = {}  # forward_only -> the cap `measure_cap` timed (single device)
         self.images, self.labels = parallel.put_replicated(
             (np.asarray(images), np.asarray(labels, np.int32)), self.mesh)
         self.precision = matmul_precision
@@ -215,6 +217,28 @@ class Evaluator:
             self._cpu_shapes[forward_only] = tuple(s for s in self.shapes if s <= cap)
         return self._cpu_shapes[forward_only]
 
+    def measure_cap(self, variables, forward_only: bool) -> None:
+        """Replaces the cache model's CPU cap of one kind of program by the shape the model runs fastest per
+        example near it (`batch_plan.measured_cap`: the bare forward, or its input gradient, timed on the split's
+        first images); once per kind, on a single-device CPU evaluator. Batch shapes never change results."""
+        if not self.split_batches or self.mesh.devices.size != 1 or forward_only in self.measured_caps:
+            return
+        start = self.plan_shapes(variables, forward_only)[0]
+        if forward_only:
+            fn = jax.jit(self.apply)
+        else:
+            fn = jax.jit(jax.grad(lambda v, x: jnp.sum(jax.nn.logsumexp(self.apply(v, x), axis=-1)), argnums=1))
+        floats = self._input_floats_host()
+
+        def per_example(size: int) -> float:
+            x = jnp.asarray(floats[np.arange(size) % self.n])
+            return batch_plan.seconds_per_example(functools.partial(fn, variables), x)
+
+        with jax.default_matmul_precision(self.precision):
+            cap = batch_plan.measured_cap(per_example, self.shapes, start)
+        self.measured_caps[forward_only] = cap
+        self._cpu_shapes[forward_only] = tuple(s for s in self.shapes if s <= cap)
+
     def map_points(self, program: Program, variables, indices: np.ndarray, *args, work: float = 1.0,
                    work_left: Optional[float] = None):
         """Runs `program` on the split's examples `indices` (in the evaluator's batch shapes); per-example outputs
@@ -231,6 +255,8 @@ class Evaluator:
         # plan without them (reuse within 2x).
         timed = rate is not None and jax.process_count() == 1
         cost = (rate * (work if work_left is None else work_left), compile_s) if timed else None
+        if cost is not None and cost[0] * len(indices) > batch_plan.PROBE_WORTH * max(compile_s, 1.0):
+            self.measure_cap(variables, program.forward_only)
         sizes = batch_plan.plan_batches(len(indices), self.plan_shapes(variables, program.forward_only), compiled, cost,
                                         split=self.split_batches)
         outs, start, fresh = [], 0, any(size not in compiled for size in sizes)

@@ -292,6 +292,31 @@ def test_forward_working_set_counts_the_activations_live_at_once():
     assert batch_plan.activation_bytes(net, ws, (8,)) == 4 * (16 + 32 + 4 + 4)
 
 
+def test_measured_cap_moves_to_the_fastest_neighbouring_shape():
+    """measured_cap walks from the cache model's cap towards the shape that costs least per example, larger
+    shapes first, timing each shape once; differences within the margin (timing noise) keep the start."""
+    shapes = batch_plan.batch_shapes(200, 1)  # ..., 32, 48, 64, 96, 128, 192, 200
+
+    def curve(best):
+        timed = []
+
+        def per_example(size):
+            timed.append(size)
+            return 1.0 + abs(np.log2(size / best))  # V-shaped around `best`
+
+        return per_example, timed
+
+    per_example, timed = curve(96)
+    assert batch_plan.measured_cap(per_example, shapes, 48) == 96 and timed == [48, 64, 96, 128]
+    per_example, timed = curve(32)
+    assert batch_plan.measured_cap(per_example, shapes, 128) == 32 and timed == [128, 192, 96, 64, 48, 32, 24]
+    timed = []
+    flat = batch_plan.measured_cap(lambda size: timed.append(size) or 1.0 - 0.01 * (size > 48), shapes, 48)
+    assert flat == 48 and timed == [48, 64, 32]  # 1% better: within the margin
+    x = jnp.ones((4, 3))
+    assert 0 < batch_plan.seconds_per_example(jax.jit(lambda a: a * 2), x) < 1.0
+
+
 def test_cpu_batches_fit_the_last_level_cache(tmp_path, monkeypatch):
     """On a CPU the evaluator runs only the shapes whose working set fits the last-level cache (read from sysfs;
     activations from the module's own outputs: all of them for gradient programs, the forward's live peak for
