@@ -5,15 +5,19 @@ The evaluator runs every attack in a few fixed shapes (`batch_shapes`: the batch
 the device count below it), so a set of points is padded less than 1.5x and compilations stay few. A plan
 (`plan_batches`) takes full batches of the largest shape, then covers the rest in the cheapest way given the
 seconds per example and per compilation measured so far; on a CPU, where a batch costs about its size, the rest
-may be split into several batches, and shapes whose activations outgrow the last-level cache are left out.
+may be split into several batches, and shapes whose working set outgrows the last-level cache are left out: all
+the activations for a gradient program (`activation_bytes`), the forward's live peak for a forward-only one
+(`forward_peak_bytes`), a cap then checked by timing the bare model near it (`measured_cap`).
 """
 
 import math
 import pathlib
+import time
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jex_core
 
 
 def batch_shapes(batch_size: int, n_devices: int) -> Tuple[int, ...]:
@@ -110,6 +114,32 @@ def activation_bytes(apply_fn: Callable, variables, image_shape) -> int:
                for eqn in jaxpr.eqns if eqn.primitive.name in MATERIALISED for v in eqn.outvars)
 
 
+def forward_peak_bytes(apply_fn: Callable, variables, image_shape) -> int:
+    """Bytes a forward-only pass keeps live per example at its widest point: the outputs of MATERIALISED
+    operations, each live from where it is computed to its last reader (through the elementwise operations fused
+    into its readers), summed at the worst position of the jaxpr. A program without a backward (Square) frees
+    each activation once read, so its working set is a block's few activations, not all of them."""
+    x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
+    jaxpr = jax.make_jaxpr(apply_fn)(variables, x).jaxpr
+    roots: Dict = {}  # var -> the materialised outputs it is made of (itself, or what fused elementwise ops read)
+    born, last, size = {}, {}, {}
+    for position, eqn in enumerate(jaxpr.eqns):
+        read = set().union(*(roots.get(v, ()) for v in eqn.invars if isinstance(v, jex_core.Var)))
+        for m in read:
+            last[m] = position
+        for v in eqn.outvars:
+            if eqn.primitive.name in MATERIALISED:
+                roots[v], born[v], last[v] = {v}, position, position
+                size[v] = math.prod(v.aval.shape) * v.aval.dtype.itemsize
+            else:
+                roots[v] = read
+    for v in jaxpr.outvars:
+        for m in roots.get(v, ()) if isinstance(v, jex_core.Var) else ():
+            last[m] = len(jaxpr.eqns)
+    return max((sum(size[m] for m in size if born[m] <= position <= last[m])
+                for position in range(len(jaxpr.eqns) + 1)), default=0)
+
+
 def cache_cap(shapes: Sequence[int], per_example: int, cache: Optional[int]) -> int:
     """The largest shape whose batch of activations fits the cache (the smallest shape if none does; every shape
     when the cache is unknown)."""
@@ -117,6 +147,46 @@ def cache_cap(shapes: Sequence[int], per_example: int, cache: Optional[int]) -> 
         return max(shapes)
     fitting = [s for s in shapes if s * per_example <= cache]
     return max(fitting) if fitting else min(shapes)
+
+
+# A CPU cap is measured (`measured_cap`) once the work left for a program is worth this many of its compilations
+# (at least 1 s each): the probe compiles the bare model at two to four shapes, each cheaper than the program.
+PROBE_WORTH = 10
+# A neighbouring shape replaces the cap only when it costs at least this much less per example (timing noise).
+PROBE_MARGIN = 0.05
+
+
+def seconds_per_example(fn: Callable, x, repeats: int = 3) -> float:
+    """Seconds per example of `fn(x)` (x batched along axis 0): compiled and run once, then the best of `repeats`."""
+    jax.block_until_ready(fn(x))
+    best = math.inf
+    for _ in range(repeats):
+        began = time.perf_counter()
+        jax.block_until_ready(fn(x))
+        best = min(best, time.perf_counter() - began)
+    return best / x.shape[0]
+
+
+def measured_cap(per_example: Callable[[int], float], shapes: Sequence[int], start: int,
+                 margin: float = PROBE_MARGIN) -> int:
+    """The cap a CPU plan uses, measured: from `start` (the cache model's cap), to the next larger shape while it
+    costs `margin` less per example than the current one, else to the next smaller ones while they do.
+    `per_example(size)` times one batch (each size at most once)."""
+    order = sorted(set(shapes) | {start})
+    seen: Dict[int, float] = {}
+
+    def cost(size: int) -> float:
+        if size not in seen:
+            seen[size] = per_example(size)
+        return seen[size]
+
+    at = order.index(start)
+    for step in (1, -1):
+        while 0 <= at + step < len(order) and (1 - margin) * cost(order[at]) > cost(order[at + step]):
+            at += step
+        if order[at] != start:
+            break
+    return order[at]
 
 
 class CompileClock:

@@ -7,7 +7,8 @@ result as values. A partial batch, or the points still robust in an AutoAttack c
 smallest shape that holds it (padded less than 1.5x), or in a larger shape already compiled when the
 times measured so far say the extra padded work costs less than compiling (`plan_batches`; never past
 2x). On a CPU, where a batch's time is about proportional to its size until its activations outgrow the
-last-level cache, only the shapes that fit that cache run (`plan_shapes`), and the rest may be split into
+last-level cache, only the shapes that fit that cache run (`plan_shapes`: per kind of program, gradient or
+forward-only, then timed near that cap once the work left is worth it: `measure_cap`), and the rest may be split into
 several batches that together pad less (104 points: 96 + 8 rather than 128) when the measured times say the
 compilations pay off. Square runs in chunks of queries with the examples fooled so far dropped between chunks
 (`square_points`), so its work follows the examples left, as the original's does. Every random start is
@@ -69,13 +70,15 @@ def input_floats(images: Array) -> Array:
 @dataclasses.dataclass(frozen=True)
 class Program:
     """One compiled attack: its per-device `body(variables, images, labels, base, idx, valid, *args)` -> per-example
-    outputs, and where each of its own `args` lives: 'example' (a row per point, batched with them) or 'shared'.
-    `idx` indexes the resident arrays; `base + idx` is the example's position in the whole split, which keys its
-    random starts (a streamed evaluation holds one chunk of the split, starting at `base`)."""
+    outputs, where each of its own `args` lives: 'example' (a row per point, batched with them) or 'shared', and
+    whether it only runs the model forward (no input gradient: its CPU batches are capped by the forward's
+    working set, `Evaluator.plan_shapes`). `idx` indexes the resident arrays; `base + idx` is the example's position
+    in the whole split, which keys its random starts (a streamed evaluation holds one chunk, starting at `base`)."""
 
     key: Tuple[str, str]
     body: Callable
     args: Tuple[str, ...] = ()
+    forward_only: bool = False
 
 
 def white_box_program(apply: Callable, name: str, eps: float, norm: str, unroll) -> Program:
@@ -112,7 +115,7 @@ def square_program(apply: Callable, eps: float, config: autoattack.AutoAttackCon
         keys = counter_rng.example_keys(key, base + idx)
         return _square_chunk(functools.partial(apply, variables), x, y, keys, valid, carry, span, eps, config)
 
-    return Program(("aa", "square"), body, ("shared", "example", "shared"))
+    return Program(("aa", "square"), body, ("shared", "example", "shared"), forward_only=True)
 
 
 def gradient_program(apply: Callable) -> Program:
@@ -162,7 +165,8 @@ class Evaluator:
         # an accelerator a small batch costs about a full one, so the points go in one padded batch. Several
         # processes must plan alike (their caches may differ): neither there.
         self.split_batches = self.mesh.devices.flat[0].platform == "cpu" and jax.process_count() == 1
-        self._cpu_shapes: Optional[Tuple[int, ...]] = None
+        self._cpu_shapes: Dict[bool, Tuple[int, ...]] = {}  # forward_only -> the CPU shapes of that kind
+        self.measured_caps: Dict[bool, int] = {}  # forward_only -> the cap `measure_cap` timed (single device)
         self.load(images, labels)
         self.precision = matmul_precision
         self.progress = progress and parallel.is_primary()  # one progress display per run, process 0's
@@ -204,20 +208,45 @@ class Evaluator:
     def component(self, name: str) -> Program:
         return component_program(self.apply, autoattack.PROGRAMS[name], self.eps, self.aa_config)
 
-    def plan_shapes(self, variables=None) -> Tuple[int, ...]:
-        """The shapes a plan draws from: all of them, but on a CPU (`split_batches`) only those whose activations
-        fit the last-level cache (`cache_cap`). Measured on the AutoAttack benchmark's WRN-10-1 (32 MiB L3):
-        APGD-T 0.62-0.71 ms per example and iteration in batches of 8 to 128, 0.87-0.91 in one of 163
-        (BENCHMARKS.md); `activation_bytes` counts 0.64 MB per example for it (cap 48)."""
+    def plan_shapes(self, variables=None, forward_only: bool = False) -> Tuple[int, ...]:
+        """The shapes a plan draws from: all of them, but on a CPU (`split_batches`) only those whose working set
+        fits the last-level cache (`cache_cap`). A gradient program keeps every activation for its backward
+        (`activation_bytes`; measured on the AutoAttack benchmark's WRN-10-1, 32 MiB L3: APGD-T 0.62-0.71 ms per
+        example and iteration in batches of 8 to 128, 0.87-0.91 in one of 163, BENCHMARKS.md; 0.64 MB per example,
+        cap 48); a forward-only one (`Program.forward_only`: Square) only a block's few live activations
+        (`forward_peak_bytes`: 0.19 MB for that WRN-10-1, cap 128)."""
         if not self.split_batches:
             return self.shapes
-        if self._cpu_shapes is None:
+        if forward_only not in self._cpu_shapes:
             if variables is None:
                 raise ValueError("plan_shapes: the first call on a CPU needs the variables (to size the activations)")
-            per_example = batch_plan.activation_bytes(self.apply, variables, self.images_host.shape[1:])
+            size = batch_plan.forward_peak_bytes if forward_only else batch_plan.activation_bytes
+            per_example = size(self.apply, variables, self.images_host.shape[1:])
             cap = batch_plan.cache_cap(self.shapes, per_example, batch_plan.cache_bytes())
-            self._cpu_shapes = tuple(s for s in self.shapes if s <= cap)
-        return self._cpu_shapes
+            self._cpu_shapes[forward_only] = tuple(s for s in self.shapes if s <= cap)
+        return self._cpu_shapes[forward_only]
+
+    def measure_cap(self, variables, forward_only: bool) -> None:
+        """Replaces the cache model's CPU cap of one kind of program by the shape the model runs fastest per
+        example near it (`batch_plan.measured_cap`: the bare forward, or its input gradient, timed on the split's
+        first images); once per kind, on a single-device CPU evaluator. Batch shapes never change results."""
+        if not self.split_batches or self.mesh.devices.size != 1 or forward_only in self.measured_caps:
+            return
+        start = self.plan_shapes(variables, forward_only)[0]
+        if forward_only:
+            fn = jax.jit(self.apply)
+        else:
+            fn = jax.jit(jax.grad(lambda v, x: jnp.sum(jax.nn.logsumexp(self.apply(v, x), axis=-1)), argnums=1))
+        floats = self._input_floats_host()
+
+        def per_example(size: int) -> float:
+            x = jnp.asarray(floats[np.arange(size) % self.n])
+            return batch_plan.seconds_per_example(functools.partial(fn, variables), x)
+
+        with jax.default_matmul_precision(self.precision):
+            cap = batch_plan.measured_cap(per_example, self.shapes, start)
+        self.measured_caps[forward_only] = cap
+        self._cpu_shapes[forward_only] = tuple(s for s in self.shapes if s <= cap)
 
     def map_points(self, program: Program, variables, indices: np.ndarray, *args, work: float = 1.0,
                    work_left: Optional[float] = None):
@@ -235,7 +264,9 @@ class Evaluator:
         # plan without them (reuse within 2x).
         timed = rate is not None and jax.process_count() == 1
         cost = (rate * (work if work_left is None else work_left), compile_s) if timed else None
-        sizes = batch_plan.plan_batches(len(indices), self.plan_shapes(variables), compiled, cost,
+        if cost is not None and cost[0] * len(indices) > batch_plan.PROBE_WORTH * max(compile_s, 1.0):
+            self.measure_cap(variables, program.forward_only)
+        sizes = batch_plan.plan_batches(len(indices), self.plan_shapes(variables, program.forward_only), compiled, cost,
                                         split=self.split_batches)
         outs, start, fresh = [], 0, any(size not in compiled for size in sizes)
         began, compiling = time.perf_counter(), batch_plan.CompileClock.seconds

@@ -274,10 +274,54 @@ def test_cascade_progress_shows_points_still_robust_and_runs_left(capsys):
     assert "aa APGD-T" in err and "robust=5/6" in err and "runs_left=9" in err and "robust=2/6" in err
 
 
+def test_forward_working_set_counts_the_activations_live_at_once():
+    """forward_peak_bytes: an activation stays live until its last reader, also when read through a fused
+    elementwise op (the shortcut `relu(a)`); activation_bytes counts every activation (a backward keeps them)."""
+    ws = {k: jnp.ones(shape) for k, shape in {"w1": (8, 16), "w2": (16, 32), "w3": (32, 4), "w4": (16, 4)}.items()}
+
+    def net(v, x):
+        a = x @ v["w1"]                           # 16 floats
+        c = (a @ v["w2"]) @ v["w3"]               # 32, then 4: a, its product and c live at once (16 + 32 + 4)
+        return c + jnp.maximum(a, 0.0) @ v["w4"]  # 4
+
+    def chain(v, x):
+        return ((x @ v["w1"]) @ v["w2"]) @ v["w3"]  # at most two live at once: 16 + 32
+
+    assert batch_plan.forward_peak_bytes(net, ws, (8,)) == 4 * (16 + 32 + 4)
+    assert batch_plan.forward_peak_bytes(chain, ws, (8,)) == 4 * (16 + 32)
+    assert batch_plan.activation_bytes(net, ws, (8,)) == 4 * (16 + 32 + 4 + 4)
+
+
+def test_measured_cap_moves_to_the_fastest_neighbouring_shape():
+    """measured_cap walks from the cache model's cap towards the shape that costs least per example, larger
+    shapes first, timing each shape once; differences within the margin (timing noise) keep the start."""
+    shapes = batch_plan.batch_shapes(200, 1)  # ..., 32, 48, 64, 96, 128, 192, 200
+
+    def curve(best):
+        timed = []
+
+        def per_example(size):
+            timed.append(size)
+            return 1.0 + abs(np.log2(size / best))  # V-shaped around `best`
+
+        return per_example, timed
+
+    per_example, timed = curve(96)
+    assert batch_plan.measured_cap(per_example, shapes, 48) == 96 and timed == [48, 64, 96, 128]
+    per_example, timed = curve(32)
+    assert batch_plan.measured_cap(per_example, shapes, 128) == 32 and timed == [128, 192, 96, 64, 48, 32, 24]
+    timed = []
+    flat = batch_plan.measured_cap(lambda size: timed.append(size) or 1.0 - 0.01 * (size > 48), shapes, 48)
+    assert flat == 48 and timed == [48, 64, 32]  # 1% better: within the margin
+    x = jnp.ones((4, 3))
+    assert 0 < batch_plan.seconds_per_example(jax.jit(lambda a: a * 2), x) < 1.0
+
+
 def test_cpu_batches_fit_the_last_level_cache(tmp_path, monkeypatch):
-    """On a CPU the evaluator runs only the shapes whose activations fit the last-level cache (read from sysfs;
-    activations from the module's own outputs); the outcomes are those of the uncapped evaluator (batches of 32
-    against 120: the clean decisions are clear of rounding, the attacks' as in the device test above)."""
+    """On a CPU the evaluator runs only the shapes whose working set fits the last-level cache (read from sysfs;
+    activations from the module's own outputs: all of them for gradient programs, the forward's live peak for
+    Square); the outcomes are those of the uncapped evaluator (batches of 32 and 48 against 120: the clean
+    decisions are clear of rounding, the attacks' as in the device test above)."""
     for index, (level, size) in enumerate([(1, "32K"), (2, "1024K"), (3, "32768K")]):
         (tmp_path / f"index{index}").mkdir()
         (tmp_path / f"index{index}" / "level").write_text(f"{level}\n")
@@ -292,17 +336,21 @@ def test_cpu_batches_fit_the_last_level_cache(tmp_path, monkeypatch):
     images, labels, *_ = digits_test_split()
     per_example = batch_plan.activation_bytes(evaluator.as_apply_fn(module), variables, images.shape[1:])
     assert per_example == 4 * (module.hidden + module.hidden + 10)  # fc1's product, its ReLU, fc2's product
-    monkeypatch.setattr(batch_plan, "cache_bytes", lambda: 40 * per_example)  # a 40-example cache
+    forward = batch_plan.forward_peak_bytes(evaluator.as_apply_fn(module), variables, images.shape[1:])
+    assert forward == 4 * 2 * module.hidden  # at the ReLU: fc1's product (its input) and its output
+    monkeypatch.setattr(batch_plan, "cache_bytes", lambda: 48 * forward)  # 48 forward-only examples, 44 backward
     config = dataclasses.replace(SMALL, components=("apgd_ce", "square"))
     capped = evaluator.Evaluator(module, images, labels, eps=EPS, batch_size=120, progress=False, aa_config=config)
     plain = evaluator.Evaluator(module, images, labels, eps=EPS, batch_size=120, progress=False, aa_config=config)
     plain.split_batches = False  # as on an accelerator: full batches of 120, the rest in one padded batch
     assert capped.plan_shapes(variables)[0] == 32 and plain.plan_shapes(variables) == plain.shapes
+    assert capped.plan_shapes(variables, forward_only=True)[0] == 48
     ours = capped.run(variables, ("clean", "aa"), seed=1).masks
     theirs = plain.run(variables, ("clean", "aa"), seed=1).masks
     for name in ("clean", "aa"):
         np.testing.assert_array_equal(ours[name], theirs[name])
-    assert max(max(s) for s in capped._compiled.values()) == 32 < max(max(s) for s in plain._compiled.values())
+    assert max(max(s) for k, s in capped._compiled.items() if k != ("aa", "square")) == 32
+    assert max(capped._compiled["aa", "square"]) == 48 < max(max(s) for s in plain._compiled.values())
 
 
 def test_benchmark_batch_curve_times_each_shape_per_example():

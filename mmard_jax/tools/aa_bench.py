@@ -121,7 +121,15 @@ def run_ours(ev, variables, config, seed: int):
         "total_s": total, "seconds": seconds, "compile_s": compile_s,
         "accuracy": {"clean": float(np.mean(clean)), **result.accuracies()},
         "masks": {"clean": clean, **result.after, "aa": result.robust},
+        "cpu_caps": cpu_caps(ev),
     }
+
+
+def cpu_caps(ev):
+    """The CPU plans' largest shape per kind of program ('gradient', 'forward'), and whether it was timed
+    (`Evaluator.measure_cap`) or is the cache model's; empty off a CPU."""
+    kind = {False: "gradient", True: "forward"}
+    return {kind[k]: {"cap": shapes[0], "measured": k in ev.measured_caps} for k, shapes in ev._cpu_shapes.items()}
 
 
 def batch_curve(module, variables, images, labels, sizes, eps: float, n_iter: int = 20, rounds: int = 2):
