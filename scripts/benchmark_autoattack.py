@@ -98,7 +98,7 @@ def main(argv):
 
     from mmard_jax import cli, evaluator, parallel, runtime
     from mmard_jax.attacks import autoattack
-    from mmard_jax.tools import aa_bench
+    from mmard_jax.tools import aa_bench, machine
     from peers import original_aa
 
     cache_dir = FLAGS.cache_dir or tempfile.mkdtemp(prefix="mmard_aa_benchmark_xla_")
@@ -138,8 +138,9 @@ def main(argv):
         header=lambda r: print(json.dumps(dict(r, cache_was_empty=cache_was_empty)), flush=True),
         say=lambda line: print(line, flush=True))
     result["cache_was_empty"] = cache_was_empty
+    result["processor"] = machine.describe()  # CPU timings hold on one processor kind: every record names it
     print(json.dumps(result), flush=True)
-    print(aa_bench.markdown(result))
+    print(f"Processor: {result['processor']}\n" + aa_bench.markdown(result))
     append_json(result)
 
 
