@@ -65,7 +65,7 @@ flags.DEFINE_bool("pipeline", False, "Measure the streamed input pipeline: grain
                   "cores per GPU an ImageNet step needs (mmard_jax/tools/bench_pipeline.py).")
 flags.DEFINE_string("pipeline_workers", "0,1,2", "--pipeline: the grain worker-process counts measured.")
 flags.DEFINE_integer("pipeline_images", 256, "--pipeline: ImageNet-shaped JPEGs written and read.")
-flags.DEFINE_integer("pipeline_batches", 16, "--pipeline: batches timed per loader row (after the first).")
+flags.DEFINE_integer("pipeline_batches", 48, "--pipeline: batches timed per loader row (after the first).")
 flags.DEFINE_bool("multiprocess", False, "Compare process layouts (1x2 vs 2x1, ...) with "
                   "scripts/benchmark_multiprocess.py; the other arguments are that script's.")
 flags.DEFINE_enum("worker", None, ["jax", "torch", "flops"], "(internal) Measure one row in this process.")

@@ -564,9 +564,9 @@ def test_pipeline_benchmark_parts_on_a_tiny_source():
     loader = [{"input": "ImageNet-shaped", "workers": w, "batch": 4, "images_per_s": r, "first_batch_s": 0.1}
               for w, r in ((0, 500.0), (1, 300.0), (2, 400.0))]
     demand = [{"case": "c", "gflop_per_image": 500.0, "gpu_images_per_s": [600.0, 1000.0]}]
-    (cores,) = bench_pipeline.cores_per_gpu(loader, demand)
-    assert cores["per_worker_images_per_s"] == 300.0 and cores["cores_per_gpu"] == [2.0, 1000.0 / 300.0]
+    (cores,) = bench_pipeline.cores_per_gpu(loader, demand, cores=2)  # the best rate, 500/s, on 2 cores
+    assert cores["per_core_images_per_s"] == 250.0 and cores["cores_per_gpu"] == [2.4, 4.0]
     trainer = [{"pipeline": "device", "source": "memory", "step_s": 0.5, "images_per_s": 256.0, "first_epoch_s": 9.0}]
     text = bench_pipeline.markdown({"loader": loader, "trainer": trainer, "demand": demand, "cores": [cores]}, "cpu",
                                    "cmd")
-    assert text.count("| ImageNet-shaped |") == 3 and "| device, memory | 0.500 |" in text and "| 2.0-3.3 |" in text
+    assert text.count("| ImageNet-shaped |") == 3 and "| device, memory | 0.500 |" in text and "| 2.4-4.0 |" in text
