@@ -41,7 +41,9 @@ EVAL_BATCH = 256  # per evaluation batch over the mesh (ResNet-50 attacks at 224
 IMAGE_SIZE = 224  # the teachers' and RobustBench's input side
 EVAL_CHUNK = 1000  # test images decoded and held at a time (224x224x3 uint8: 150 MB), attacked while the next decodes
 SOURCES = {"tfds": "validation", "folder": "val"}  # where the training split is read from: its test split's name
-WORKERS = 8  # grain decoding processes per host (BENCHMARKS.md, "Input pipeline": the cores a GPU's step needs)
+# grain decoding processes per GPU, by method: the cores a GPU's step needs at 50% of an H100's peak (BENCHMARKS.md,
+# "Input pipeline", 2026-12-07: MMARD ResNet-50 <- WRN-50-2 1.8, RSLAD ResNet-18 <- WRN-50-2 10.2), rounded up.
+WORKERS_PER_GPU = {"mmard": 2, "rslad": 11}
 
 RUNS = tuple(f"method={m},student={s}" for s in STUDENTS for m in METHODS)
 LAYOUT = {"rows": "method", "groups": "student", "columns": ("clean", "pgd_s", "aa")}
@@ -60,7 +62,7 @@ def check_mesh(batch_size: int, hosts: int, gpus: int) -> int:
 
 def get_config(arg=None):
     a = config_lib.parse_arg(arg, method="mmard", student="resnet18", teacher=DEFAULT_TEACHER, hosts=1, gpus=8,
-                             batch_size=RECIPE["batch_size"], source="tfds", workers=WORKERS)
+                             batch_size=RECIPE["batch_size"], source="tfds", workers=-1)
     if a["method"] not in METHODS:
         raise ValueError(f"unknown method {a['method']!r}; known: {', '.join(METHODS)}")
     if a["student"] not in STUDENTS:
@@ -76,7 +78,8 @@ def get_config(arg=None):
     # usual folder tree (data_dir/train/<wnid>/*.JPEG, data_dir/val/<wnid>/*.JPEG); the random-resized crop at 224
     # and its evaluation view (resize 256, centre crop 224); the test split evaluated EVAL_CHUNK images at a time.
     c.dataset.update(pipeline="stream", source=a["source"], augment="random_resized_crop", image_size=IMAGE_SIZE,
-                     test_split=SOURCES[a["source"]], workers=a["workers"], crop_padding=0)
+                     test_split=SOURCES[a["source"]], crop_padding=0,
+                     workers=a["workers"] if a["workers"] >= 0 else WORKERS_PER_GPU[a["method"]] * a["gpus"])
     c.num_epochs = RECIPE["num_epochs"]
     c.batch_size = a["batch_size"]
     c.optim.update(lr=RECIPE["lr"] * a["batch_size"] / RECIPE["batch_size"], momentum=RECIPE["momentum"],

@@ -462,6 +462,9 @@ def test_imagenet_config_follows_the_teacher_recipe():
     assert (c.dataset.source, c.dataset.augment, c.dataset.image_size, c.dataset.test_split, c.eval.chunk_size) == (
         "tfds", "random_resized_crop", 224, "validation", 1000)
     assert imagenet.get_config("source=folder,workers=2").dataset.test_split == "val"
+    # Decoding processes per host: the GPUs' need measured in BENCHMARKS.md ("Input pipeline"), or as given.
+    assert (c.dataset.workers, imagenet.get_config("method=mmard,gpus=4").dataset.workers) == (88, 8)
+    assert imagenet.get_config("source=folder,workers=2").dataset.workers == 2
     with pytest.raises(ValueError, match="unknown source 'zip'"):
         imagenet.get_config("source=zip")
     spe = TRAIN_SIZE["imagenet"] // c.batch_size
