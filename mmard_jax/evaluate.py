@@ -263,12 +263,19 @@ def run_evaluation(
                             mesh=mesh, unroll=runtime.resolve_unroll(unroll), aa_config=aa_config,
                             matmul_precision=matmul_precision, compute_dtype=dtype, progress=progress)
     report["seconds"]["total"] = time.perf_counter() - start
-    spec = store.read_spec(checkpoint)
-    setup = {
+    setup = report_setup(checkpoint, f"{dataset} test ({len(labels)} of {len(test)} examples)", norm, eps, seed,
+                         batch_size, mesh, dtype, matmul_precision)
+    return publish(checkpoint, dataset, output, setup, report)
+
+
+def report_setup(checkpoint: pathlib.Path, dataset_line: str, norm: str, eps: float, seed: int, batch_size: int, mesh,
+                 dtype: str, matmul_precision: Optional[str]) -> Dict[str, Any]:
+    """The report's setup block (what was evaluated, how), shared by the resident and the streamed evaluation."""
+    return {
         "model": checkpoint.name,
         "checkpoint": str(checkpoint),
-        "arch": spec["arch"],
-        "dataset": f"{dataset} test ({len(labels)} of {len(test)} examples)",
+        "arch": store.read_spec(checkpoint)["arch"],
+        "dataset": dataset_line,
         "norm": norm,
         "eps": f"{eps:.6g} ({eps * 255:.4g}/255)" if norm == "Linf" else f"{eps:.6g}",
         "seed": seed,
@@ -277,13 +284,19 @@ def run_evaluation(
         "dtype": dtype,
         "matmul precision": matmul_precision or "default (TF32 on GPUs)",
     }
+
+
+def publish(checkpoint: pathlib.Path, dataset: str, output, setup: Dict[str, Any],
+            body: Dict[str, Any]) -> Dict[str, Any]:
+    """Writes the report files (default: CHECKPOINT/robustness_DATASET) and prints the report, by process 0 only;
+    returns `body`."""
     output = pathlib.Path(output) if output else checkpoint / f"robustness_{dataset}"
     title = f"Robustness of {checkpoint.name} on {dataset}"
     if parallel.is_primary():
-        write_report(output, title, setup, report)
-        print(markdown_report(title, setup, report))
+        write_report(output, title, setup, body)
+        print(markdown_report(title, setup, body))
         print(f"wrote {output / 'report.json'}, report.md, masks.npz", flush=True)
-    return report
+    return body
 
 
 def streamed_source(dataset: str, data_dir: str, image_list: str = "robustbench"):
@@ -350,22 +363,9 @@ def run_streamed_evaluation(
     if report.autoattack is not None:
         body["masks"]["aa_fooled_by"] = report.autoattack["fooled_by_example"]
     body["seconds"]["total"] = time.perf_counter() - start
-    setup = {
-        "model": checkpoint.name, "checkpoint": str(checkpoint), "arch": store.read_spec(checkpoint)["arch"],
-        "dataset": f"{dataset} ({n} of {len(source)} images, {prep or 'as stored'}, streamed in chunks of "
-                   f"{chunk_size})",
-        "norm": norm,
-        "eps": f"{report.eps:.6g} ({report.eps * 255:.4g}/255)" if norm == "Linf" else f"{report.eps:.6g}",
-        "seed": seed, "batch size": batch_size, "devices": f"{mesh.devices.size} x {jax.devices()[0].platform}",
-        "dtype": dtype, "matmul precision": matmul_precision or "default (TF32 on GPUs)",
-    }
-    output = pathlib.Path(output) if output else checkpoint / f"robustness_{dataset}"
-    title = f"Robustness of {checkpoint.name} on {dataset}"
-    if parallel.is_primary():
-        write_report(output, title, setup, body)
-        print(markdown_report(title, setup, body))
-        print(f"wrote {output / 'report.json'}, report.md, masks.npz", flush=True)
-    return body
+    setup = report_setup(checkpoint, f"{dataset} ({n} of {len(source)} images, {prep or 'as stored'}, streamed in "
+                         f"chunks of {chunk_size})", norm, report.eps, seed, batch_size, mesh, dtype, matmul_precision)
+    return publish(checkpoint, dataset, output, setup, body)
 
 
 def run():

@@ -158,8 +158,7 @@ def load(config) -> Inputs:
     test = read_split(test_source, first, view, ds.name, test_split)
     streamed_test = dict(test_source=test_source, test_view=view) if chunk > 0 else {}
     if pipeline == "device":
-        train_view = functools.partial(host_augment.center_crop_resize, size=size) if size else eval_transforms.identity
-        train = read_split(source, n, train_view, ds.name, "train")
+        train = read_split(source, n, view, ds.name, "train")  # pad_crop: the test images' view (image_size)
         return Inputs("device", test, n, train.images.shape[1:], source.num_classes, train=train, **streamed_test)
     shape = (size, size, 3) if size else tuple(np.shape(source[0]["image"]))
     return Inputs("stream", test, n, shape, source.num_classes, train_source=source, **streamed_test)

@@ -121,7 +121,7 @@ def trainer_rows(root: pathlib.Path, say: Callable[[str], None]) -> List[Dict[st
     import jax
     import jax.numpy as jnp
 
-    from mmard_jax import data, train
+    from mmard_jax import data, files, train
     from mmard_jax.models import store
 
     spec = store.model_spec("wide_resnet", 10, {"depth": 16, "width": 2})
@@ -137,7 +137,7 @@ def trainer_rows(root: pathlib.Path, say: Callable[[str], None]) -> List[Dict[st
         config = trainer_config(data_dir, str(root / "teacher"), pipeline, source)
         workdir = root / f"run_{pipeline}_{source}"
         train.train_and_evaluate(config, workdir, progress=False)
-        records = [r for r in _records(workdir)]
+        records = files.read_jsonl(workdir / "metrics.jsonl")
         steps = records[0]["step"]
         per_step = [r["seconds"] / steps for r in records[1:-1]]  # the first compiles, the last evaluates
         row = {"part": "trainer", "pipeline": pipeline, "source": "PNG folder" if source == "folder" else "memory",
@@ -146,12 +146,6 @@ def trainer_rows(root: pathlib.Path, say: Callable[[str], None]) -> List[Dict[st
         say(f"trainer {pipeline} ({row['source']}): {row['step_s']:.3f} s/step")
         rows.append(row)
     return rows
-
-
-def _records(workdir: pathlib.Path) -> List[Dict[str, Any]]:
-    import json
-
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def demand_rows(case_names: Sequence[str], say: Callable[[str], None]) -> List[Dict[str, Any]]:
