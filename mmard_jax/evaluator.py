@@ -73,12 +73,16 @@ class Program:
     outputs, where each of its own `args` lives: 'example' (a row per point, batched with them) or 'shared', and
     whether it only runs the model forward (no input gradient: its CPU batches are capped by the forward's
     working set, `Evaluator.plan_shapes`). `idx` indexes the resident arrays; `base + idx` is the example's position
-    in the whole split, which keys its random starts (a streamed evaluation holds one chunk, starting at `base`)."""
+    in the whole split, which keys its random starts (a streamed evaluation holds one chunk, starting at `base`).
+    `cost_like`: the program whose measured costs (per example and unit of work, per compilation) plan this one's
+    first call, before it has its own: a unit of work of both costs about the same (a run of an attack, a forward).
+    Without them a first call pads the points into one batch, and a later, timed call may compile other shapes."""
 
     key: Tuple[str, str]
     body: Callable
     args: Tuple[str, ...] = ()
     forward_only: bool = False
+    cost_like: Optional[Tuple[str, str]] = None
 
 
 def white_box_program(apply: Callable, name: str, eps: float, norm: str, unroll) -> Program:
@@ -103,7 +107,9 @@ def component_program(apply: Callable, program: str, eps: float, config: autoatt
         x_adv, _ = autoattack.run_program(program, apply_fn, x, y, keys, arg, eps=eps, config=config, active=valid)
         return valid & autoattack.fooled_check(apply_fn, x, x_adv, y, eps, config.norm), x_adv
 
-    return Program(("aa", program), body, ("shared", "shared"))
+    # FAB-T's runs are planned like APGD's (100 iterations of an input gradient per example) until timed.
+    like = ("aa", autoattack.PROGRAMS["apgd_ce"]) if program != autoattack.PROGRAMS["apgd_ce"] else None
+    return Program(("aa", program), body, ("shared", "shared"), cost_like=like)
 
 
 def square_program(apply: Callable, eps: float, config: autoattack.AutoAttackConfig) -> Program:
@@ -115,7 +121,9 @@ def square_program(apply: Callable, eps: float, config: autoattack.AutoAttackCon
         keys = counter_rng.example_keys(key, base + idx)
         return _square_chunk(functools.partial(apply, variables), x, y, keys, valid, carry, span, eps, config)
 
-    return Program(("aa", "square"), body, ("shared", "example", "shared"), forward_only=True)
+    # A query is one forward per example, as a clean pass is: Square's first chunk is planned with its timings.
+    return Program(("aa", "square"), body, ("shared", "example", "shared"), forward_only=True,
+                   cost_like=("white_box", "clean"))
 
 
 def gradient_program(apply: Callable) -> Program:
@@ -259,7 +267,7 @@ class Evaluator:
         compiling a smaller shape, with the times it measured for this program (`plan_batches`)."""
         fn = self._jitted(program)
         compiled = self._compiled[program.key]
-        rate, compile_s = self._costs.get(program.key, (None, None))
+        rate, compile_s = self._costs.get(program.key) or self._costs.get(program.cost_like, (None, None))
         # Timings differ between processes, and every process must run the same shapes: several processes
         # plan without them (reuse within 2x).
         timed = rate is not None and jax.process_count() == 1

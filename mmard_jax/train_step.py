@@ -295,9 +295,11 @@ def guarded_update(state: TrainState, nets: Dict[str, NetState], method_state, o
     """The next state where the step was finite; otherwise the old one, and `bad_step` records where it broke.
 
     Hand-written rather than optax's `apply_if_finite`: that one guards parameters only, and a non-finite step
-    must not reach the BatchNorm statistics, the method's state or its epoch state either."""
-    kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), (nets, method_state, epoch_state),
-                        (state.nets, state.method_state, state.epoch_state))
+    must not reach the BatchNorm statistics, the method's state or its epoch state either. One `lax.cond` picks
+    the whole state rather than a `where` per leaf: XLA:CPU compiles each leaf's select as its own kernel (462 of
+    MobileNetV2's step; BENCHMARKS.md "Compile time")."""
+    new, old = (nets, method_state, epoch_state), (state.nets, state.method_state, state.epoch_state)
+    kept = jax.lax.cond(ok, lambda: new, lambda: old)
     bad = jnp.where((state.bad_step < 0) & ~ok, state.step, state.bad_step)
     return state.replace(step=state.step + 1, nets=kept[0], method_state=kept[1], epoch_state=kept[2], bad_step=bad)
 
@@ -309,8 +311,10 @@ def advance_counts(opt_state, steps=1):
 
 
 def _all_finite(tree) -> Array:
-    leaves = jax.tree.leaves(tree)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
+    """Whether every element of every leaf is finite: one reduction over the leaves concatenated (a reduction per
+    leaf is a kernel per leaf to compile)."""
+    leaves = [jnp.ravel(x) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.isfinite(jnp.concatenate(leaves))) if leaves else jnp.array(True)
 
 
 def _accuracies(logits: Mapping[str, Array], y) -> Dict[str, Array]:

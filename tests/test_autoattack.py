@@ -138,6 +138,28 @@ def test_square_in_chunks_with_compaction_equals_one_run():
     assert seen[0] < 16 < seen[-1] == fooled.sum() == 26  # fooled over several chunks
 
 
+def test_a_first_call_is_planned_with_its_stand_in_s_costs():
+    """Square's first chunk, with no timing of its own, is planned with the clean pass's costs (`Program.cost_like`:
+    a query is one forward): priced at 1 s per example and forward and free compilations, 37 points go in batches
+    of 32 and 6 at once, where without them they are padded into one batch of 48; the outcome is the same. FAB-T's
+    first run is planned like APGD's."""
+    module, variables = robust_mlp()
+    images, labels, *_ = digits_test_split()
+    config = dataclasses.replace(SMALL, square_queries=4)
+    key, todo = jax.random.fold_in(suite.aa_key(0), autoattack.COMPONENTS.index("square")), np.arange(37)
+    runs = {}
+    for primed in (False, True):
+        ev = evaluator.Evaluator(module, images, labels, eps=EPS, batch_size=64, progress=False, aa_config=config,
+                                 square_chunks=(4, 4))
+        ev.measured_caps[True] = 64  # no timed cap probe (its choice depends on this machine's timings)
+        if primed:
+            ev._costs["white_box", "clean"] = (1.0, 0.0)
+        runs[primed] = ev.square_points(variables, todo, key)
+        assert ev._compiled["aa", "square"] == ({32, 6} if primed else {48})
+    np.testing.assert_array_equal(runs[True].fooled, runs[False].fooled)
+    assert ev.component("fab_t").cost_like == ev.component("apgd_ce").key and ev.component("apgd_t").cost_like is None
+
+
 def test_query_chunks_cover_the_queries_once():
     assert square.query_chunks(300, (3, 40)) == ((0, 3), (3, 9), (9, 21), (21, 45), (45, 85), (85, 125),
                                                  (125, 165), (165, 205), (205, 245), (245, 285), (285, 300))

@@ -235,6 +235,19 @@ def test_nonfinite_update_is_refused(split):
     assert int(again.bad_step) == 1
 
 
+def test_all_finite_sees_one_bad_element_in_any_leaf():
+    """The guard's check is one reduction over every leaf: a single inf or NaN in any leaf (of any float dtype)
+    fails it; a finite tree (and an empty one) passes."""
+    tree = {"a": jnp.ones((3, 2)), "b": [jnp.zeros(4, jnp.bfloat16), jnp.full((2, 2, 2), 5.0)]}
+    assert bool(train_step._all_finite(tree)) and bool(train_step._all_finite({}))
+    for path, value in ((("a",), jnp.inf), (("b", 0), jnp.nan), (("b", 1), -jnp.inf)):
+        leaf = tree[path[0]] if len(path) == 1 else tree[path[0]][path[1]]
+        bad = leaf.reshape(-1).at[-1].set(value).reshape(leaf.shape)
+        broken = {"a": bad, "b": tree["b"]} if len(path) == 1 else {
+            "a": tree["a"], "b": [bad if i == path[1] else x for i, x in enumerate(tree["b"])]}
+        assert not bool(train_step._all_finite(broken)), path
+
+
 def test_optimizer_matches_torch_sgd():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0)
