@@ -55,7 +55,8 @@ def greedy_splits(rest: int, pieces: Sequence[int], shapes: Sequence[int]) -> Tu
 
 
 def plan_batches(n: int, shapes: Sequence[int], compiled: Sequence[int] = (),
-                 cost: Optional[Tuple[float, float]] = None, split: bool = False) -> Tuple[int, ...]:
+                 cost: Optional[Tuple[float, float]] = None, split: bool = False,
+                 granule: Optional[int] = None) -> Tuple[int, ...]:
     """Batch sizes covering n points: full batches of the largest shape, then the rest in the cheapest cover.
 
     Without `cost`: the smallest shape that holds the rest, or a larger shape compiled already (no new
@@ -63,7 +64,8 @@ def plan_batches(n: int, shapes: Sequence[int], compiled: Sequence[int] = (),
     work left, seconds one compilation takes): the cover of least padded work plus compilations, among one
     batch (a fitting shape, or a compiled one within 2n) and, with `split` (CPUs: BATCH_OVERHEAD_EXAMPLES),
     the rest split into several batches of the shapes (`greedy_splits`), each extra batch priced as
-    BATCH_OVERHEAD_EXAMPLES more examples."""
+    BATCH_OVERHEAD_EXAMPLES more examples; with `granule`, also one batch of the rest rounded up to a multiple of
+    it where that pads less than the smallest fitting shape (a shape of its own), preferred on a tie."""
     largest = max(shapes)
     sizes = [largest] * (n // largest)
     rest = n - sum(sizes)
@@ -74,7 +76,8 @@ def plan_batches(n: int, shapes: Sequence[int], compiled: Sequence[int] = (),
     reuse = sorted(s for s in known if s >= rest and sum(sizes) + s <= 2 * n)
     if cost is None:
         return tuple(sizes + [reuse[0] if reuse else fit])
-    covers = [(fit,)] + [(s,) for s in reuse]
+    exact = -(-rest // granule) * granule if granule else fit
+    covers = [(fit,)] + ([(exact,)] if exact < fit else []) + [(s,) for s in reuse]
     if split:
         covers += greedy_splits(rest, shapes, shapes) + greedy_splits(rest, sorted(known), shapes)
 

@@ -148,6 +148,13 @@ def _square_chunk(apply_fn, x, y, keys, valid, carry, span, eps, aa_config):
     return state.x_best, state.margin_best, valid & autoattack.fooled_check(apply_fn, x, x_adv, y, eps, norm), x_adv
 
 
+# A timed CPU plan may run the points left in one batch of their count rounded up to a multiple of this (per
+# device): at most 7 examples of padding, and a shape that stays the same while the points left shrink by a few
+# (Square's chunks, APGD-T's targets), so it is compiled once, where a split into the fixed shapes compiles two and
+# runs a small batch, which costs more per example than the model's BATCH_OVERHEAD_EXAMPLES (BENCHMARKS.md).
+EXACT_GRANULE = 8
+
+
 class Evaluator:
     """Attacks a model on one split, data parallel over a mesh; build once, call with any variables. `batch_size`
     divides by the mesh's devices (the entry point checked it once: `parallel.check_divisible`)."""
@@ -173,6 +180,9 @@ class Evaluator:
         # an accelerator a small batch costs about a full one, so the points go in one padded batch. Several
         # processes must plan alike (their caches may differ): neither there.
         self.split_batches = self.mesh.devices.flat[0].platform == "cpu" and jax.process_count() == 1
+        # CPUs: the points left may also go in one batch of their own size rounded up to a multiple of EXACT_GRANULE
+        # per device, where that beats the shapes' padding and splits (Square's 53 points: 56, not 48 + 6).
+        self.granule = EXACT_GRANULE * self.mesh.devices.size if self.split_batches else None
         self._cpu_shapes: Dict[bool, Tuple[int, ...]] = {}  # forward_only -> the CPU shapes of that kind
         self.measured_caps: Dict[bool, int] = {}  # forward_only -> the cap `measure_cap` timed (single device)
         self.load(images, labels)
@@ -275,7 +285,7 @@ class Evaluator:
         if cost is not None and cost[0] * len(indices) > batch_plan.PROBE_WORTH * max(compile_s, 1.0):
             self.measure_cap(variables, program.forward_only)
         sizes = batch_plan.plan_batches(len(indices), self.plan_shapes(variables, program.forward_only), compiled, cost,
-                                        split=self.split_batches)
+                                        split=self.split_batches, granule=self.granule)
         outs, start, fresh = [], 0, any(size not in compiled for size in sizes)
         began, compiling = time.perf_counter(), batch_plan.CompileClock.seconds
         with jax.default_matmul_precision(self.precision):

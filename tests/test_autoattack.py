@@ -107,7 +107,7 @@ def test_apgd_ce_and_apgd_t_share_one_program(batch):
 def test_square_in_chunks_with_compaction_equals_one_run():
     """Square run by the evaluator in short chunks of queries, the fooled examples dropped between chunks
     (the batch of 32 shrinks to 8), gives every example what one run of all the queries over one batch of the
-    whole split gives: the same fooled mask, and the same final margin up to float32 rounding (batches of 356,
+    whole split gives: the same fooled mask, and the same final margin up to float32 rounding (batches of that size,
     32 and 8 block the matrix products differently: tests/tolerances.py). A query accepted in one run and not in
     the other would move a margin by far more than that rounding, so the margins also pin the trajectory; the
     final margins are clear of 0 by more than the rounding, so the fooled decision cannot flip with it."""
@@ -119,7 +119,8 @@ def test_square_in_chunks_with_compaction_equals_one_run():
                                   square_chunks=(300, 300))
     correct = np.flatnonzero(one_run.correct(variables, "clean"))
     fooled_all, want, _ = one_run.square_points(variables, correct, key, run=0)
-    assert one_run._compiled["aa", "square"] == {356}
+    (whole,) = one_run._compiled["aa", "square"]  # one batch of every clean-correct example
+    assert whole >= len(correct)
     # 26 examples that the run fools and 6 it does not, in split order.
     pick = np.sort(np.r_[np.flatnonzero(fooled_all)[:26], np.flatnonzero(~fooled_all)[:6]])
     todo, want = correct[pick], want[pick]
@@ -241,6 +242,24 @@ def test_batch_shapes_bound_padding_and_compilations():
     # 85 points, 128 compiled, 96 would fit: reuse when compiling (10 s) costs more than 32 padded examples.
     assert batch_plan.plan_batches(85, shapes, compiled=(128,), cost=(0.1, 10.0)) == (128,)  # 3.2 s of padding
     assert batch_plan.plan_batches(85, shapes, compiled=(128,), cost=(1.0, 10.0)) == (96,)  # 32 s of padding
+
+
+def test_cpu_plans_may_round_the_rest_up_to_a_shape_of_its_own():
+    """With a granule, a timed plan may cover the rest with one batch of its count rounded up to a multiple of it:
+    53 points in 56 rather than 48 + 6 (one compilation, not two) or 64; a tie goes to the single batch; never
+    above the largest shape; and a compiled 56 is reused as the points left shrink."""
+    shapes = batch_plan.batch_shapes(200, 1)
+    capped = tuple(s for s in shapes if s <= 64)
+    assert batch_plan.plan_batches(53, capped, cost=(1.0, 3.0), split=True) == (48, 6)
+    assert batch_plan.plan_batches(53, capped, cost=(1.0, 3.0), split=True, granule=8) == (56,)
+    assert batch_plan.plan_batches(53, capped, compiled=(48, 6), cost=(1.0, 0.0), split=True, granule=8) == (56,)
+    assert batch_plan.plan_batches(49, capped, compiled=(56,), cost=(1.0, 3.0), split=True, granule=8) == (56,)
+    assert batch_plan.plan_batches(61, (48, 32), cost=(1.0, 3.0), split=True, granule=8) == (48, 16)
+    assert batch_plan.plan_batches(63, (64, 48), cost=(1.0, 3.0), split=True, granule=8) == (64,)
+    assert batch_plan.plan_batches(53, capped, split=True, granule=8) == (64,)  # untimed: the shapes only
+    for n in range(1, 300):
+        plan = batch_plan.plan_batches(n, capped, cost=(1.0, 3.0), split=True, granule=8)
+        assert sum(plan) >= n and max(plan) <= 64 and sum(plan) - n < 16, (n, plan)
 
 
 def test_cpu_plans_split_the_rest_when_the_measured_costs_say_so():
