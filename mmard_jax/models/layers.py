@@ -48,17 +48,149 @@ def conv_factory(dtype: Dtype, kernel_init: Callable = TORCH_DEFAULT_KERNEL_INIT
     )
 
 
-def batch_norm_factory(train: bool, dtype: Dtype, axis_name: Optional[str]) -> ModuleDef:
-    """BatchNorm2d with PyTorch's defaults; `axis_name` averages batch statistics across devices."""
+def batch_norm_factory(train: bool, dtype: Dtype, axis_name: Optional[str], bn_grad: Optional[str] = None) -> ModuleDef:
+    """BatchNorm2d with PyTorch's defaults; `axis_name` averages batch statistics across devices; `bn_grad` picks how
+    its train mode is differentiated ('auto' | 'custom' | 'flax', see `resolve_bn_grad`; None: `default_bn_grad()`)."""
     return functools.partial(
-        nn.BatchNorm,
+        BatchNorm,
         use_running_average=not train,
         momentum=0.9,
         epsilon=1e-5,
         dtype=dtype,
         param_dtype=jnp.float32,
         axis_name=axis_name,
+        grad=check_bn_grad(bn_grad if bn_grad is not None else default_bn_grad()),
     )
+
+
+BN_GRAD_ENV = "MMARD_JAX_BN_GRAD"
+BN_GRAD_MODES = ("auto", "custom", "flax")
+
+
+def check_bn_grad(setting: str, key: str = "bn_grad") -> str:
+    """`setting` if it is a bn_grad mode; else a one-line ValueError naming `key`."""
+    if setting not in BN_GRAD_MODES:
+        raise ValueError(f"{key} must be one of {', '.join(BN_GRAD_MODES)}, got {setting!r}")
+    return setting
+
+
+def default_bn_grad() -> str:
+    """The zoo's BatchNorm gradient setting: $MMARD_JAX_BN_GRAD if set, else 'auto'. Read when a model is traced:
+    both modes agree to float rounding, so the switch, like the XLA flags', belongs to the process, not the config."""
+    setting = os.environ.get(BN_GRAD_ENV, "auto").strip().lower() or "auto"
+    return check_bn_grad(setting, f"${BN_GRAD_ENV}")
+
+
+def resolve_bn_grad(setting: str, backend: Optional[str] = None) -> str:
+    """How a train-mode BatchNorm is differentiated: 'custom' (`batch_norm_train`'s hand-written VJP: per layer two
+    reductions and two elementwise passes, forward and backward; measured on XLA:CPU) or 'flax' (`nn.BatchNorm`
+    and autodiff). 'auto' is 'custom' on the CPU backend and 'flax' on every other until measured there."""
+    if check_bn_grad(setting) != "auto":
+        return setting
+    return "custom" if (backend or jax.default_backend()) == "cpu" else "flax"
+
+
+def _sums(*xs, axes):
+    """The sums of equally shaped arrays over `axes` in one (variadic) reduction: one pass over the inputs."""
+    zero = tuple(jnp.zeros((), x.dtype) for x in xs)
+    return jax.lax.reduce(xs, zero, lambda a, b: tuple(u + v for u, v in zip(a, b)), axes)
+
+
+def _global_count(x: jax.Array, axis_name: Optional[str]) -> int:
+    """The number of values per channel of the (global) batch: all but the last axis, times the devices."""
+    return math.prod(x.shape[:-1]) * (jax.lax.axis_size(axis_name) if axis_name is not None else 1)
+
+
+def _bn_stats(x: jax.Array, acc: Dtype, axis_name: Optional[str]):
+    """(mean, mean of squares, biased variance) over all but the last axis and the devices of `axis_name`, in `acc`:
+    flax's `_compute_stats` (fast variance, clipped at 0), to rounding (it averages per-device means; here both sums
+    go through one psum and are scaled by 1 / the global count, so the scaling fuses into their consumers)."""
+    xf = x.astype(acc)
+    axes = tuple(range(x.ndim - 1))
+    sums = _sums(xf, jnp.square(xf), axes=axes)
+    if axis_name is not None:
+        sums = jax.lax.psum(sums, axis_name)
+    inv_count = 1.0 / _global_count(x, axis_name)
+    mean, mean_sq = (s * inv_count for s in sums)
+    return mean, mean_sq, jnp.maximum(0.0, mean_sq - jnp.square(mean))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, axis_name: Optional[str],
+                     acc: Dtype, out_dtype: Dtype):
+    """Train-mode BatchNorm over the last axis: (y, batch mean, biased batch variance), the values of flax's
+    `nn.BatchNorm` (statistics in `acc`, `y = (x - mean) * (rsqrt(var + eps) * scale) + bias` cast to `out_dtype`),
+    with a hand-written VJP: the cotangent sums (g, g * (x - mean)) in one reduction, the input gradient in one
+    elementwise pass, where autodiff of flax's module leaves dozens of small fusions per layer on XLA:CPU."""
+    return _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name, acc, out_dtype)[0]
+
+
+def _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name, acc, out_dtype):
+    mean, mean_sq, var = _bn_stats(x, acc, axis_name)
+    rstd = jax.lax.rsqrt(var + epsilon)
+    mul = rstd * scale
+    y = ((x - mean) * mul + bias).astype(out_dtype)
+    return (y, mean, var), (x, scale, bias, mean, mean_sq, rstd)
+
+
+def _batch_norm_train_bwd(epsilon, axis_name, acc, out_dtype, residuals, cts):
+    """The chain rule of `_batch_norm_train_fwd` written out: the per-channel sums of the cotangent reach the
+    statistics (through the clip, as `jnp.maximum` passes half at a tie, and over the global batch, as JAX transposes
+    flax's pmean under `shard_map`), and x's gradient is `g * mul + c0 + c1 * x` with per-channel c0, c1."""
+    x, scale, bias, mean, mean_sq, rstd = residuals
+    g, ct_mean, ct_var = cts
+    xf, gf = x.astype(acc), g.astype(acc)
+    axes = tuple(range(x.ndim - 1))
+    mul = rstd * scale
+    # One reduction; summed over the devices where g varies and the statistics do not (`_cotangent_like`).
+    sum_g, sum_gx = _sums(gf, gf * (x - mean), axes=axes)
+    sum_g, sum_gx = _cotangent_like(sum_g, bias), _cotangent_like(sum_gx, scale)
+    d_scale = sum_gx * rstd
+    diff = mean_sq - jnp.square(mean)
+    clip = jnp.where(diff > 0, 1.0, jnp.where(diff == 0, 0.5, 0.0)).astype(acc)
+    d_var = (ct_var + sum_gx * scale * (-0.5) * rstd ** 3) * clip  # rstd = (var + eps)^(-1/2)
+    d_mean = ct_mean - sum_g * mul - 2.0 * mean * d_var
+    inv_count = 1.0 / _global_count(x, axis_name)
+    c0, c1 = d_mean * inv_count, 2.0 * d_var * inv_count
+    dx = gf * mul + c0 + c1 * xf
+    return dx.astype(x.dtype), _cotangent_like(d_scale, scale), _cotangent_like(sum_g, bias)
+
+
+batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
+class BatchNorm(nn.BatchNorm):
+    """`nn.BatchNorm` (same attributes, variables and values) whose train mode, where `resolve_bn_grad(grad)` is
+    'custom' and the configuration is the zoo's (features last, scale and bias, fast variance, no mask or groups),
+    runs `batch_norm_train`; otherwise flax's own code. A subclass, so `isinstance(m, nn.BatchNorm)` (SWA's
+    statistics recompute) holds."""
+
+    grad: str = "auto"
+
+    def __call__(self, x, use_running_average: Optional[bool] = None, *, mask=None):
+        train = not nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        zoo_form = (self.axis in (-1, x.ndim - 1) and self.use_scale and self.use_bias and self.use_fast_variance
+                    and self.force_float32_reductions and self.axis_index_groups is None and mask is None)
+        if not (train and zoo_form and resolve_bn_grad(self.grad) == "custom"):
+            return super().__call__(x, use_running_average, mask=mask)
+        return self._train_custom(x)
+
+    @nn.compact
+    def _train_custom(self, x):
+        """Train mode through `batch_norm_train`, with flax's variables in flax's order and its running update."""
+        features = (x.shape[-1],)
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), features)
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
+        scale = self.param("scale", self.scale_init, features, self.param_dtype)
+        bias = self.param("bias", self.bias_init, features, self.param_dtype)
+        acc = jnp.promote_types(self.dtype if self.dtype is not None else x.dtype, jnp.float32)
+        out_dtype = nn.dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+        axis_name = None if self.is_initializing() else self.axis_name
+        y, mean, var = batch_norm_train(x, scale, bias, float(self.epsilon), axis_name, acc, out_dtype)
+        if not self.is_initializing():
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return y
 
 
 def classifier(

@@ -1,9 +1,9 @@
 """`scripts/benchmark.py --check_defaults`: each CPU default measured against its alternative on this processor.
 
-The CPU defaults (xla_env's XLA flag, `unroll=auto`, conv2d's input gradient, MobileNetV2's depthwise form) were
-chosen from measurements on some processors; this runs, for each case, the JAX step with every default and one row
-per alternative with exactly that one setting changed, rounds interleaved, and says whether each default holds on
-the processor it ran on (named in every row)."""
+The CPU defaults (xla_env's XLA flag, `unroll=auto`, conv2d's input gradient, BatchNorm's VJP, MobileNetV2's
+depthwise form) were chosen from measurements on some processors; this runs, for each case, the JAX step with every
+default and one row per alternative with exactly that one setting changed, rounds interleaved, and says whether each
+default holds on the processor it ran on (named in every row)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ CHECKS = (
     Check("PGD loop unroll (runtime.resolve_unroll)", "auto = full on CPU", "1", option="1"),
     Check("conv2d input gradient (layers.conv2d, $MMARD_JAX_CONV_GRAD)", "auto = custom on CPU", "lax",
           env={"MMARD_JAX_CONV_GRAD": "lax"}),
+    Check("BatchNorm train-mode VJP (layers.batch_norm_train, $MMARD_JAX_BN_GRAD)", "auto = custom on CPU", "flax",
+          env={"MMARD_JAX_BN_GRAD": "flax"}),
 )
 
 

@@ -300,9 +300,11 @@ def jax_worker(case: Case, warmup: int, steps: int, unroll: str, seed: int = 0, 
     mem = (device.memory_stats() or {}).get("peak_bytes_in_use")
     flags = os.environ.get("XLA_FLAGS", "")
     conv = os.environ.get("MMARD_JAX_CONV_GRAD", "")
+    bn = os.environ.get("MMARD_JAX_BN_GRAD", "")
     out = {
         "impl": "jax", "backend": jax.default_backend(),
         "form": f"{case.dtype}, unroll={unroll}" + (f", conv_grad={conv}" if conv else "")
+                + (f", bn_grad={bn}" if bn else "")
                 + (f", XLA_FLAGS={flags}" if flags else ""),
         "device_kind": device.device_kind, "n_devices": mesh.devices.size,
         "versions": f"jax {jax.__version__}, jaxlib {jax.lib.__version__}",
