@@ -78,6 +78,8 @@ def _first_step_losses_agree(case, tmp_path, monkeypatch):
         torch.set_num_threads(threads)
     check = bench_report.same_work(torch_row, jax_row)
     assert torch_row["weights"] == "the JAX row's" and check["comparable"] is True, (jax_row["first_loss"], check)
+    # The JAX row counts the kernels XLA compiled (one per fusion of the optimized HLO) and the table shows them.
+    assert jax_row["kernels"] > 10 and bench_report._fmt_kernels(jax_row) == f" ({jax_row['kernels']} kernels)"
 
 
 def test_cpu_sota_has_a_case_per_later_method_against_its_transcription():

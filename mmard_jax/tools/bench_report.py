@@ -114,11 +114,15 @@ def table(results: List[Dict[str, Any]]) -> str:
         first = f"{r['first_loss']:.6g}" if r.get("first_loss") is not None else "-"
         lines.append(
             f"| {r['case']} | {r['impl']} | {r['form']} | {step} | {r['images_per_s']:.1f} "
-            f"| {r['compile_s']:.1f} | {_fmt_bytes(r['peak_mem_bytes'])} ({r['mem_kind']}) "
+            f"| {r['compile_s']:.1f}{_fmt_kernels(r)} | {_fmt_bytes(r['peak_mem_bytes'])} ({r['mem_kind']}) "
             f"| {r.get('flops_per_step', 0) / 1e9:.4g} | {r.get('tflops', 0):.3f} | {mfu} | {ratio} | {first} "
             f"| {_fmt_same_work(r)} | {r['load_avg_1min']:.1f} |"
         )
     return "\n".join(lines)
+
+
+def _fmt_kernels(row: Dict[str, Any]) -> str:
+    return f" ({row['kernels']} kernels)" if row.get("kernels") else ""
 
 
 def section(results: List[Dict[str, Any]], options, title: str, command: str) -> str:

@@ -247,6 +247,12 @@ def write_start(case: Case, path: str, state, frozen, seed: int = 0) -> None:
     save_start(path, jax.device_get(variables), draws)
 
 
+def compiled_kernels(compiled) -> int:
+    """The fusions in a compiled program's optimized HLO: on XLA:CPU each is a kernel compiled on its own, the count
+    a compile time follows (BENCHMARKS.md, "Compile time of the MobileNetV2 step")."""
+    return sum(" fusion(" in line and "calls=" in line for line in compiled.as_text().splitlines())
+
+
 def flops_worker(case: Case, start_file: Optional[str] = None, seed: int = 0) -> Dict[str, Any]:
     """The FLOP count alone (PyTorch-only runs), and the torch worker's start file if asked."""
     if start_file:
@@ -281,6 +287,7 @@ def jax_worker(case: Case, warmup: int, steps: int, unroll: str, seed: int = 0, 
     t0 = time.perf_counter()
     compiled = build(case.pgd_steps, unroll).lower(*args(0)).compile(compiler_options=compiler_options)
     compile_s = time.perf_counter() - t0
+    kernels = compiled_kernels(compiled)
     first_loss = None
     for i in range(warmup):
         state, metrics = compiled(*args(i))
@@ -308,7 +315,7 @@ def jax_worker(case: Case, warmup: int, steps: int, unroll: str, seed: int = 0, 
                 + (f", XLA_FLAGS={flags}" if flags else ""),
         "device_kind": device.device_kind, "n_devices": mesh.devices.size,
         "versions": f"jax {jax.__version__}, jaxlib {jax.lib.__version__}",
-        "compile_s": compile_s, "flops_per_step": flops_per_step, "loss": float(metrics["loss"]),
+        "compile_s": compile_s, "kernels": kernels, "flops_per_step": flops_per_step, "loss": float(metrics["loss"]),
         "first_loss": first_loss, "dtype": case.dtype,
         "peak_mem_bytes": mem if mem is not None else peak_rss_bytes(),
         "mem_kind": "device peak" if mem is not None else "process peak RSS",
