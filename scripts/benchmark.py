@@ -68,6 +68,9 @@ flags.DEFINE_integer("pipeline_images", 256, "--pipeline: ImageNet-shaped JPEGs 
 flags.DEFINE_integer("pipeline_batches", 48, "--pipeline: batches timed per loader row (after the first).")
 flags.DEFINE_bool("multiprocess", False, "Compare process layouts (1x2 vs 2x1, ...) with "
                   "scripts/benchmark_multiprocess.py; the other arguments are that script's.")
+flags.DEFINE_string("compilation_cache", "off", "The JAX rows' persistent XLA compilation cache directory ('off': "
+                    "none, so that compile_s is a real compilation; scripts/gpu_check.sh --dry shares one between its "
+                    "parts (b) and (c), which then compile their common row once).")
 flags.DEFINE_enum("worker", None, ["jax", "torch", "flops"], "(internal) Measure one row in this process.")
 flags.DEFINE_string("option", "", "(internal) The worker's unroll setting or PyTorch form.")
 flags.DEFINE_string("start_file", None, "(internal) The JAX row's weights and first draws for the PyTorch row.")
@@ -83,7 +86,10 @@ def measure_row(case: bench_cases.Case) -> dict:
     from mmard_jax import xla_env  # noqa: PLC0415
 
     xla_env.apply_cpu_defaults()
+    from mmard_jax import runtime  # noqa: PLC0415
     from mmard_jax.tools import bench_step  # noqa: PLC0415
+
+    runtime.enable_compilation_cache(FLAGS.compilation_cache)
 
     if FLAGS.worker == "flops":
         return bench_step.flops_worker(case, FLAGS.start_file)
@@ -145,7 +151,7 @@ def main(argv):
         unroll=FLAGS.unroll, conv_grad=FLAGS.conv_grad, xla_flags=FLAGS.xla_flags, impls=FLAGS.impls,
         cpus=FLAGS.cpus, warmup=FLAGS.warmup, steps=FLAGS.steps, repeat=FLAGS.repeat, timeout=FLAGS.timeout,
         deadline_s=FLAGS.deadline_s, json=FLAGS.json)
-    worker = [sys.executable, str(pathlib.Path(__file__).resolve())]
+    worker = [sys.executable, str(pathlib.Path(__file__).resolve()), f"--compilation_cache={FLAGS.compilation_cache}"]
     if FLAGS.check_defaults:
         say = lambda line: print(line, flush=True)  # noqa: E731
         checks = bench_defaults.verdicts(bench_defaults.run(names, options, worker, say=say))

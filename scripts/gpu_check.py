@@ -29,9 +29,12 @@ def main(argv=None) -> int:
     m.add_argument("out_dir")
     args = p.parse_args(argv)
     if args.cmd == "smoke":
-        from mmard_jax import xla_env
+        from mmard_jax import runtime, xla_env
 
         xla_env.apply_cpu_defaults()
+        # $MMARD_XLA_CACHE, else ~/.cache/mmard_jax/xla: the CPU half loads the programs its devices share with the
+        # accelerator half (the initialisations, on the first device in both), and a rerun loads them all.
+        runtime.enable_compilation_cache()
         result = gpu_check.smoke(args.out)
         print(json.dumps({"ok": result["ok"], "checks": result["checks"]}))
         return 0 if result["ok"] else 1

@@ -46,6 +46,8 @@ if [ "$DRY" = 1 ]; then
   CAP_A=${GPU_CHECK_CAP_A:-150}; CAP_B=${GPU_CHECK_CAP_B:-150}; CAP_C=${GPU_CHECK_CAP_C:-100}
   CAP_D=${GPU_CHECK_CAP_D:-0}  # 0: skipped (the dry AutoAttack compiles four attacks: too slow for a test)
   BENCH_CASES=tiny; BENCH_FORMS=eager; LOOP_CASE=tiny; LOOP_UNROLL=1; LOOP_CONV=lax; BENCH_UNROLL=1
+  # Part (b)'s JAX row is part (c)'s (unroll=1, conv_grad=lax): with one compilation cache (c) loads its program.
+  BENCH_CONV=lax; CACHE="$WORK/xla_cache"
   AA_ARGS="--n_examples=16 --batch_size=16 --n_iter=2 --targets=1 --queries=5"
   STEPS="--warmup=1 --steps=1"
 else
@@ -55,6 +57,7 @@ else
   BENCH_CASES=$BENCH_CASES,mmard_mnv2_wrn34_10,mmard_mnv2_wrn34_10_f32
   BENCH_FORMS=eager,cl+compile+bf16; LOOP_CASE=probe_mmard_rn18_wrn16_2_bf16; LOOP_UNROLL=1,full
   LOOP_CONV=custom,lax; BENCH_UNROLL=auto
+  BENCH_CONV=""; CACHE=off  # the measured compile times are real compilations
   AA_ARGS="--n_examples=1000 --batch_size=500"
   STEPS="--warmup=2 --steps=5"
 fi
@@ -89,10 +92,10 @@ part() {
 part a_smoke "$CAP_A" "$PY" scripts/gpu_check.py smoke "$WORK/a_smoke.json"
 # benchmark.py stops starting rows 10 s before the part's cap and writes its JSON after every row.
 part b_bench "$CAP_B" "$PY" scripts/benchmark.py --cases="$BENCH_CASES" --torch_forms="$BENCH_FORMS" --match_dtype \
-  --unroll="$BENCH_UNROLL" \
+  --unroll="$BENCH_UNROLL" --conv_grad="$BENCH_CONV" --compilation_cache="$CACHE" \
   $STEPS --deadline_s=$((CAP_B - 10)) --json="$WORK/b_bench.json" --append="$WORK/b_bench.md" --title="gpu_check (b)"
 part c_settings "$CAP_C" "$PY" scripts/benchmark.py --cases="$LOOP_CASE" --impls=jax --unroll="$LOOP_UNROLL" \
-  --conv_grad="$LOOP_CONV" $STEPS --deadline_s=$((CAP_C - 10)) --json="$WORK/c_settings.json" \
+  --conv_grad="$LOOP_CONV" --compilation_cache="$CACHE" $STEPS --deadline_s=$((CAP_C - 10)) --json="$WORK/c_settings.json" \
   --append="$WORK/c_settings.md" --title="gpu_check (c)"
 PEER=""
 if "$PY" scripts/benchmark_autoattack.py --help 2>/dev/null | grep -q -- "--peer"; then PEER="--peer=original"; fi

@@ -26,12 +26,14 @@ os.environ.setdefault("MMARD_XLA_CACHE", os.path.join(
 runtime.enable_compilation_cache(os.environ["MMARD_XLA_CACHE"])
 
 # The slowest files first (CPU seconds of a quiet single-process run, 2026-12-06: tests/durations in the notes of
-# issue 25), so that with `--dist loadfile --no-loadscope-reorder` no long file starts last while the other xdist
-# workers sit idle (xdist's own reorder sorts files by their number of tests, which put a 53 s file near the end).
-SLOWEST_FIRST = ("test_configs.py", "test_reliability.py", "test_benchmark.py", "test_train_step.py",
+# issue 25; test_reliability.py's one reference run and test_swa.py's resume since), so that with
+# `--dist loadfile --no-loadscope-reorder` no long file starts last while the other xdist workers sit idle (xdist's
+# own reorder sorts files by their number of tests, which put a 53 s file near the end).
+SLOWEST_FIRST = ("test_configs.py", "test_benchmark.py", "test_train_step.py", "test_reliability.py",
                  "test_published_steps.py", "test_models.py", "test_autoattack.py", "test_ciard.py",
                  "test_autoattack_original_l2.py", "test_robustness.py", "test_absld.py", "test_fair.py",
-                 "test_autoattack_original.py", "test_convert.py", "test_gpu_check.py", "test_models_any_size.py")
+                 "test_swa.py", "test_autoattack_original.py", "test_convert.py", "test_gpu_check.py",
+                 "test_models_any_size.py")
 
 
 def pytest_collection_modifyitems(items):

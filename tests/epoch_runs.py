@@ -1,6 +1,6 @@
 """Short runs through the real trainer shared by the tests of state that lives across epochs (tests/test_swa.py,
 test_fair.py, test_absld.py): the fault-injection tiny run (WRN-10-1 on digits, 2 epochs of 8 steps of 32), its
-metrics.jsonl records, and the same run stopped at the epoch boundary and resumed."""
+metrics.jsonl records, and the same run stopped at the epoch boundary (or mid-epoch) and resumed."""
 
 import json
 import pathlib
@@ -53,12 +53,12 @@ def final_state(workdir, step=fault.STEPS):
         return checkpointer.restore(pathlib.Path(workdir) / checkpoints.LATEST / str(step) / "state")
 
 
-def train_resumed_at_the_boundary(config, workdir, monkeypatch) -> None:
-    """Trains `config` in `workdir` stopped (and saved) after epoch 1's last step, before the method's epoch update,
-    then reruns it to the end."""
+def train_resumed_at_the_boundary(config, workdir, monkeypatch, stop=STEPS_PER_EPOCH) -> None:
+    """Trains `config` in `workdir` stopped (and saved) after step `stop` (by default epoch 1's last step, before the
+    method's epoch update), then reruns it to the end."""
     original = preemption.PreemptionGuard.should_stop
     monkeypatch.setattr(preemption.PreemptionGuard, "should_stop",
-                        lambda self, step=None, agree=None: step == STEPS_PER_EPOCH)
+                        lambda self, step=None, agree=None: step == stop)
     with pytest.raises(preemption.PreemptedError):
         train.train_and_evaluate(config, workdir, progress=False)
     monkeypatch.setattr(preemption.PreemptionGuard, "should_stop", original)

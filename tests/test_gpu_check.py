@@ -21,7 +21,9 @@ def test_gpu_check_dry_run_writes_every_part(tmp_path):
     """`scripts/gpu_check.sh --dry` runs parts (a)-(c) with tiny cases on the CPU and summarizes all of them; part
     (d) (AutoAttack: four attacks to compile, over a minute here) is skipped in the dry mode, and the summary says
     so. The dry parts are smaller than the GPU ones (benchmark: the tiny case, PyTorch eager only; settings: one
-    row), so the test stays near a minute; the GPU cases' names and forms are checked against bench_cases.CASES below.
+    row, the same as the benchmark's JAX row, which it loads from their shared compilation cache; the smoke test's
+    CPU half loads the initialisations it shares with the accelerator half), so the test stays near a minute; the GPU
+    cases' names and forms are checked against bench_cases.CASES below.
 
     Two simulated CPU devices: the smoke test's shard_map then runs on two devices against one."""
     out, work = tmp_path / "out", tmp_path / "work"
@@ -52,6 +54,7 @@ def test_gpu_check_dry_run_writes_every_part(tmp_path):
     assert "| tiny | jax |" in table and "| tiny | torch | eager |" in table and "not comparable" not in table
     settings = parts["c_settings"]["output"]
     assert [r["form"].split(", XLA_FLAGS")[0] for r in settings] == ["float32, unroll=1, conv_grad=lax"]
+    assert settings[0]["first_loss"] == jax_row["first_loss"] and settings[0]["images_per_s"] > 0  # the same row
     summary = (out / "summary.md").read_text()
     assert "(e) peak memory per case" in summary and "| tiny | torch eager |" in summary
     assert "| d_autoattack | skipped (cap 0) |" in summary

@@ -4,9 +4,13 @@ to an uninterrupted run; a second SIGTERM during the save exits at once and keep
 second trainer on a workdir in use is refused; a dead run's lock is taken over; a resume with other settings
 is refused in one line; --extend_epochs trains longer and is recorded; a damaged latest checkpoint falls back
 to the previous one, all damaged is refused; a failed write keeps the previous checkpoint; SIGKILL at a random
-moment (the fault-injection script, one trial, on the streamed input pipeline).
+moment (the fault-injection script, one trial).
 
-Every subprocess shares one XLA compilation cache, and one uninterrupted reference run serves every comparison.
+Every run is the fault-injection script's streamed one (`--pipeline=stream`: grain's iterator state resumes with the
+train state, the SWA student without its BatchNorm recompute): one uninterrupted reference run then serves every
+comparison, the script's trial included. The resident pipeline's resumes: tests/test_swa.py (mid-epoch, with the
+SWA BatchNorm recompute), test_absld.py, test_ciard.py, test_fair.py (at the epoch boundary) and test_multihost.py
+(a killed two-process run). Every subprocess shares one XLA compilation cache.
 """
 
 import asyncio
@@ -34,6 +38,7 @@ from mmard_jax.tools import fault_injection as fault
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TIMEOUT = 600  # seconds a trainer subprocess may take (a hang fails the test instead of blocking the suite)
 STEPS_PER_EPOCH = 8
+PIPELINE = "stream"  # every run's input pipeline (the fault-injection trial's: it reuses the reference run)
 
 
 # Runs the trainer with orbax's final rename of each checkpoint item held back for 60 s while $SLOW_SAVE exists
@@ -58,6 +63,16 @@ runpy.run_module("mmard_jax.train", run_name="__main__", alter_sys=True)
 '''
 
 
+def train_command(config, workdir, *extra):
+    """The trainer's command line on the streamed pipeline (the fault-injection script's, with `extra`)."""
+    return fault.train_command(config, workdir, *fault.PIPELINE_FLAGS[PIPELINE], *extra)
+
+
+def start(config, workdir, env, *extra) -> subprocess.Popen:
+    """`train_command` started, its stdout and stderr in one pipe."""
+    return fault.start(config, workdir, env, *fault.PIPELINE_FLAGS[PIPELINE], *extra)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(root, config file, environment): the teacher and config of the fault-injection run, one compile cache."""
@@ -79,23 +94,24 @@ def wait_for(predicate, watch, what: str, timeout: float = TIMEOUT):
 
 @pytest.fixture(scope="module")
 def reference(tiny):
-    """The uninterrupted run (DIR/reference, reused by the fault-injection script). While it holds the workdir it
-    is stopped (SIGSTOP) and a second trainer is started on the same workdir; then it is continued and finishes."""
+    """The uninterrupted run (DIR/reference_stream with its stats file: the fault-injection script reuses it). While
+    it holds the workdir it is stopped (SIGSTOP) and a second trainer is started on the same workdir; then it is
+    continued and finishes."""
     root, config, env = tiny
-    workdir = root / "reference"
-    start = time.monotonic()
-    watch = fault.Watch(fault.start(config, workdir, env), workdir)
+    workdir = root / fault.reference_name(PIPELINE)
+    began = time.monotonic()
+    watch = fault.Watch(start(config, workdir, env), workdir)
     wait_for(lambda: (workdir / "run.lock").is_file(), watch, "taking the lock")
     os.kill(watch.proc.pid, signal.SIGSTOP)
     try:
-        intruder = subprocess.run(fault.train_command(config, workdir), cwd=REPO, env=env, capture_output=True,
+        intruder = subprocess.run(train_command(config, workdir), cwd=REPO, env=env, capture_output=True,
                                   text=True, timeout=TIMEOUT)
         holder = json.loads((workdir / "run.lock").read_text())
     finally:
         os.kill(watch.proc.pid, signal.SIGCONT)
     code, out = watch.finish(TIMEOUT)
     assert code == 0, out[-3000:]
-    fault.save_reference_stats(root, time.monotonic() - start, watch)
+    fault.save_reference_stats(root, time.monotonic() - began, watch, PIPELINE)
     return {"workdir": workdir, "state": fault.final_state(workdir), "intruder": intruder, "holder": holder,
             "pid": watch.proc.pid}
 
@@ -105,7 +121,7 @@ def preempted(tiny, reference):
     """A run stopped by SIGTERM once its first step is done (no periodic checkpoints): (workdir, status, output)."""
     root, config, env = tiny
     workdir = root / "preempted"
-    watch = fault.Watch(fault.start(config, workdir, env, "--config.checkpoint_every_steps=0"), workdir)
+    watch = fault.Watch(start(config, workdir, env, "--config.checkpoint_every_steps=0"), workdir)
     wait_for(lambda: watch.step >= 1, watch, "the first step")
     os.kill(watch.proc.pid, signal.SIGTERM)
     code, out = watch.finish(TIMEOUT)
@@ -118,7 +134,7 @@ def copy_run(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
 
 
 def trainer(config, workdir, env, *extra, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(fault.train_command(config, workdir, *extra), cwd=REPO, env=env, capture_output=True,
+    return subprocess.run(train_command(config, workdir, *extra), cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=TIMEOUT, **kw)
 
 
@@ -154,9 +170,9 @@ def test_sigterm_mid_epoch_saves_that_step_and_the_rerun_is_bitwise(tiny, refere
     work = copy_run(workdir, root / "sigterm_twice")
     flag = root / "slow_save"
     (root / "slow_save.py").write_text(SLOW_SAVE)
-    proc = subprocess.Popen([sys.executable, str(root / "slow_save.py"), f"--config={config}", f"--workdir={work}",
-                             "--config.checkpoint_every_steps=0"], cwd=REPO, env=dict(env, SLOW_SAVE=str(flag)),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    args = train_command(config, work, "--config.checkpoint_every_steps=0")[3:]  # after `python -m mmard_jax.train`
+    proc = subprocess.Popen([sys.executable, str(root / "slow_save.py"), *args], cwd=REPO,
+                            env=dict(env, SLOW_SAVE=str(flag)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     watch = fault.Watch(proc, work)
     wait_for(lambda: watch.step > step, watch, "a step after the resume")
     flag.touch()
@@ -235,7 +251,7 @@ def test_extend_epochs_needs_its_flag_and_is_recorded(tiny, reference):
     work = copy_run(reference["workdir"], root / "extended")
     namespace = {}
     exec(config_file.read_text(), namespace)
-    longer = namespace["get_config"]()
+    longer = fault.with_pipeline(namespace["get_config"](), PIPELINE)
     longer.num_epochs = 3
     with pytest.raises(config_guard.ConfigChangedError, match=r"to train longer, add --extend_epochs\. Refused:\s+"
                        r"num_epochs: 2 -> 3 \(growing it needs --extend_epochs\)"):
@@ -243,8 +259,8 @@ def test_extend_epochs_needs_its_flag_and_is_recorded(tiny, reference):
     assert json.loads((work / "config.json").read_text())["num_epochs"] == 2
     # With the flag (and another logging cadence) the run resumes into epoch 3 of 3. It is stopped there with
     # SIGKILL: training on would compile the step again (its schedule has the new length), the slowest part.
-    watch = fault.Watch(fault.start(config_file, work, env, "--config.num_epochs=3", "--extend_epochs",
-                                    "--config.log_every_steps=4"), work)
+    watch = fault.Watch(start(config_file, work, env, "--config.num_epochs=3", "--extend_epochs",
+                              "--config.log_every_steps=4"), work)
     wait_for(lambda: b"epoch 3/3:" in watch.output, watch, "epoch 3")
     watch.proc.kill()
     _, out = watch.finish(TIMEOUT)
@@ -313,7 +329,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one_and_stops_clearly(tiny, 
     (step,) = fault.committed(work)
     kept = jax.tree.leaves(saved_state(work, step))
     # The train state's file is ~0.6 MB, every other file of the run (JSON, metrics, events) far below 200 kB.
-    proc = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT, "200000", *fault.train_command(config, work)[1:]],
+    proc = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT, "200000", *train_command(config, work)[1:]],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 2, proc.stderr[-3000:]
     (line,) = error_lines(proc)
@@ -351,17 +367,18 @@ def test_uninterrupted_run_writes_what_a_person_reads(reference):
 # ---------------------------------------------------------------- SIGKILL at random moments
 
 
-def test_fault_injection_trial_ends_bitwise_equal(tiny):
+def test_fault_injection_trial_ends_bitwise_equal(tiny, reference):
     """One trial of scripts/fault_injection.py, the kind that matters most: SIGKILL during a checkpoint write (the
     kill after a step is SIGTERM's test above without the handler; more trials: run the script), on the streamed
     input pipeline: the killed run's grain iterator state comes back from the checkpoint with the train state, and
-    the resumed run ends bitwise equal to an uninterrupted streamed one (the resident pipeline's resumes are the
-    SIGTERM and damaged-checkpoint tests above)."""
+    the resumed run ends bitwise equal to the uninterrupted one (the module's reference run, which the script finds
+    complete in its --workdir and reuses)."""
     root, _, env = tiny
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "fault_injection.py"), "--trials=1", "--seed=0",
                            f"--workdir={root}", "--pipeline=stream"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"reference: {reference['workdir']} (" in proc.stdout  # the reference the other tests compare with
     rows = [line for line in proc.stdout.splitlines() if re.match(r"\| \d+ \|", line)]
     assert len(rows) == 1 and rows[0].endswith("| yes |"), proc.stdout
     assert "write #" in rows[0] and "the write of" in rows[0]  # the kill is aimed at a checkpoint write

@@ -2,8 +2,9 @@
 2 epochs of 8 steps, SWA from the first epoch, 2 devices): its parameters are the running mean of the epoch-end
 students, its BatchNorm statistics PyTorch's `update_bn` and PeerAiD's `bn_update` on the same weights and
 augmented batches, its model directory loads, evaluates and exports; and per-class accuracy, worst class and NSD in
-metrics.jsonl, summary.json/md and the evaluate CLI's report.json/md equal NumPy's from the masks. Resuming it
-bitwise is tests/test_reliability.py's (the same run, interrupted)."""
+metrics.jsonl, summary.json/md and the evaluate CLI's report.json/md equal NumPy's from the masks; stopped mid-epoch
+and resumed, it ends bitwise equal (the resident pipeline's mid-epoch resume; tests/test_reliability.py resumes the
+same run streamed, without the BatchNorm recompute)."""
 
 import json
 import pathlib
@@ -15,11 +16,12 @@ import pytest
 import torch
 from jax.sharding import PartitionSpec as P
 
-from epoch_runs import fault_config
+from epoch_runs import fault_config, train_resumed_at_the_boundary
 from mmard_jax import checkpoints, config_lib, data, evaluate, parallel, robustness, swa, train, train_step
 from mmard_jax.errors import ConfigError
 from mmard_jax.interop import export
 from mmard_jax.models import store
+from mmard_jax.tools import fault_injection as fault
 from peers import swa as peer_swa
 from test_convert import rb
 from tolerances import assert_trees_close
@@ -54,6 +56,16 @@ def test_swa_parameters_are_the_running_mean_of_the_epoch_end_students(run):
     assert moved > 1e-3
     jax.tree.map(lambda ours, a, b: np.testing.assert_allclose(
         ours, (np.float64(a) + np.float64(b)) / 2, rtol=1e-6, atol=1e-7), two["swa"]["params"], s1, s2)
+
+
+def test_mid_epoch_resume_on_the_resident_split_ends_bitwise(run, tmp_path, monkeypatch, capsys):
+    """Stopped (and saved) after step 3 of epoch 1 and rerun: the resident split's batches go on from there, and
+    every leaf of the final and best states (student, SWA student with its recomputed BatchNorm statistics, optimizer)
+    and the final accuracies equal the uninterrupted run's."""
+    workdir, config, _ = run
+    train_resumed_at_the_boundary(config, tmp_path / "run", monkeypatch, stop=3)
+    assert "resumed from step 3" in capsys.readouterr().out and fault.committed(tmp_path / "run") == [8, 16]
+    assert fault.differences(fault.final_state(tmp_path / "run"), fault.final_state(workdir)) == []
 
 
 def bn_pass_batches(config, epoch: int):

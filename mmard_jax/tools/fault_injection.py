@@ -16,8 +16,8 @@ statistics, optimizer state) and the same best checkpoint, bitwise, and the same
 reference.
 
 `pipeline='stream'` runs every command with the streamed input pipeline (grain; its iterator state is in the
-checkpoint too) and without the SWA student (its BatchNorm recompute reads the resident split); its reference is
-ROOT/reference_stream.
+checkpoint too) and the SWA student without its BatchNorm recompute (which reads the resident split); its reference
+is ROOT/reference_stream (tests/test_reliability.py trains it there once for all its tests and this trial).
 
 Subprocesses share a persistent XLA compilation cache ($MMARD_XLA_CACHE, default ROOT/xla_cache).
 """
@@ -69,9 +69,11 @@ def get_config(arg=None):
 '''
 STEPS = 16  # 2 epochs x 256 / 32
 PIPELINES = ("device", "stream")
-# The trainer's extra flags per pipeline (the config file is the same).
-# The streamed run keeps no SWA student (its BatchNorm recompute reads the resident split; the device run covers it).
-PIPELINE_FLAGS = {"device": (), "stream": ("--config.dataset.pipeline=stream", "--config.swa.enabled=false")}
+# The trainer's settings per pipeline beyond the config file (the same file for both). The streamed run keeps the SWA
+# student but not its BatchNorm recompute (it reads the resident split; the device run covers it).
+PIPELINE_SETTINGS = {"device": {}, "stream": {"dataset.pipeline": "stream", "swa.bn_recompute": False}}
+PIPELINE_FLAGS = {name: tuple(f"--config.{key}={str(value).lower() if isinstance(value, bool) else value}"
+                              for key, value in settings.items()) for name, settings in PIPELINE_SETTINGS.items()}
 
 
 # ---------------------------------------------------------------- the run
@@ -95,6 +97,17 @@ def prepare(root) -> pathlib.Path:
     text = TINY_CONFIG.replace("TEACHER", repr(str(teacher)))
     if not config.is_file() or config.read_text() != text:
         config.write_text(text)
+    return config
+
+
+def with_pipeline(config, pipeline: str):
+    """`config` (a ConfigDict of the tiny run, changed in place and returned) as PIPELINE_FLAGS[pipeline] sets it."""
+    for key, value in PIPELINE_SETTINGS[pipeline].items():
+        *path, name = key.split(".")
+        block = config
+        for part in path:
+            block = block[part]
+        block[name] = value
     return config
 
 
