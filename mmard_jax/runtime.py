@@ -41,14 +41,16 @@ def enable_compilation_cache(directory: Optional[str] = None) -> Optional[pathli
 def resolve_unroll(setting: Union[str, int, bool]) -> Union[int, bool]:
     """The `unroll` of the PGD `lax.fori_loop`: 'auto' | 'full' | a positive integer (as int or string).
 
-    'auto' unrolls fully on CPU, where a rolled loop measured 1.6-4.4x slower (BENCHMARKS.md; partial
-    unrolling by 2 or 5 gained nothing), and keeps the loop rolled elsewhere until measured on a GPU.
+    'auto' keeps the loop rolled (1) everywhere. On this CPU kind with jaxlib 0.10 the rolled loop took 0.89-0.91x
+    the unrolled one's step time for MMARD's WRN case, 0.91-0.97x for RSLAD's, 1.01x for MobileNetV2's, whose compile
+    fell 34 -> 27 s (BENCHMARKS.md, 2026-12-07; the 1.6-4.4x the other way measured on 2026-11-22 predates the Eigen
+    convolutions and the hand-written VJPs); on a GPU it waits for a measurement.
     """
     if isinstance(setting, bool):
         return setting
     text = str(setting).strip().lower()
     if text == "auto":
-        return True if jax.default_backend() == "cpu" else 1
+        return 1
     if text in ("full", "true"):
         return True
     if text.isdigit() and int(text) > 0:

@@ -76,7 +76,7 @@ def test_gpu_check_cases_exist():
 
 
 def test_cpu_tuned_choices_are_cpu_only_by_default(monkeypatch):
-    """Choices measured only on XLA:CPU (unrolled PGD loop, depthwise taps, conv2d's input gradient) resolve to the
+    """Choices measured only on XLA:CPU (depthwise taps, conv2d's input gradient) resolve to the
     library's form on any other backend, and their explicit settings still win there."""
     from mmard_jax import runtime
 
@@ -86,7 +86,7 @@ def test_cpu_tuned_choices_are_cpu_only_by_default(monkeypatch):
         v = jax.eval_shape(lambda: conv.init(jax.random.key(0), x))
         return str(jax.make_jaxpr(lambda v, z: conv.apply(v, z))(v, x))
 
-    assert runtime.resolve_unroll("auto") is True and "conv_general_dilated" not in depthwise_jaxpr("auto")
+    assert runtime.resolve_unroll("auto") == 1 and "conv_general_dilated" not in depthwise_jaxpr("auto")
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert runtime.resolve_unroll("auto") == 1 and runtime.resolve_unroll("full") is True
     assert "feature_group_count=4" in depthwise_jaxpr("auto") and "conv_general_dilated" not in depthwise_jaxpr("taps")

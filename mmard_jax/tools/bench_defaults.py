@@ -28,7 +28,7 @@ class Check:
 
 CHECKS = (
     Check("XLA CPU flags (xla_env.CPU_FLAGS)", "on", "off", env={"MMARD_JAX_XLA_DEFAULTS": "0"}),
-    Check("PGD loop unroll (runtime.resolve_unroll)", "auto = full on CPU", "1", option="1"),
+    Check("PGD loop unroll (runtime.resolve_unroll)", "auto = 1 (rolled)", "full", option="full"),
     Check("conv2d input gradient (layers.conv2d, $MMARD_JAX_CONV_GRAD)", "auto = custom on CPU", "lax",
           env={"MMARD_JAX_CONV_GRAD": "lax"}),
     Check("BatchNorm train-mode VJP (layers.batch_norm_train, $MMARD_JAX_BN_GRAD)", "auto = custom on CPU", "flax",
