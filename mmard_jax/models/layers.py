@@ -69,25 +69,20 @@ BN_GRAD_MODES = ("auto", "custom", "flax")
 
 def check_bn_grad(setting: str, key: str = "bn_grad") -> str:
     """`setting` if it is a bn_grad mode; else a one-line ValueError naming `key`."""
-    if setting not in BN_GRAD_MODES:
-        raise ValueError(f"{key} must be one of {', '.join(BN_GRAD_MODES)}, got {setting!r}")
-    return setting
+    return _check_mode(setting, BN_GRAD_MODES, key)
 
 
 def default_bn_grad() -> str:
     """The zoo's BatchNorm gradient setting: $MMARD_JAX_BN_GRAD if set, else 'auto'. Read when a model is traced:
     both modes agree to float rounding, so the switch, like the XLA flags', belongs to the process, not the config."""
-    setting = os.environ.get(BN_GRAD_ENV, "auto").strip().lower() or "auto"
-    return check_bn_grad(setting, f"${BN_GRAD_ENV}")
+    return _env_mode(BN_GRAD_ENV, BN_GRAD_MODES)
 
 
 def resolve_bn_grad(setting: str, backend: Optional[str] = None) -> str:
     """How a train-mode BatchNorm is differentiated: 'custom' (`batch_norm_train`'s hand-written VJP: per layer two
     reductions and two elementwise passes, forward and backward; measured on XLA:CPU) or 'flax' (`nn.BatchNorm`
     and autodiff). 'auto' is 'custom' on the CPU backend and 'flax' on every other until measured there."""
-    if check_bn_grad(setting) != "auto":
-        return setting
-    return "custom" if (backend or jax.default_backend()) == "cpu" else "flax"
+    return _resolve_mode(check_bn_grad(setting), BN_GRAD_MODES, backend)
 
 
 def _sums(*xs, axes):
@@ -359,9 +354,7 @@ CONV_GRAD_MODES = ("auto", "custom", "lax")
 
 def check_conv_grad(setting: str, key: str = "conv_grad") -> str:
     """`setting` if it is a conv_grad mode; else a one-line ValueError naming `key`."""
-    if setting not in CONV_GRAD_MODES:
-        raise ValueError(f"{key} must be one of {', '.join(CONV_GRAD_MODES)}, got {setting!r}")
-    return setting
+    return _check_mode(setting, CONV_GRAD_MODES, key)
 
 
 def default_conv_grad() -> str:
@@ -369,8 +362,7 @@ def default_conv_grad() -> str:
 
     Read when a config is built (never while tracing), so that a GPU run can time both modes without editing it.
     """
-    setting = os.environ.get(CONV_GRAD_ENV, "auto").strip().lower() or "auto"
-    return check_conv_grad(setting, f"${CONV_GRAD_ENV}")
+    return _env_mode(CONV_GRAD_ENV, CONV_GRAD_MODES)
 
 
 def resolve_conv_grad(setting: str, backend: Optional[str] = None) -> str:
@@ -379,9 +371,27 @@ def resolve_conv_grad(setting: str, backend: Optional[str] = None) -> str:
     faster on XLA:CPU only) or 'lax' (the library convolution and JAX's own transpose rule, autodiff of the taps).
     'auto' is 'custom' on the CPU backend and 'lax' on every other (`backend`, default `jax.default_backend()` at
     trace time); 'custom' or 'lax' force one, so that a GPU run can time both."""
-    if check_conv_grad(setting) != "auto":
+    return _resolve_mode(check_conv_grad(setting), CONV_GRAD_MODES, backend)
+
+
+# The hand-written-gradient switches (conv_grad, bn_grad) share one form: modes ('auto', 'custom', the library's).
+
+def _check_mode(setting: str, modes: Tuple[str, ...], key: str) -> str:
+    if setting not in modes:
+        raise ValueError(f"{key} must be one of {', '.join(modes)}, got {setting!r}")
+    return setting
+
+
+def _env_mode(env: str, modes: Tuple[str, ...]) -> str:
+    """The mode $`env` names (case and spaces ignored), 'auto' when unset or empty."""
+    return _check_mode(os.environ.get(env, "auto").strip().lower() or "auto", modes, f"${env}")
+
+
+def _resolve_mode(setting: str, modes: Tuple[str, ...], backend: Optional[str]) -> str:
+    """'auto' -> 'custom' (modes[1]) on the CPU backend, the library's form (modes[2]) elsewhere; others as they are."""
+    if setting != "auto":
         return setting
-    return "custom" if (backend or jax.default_backend()) == "cpu" else "lax"
+    return modes[1] if (backend or jax.default_backend()) == "cpu" else modes[2]
 
 
 def _transpose_padding(n: int, k: int, stride: int, pad: Tuple[int, int]) -> Tuple[int, int]:

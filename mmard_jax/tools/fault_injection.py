@@ -102,12 +102,7 @@ def prepare(root) -> pathlib.Path:
 
 def with_pipeline(config, pipeline: str):
     """`config` (a ConfigDict of the tiny run, changed in place and returned) as PIPELINE_FLAGS[pipeline] sets it."""
-    for key, value in PIPELINE_SETTINGS[pipeline].items():
-        *path, name = key.split(".")
-        block = config
-        for part in path:
-            block = block[part]
-        block[name] = value
+    config.update_from_flattened_dict(PIPELINE_SETTINGS[pipeline])
     return config
 
 
