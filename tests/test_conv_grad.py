@@ -249,3 +249,66 @@ def test_depthwise_vjp_inside_shard_map():
                                    out_specs=(P(), P("data"))))(w, x)
     for a, b in zip(mapped, jax.jit(grads(layers.depthwise_taps))(w, x)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# (kernel, input channels, input h x w, stride, padding) of the few-channel input gradient checks: the 3x3 RGB stem at
+# both strides, an asymmetric padding, a 7x7 stride-2 stem (ImageNet ResNets), a 1x1 stride-2 shortcut, 1 channel.
+PATCH_CASES = ((3, 3, (9, 10), 1, ((1, 1), (1, 1))), (3, 3, (9, 9), 2, ((1, 1), (1, 1))),
+               (3, 2, (8, 7), 2, ((0, 1), (0, 1))), (7, 3, (13, 14), 2, ((3, 3), (3, 3))),
+               (1, 4, (7, 7), 2, ((0, 0), (0, 0))), (3, 1, (6, 7), 1, ((2, 0), (1, 2))))
+
+
+# Sums of up to 7 x 7 x 6 float32 products of N(0, 1) values (gradients up to ~30) in another order.
+PATCH_TOLERANCE = {"float64": {"rtol": 1e-12, "atol": 1e-12}, "float32": {"rtol": 1e-5, "atol": 1e-5}}
+
+
+def _torch_input_grad(x, w, cotangent, strides, padding):
+    """PyTorch's input gradient of `F.conv2d` (the padding applied by `F.pad`) on the same NHWC/HWIO arrays."""
+    xt = torch.tensor(np.transpose(x, (0, 3, 1, 2)), requires_grad=True)
+    (top, bottom), (left, right) = padding
+    y = F.conv2d(F.pad(xt, (left, right, top, bottom)), torch.tensor(np.transpose(w, (3, 2, 0, 1))), stride=strides)
+    y.backward(torch.tensor(np.transpose(cotangent, (0, 3, 1, 2))))
+    return np.transpose(xt.grad.numpy(), (0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_few_channel_input_grad_equals_lax_and_torch(dtype):
+    """With at most PATCH_GRAD_MAX_CHANNELS input channels `conv2d`'s input gradient is `patch_input_grad` (a dot
+    and a patch scatter); it equals autodiff of `lax.conv_general_dilated` and PyTorch's on the same arrays."""
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(dtype == "float64"):
+        for k, channels, hw, strides, padding in PATCH_CASES:
+            assert channels <= layers.PATCH_GRAD_MAX_CHANNELS
+            x = rng.normal(size=(2, *hw, channels)).astype(dtype)
+            w = rng.normal(size=(k, k, channels, 6)).astype(dtype)
+            out_hw = [(hw[i] + sum(padding[i]) - k) // strides + 1 for i in range(2)]
+            cotangent = rng.normal(size=(2, *out_hw, 6)).astype(dtype)
+            ours = jax.vjp(lambda u: layers.conv2d(u, w, (strides, strides), padding), x)[1](cotangent)[0]
+            lax_ref = jax.vjp(lambda u: jax.lax.conv_general_dilated(
+                u, w, (strides, strides), padding, dimension_numbers=layers.NHWC_HWIO), x)[1](cotangent)[0]
+            assert ours.dtype == np.dtype(dtype)
+            for reference in (lax_ref, _torch_input_grad(x, w, cotangent, strides, padding)):
+                np.testing.assert_allclose(ours, reference, **PATCH_TOLERANCE[dtype])
+
+
+def test_few_channel_input_grad_is_a_dot_and_keeps_bfloat16_sums_in_float32():
+    """The input gradient of a conv with 4 input channels is one dot, no convolution; 5 channels bring the
+    flipped-kernel convolution back. In bfloat16 it equals the convolution's own (whose
+    tap sums are float32) exactly, so the scatter does not add in bfloat16."""
+    def bwd_ops(channels):
+        x, w = jnp.ones((2, 8, 8, channels)), jnp.ones((3, 3, channels, 4))
+        bwd = functools.partial(layers._conv2d_bwd, (1, 1), ((1, 1), (1, 1)), None)
+        text = str(jax.make_jaxpr(bwd)((x, w), jnp.ones((2, 8, 8, 4))))
+        return text.count("conv_general_dilated"), text.count("dot_general")
+
+    assert layers.PATCH_GRAD_MAX_CHANNELS == 4
+    (convs_4, dots_4), (convs_5, dots_5) = bwd_ops(4), bwd_ops(5)
+    assert convs_5 == convs_4 + 1 and dots_4 == 1 and dots_5 == 0
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3), jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 8), jnp.bfloat16)
+    g = jax.random.normal(jax.random.key(2), (2, 9, 9, 8), jnp.bfloat16)
+    ours = jax.vjp(lambda u: layers.conv2d(u, w, (1, 1), ((1, 1), (1, 1))), x)[1](g)[0]
+    lax_ref = jax.vjp(lambda u: jax.lax.conv_general_dilated(
+        u, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=layers.NHWC_HWIO), x)[1](g)[0]
+    assert ours.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(lax_ref, np.float32))

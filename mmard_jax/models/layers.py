@@ -406,7 +406,8 @@ def conv2d(x: jax.Array, w: jax.Array, strides: Tuple[int, int], padding: Tuple[
     """NHWC x HWIO convolution whose input gradient is a plain stride-1 convolution of the (stride-dilated)
     output gradient with the flipped kernel: the same values as JAX's own transpose rule, but a form XLA's
     CPU backend runs 3x faster inside loops (an 8-conv stack, 10 PGD steps in a rolled `fori_loop`:
-    4.2 s with JAX's rule, 1.24 s with this one, 1.25 s fully unrolled; BENCHMARKS.md)."""
+    4.2 s with JAX's rule, 1.24 s with this one, 1.25 s fully unrolled; BENCHMARKS.md); with at most
+    PATCH_GRAD_MAX_CHANNELS input channels, a dot and a patch scatter instead (`patch_input_grad`)."""
     return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC_HWIO, precision=precision)
 
 
@@ -414,13 +415,47 @@ def _conv2d_fwd(x, w, strides, padding, precision):
     return conv2d(x, w, strides, padding, precision), (x, w)
 
 
+# Input channels up to which `conv2d`'s input gradient is a dot and a patch scatter (`patch_input_grad`): the RGB
+# stems. Their flipped-kernel convolution has 3 output channels, which XLA:CPU runs 2.4-4.8x slower (3x3 stem, batch
+# 128: 2.72 -> 1.15 ms at 16x16, 9.06 -> 2.17 ms at 32x32 with 16 filters, 25.6 -> 5.3 ms with 64; 7x7 stride 2,
+# 64x64: equal; BENCHMARKS.md "The stem's input gradient").
+PATCH_GRAD_MAX_CHANNELS = 4
+
+
+def _patches(x: jax.Array, kernel_hw: Tuple[int, int], strides: Tuple[int, int], padding) -> jax.Array:
+    """[N, H', W', kh*kw*C]: each output pixel's receptive field (taps in kernel order, channels last), zero padded."""
+    (kh, kw), (sh, sw) = kernel_hw, strides
+    xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+    oh, ow = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
+    return jnp.concatenate([
+        jax.lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, xp.shape[3]),
+                      (1, sh, sw, 1))
+        for i in range(kh) for j in range(kw)], axis=-1)
+
+
+def patch_input_grad(g: jax.Array, w: jax.Array, x: jax.Array, strides, padding, precision=None) -> jax.Array:
+    """The input gradient of conv(x, w) as the transpose of `_patches` applied to g . W^T (each output pixel's patch
+    gradient, added back where the patch came from): the conv's own transpose for few input channels, faster there."""
+    kh, kw, ci, co = w.shape
+    acc = jnp.promote_types(g.dtype, jnp.float32)  # low-precision inputs: the tap sums in float32, as the conv does
+    patch_grad = jnp.dot(g, w.reshape(kh * kw * ci, co).astype(g.dtype).T, precision=precision,
+                         preferred_element_type=acc)
+    # vjp, not linear_transpose: it keeps the cotangent's sharding-axis type inside shard_map; the unused forward
+    # patches are dead code under jit.
+    _, scatter = jax.vjp(lambda u: _patches(u, (kh, kw), strides, padding), x.astype(acc))
+    return scatter(patch_grad)[0].astype(x.dtype)
+
+
 def _conv2d_bwd(strides, padding, precision, residuals, g):
     x, w = residuals
     kh, kw = w.shape[:2]
-    pads = [_transpose_padding(x.shape[1 + i], (kh, kw)[i], strides[i], padding[i]) for i in range(2)]
-    flipped = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
-    dx = jax.lax.conv_general_dilated(g, flipped.astype(g.dtype), (1, 1), pads, lhs_dilation=strides,
-                                      dimension_numbers=NHWC_HWIO, precision=precision)
+    if x.shape[-1] <= PATCH_GRAD_MAX_CHANNELS:
+        dx = patch_input_grad(g, w, x, strides, padding, precision)
+    else:
+        pads = [_transpose_padding(x.shape[1 + i], (kh, kw)[i], strides[i], padding[i]) for i in range(2)]
+        flipped = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+        dx = jax.lax.conv_general_dilated(g, flipped.astype(g.dtype), (1, 1), pads, lhs_dilation=strides,
+                                          dimension_numbers=NHWC_HWIO, precision=precision)
     _, weight_vjp = jax.vjp(
         lambda v: jax.lax.conv_general_dilated(x, v, strides, padding, dimension_numbers=NHWC_HWIO,
                                                precision=precision), w)
