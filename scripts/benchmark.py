@@ -37,11 +37,11 @@ flags.DEFINE_bool("list", False, "Print the cases and exit.")
 flags.DEFINE_string("unroll", "auto", "Comma-separated PGD unroll settings for the JAX rows.")
 flags.DEFINE_string("conv_grad", "", "Comma-separated MMARD_JAX_CONV_GRAD settings for the JAX rows (auto, custom, "
                     "lax: layers.conv2d's input gradient; default: the environment's).")
-flags.DEFINE_string("torch_forms", None, "Comma-separated: eager, or options joined by + from cl, bf16, compile "
-                    "('' for none; default: eager and the fastest form for the device).")
+flags.DEFINE_string("torch_forms", None, "Comma-separated: eager, or options joined by + from cl, bf16, compile, "
+                    "f64 ('' for none; default: eager and the fastest form for the device).")
 flags.DEFINE_bool("match_dtype", False, "Each case runs only the PyTorch forms of its compute dtype: bfloat16 cases "
-                  "the forms with bf16, float32 cases the others (the paper group and its _f32 twins in one table "
-                  "without running the same PyTorch row twice).")
+                  "the forms with bf16, float64 cases (*_f64) those with f64, float32 cases the others (the paper "
+                  "group and its _f32 twins in one table without running the same PyTorch row twice).")
 flags.DEFINE_multi_string("xla_flags", None, "Exact XLA_FLAGS for a JAX row, without mmard_jax's CPU defaults "
                           "(repeat for several rows; '' = none); default: $XLA_FLAGS plus the defaults of "
                           "mmard_jax/xla_env.py.")

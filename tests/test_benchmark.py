@@ -18,7 +18,7 @@ import fast_compile
 from mmard_jax import methods, models, parallel, train_step
 from mmard_jax.data.augment import crop_and_flip, to_float
 from mmard_jax.interop import naming, published
-from mmard_jax.tools import bench_cases, bench_report, bench_step
+from mmard_jax.tools import bench_cases, bench_driver, bench_report, bench_step
 from mmard_jax.tools.bench_cases import CASES, CPU_LATER, CPU_TINY_IMAGENET, transcription
 from peers import published_steps, torch_bench, torch_step
 from peers.architectures import build_model
@@ -48,6 +48,24 @@ def test_same_work_flags_a_differing_loss():
     assert bench_report.same_work(dict(row, weights="own (random)"), jax_row)["comparable"] is False
     assert bench_report.same_work(dict(row, first_loss=1.01, dtype="bfloat16"), jax_row)["comparable"] is True
     assert bench_report.same_work(dict(row, first_loss=1.005, backend="cuda"), jax_row)["comparable"] is True
+    # float64 rows on both sides: a difference float32 rounding allows is one float64 does not
+    f64_jax = dict(jax_row, dtype="float64")
+    assert bench_report.same_work(dict(row, dtype="float64", first_loss=1.0 + 5e-6), f64_jax)["comparable"] is True
+    assert bench_report.same_work(dict(row, dtype="float64"), f64_jax)["comparable"] is False
+
+
+def test_match_dtype_gives_each_case_the_forms_of_its_dtype():
+    """--match_dtype: bfloat16 cases get the forms with bf16, float64 cases (*_f64) those with f64, float32 ones the
+    rest; every case's first JAX row writes the start file its PyTorch rows read."""
+    options = bench_driver.Options(torch_forms="eager,cl+compile+bf16,f64", match_dtype=True)
+    plan = bench_driver.plan_rows(["tiny", "tiny_bf16", "tiny_f64"], options)
+    assert [(name, kind, option) for name, kind, option, _, _ in plan] == [
+        ("tiny", "jax", "auto"), ("tiny", "torch", "eager"), ("tiny_bf16", "jax", "auto"),
+        ("tiny_bf16", "torch", "cl+compile+bf16"), ("tiny_f64", "jax", "auto"), ("tiny_f64", "torch", "f64")]
+    assert [writes for *_, writes in plan] == [True, False] * 3
+    assert bench_cases.case_names("cpu_f64") == [f"{name}_f64" for name in bench_cases.F64_CASES[:-1]]
+    assert all(CASES[n].dtype == "float64" and dataclasses.replace(CASES[n], dtype="float32") == CASES[n[:-4]]
+               for n in bench_cases.case_names("cpu_f64") + ["tiny_f64"])
 
 
 def test_tiny_imagenet_case_first_step_losses_agree(tmp_path, monkeypatch):
@@ -63,23 +81,38 @@ def test_tiny_imagenet_case_first_step_losses_agree(tmp_path, monkeypatch):
     _first_step_losses_agree(case, tmp_path, monkeypatch)
 
 
-def _first_step_losses_agree(case, tmp_path, monkeypatch):
-    """One step of `case` through both workers of scripts/benchmark.py: the PyTorch row starts from the JAX row's
-    weights and first draws, and its first-step loss agrees within the benchmark's rule."""
-    monkeypatch.setattr(bench_step, "step_flops", lambda case: 0.0)  # counted in test_flop_count_matches_...
+def _first_step_losses_agree(case, tmp_path, monkeypatch, form="eager", count_flops=False):
+    """One step of `case` through both workers of scripts/benchmark.py (PyTorch in `form`): the PyTorch row starts
+    from the JAX row's weights and first draws, and its first-step loss agrees within the benchmark's rule.
+    Returns (JAX row, PyTorch row, the same-work check)."""
+    if not count_flops:
+        monkeypatch.setattr(bench_step, "step_flops", lambda case: 0.0)  # counted in test_flop_count_matches_...
     start = str(tmp_path / "start.npz")
     jax_row = bench_step.jax_worker(case, warmup=1, steps=1, unroll="1", start_file=start,
                                     compiler_options=FAST_COMPILE)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small ops: one thread is faster on a loaded 2-core machine (test_attacks_peer.py)
     try:
-        torch_row = torch_bench.torch_worker(case, warmup=1, steps=1, form_text="eager", start_file=start)
+        torch_row = torch_bench.torch_worker(case, warmup=1, steps=1, form_text=form, start_file=start)
     finally:
         torch.set_num_threads(threads)
     check = bench_report.same_work(torch_row, jax_row)
     assert torch_row["weights"] == "the JAX row's" and check["comparable"] is True, (jax_row["first_loss"], check)
     # The JAX row counts the kernels XLA compiled (one per fusion of the optimized HLO) and the table shows them.
     assert jax_row["kernels"] > 10 and bench_report._fmt_kernels(jax_row) == f" ({jax_row['kernels']} kernels)"
+    return jax_row, torch_row, check
+
+
+def test_float64_case_first_step_losses_agree_to_float64_rounding(tmp_path, monkeypatch):
+    """`tiny_f64` (the tiny MMARD case with every network in float64 on both sides: ours under jax.enable_x64, PyTorch's
+    'f64' form) through both workers: the first-step losses agree within the float64 rule, 10x tighter than
+    float32's, both rows say float64, the FLOP count traces the float64 step, and the worker leaves x64 off."""
+    jax_row, torch_row, check = _first_step_losses_agree(CASES["tiny_f64"], tmp_path, monkeypatch, form="f64",
+                                                         count_flops=True)
+    assert jax_row["flops_per_step"] > 0
+    assert jax_row["dtype"] == torch_row["dtype"] == "float64" and check["loss_rtol"] == 1e-5
+    assert check["loss_rel_diff"] < 1e-6, check
+    assert not jax.config.jax_enable_x64
 
 
 def test_cpu_sota_has_a_case_per_later_method_against_its_transcription():
@@ -307,16 +340,9 @@ def _compare_net(label, jax_vars, start_vars, torch_net):
     return worst
 
 
-def _flip(images, offsets, flips, *, padding):
-    """`augment.crop_and_flip` at padding 0 (every offset 0: no crop), safe under jax_enable_x64, where the original
-    mixes the int32 offsets with an int64 literal in `dynamic_slice` (mmard_jax/data/augment.py:44) and fails."""
-    assert padding == 0
-    return jnp.where(flips[:, None, None, None], images[:, :, ::-1, :], images)
-
-
 @pytest.mark.parametrize("method_name,phase", [c for c in _cases()
                                                if c.values[0] not in LATER_METHODS + OWN_STEP_TEST])
-def test_torch_step_equals_ours(method_name, phase, capsys, monkeypatch):
+def test_torch_step_equals_ours(method_name, phase, capsys):
     """Two train steps of every method on the same weights, batch and random draws, ours vs the PyTorch
     transcription of the published script: the losses, the updated parameters of every trained network (PeerAiD's
     peer too), the BatchNorm running statistics (moved by train-mode attacks and by the published sequence of
@@ -326,7 +352,6 @@ def test_torch_step_equals_ours(method_name, phase, capsys, monkeypatch):
     to the PyTorch step; no crop padding, and images in [24, 231] / 255 so that no start leaves [0, 1] (the
     published starts are not clipped, ours are projected: the same point here).
     """
-    monkeypatch.setattr(train_step, "crop_and_flip", _flip)
     with jax.enable_x64(True):
         _step_equals_ours(method_name, phase, capsys)
 

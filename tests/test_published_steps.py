@@ -7,49 +7,45 @@ import jax
 import pytest
 
 from mmard_jax import train_step
-from test_benchmark import LATER_METHODS, _cases, _flip, _step_equals_ours
+from test_benchmark import LATER_METHODS, _cases, _step_equals_ours
 
 
 @pytest.mark.parametrize("method_name,phase", [c for c in _cases() if c.values[0] in LATER_METHODS])
-def test_later_method_step_equals_the_published_script(method_name, phase, capsys, monkeypatch):
+def test_later_method_step_equals_the_published_script(method_name, phase, capsys):
     """Two train steps of ABSLD, SAAD and DGAD, ours vs the transcription of the published script, as
     test_benchmark.py's `test_torch_step_equals_ours` does for the twelve (losses, parameters, BatchNorm statistics,
     and the method state an epoch boundary makes: ABSLD's temperatures)."""
-    monkeypatch.setattr(train_step, "crop_and_flip", _flip)
     with jax.enable_x64(True):
         _step_equals_ours(method_name, phase, capsys)
 
 
 @pytest.mark.parametrize("method_name,phase", [("ard", "main"), ("iad", "main"), ("rslad", "main"),
                                                ("mtard", "main")])
-def test_fair_step_equals_the_published_script(method_name, phase, capsys, monkeypatch):
+def test_fair_step_equals_the_published_script(method_name, phase, capsys):
     """Fair-ARD's plug-in on ARD, IAD, RSLAD and MTARD against transcriptions of Fair-ARD.py, Fair-IAD.py,
     Fair-RSLAD.py and Fair-MTARD.py from non-uniform class weights: the losses, parameters and BatchNorm statistics
     after two steps (MTARD's weight too), the per-class counts of correct attack iterates (Kappa_total) and the
     class weights the epoch boundary makes of them (weight_assign)."""
-    monkeypatch.setattr(train_step, "crop_and_flip", _flip)
     with jax.enable_x64(True):
         _step_equals_ours(method_name, phase, capsys, plugins=("fair",), torch_method=f"fair_{method_name}")
 
 
 @pytest.mark.parametrize("hparams", [{"beta": 0.5, "gamma": 2.0, "lambda_inner": 20.0}])
-def test_saad_step_with_its_clean_term_equals_the_published_script(hparams, capsys, monkeypatch):
+def test_saad_step_with_its_clean_term_equals_the_published_script(hparams, capsys):
     """SAAD's options main.sh leaves at their defaults (beta 0 drops the clean term): the clean term, a Renyi order
     other than Shannon's and a larger attack correction, the same on both sides (saad.py:68-82, attacks.py:177)."""
-    monkeypatch.setattr(train_step, "crop_and_flip", _flip)
     with jax.enable_x64(True):
         _step_equals_ours("saad", "main", capsys, hparams=hparams)
 
 
 
 
-def test_ciard_step_equals_the_published_script(capsys, monkeypatch):
+def test_ciard_step_equals_the_published_script(capsys):
     """Two CIARD steps, ours vs the transcription of CIARD.py's loop (peers.published_steps.CiardScript), at the
     1-based epoch 215: the robust teacher training (epoch > 50) with its own optimizer, both learning rates past their
     decay starts, the temperature rate cut x0.1 after each step (the script's per-step milestone), temperatures
     away from their bounds. Compared: the loss terms, the push weight and selection, the temperatures, the
     parameters and BatchNorm statistics of the student AND the robust teacher."""
-    monkeypatch.setattr(train_step, "crop_and_flip", _flip)
     with jax.enable_x64(True):
         _ciard_step_equals(capsys)
 

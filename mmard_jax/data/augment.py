@@ -40,7 +40,10 @@ def crop_and_flip(images: jax.Array, offsets: jax.Array, flips: jax.Array, *, pa
     padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
 
     def crop_one(image, offset):
-        return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (height, width, channels))
+        # the channel index in the offsets' dtype: a bare 0 is int64 under jax_enable_x64, which dynamic_slice
+        # refuses beside int32 offsets
+        return jax.lax.dynamic_slice(image, (offset[0], offset[1], jnp.zeros_like(offset[0])),
+                                     (height, width, channels))
 
     crops = jax.vmap(crop_one)(padded, offsets)
     return jnp.where(flips[:, None, None, None], crops[:, :, ::-1, :], crops)

@@ -155,6 +155,12 @@ CASES["tiny_64px"] = dataclasses.replace(
     CASES[CPU_TINY_IMAGENET], student_kwargs={**SAAD_PRN18[1], "base_width": 4},
     teacher_kwargs={**DM_TINY_WRN16_2[1], "depth": 10, "width": 1}, batch=4, pgd_steps=1, note="")
 
+# The same-work check in float64 (`--cases=cpu_f64 --torch_forms=f64`): the CPU cases' networks in float64 on both sides
+# (ours under jax.enable_x64, parameters stored in float32; PyTorch's 'f64' form), where float32 rounding alone moves
+# MobileNetV2's first-step loss past the float32 rule (BENCHMARKS.md "Open"); `tiny_f64` for tests.
+F64_CASES = ("cpu_mmard_wrn16_2_wrn10_1_16px", "cpu_mmard_wrn16_2_mnv2_16px", "cpu_rslad_wrn16_2_wrn10_1_16px",
+             "cpu_peeraid_wrn10_1_16px", "tiny")
+CASES.update({f"{name}_f64": dataclasses.replace(CASES[name], dtype="float64") for name in F64_CASES})
 
 # Named groups for --cases.
 GROUPS = {
@@ -163,6 +169,7 @@ GROUPS = {
     "paper_sota": "adaad_rn18_wrn34_10,adaiad_rn18_wrn34_10,igdm_rn18_wrn34_10,peeraid_rn18",
     "paper_sota_f32": "adaad_rn18_wrn34_10_f32,adaiad_rn18_wrn34_10_f32,igdm_rn18_wrn34_10_f32,peeraid_rn18_f32",
     "cpu": "cpu_mmard_wrn16_2_wrn10_1_16px,cpu_mmard_wrn16_2_mnv2_16px,cpu_rslad_wrn16_2_wrn10_1_16px",
+    "cpu_f64": ",".join(f"{name}_f64" for name in F64_CASES if name != "tiny"),
     "cpu_sota": ",".join(["cpu_adaad_wrn16_2_wrn10_1_16px", "cpu_adaiad_wrn16_2_wrn10_1_16px",
                           "cpu_igdm_wrn16_2_wrn10_1_16px", "cpu_peeraid_wrn10_1_16px"]
                          + [f"cpu_{name}_wrn16_2_wrn10_1_16px" for name in CPU_LATER]),

@@ -55,9 +55,8 @@ def plan_rows(names: Sequence[str], options: Options) -> List[tuple]:
         else:
             plan += [(name, "flops", "", None, True)]
         if "torch" in impls:
-            bf16_case = CASES[name].dtype == "bfloat16"
             plan += [(name, "torch", f, None, False) for f in forms.split(",")
-                     if f and (not options.match_dtype or ("bf16" in f.split("+")) == bf16_case)]
+                     if f and (not options.match_dtype or bench_report.form_dtype(f) == CASES[name].dtype)]
     return plan
 
 

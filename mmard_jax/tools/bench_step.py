@@ -82,7 +82,7 @@ def jax_step_builder(case: Case, seed: int = 0):
     from mmard_jax import methods, models, parallel, train_step
     from mmard_jax.models import layers
 
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[case.dtype]
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}[case.dtype]
     mesh = parallel.data_mesh()
     parallel.check_divisible(case.batch, mesh)
     method = methods.get_method(case.method, plugins=case.plugins)
@@ -195,8 +195,8 @@ def _abstract_args(case: Case, nets, method, txs, n_images: int):
     frozen, initial = split_start(frozen_variables(
         case, nets,
         lambda m, salt: jax.eval_shape(lambda: m.init(jax.random.key(salt), jnp.zeros((1,) + shape), train=False))))
-    state = jax.eval_shape(lambda: train_step.init_state(nets, method, txs, jax.random.key(0), shape,
-                                                         initial=initial))
+    state = float64_stats(case, jax.eval_shape(lambda: train_step.init_state(nets, method, txs, jax.random.key(0),
+                                                                             shape, initial=initial)))
     return (state, frozen, jax.ShapeDtypeStruct((n_images,) + shape, jnp.uint8),
             jax.ShapeDtypeStruct((n_images,), jnp.int32), jax.ShapeDtypeStruct((case.batch,), jnp.int32),
             jax.ShapeDtypeStruct((), jnp.int32))
@@ -224,8 +224,24 @@ def _initial(case: Case, seed: int, mesh, nets, method, txs):
     shape = (case.size, case.size, 3)
     rep = parallel.replicated(mesh)
     frozen, initial = split_start(sharpen_teacher(case, frozen_variables(case, nets, teacher_init(seed, shape))))
-    state = train_step.init_state(nets, method, txs, jax.random.key(seed, impl="rbg"), shape, initial=initial)
+    state = float64_stats(case, train_step.init_state(nets, method, txs, jax.random.key(seed, impl="rbg"), shape,
+                                                      initial=initial))
     return jax.device_put(state, rep), jax.device_put(frozen, rep)
+
+
+def float64_stats(case: Case, state):
+    """A float64 case's trained networks keep their running statistics in float64, the dtype their float64 forwards
+    update them in (a step must return the state's own types); other cases' state unchanged. Arrays or shapes."""
+    import jax
+
+    if case.dtype != "float64":
+        return state
+
+    def cast(a):
+        return jax.ShapeDtypeStruct(a.shape, "float64") if isinstance(a, jax.ShapeDtypeStruct) else a.astype("float64")
+
+    return state.replace(nets={k: s.replace(batch_stats=jax.tree.map(cast, s.batch_stats))
+                               for k, s in state.nets.items()})
 
 
 def teacher_init(seed: int, shape):
@@ -254,18 +270,29 @@ def compiled_kernels(compiled) -> int:
 
 
 def flops_worker(case: Case, start_file: Optional[str] = None, seed: int = 0) -> Dict[str, Any]:
-    """The FLOP count alone (PyTorch-only runs), and the torch worker's start file if asked."""
-    if start_file:
-        build, nets, method, txs, mesh = jax_step_builder(case, seed)
-        write_start(case, start_file, *_initial(case, seed, mesh, nets, method, txs), seed=seed)
-    return {"impl": "flops", "form": "", "flops_per_step": step_flops(case)}
+    """The FLOP count alone (PyTorch-only runs), and the torch worker's start file if asked (float64: x64's draws)."""
+    import jax
+
+    with jax.enable_x64(case.dtype == "float64"):
+        if start_file:
+            build, nets, method, txs, mesh = jax_step_builder(case, seed)
+            write_start(case, start_file, *_initial(case, seed, mesh, nets, method, txs), seed=seed)
+        return {"impl": "flops", "form": "", "flops_per_step": step_flops(case)}
 
 
 def jax_worker(case: Case, warmup: int, steps: int, unroll: str, seed: int = 0, start_file: Optional[str] = None,
                compiler_options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Compiles and times mmard_jax's train step for `case` (random weights and data, resident on the device);
     writes the torch worker's start to `start_file` if given. `compiler_options` go to XLA (tests: its cheaper
-    LLVM passes, the same arithmetic)."""
+    LLVM passes, the same arithmetic). A float64 case runs under `jax.enable_x64` (its draws are then x64's, and
+    its start file carries them to the PyTorch 'f64' row)."""
+    import jax
+
+    with jax.enable_x64(case.dtype == "float64"):
+        return _jax_worker(case, warmup, steps, unroll, seed, start_file, compiler_options)
+
+
+def _jax_worker(case, warmup, steps, unroll, seed, start_file, compiler_options) -> Dict[str, Any]:
     import jax
     import jax.numpy as jnp
 

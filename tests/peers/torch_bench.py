@@ -85,7 +85,8 @@ def torch_worker(case: Case, warmup: int, steps: int, form_text: str, seed: int 
         "n_devices": 1, "versions": torch_step.torch_versions(), "threads": torch.get_num_threads(),
         # torch.compile compiles lazily: the first step's excess over a steady step is its compile time.
         "compile_s": first_s - statistics.median(times), "loss": float(metrics["loss"]),
-        "first_loss": first_loss, "weights": weights, "dtype": "bfloat16" if form.bf16 else "float32",
+        "first_loss": first_loss, "weights": weights,
+        "dtype": "bfloat16" if form.bf16 else "float64" if form.f64 else "float32",
         "peak_mem_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes(),
         "mem_kind": "device peak" if device.type == "cuda" else "process peak RSS",
     }
