@@ -1,7 +1,7 @@
 """The PyTorch side of scripts/profile_ops.py (our side: mmard_jax.tools.profile_ops): the same pieces of the
 student network and of MobileNetV2's layer types, PyTorch eager float32, on the same inputs."""
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -15,9 +15,10 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def torch_network(arch: str, x: np.ndarray, labels: np.ndarray) -> Dict[str, Callable[[], object]]:
+def torch_network(arch: str, x: np.ndarray, labels: np.ndarray,
+                  arch_kwargs: Optional[Dict] = None) -> Dict[str, Callable[[], object]]:
     """{piece: callable} of the PyTorch peer (`peers.architectures`), eager float32, NHWC `x` as NCHW."""
-    net = build_model(arch, 10)
+    net = build_model(arch, 10, arch_kwargs)
     xt, yt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), torch.from_numpy(labels).long()
 
     def forward():
@@ -40,14 +41,14 @@ def torch_network(arch: str, x: np.ndarray, labels: np.ndarray) -> Dict[str, Cal
 
 
 def torch_layer_pieces(inputs: Dict[str, np.ndarray], channels: int) -> Dict[str, Dict[str, Callable[[], object]]]:
-    """{layer: {piece: callable}} for `profile_ops.layer_inputs` (NHWC/HWIO, here NCHW/OIHW): the 1x1 conv and the
-    3x3 depthwise conv, loss sum(sin(out)) for the gradients."""
-    t1 = torch.from_numpy(inputs["x1"].transpose(0, 3, 1, 2).copy())
-    td = torch.from_numpy(inputs["xd"].transpose(0, 3, 1, 2).copy())
-    tw1 = torch.from_numpy(inputs["w1"].transpose(3, 2, 0, 1).copy())
-    twd = torch.from_numpy(inputs["wd"].transpose(3, 2, 0, 1).copy())
-    torch_fns = {"1x1 conv": (lambda x, w: F.conv2d(x, w), t1, tw1),
-                 "3x3 depthwise": (lambda x, w: F.conv2d(x, w, padding=1, groups=channels), td, twd)}
+    """{layer: {piece: callable}} for `profile_ops.layer_inputs` (NHWC/HWIO, here NCHW/OIHW): the 1x1 conv, the 3x3
+    depthwise conv, the plain 3x3 conv and the RGB stem, loss sum(sin(out)) for the gradients."""
+    t = {k: torch.from_numpy(v.transpose((0, 3, 1, 2) if k[0] == "x" else (3, 2, 0, 1)).copy())
+         for k, v in inputs.items()}
+    torch_fns = {"1x1 conv": (lambda x, w: F.conv2d(x, w), t["x1"], t["w1"]),
+                 "3x3 depthwise": (lambda x, w: F.conv2d(x, w, padding=1, groups=channels), t["xd"], t["wd"]),
+                 "3x3 conv": (lambda x, w: F.conv2d(x, w, padding=1), t["x3"], t["w3"]),
+                 "3x3 stem": (lambda x, w: F.conv2d(x, w, padding=1), t["xs"], t["ws"])}
     out = {}
     for layer, (tfn, tx, tw) in torch_fns.items():
 
