@@ -173,12 +173,13 @@ DEPTHWISE_CASES = ((9, 1, ((1, 1), (1, 1))), (8, 2, ((1, 1), (1, 1))), (7, 2, ((
 TOLERANCE = {"float64": {"rtol": 1e-12, "atol": 1e-12}, "float32": {"rtol": 1e-5, "atol": 1e-6}}
 
 
-def _torch_depthwise_vjp(x, w, cotangent, strides, padding):
-    """(values, input gradient, kernel gradient) of PyTorch's `F.conv2d(groups=C)` on the same NHWC/HWIO arrays."""
+def _torch_conv_vjp(x, w, cotangent, strides, padding, groups=1):
+    """(values, input gradient, kernel gradient) of PyTorch's `F.conv2d(groups=groups)` (the padding applied by
+    `F.pad`) on the same NHWC/HWIO arrays."""
     xt = torch.tensor(np.transpose(x, (0, 3, 1, 2)), requires_grad=True)
-    wt = torch.tensor(np.transpose(w, (3, 2, 0, 1)), requires_grad=True)  # (C, 1, kh, kw)
+    wt = torch.tensor(np.transpose(w, (3, 2, 0, 1)), requires_grad=True)  # (out, in / groups, kh, kw)
     (top, bottom), (left, right) = padding
-    y = F.conv2d(F.pad(xt, (left, right, top, bottom)), wt, stride=strides, groups=x.shape[-1])
+    y = F.conv2d(F.pad(xt, (left, right, top, bottom)), wt, stride=strides, groups=groups)
     y.backward(torch.tensor(np.transpose(cotangent, (0, 3, 1, 2))))
     return (np.transpose(y.detach().numpy(), (0, 2, 3, 1)), np.transpose(xt.grad.numpy(), (0, 2, 3, 1)),
             np.transpose(wt.grad.numpy(), (2, 3, 1, 0)))
@@ -209,7 +210,7 @@ def test_depthwise_vjp_equals_lax_and_torch(dtype):
             cotangent = rng.normal(size=(2, out_size, out_size, 5)).astype(dtype)
             ours, lax_ref = _depthwise_vjps(x, w, cotangent, strides, padding)
             assert all(a.dtype == np.dtype(dtype) for a in ours)
-            for reference in (lax_ref, _torch_depthwise_vjp(x, w, cotangent, strides, padding)):
+            for reference in (lax_ref, _torch_conv_vjp(x, w, cotangent, strides, padding, groups=x.shape[-1])):
                 for a, b in zip(ours, reference):
                     np.testing.assert_allclose(a, b, **TOLERANCE[dtype])
 
@@ -262,15 +263,6 @@ PATCH_CASES = ((3, 3, (9, 10), 1, ((1, 1), (1, 1))), (3, 3, (9, 9), 2, ((1, 1), 
 PATCH_TOLERANCE = {"float64": {"rtol": 1e-12, "atol": 1e-12}, "float32": {"rtol": 1e-5, "atol": 1e-5}}
 
 
-def _torch_input_grad(x, w, cotangent, strides, padding):
-    """PyTorch's input gradient of `F.conv2d` (the padding applied by `F.pad`) on the same NHWC/HWIO arrays."""
-    xt = torch.tensor(np.transpose(x, (0, 3, 1, 2)), requires_grad=True)
-    (top, bottom), (left, right) = padding
-    y = F.conv2d(F.pad(xt, (left, right, top, bottom)), torch.tensor(np.transpose(w, (3, 2, 0, 1))), stride=strides)
-    y.backward(torch.tensor(np.transpose(cotangent, (0, 3, 1, 2))))
-    return np.transpose(xt.grad.numpy(), (0, 2, 3, 1))
-
-
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_few_channel_input_grad_equals_lax_and_torch(dtype):
     """With at most PATCH_GRAD_MAX_CHANNELS input channels `conv2d`'s input gradient is `patch_input_grad` (a dot
@@ -287,7 +279,7 @@ def test_few_channel_input_grad_equals_lax_and_torch(dtype):
             lax_ref = jax.vjp(lambda u: jax.lax.conv_general_dilated(
                 u, w, (strides, strides), padding, dimension_numbers=layers.NHWC_HWIO), x)[1](cotangent)[0]
             assert ours.dtype == np.dtype(dtype)
-            for reference in (lax_ref, _torch_input_grad(x, w, cotangent, strides, padding)):
+            for reference in (lax_ref, _torch_conv_vjp(x, w, cotangent, strides, padding)[1]):
                 np.testing.assert_allclose(ours, reference, **PATCH_TOLERANCE[dtype])
 
 

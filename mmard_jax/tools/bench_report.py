@@ -84,7 +84,7 @@ def complete(row: Dict[str, Any], flops: Optional[float], dtype: str,
         return row
     row = dict(row, flops_per_step=row.get("flops_per_step", flops))
     row["tflops"] = row["flops_per_step"] / row["step_s"] / 1e12
-    row_dtype = dtype if row["impl"] == "jax" else row.get("dtype") or form_dtype(row["form"])
+    row_dtype = dtype if row["impl"] == "jax" else row["dtype"]  # a PyTorch row's: its form's (torch_bench)
     peak = peak_tflops(row.get("device_kind", ""), row_dtype)
     row["peak_tflops"] = peak
     row["mfu"] = row["tflops"] / peak if peak else None

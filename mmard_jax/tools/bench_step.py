@@ -195,7 +195,7 @@ def _abstract_args(case: Case, nets, method, txs, n_images: int):
     frozen, initial = split_start(frozen_variables(
         case, nets,
         lambda m, salt: jax.eval_shape(lambda: m.init(jax.random.key(salt), jnp.zeros((1,) + shape), train=False))))
-    state = float64_stats(case, jax.eval_shape(lambda: train_step.init_state(nets, method, txs, jax.random.key(0),
+    state = jax.eval_shape(lambda: float64_stats(case, train_step.init_state(nets, method, txs, jax.random.key(0),
                                                                              shape, initial=initial)))
     return (state, frozen, jax.ShapeDtypeStruct((n_images,) + shape, jnp.uint8),
             jax.ShapeDtypeStruct((n_images,), jnp.int32), jax.ShapeDtypeStruct((case.batch,), jnp.int32),
@@ -231,17 +231,20 @@ def _initial(case: Case, seed: int, mesh, nets, method, txs):
 
 def float64_stats(case: Case, state):
     """A float64 case's trained networks keep their running statistics in float64, the dtype their float64 forwards
-    update them in (a step must return the state's own types); other cases' state unchanged. Arrays or shapes."""
+    update them in (a step must return the state's own types); other cases' state unchanged."""
     import jax
 
     if case.dtype != "float64":
         return state
-
-    def cast(a):
-        return jax.ShapeDtypeStruct(a.shape, "float64") if isinstance(a, jax.ShapeDtypeStruct) else a.astype("float64")
-
-    return state.replace(nets={k: s.replace(batch_stats=jax.tree.map(cast, s.batch_stats))
+    return state.replace(nets={k: s.replace(batch_stats=jax.tree.map(lambda a: a.astype("float64"), s.batch_stats))
                                for k, s in state.nets.items()})
+
+
+def x64_scope(case: Case):
+    """`jax.enable_x64` for a float64 case (its networks compute in float64), a no-op scope for the others."""
+    import jax
+
+    return jax.enable_x64(case.dtype == "float64")
 
 
 def teacher_init(seed: int, shape):
@@ -271,9 +274,7 @@ def compiled_kernels(compiled) -> int:
 
 def flops_worker(case: Case, start_file: Optional[str] = None, seed: int = 0) -> Dict[str, Any]:
     """The FLOP count alone (PyTorch-only runs), and the torch worker's start file if asked (float64: x64's draws)."""
-    import jax
-
-    with jax.enable_x64(case.dtype == "float64"):
+    with x64_scope(case):
         if start_file:
             build, nets, method, txs, mesh = jax_step_builder(case, seed)
             write_start(case, start_file, *_initial(case, seed, mesh, nets, method, txs), seed=seed)
@@ -286,9 +287,7 @@ def jax_worker(case: Case, warmup: int, steps: int, unroll: str, seed: int = 0, 
     writes the torch worker's start to `start_file` if given. `compiler_options` go to XLA (tests: its cheaper
     LLVM passes, the same arithmetic). A float64 case runs under `jax.enable_x64` (its draws are then x64's, and
     its start file carries them to the PyTorch 'f64' row)."""
-    import jax
-
-    with jax.enable_x64(case.dtype == "float64"):
+    with x64_scope(case):
         return _jax_worker(case, warmup, steps, unroll, seed, start_file, compiler_options)
 
 
