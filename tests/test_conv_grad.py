@@ -285,8 +285,8 @@ def test_few_channel_input_grad_equals_lax_and_torch(dtype):
 
 def test_few_channel_input_grad_is_a_dot_and_keeps_bfloat16_sums_in_float32():
     """The input gradient of a conv with 4 input channels is one dot, no convolution; 5 channels bring the
-    flipped-kernel convolution back. In bfloat16 it equals the convolution's own (whose
-    tap sums are float32) exactly, so the scatter does not add in bfloat16."""
+    flipped-kernel convolution back. In bfloat16 it is the float32 gradient rounded once: within half a bfloat16 ulp
+    of it (plus float32 reordering), where a scatter adding in bfloat16 misses that on over half the elements."""
     def bwd_ops(channels):
         x, w = jnp.ones((2, 8, 8, channels)), jnp.ones((3, 3, channels, 4))
         bwd = functools.partial(layers._conv2d_bwd, (1, 1), ((1, 1), (1, 1)), None)
@@ -300,7 +300,10 @@ def test_few_channel_input_grad_is_a_dot_and_keeps_bfloat16_sums_in_float32():
     w = jax.random.normal(jax.random.key(1), (3, 3, 3, 8), jnp.bfloat16)
     g = jax.random.normal(jax.random.key(2), (2, 9, 9, 8), jnp.bfloat16)
     ours = jax.vjp(lambda u: layers.conv2d(u, w, (1, 1), ((1, 1), (1, 1))), x)[1](g)[0]
-    lax_ref = jax.vjp(lambda u: jax.lax.conv_general_dilated(
-        u, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=layers.NHWC_HWIO), x)[1](g)[0]
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    ref = jax.vjp(lambda u: jax.lax.conv_general_dilated(
+        u, f32(w), (1, 1), ((1, 1), (1, 1)), dimension_numbers=layers.NHWC_HWIO), f32(x))[1](f32(g))[0]
     assert ours.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(lax_ref, np.float32))
+    ref = np.asarray(ref, np.float64)
+    half_ulp = 2.0 ** (np.floor(np.log2(np.abs(ref))) - 8)  # bfloat16: 8 significant bits
+    assert np.all(np.abs(np.asarray(ours, np.float64) - ref) <= half_ulp + 1e-6 * np.abs(ref))
