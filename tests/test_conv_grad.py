@@ -307,3 +307,46 @@ def test_few_channel_input_grad_is_a_dot_and_keeps_bfloat16_sums_in_float32():
     ref = np.asarray(ref, np.float64)
     half_ulp = 2.0 ** (np.floor(np.log2(np.abs(ref))) - 8)  # bfloat16: 8 significant bits
     assert np.all(np.abs(np.asarray(ours, np.float64) - ref) <= half_ulp + 1e-6 * np.abs(ref))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_tap_sum_forward_equals_lax_and_torch(dtype):
+    """`tap_sum_conv` (the few-term forward of `conv2d`) equals `lax.conv_general_dilated` and PyTorch's conv2d on the
+    same arrays, for every stem shape of PATCH_CASES (the 7x7 one and 1x1 too, which `conv2d` leaves to lax), and
+    `conv2d`'s forward equals them whichever form it takes."""
+    rng = np.random.default_rng(1)
+    with jax.enable_x64(dtype == "float64"):
+        for k, channels, hw, strides, padding in PATCH_CASES:
+            x = rng.normal(size=(2, *hw, channels)).astype(dtype)
+            w = rng.normal(size=(k, k, channels, 6)).astype(dtype)
+            out_hw = [(hw[i] + sum(padding[i]) - k) // strides + 1 for i in range(2)]
+            torch_out = _torch_conv_vjp(x, w, np.zeros((2, *out_hw, 6), dtype), strides, padding)[0]
+            lax_out = jax.lax.conv_general_dilated(x, w, (strides, strides), padding,
+                                                   dimension_numbers=layers.NHWC_HWIO)
+            for ours in (layers.tap_sum_conv(x, w, (strides, strides), padding),
+                         layers.conv2d(x, w, (strides, strides), padding)):
+                assert ours.dtype == np.dtype(dtype) and ours.shape == lax_out.shape
+                for reference in (lax_out, torch_out):
+                    np.testing.assert_allclose(ours, reference, **PATCH_TOLERANCE[dtype])
+
+
+def test_tap_sum_forward_only_for_few_terms_and_keeps_bfloat16_sums_in_float32():
+    """`conv2d`'s forward is a tap sum (no convolution) with at most PATCH_GRAD_MAX_CHANNELS input channels and
+    TAP_SUM_MAX_TERMS terms (the 3x3 stems of 3 and 4 channels), and lax's convolution otherwise (a 7x7 stem, 5
+    channels, a 1x1 shortcut of 16); in bfloat16 the tap sum is the float32 sum rounded once (half a bfloat16 ulp)."""
+    def convs(k, channels):
+        x, w = jnp.ones((2, 8, 8, channels)), jnp.ones((k, k, channels, 4))
+        return str(jax.make_jaxpr(lambda u: layers.conv2d(u, w, (1, 1), ((1, 1), (1, 1))))(x)).count(
+            "conv_general_dilated")
+
+    assert (layers.PATCH_GRAD_MAX_CHANNELS, layers.TAP_SUM_MAX_TERMS) == (4, 36)
+    assert [convs(3, 3), convs(3, 4), convs(7, 3), convs(3, 5), convs(1, 16)] == [0, 0, 1, 1, 1]
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3), jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 8), jnp.bfloat16)
+    ours = layers.conv2d(x, w, (1, 1), ((1, 1), (1, 1)))
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    ref = np.asarray(jax.lax.conv_general_dilated(f32(x), f32(w), (1, 1), ((1, 1), (1, 1)),
+                                                  dimension_numbers=layers.NHWC_HWIO), np.float64)
+    assert ours.dtype == jnp.bfloat16
+    half_ulp = 2.0 ** (np.floor(np.log2(np.abs(ref))) - 8)  # bfloat16: 8 significant bits
+    assert np.all(np.abs(np.asarray(ours, np.float64) - ref) <= half_ulp + 1e-6 * np.abs(ref))

@@ -230,9 +230,11 @@ def window_avg_pool_flatten(x: jax.Array, window: int) -> jax.Array:
 DEPTHWISE_IMPLS = ("auto", "taps", "conv")
 
 
-def _tap_slices(x: jax.Array, kh: int, kw: int, strides: int, out_h: int, out_w: int):
-    """The kh*kw shifted, strided [N, out_h, out_w, C] slices of an (already padded) NHWC map, row-major by tap."""
-    return [[x[:, i:i + (out_h - 1) * strides + 1:strides, j:j + (out_w - 1) * strides + 1:strides, :]
+def _tap_slices(x: jax.Array, kh: int, kw: int, strides, out_h: int, out_w: int):
+    """The kh*kw shifted, strided [N, out_h, out_w, C] slices of an (already padded) NHWC map, row-major by tap
+    (`strides`: one int or a (height, width) pair)."""
+    sh, sw = (strides, strides) if isinstance(strides, int) else strides
+    return [[x[:, i:i + (out_h - 1) * sh + 1:sh, j:j + (out_w - 1) * sw + 1:sw, :]
              for j in range(kw)] for i in range(kh)]
 
 
@@ -401,25 +403,57 @@ def _transpose_padding(n: int, k: int, stride: int, pad: Tuple[int, int]) -> Tup
     return k - 1 - pad[0], n - 1 + pad[0] - (m - 1) * stride
 
 
+# Input channels up to which `conv2d`'s input gradient is a dot and a patch scatter (`patch_input_grad`): the RGB
+# stems. Their flipped-kernel convolution has 3 output channels, which XLA:CPU runs 2.4-4.8x slower (3x3 stem, batch
+# 128: 2.72 -> 1.15 ms at 16x16, 9.06 -> 2.17 ms at 32x32 with 16 filters, 25.6 -> 5.3 ms with 64; 7x7 stride 2,
+# 64x64: equal; BENCHMARKS.md "The stem's input gradient").
+PATCH_GRAD_MAX_CHANNELS = 4
+
+# Terms per output value (kernel height x width x input channels) up to which `conv2d`'s forward, with at most
+# PATCH_GRAD_MAX_CHANNELS input channels, is a tap sum (`tap_sum_conv`): the 3x3 RGB stems, whose XLA:CPU convolution
+# is 1.3-3.6x slower than the fused sum (batch 56, 32x32: 3->16 1.94 -> 0.54 ms, 3->64 2.82 -> 2.12 ms, 4 channels
+# (36 terms) 2.02 -> 1.36 ms; WRN-10-1 forward 12.7 -> 11.5 ms), where a 7x7 stem's 147 terms are 3x slower as a sum
+# and a 1x1 shortcut's 16 channels slow the WRN-10-1 forward back to 12.7 ms (BENCHMARKS.md "The stem's forward").
+TAP_SUM_MAX_TERMS = 36
+
+
+def tap_sum_conv(x: jax.Array, w: jax.Array, strides: Tuple[int, int], padding) -> jax.Array:
+    """conv(x, w) (NHWC x HWIO) as the sum over taps and input channels of a shifted, strided input channel times
+    that tap's weight row: one elementwise loop for XLA:CPU, faster than its convolution with few terms
+    (`TAP_SUM_MAX_TERMS`); low-precision inputs sum in float32, as the convolution does."""
+    kh, kw, ci, _ = w.shape
+    out_dtype = jnp.result_type(x, w)
+    acc = jnp.promote_types(out_dtype, jnp.float32)
+    xp = jax.lax.pad(x.astype(acc), jnp.zeros((), acc), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+    # Read kh*kw*ci times per output value: materialised once, so that no producer (Square's L2 candidate) is fused
+    # into the sum and recomputed per read (its WRN-10-1 query 235 -> 240 us per example without the barrier, 231
+    # with it).
+    xp = jax.lax.optimization_barrier(xp)
+    out_h, out_w = ((xp.shape[1 + a] - w.shape[a]) // strides[a] + 1 for a in range(2))
+    out = None
+    for i, row in enumerate(_tap_slices(xp, kh, kw, strides, out_h, out_w)):
+        for j, tap in enumerate(row):
+            for c in range(ci):
+                term = tap[..., c:c + 1] * w[i, j, c].astype(acc)
+                out = term if out is None else out + term
+    return out.astype(out_dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def conv2d(x: jax.Array, w: jax.Array, strides: Tuple[int, int], padding: Tuple[Tuple[int, int], ...], precision=None):
     """NHWC x HWIO convolution whose input gradient is a plain stride-1 convolution of the (stride-dilated)
     output gradient with the flipped kernel: the same values as JAX's own transpose rule, but a form XLA's
     CPU backend runs 3x faster inside loops (an 8-conv stack, 10 PGD steps in a rolled `fori_loop`:
     4.2 s with JAX's rule, 1.24 s with this one, 1.25 s fully unrolled; BENCHMARKS.md); with at most
-    PATCH_GRAD_MAX_CHANNELS input channels, a dot and a patch scatter instead (`patch_input_grad`)."""
+    PATCH_GRAD_MAX_CHANNELS input channels, a dot and a patch scatter instead (`patch_input_grad`). With at most
+    TAP_SUM_MAX_TERMS terms per output value the forward is a tap sum (`tap_sum_conv`)."""
+    if w.shape[2] <= PATCH_GRAD_MAX_CHANNELS and math.prod(w.shape[:3]) <= TAP_SUM_MAX_TERMS:
+        return tap_sum_conv(x, w, strides, padding)
     return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC_HWIO, precision=precision)
 
 
 def _conv2d_fwd(x, w, strides, padding, precision):
     return conv2d(x, w, strides, padding, precision), (x, w)
-
-
-# Input channels up to which `conv2d`'s input gradient is a dot and a patch scatter (`patch_input_grad`): the RGB
-# stems. Their flipped-kernel convolution has 3 output channels, which XLA:CPU runs 2.4-4.8x slower (3x3 stem, batch
-# 128: 2.72 -> 1.15 ms at 16x16, 9.06 -> 2.17 ms at 32x32 with 16 filters, 25.6 -> 5.3 ms with 64; 7x7 stride 2,
-# 64x64: equal; BENCHMARKS.md "The stem's input gradient").
-PATCH_GRAD_MAX_CHANNELS = 4
 
 
 def _patches(x: jax.Array, kernel_hw: Tuple[int, int], strides: Tuple[int, int], padding) -> jax.Array:
