@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import inspect
 import time
-from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import chex
 import flax.linen as nn
@@ -192,6 +192,9 @@ class Evaluator:
         self._fns: Dict[Tuple[str, str], Callable] = {}
         self._compiled: Dict[Tuple[str, str], set] = {}
         self._costs: Dict[Tuple[str, str], Tuple[float, float]] = {}  # (s per example and unit of work, s per compile)
+        # Every `map_points` call's plan, in order: program, points, batch sizes, the sizes it compiled, seconds (the
+        # AutoAttack benchmark records them, so that a run's shapes can be read next to its times).
+        self.plan_log: List[Dict[str, Any]] = []
 
     def load(self, images: np.ndarray, labels: np.ndarray, base: int = 0, n: Optional[int] = None) -> None:
         """Makes (images, labels) the resident split: its first `n` rows (default all) are the examples at
@@ -286,7 +289,7 @@ class Evaluator:
             self.measure_cap(variables, program.forward_only)
         sizes = batch_plan.plan_batches(len(indices), self.plan_shapes(variables, program.forward_only), compiled, cost,
                                         split=self.split_batches, granule=self.granule)
-        outs, start, fresh = [], 0, any(size not in compiled for size in sizes)
+        outs, start, new_shapes = [], 0, sorted(set(sizes) - compiled)
         began, compiling = time.perf_counter(), batch_plan.CompileClock.seconds
         with jax.default_matmul_precision(self.precision):
             for size in sizes:
@@ -302,8 +305,11 @@ class Evaluator:
                 compiled.add(size)
                 start += size
         host = [jax.tree.map(lambda a, k=k: a[:k], parallel.to_host(o)) for k, o in outs]
-        self._measure(program.key, time.perf_counter() - began, batch_plan.CompileClock.seconds - compiling, fresh,
-                      sum(sizes) * work)
+        wall = time.perf_counter() - began
+        compiled_s = batch_plan.CompileClock.seconds - compiling
+        self._measure(program.key, wall, compiled_s, bool(new_shapes), sum(sizes) * work)
+        self.plan_log.append({"program": "/".join(program.key), "points": len(indices), "sizes": list(sizes),
+                              "compiled": new_shapes, "seconds": round(wall, 3)})
         return jax.tree.map(lambda *parts: np.concatenate(parts), *host)
 
     def run_component(self, name: str, variables, indices: np.ndarray, key, run: int,

@@ -157,6 +157,9 @@ def test_a_first_call_is_planned_with_its_stand_in_s_costs():
             ev._costs["white_box", "clean"] = (1.0, 0.0)
         runs[primed] = ev.square_points(variables, todo, key)
         assert ev._compiled["aa", "square"] == ({32, 6} if primed else {48})
+        sizes = [32, 6] if primed else [48]  # the plan log records the call: its batches, the shapes it compiled
+        assert [{k: e[k] for k in ("program", "points", "sizes", "compiled")} for e in ev.plan_log] == [
+            {"program": "aa/square", "points": 37, "sizes": sizes, "compiled": sorted(sizes)}]
     # Batches of 48 and of 32 + 6 round the logits differently: the margins agree to that rounding and stay clear of
     # 0 by more, so the fooled decisions compared below cannot flip with it (as in the chunked test above).
     scale = np.abs(np.asarray(module.apply(variables, jnp.asarray(images[todo] / 255.0, jnp.float32)))).max()

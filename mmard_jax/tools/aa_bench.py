@@ -105,6 +105,7 @@ def run_ours(ev, variables, config, seed: int):
     """One run of our clean pass + AutoAttack cascade on the evaluator's split: times, compile times and masks."""
     import numpy as np
 
+    first_plan = len(ev.plan_log)
     with compile_clock() as compiled:
         def bucket(name, *_):  # attribute compile events to the component that caused them
             compiled["bucket"] = name
@@ -122,6 +123,7 @@ def run_ours(ev, variables, config, seed: int):
         "accuracy": {"clean": float(np.mean(clean)), **result.accuracies()},
         "masks": {"clean": clean, **result.after, "aa": result.robust},
         "cpu_caps": cpu_caps(ev),
+        "plans": ev.plan_log[first_plan:],  # each batch plan of this run: program, points, sizes, new shapes, seconds
     }
 
 
