@@ -283,6 +283,14 @@ def test_few_channel_input_grad_equals_lax_and_torch(dtype):
                 np.testing.assert_allclose(ours, reference, **PATCH_TOLERANCE[dtype])
 
 
+def _assert_rounded_once_to_bfloat16(ours, ref):
+    """`ours` (bfloat16) is the float32 result `ref` rounded once: within half a bfloat16 ulp of it (8 significant
+    bits), plus float32 reordering."""
+    ref = np.asarray(ref, np.float64)
+    half_ulp = 2.0 ** (np.floor(np.log2(np.abs(ref))) - 8)
+    assert np.all(np.abs(np.asarray(ours, np.float64) - ref) <= half_ulp + 1e-6 * np.abs(ref))
+
+
 def test_few_channel_input_grad_is_a_dot_and_keeps_bfloat16_sums_in_float32():
     """The input gradient of a conv with 4 input channels is one dot, no convolution; 5 channels bring the
     flipped-kernel convolution back. In bfloat16 it is the float32 gradient rounded once: within half a bfloat16 ulp
@@ -304,9 +312,7 @@ def test_few_channel_input_grad_is_a_dot_and_keeps_bfloat16_sums_in_float32():
     ref = jax.vjp(lambda u: jax.lax.conv_general_dilated(
         u, f32(w), (1, 1), ((1, 1), (1, 1)), dimension_numbers=layers.NHWC_HWIO), f32(x))[1](f32(g))[0]
     assert ours.dtype == jnp.bfloat16
-    ref = np.asarray(ref, np.float64)
-    half_ulp = 2.0 ** (np.floor(np.log2(np.abs(ref))) - 8)  # bfloat16: 8 significant bits
-    assert np.all(np.abs(np.asarray(ours, np.float64) - ref) <= half_ulp + 1e-6 * np.abs(ref))
+    _assert_rounded_once_to_bfloat16(ours, ref)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -345,8 +351,6 @@ def test_tap_sum_forward_only_for_few_terms_and_keeps_bfloat16_sums_in_float32()
     w = jax.random.normal(jax.random.key(1), (3, 3, 3, 8), jnp.bfloat16)
     ours = layers.conv2d(x, w, (1, 1), ((1, 1), (1, 1)))
     f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
-    ref = np.asarray(jax.lax.conv_general_dilated(f32(x), f32(w), (1, 1), ((1, 1), (1, 1)),
-                                                  dimension_numbers=layers.NHWC_HWIO), np.float64)
+    ref = jax.lax.conv_general_dilated(f32(x), f32(w), (1, 1), ((1, 1), (1, 1)), dimension_numbers=layers.NHWC_HWIO)
     assert ours.dtype == jnp.bfloat16
-    half_ulp = 2.0 ** (np.floor(np.log2(np.abs(ref))) - 8)  # bfloat16: 8 significant bits
-    assert np.all(np.abs(np.asarray(ours, np.float64) - ref) <= half_ulp + 1e-6 * np.abs(ref))
+    _assert_rounded_once_to_bfloat16(ours, ref)

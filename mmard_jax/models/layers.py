@@ -238,6 +238,15 @@ def _tap_slices(x: jax.Array, kh: int, kw: int, strides, out_h: int, out_w: int)
              for j in range(kw)] for i in range(kh)]
 
 
+def _padded_taps(x: jax.Array, kernel_hw: Tuple[int, int], strides: Tuple[int, int], padding, barrier: bool = False):
+    """`_tap_slices` of x zero padded by `padding` ((top, bottom), (left, right); negative pads crop); with `barrier`
+    the padded map is materialised first (`optimization_barrier`: no producer fused into the slices' readers)."""
+    xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+    xp = jax.lax.optimization_barrier(xp) if barrier else xp
+    out_h, out_w = ((xp.shape[1 + a] - kernel_hw[a]) // strides[a] + 1 for a in range(2))
+    return _tap_slices(xp, *kernel_hw, strides, out_h, out_w)
+
+
 def depthwise_taps(x: jax.Array, kernel: jax.Array, strides: int, padding) -> jax.Array:
     """Depthwise convolution (kernel [kh, kw, 1, C]) as the sum over the kh*kw taps of a shifted, strided
     slice of the padded input times that tap's per-channel weights: the values of `lax.conv` with
@@ -424,14 +433,11 @@ def tap_sum_conv(x: jax.Array, w: jax.Array, strides: Tuple[int, int], padding) 
     kh, kw, ci, _ = w.shape
     out_dtype = jnp.result_type(x, w)
     acc = jnp.promote_types(out_dtype, jnp.float32)
-    xp = jax.lax.pad(x.astype(acc), jnp.zeros((), acc), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
-    # Read kh*kw*ci times per output value: materialised once, so that no producer (Square's L2 candidate) is fused
-    # into the sum and recomputed per read (its WRN-10-1 query 235 -> 240 us per example without the barrier, 231
-    # with it).
-    xp = jax.lax.optimization_barrier(xp)
-    out_h, out_w = ((xp.shape[1 + a] - w.shape[a]) // strides[a] + 1 for a in range(2))
+    # The padded input is read kh*kw*ci times per output value: materialised once, so that no producer (Square's L2
+    # candidate) is fused into the sum and recomputed per read (its WRN-10-1 query 235 -> 240 us per example without
+    # the barrier, 231 with it).
     out = None
-    for i, row in enumerate(_tap_slices(xp, kh, kw, strides, out_h, out_w)):
+    for i, row in enumerate(_padded_taps(x.astype(acc), (kh, kw), strides, padding, barrier=True)):
         for j, tap in enumerate(row):
             for c in range(ci):
                 term = tap[..., c:c + 1] * w[i, j, c].astype(acc)
@@ -458,13 +464,7 @@ def _conv2d_fwd(x, w, strides, padding, precision):
 
 def _patches(x: jax.Array, kernel_hw: Tuple[int, int], strides: Tuple[int, int], padding) -> jax.Array:
     """[N, H', W', kh*kw*C]: each output pixel's receptive field (taps in kernel order, channels last), zero padded."""
-    (kh, kw), (sh, sw) = kernel_hw, strides
-    xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
-    oh, ow = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
-    return jnp.concatenate([
-        jax.lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, xp.shape[3]),
-                      (1, sh, sw, 1))
-        for i in range(kh) for j in range(kw)], axis=-1)
+    return jnp.concatenate([tap for row in _padded_taps(x, kernel_hw, strides, padding) for tap in row], axis=-1)
 
 
 def patch_input_grad(g: jax.Array, w: jax.Array, x: jax.Array, strides, padding, precision=None) -> jax.Array:
