@@ -41,10 +41,13 @@ BATCH_OVERHEAD_EXAMPLES = 2
 
 def greedy_splits(rest: int, pieces: Sequence[int], shapes: Sequence[int]) -> Tuple[Tuple[int, ...], ...]:
     """Covers of `rest` points by the largest of `pieces` that fit, one after another, each prefix closed by the
-    smallest of `shapes` that holds what is left (the last cover is exact when the pieces reach it)."""
+    smallest of `shapes` that holds what is left and by the smallest such piece (with compiled pieces: a cover
+    that compiles nothing, such as 4 + 4 + 4 for 9 points after a compiled 4); the last is exact when the pieces
+    reach it."""
     covers, taken, left = [], (), rest
     while left > 0:
-        covers.append(taken + (min(s for s in shapes if s >= left),))
+        closers = {min(s for s in shapes if s >= left), min((p for p in pieces if p >= left), default=None)}
+        covers += [taken + (c,) for c in sorted(closers - {None})]
         below = [s for s in pieces if s <= left]
         if not below:
             break
@@ -78,8 +81,9 @@ def plan_batches(n: int, shapes: Sequence[int], compiled: Sequence[int] = (),
         return tuple(sizes + [reuse[0] if reuse else fit])
     exact = -(-rest // granule) * granule if granule else fit
     covers = [(fit,)] + ([(exact,)] if exact < fit else []) + [(s,) for s in reuse]
-    if split:
-        covers += greedy_splits(rest, shapes, shapes) + greedy_splits(rest, sorted(known), shapes)
+    if split:  # within 2n, as a reused compiled shape (a compiled closing piece may be large)
+        splits = greedy_splits(rest, shapes, shapes) + greedy_splits(rest, sorted(known), shapes)
+        covers += [c for c in splits if sum(sizes) + sum(c) <= 2 * n]
 
     def price(cover):
         per_example, compile_s = cost

@@ -10,9 +10,9 @@ weights of an adversarially trained model, standard budget, in one run, as a use
 
 Model: RobustBench's WideResNet-10-1 architecture (`peers.robustbench`) and its Flax twin (mmard_jax
 `wide_resnet`, depth 10, width 1), trained here by the library's trainer with PGD adversarial training (method
-'sat': PGD-5, step 2/255, eps 8/255, 6 epochs, SGD lr 0.3, seeded; `mmard_jax.tools.aa_bench.train_config`),
+'sat' at eps 4/255, PGD-5, step 1/255, 3 epochs, SGD lr 0.3, seeded: `mmard_jax.tools.aa_bench.TRAIN` says why),
 then copied into the PyTorch module (`peers.interop.copy_into_torch`; the logits are checked to agree). The
-training workdir (`--model_dir`) is kept, so a rerun skips training.
+training workdir (`--model_dir`) is kept, so a rerun skips training (a workdir of another recipe is refused).
 
 Data: scikit-learn's bundled digits upsampled to 32x32 at a quarter of the contrast (`aa_bench`'s docstring says
 why). `--n_examples` test images are attacked.
@@ -63,7 +63,7 @@ flags.DEFINE_integer("seed", 0, "Seed of the attacks (and of the worst case's mo
 flags.DEFINE_string("output", None, "Append the result as one JSON line to this file.")
 flags.DEFINE_string("cache_dir", None, "Persistent XLA compile cache (default: a new temporary directory, so the "
                     "first run compiles from scratch).")
-flags.DEFINE_string("model_dir", str(pathlib.Path.home() / ".cache/mmard_jax/benchmark_aa_wrn10_1_sat"),
+flags.DEFINE_string("model_dir", str(pathlib.Path.home() / ".cache/mmard_jax/benchmark_aa_wrn10_1_sat_eps4"),
                     "The model's training workdir (trained when it holds no finished run).")
 flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0: the machine's cores).")
 flags.DEFINE_bool("worst_case", False, "The contrived worst case (random ResNet-18).")

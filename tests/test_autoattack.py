@@ -277,6 +277,15 @@ def test_cpu_plans_split_the_rest_when_the_measured_costs_say_so():
     extra = batch_plan.BATCH_OVERHEAD_EXAMPLES
     assert batch_plan.greedy_splits(81, one, one) == ((96,), (64, 24), (64, 16, 1), (64, 16, 1))
     assert batch_plan.greedy_splits(7, (8, 4, 2), (8, 4, 2)) == ((8,), (4, 4), (4, 2, 2))  # the 1 left pads to 2
+    # Compiled pieces also close a prefix: 9 points after a compiled 4 in 4 + 4 + 4, no new shape.
+    assert batch_plan.greedy_splits(9, (4, 48), one) == ((12,), (48,), (4, 6), (4, 48), (4, 4, 1), (4, 4, 4))
+    # 153 points (the benchmark's first APGD-CE call) with 48 and 4 compiled, a compilation costing 6 examples' work:
+    # 3 x 48 + 3 x 4 (3 padded, 2 extra batches) rather than a fourth 48 (39 padded) or a new 12 (3 padded + 6).
+    capped = tuple(s for s in one if s <= 48)
+    assert batch_plan.plan_batches(153, capped, compiled=(48, 4), cost=(1.0, 6.0), split=True) == (48, 48, 48, 4, 4, 4)
+    assert batch_plan.plan_batches(153, capped, compiled=(48,), cost=(1.0, 6.0), split=True) == (48, 48, 48, 12)
+    # Never past 2n, as a reused shape: 7 points after a compiled 32 go in a new 8, not the free 32 (25 padded).
+    assert batch_plan.plan_batches(7, capped, compiled=(32,), cost=(1.0, 30.0), split=True) == (8,)
     # 104 points (the benchmark's APGD-T): 96 + 8 pads nothing, 128 pads 24 examples.
     assert batch_plan.plan_batches(104, one, cost=(1.0, 3.0)) == (128,)  # split=False: one batch, as on a GPU
     assert batch_plan.plan_batches(104, one, cost=(1.0, 3.0), split=True) == (96, 8)  # 104 + extra + 6 < 128 + 3
@@ -429,7 +438,27 @@ def test_benchmark_reuses_a_finished_training_workdir(tmp_path):
     saved.save_best(3, variables, 0.4)
     saved.close()
     files.write_json_atomic(tmp_path / "summary.json", {})
+    files.write_json_atomic(tmp_path / "config.json", aa_bench.train_config(tmp_path / "data").to_dict())
     loaded_module, loaded = aa_bench.trained_wrn(tmp_path, progress=False)
     assert loaded_module.num_classes == 10
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("field, value", [("attack.eps", 8 / 255), ("num_epochs", 6), ("optim.lr", 0.1)])
+def test_benchmark_refuses_a_workdir_of_another_recipe(tmp_path, field, value):
+    """A finished workdir whose config.json trained another recipe (the cached model of an older aa_bench.TRAIN)
+    is refused with a one-line error naming the file and field, not benchmarked; a missing config.json too."""
+    from mmard_jax import files
+
+    files.write_json_atomic(tmp_path / "summary.json", {})
+    with pytest.raises(ValueError, match=r"config\.json: missing"):
+        aa_bench.trained_wrn(tmp_path, progress=False)
+    config = aa_bench.train_config(tmp_path / "data")
+    files.write_json_atomic(tmp_path / "config.json", config.to_dict())
+    aa_bench.check_recipe(tmp_path)  # the recipe itself passes
+    section, _, key = field.rpartition(".")
+    (config[section] if section else config)[key] = value
+    files.write_json_atomic(tmp_path / "config.json", config.to_dict())
+    with pytest.raises(ValueError, match=rf"config\.json: {field} is {value!r} where .* trains "):
+        aa_bench.trained_wrn(tmp_path, progress=False)
