@@ -74,22 +74,20 @@ def train_config(data_dir, settings=TRAIN):
 
 
 def check_recipe(workdir, settings=TRAIN) -> None:
-    """A finished workdir trained the recipe of `settings` (RECIPE_FIELDS of its config.json): else a one-line
-    ValueError naming the file and field, so that a model cached under another recipe is never benchmarked."""
-    import json
+    """A finished workdir trained the recipe of `settings` (RECIPE_FIELDS of its config.json, compared as the resume
+    check compares configs: `config_guard.diff_configs`): else a one-line ValueError naming the file and field, so
+    that a model cached under another recipe is never benchmarked."""
+    from mmard_jax import config_guard
 
-    path = pathlib.Path(workdir) / "config.json"
-    if not path.is_file():
+    path = pathlib.Path(workdir) / config_guard.CONFIG_FILE
+    saved = config_guard.load_saved_config(workdir)
+    if saved is None:
         raise ValueError(f"{path}: missing; the workdir holds a finished run without its config "
                          f"(pass another --model_dir)")
-    got, want = json.loads(path.read_text()), train_config(pathlib.Path(workdir) / "data", settings).to_dict()
-    for field in RECIPE_FIELDS:
-        a, b = got, json.loads(json.dumps(want))  # tuples -> lists, as config.json holds them
-        for key in field.split("."):
-            a, b = (a or {}).get(key), (b or {}).get(key)
-        if a != b:
-            raise ValueError(f"{path}: {field} is {a!r} where the benchmark's recipe (aa_bench.TRAIN) trains {b!r}; "
-                             f"pass another --model_dir or remove this one")
+    for change in config_guard.diff_configs(saved, train_config(pathlib.Path(workdir) / "data", settings)):
+        if any(change.key == f or change.key.startswith(f + ".") for f in RECIPE_FIELDS):
+            raise ValueError(f"{path}: {change.key} is {change.old!r} where the benchmark's recipe (aa_bench.TRAIN) "
+                             f"trains {change.new!r}; pass another --model_dir or remove this one")
 
 
 def trained_wrn(workdir, progress: bool = True):
